@@ -1,0 +1,33 @@
+//! strata-bench: training throughput and micro-benchmarks of each mechanism.
+
+mod comm;
+mod io;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "strata-bench", version, about = "strata benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// NVMe read/write sweep through the io_uring engine (block size x queue depth).
+    Io(io::IoArgs),
+    /// Collective bandwidth sweep (run under `strata launch`).
+    Comm(comm::CommArgs),
+    /// Training throughput (tokens/s, TFLOP/s) of a model config.
+    Train(train::TrainArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Io(args) => io::run(args),
+        Command::Comm(args) => comm::run(args),
+        Command::Train(args) => train::run(args),
+    }
+}

@@ -1,0 +1,1 @@
+//! strata-collectives: the `Communicator` trait, its shm/tcp/nccl backends, rendezvous and the launcher.

@@ -1,0 +1,1 @@
+//! strata: a ZeRO-Infinity style training runtime.
