@@ -1,0 +1,119 @@
+// Causal multi-head self-attention helpers, as llm.c's CUDA attention: the two products
+// (Q·K^T and att·V, and their backward products) run as cuBLAS strided-batched GEMMs on the
+// Rust side; these kernels permute between the (B,T,3,NH,HS) qkv layout and per-head
+// (B,NH,T,HS) layout and do the causal softmax.
+//
+// The scale 1/sqrt(HS) is applied by the Q·K^T GEMM (alpha), so `preatt` holds scaled scores
+// exactly as llm.c's CPU attention_forward stores them, and dpreatt is the gradient with
+// respect to those scaled scores (the backward GEMMs for dq/dk use alpha = scale as well).
+
+// qkv (B,T,3,NH,HS) floatX -> q,k,v each (B,NH,T,HS) floatX.
+extern "C" __global__ void attention_permute(floatX* q, floatX* k, floatX* v,
+                                             const floatX* qkv, int B, int T, int NH, int HS) {
+    const int C = NH * HS;
+    const size_t n = (size_t)B * NH * T * HS;
+    GRID_STRIDE_LOOP(idx, n) {
+        const int d = (int)(idx % HS);
+        const int t = (int)((idx / HS) % T);
+        const int h = (int)((idx / ((size_t)HS * T)) % NH);
+        const int b = (int)(idx / ((size_t)HS * T * NH));
+        const size_t src = (size_t)b * T * 3 * C + (size_t)t * 3 * C + (size_t)h * HS + d;
+        q[idx] = qkv[src];
+        k[idx] = qkv[src + C];
+        v[idx] = qkv[src + 2 * C];
+    }
+}
+
+// Inverse of attention_permute for gradients: dq,dk,dv (B,NH,T,HS) -> dqkv (B,T,3,NH,HS).
+// Writes every element of dqkv (no accumulation).
+extern "C" __global__ void attention_permute_backward(floatX* dqkv, const floatX* dq,
+                                                      const floatX* dk, const floatX* dv, int B,
+                                                      int T, int NH, int HS) {
+    const int C = NH * HS;
+    const size_t n = (size_t)B * NH * T * HS;
+    GRID_STRIDE_LOOP(idx, n) {
+        const int d = (int)(idx % HS);
+        const int t = (int)((idx / HS) % T);
+        const int h = (int)((idx / ((size_t)HS * T)) % NH);
+        const int b = (int)(idx / ((size_t)HS * T * NH));
+        const size_t dst = (size_t)b * T * 3 * C + (size_t)t * 3 * C + (size_t)h * HS + d;
+        dqkv[dst] = dq[idx];
+        dqkv[dst + C] = dk[idx];
+        dqkv[dst + 2 * C] = dv[idx];
+    }
+}
+
+// vaccum (B,NH,T,HS) floatX -> out (B,T,NH,HS) = (B,T,C) floatX.
+extern "C" __global__ void attention_unpermute(floatX* out, const floatX* vaccum, int B, int T,
+                                               int NH, int HS) {
+    const size_t n = (size_t)B * NH * T * HS;
+    GRID_STRIDE_LOOP(idx, n) {
+        const int d = (int)(idx % HS);
+        const int t = (int)((idx / HS) % T);
+        const int h = (int)((idx / ((size_t)HS * T)) % NH);
+        const int b = (int)(idx / ((size_t)HS * T * NH));
+        out[(((size_t)b * T + t) * NH + h) * HS + d] = vaccum[idx];
+    }
+}
+
+// dout (B,T,C) floatX -> dvaccum (B,NH,T,HS) floatX (writes).
+extern "C" __global__ void attention_unpermute_backward(floatX* dvaccum, const floatX* dout,
+                                                        int B, int T, int NH, int HS) {
+    const size_t n = (size_t)B * NH * T * HS;
+    GRID_STRIDE_LOOP(idx, n) {
+        const int d = (int)(idx % HS);
+        const int t = (int)((idx / HS) % T);
+        const int h = (int)((idx / ((size_t)HS * T)) % NH);
+        const int b = (int)(idx / ((size_t)HS * T * NH));
+        dvaccum[idx] = dout[(((size_t)b * T + t) * NH + h) * HS + d];
+    }
+}
+
+// Causal softmax over rows of preatt (rows, T) where rows = B*NH*T and row r has query
+// position t = r % T: att[t2] = exp(preatt[t2] - max) / sum for t2 <= t, 0 for t2 > t.
+// preatt is already scaled. One warp per row; att may alias preatt.
+extern "C" __global__ void attention_softmax_forward(floatX* att, const floatX* preatt,
+                                                     int rows, int T) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (row >= rows) { return; }
+    const int t = row % T;
+    const floatX* x = preatt + (size_t)row * T;
+    floatX* y = att + (size_t)row * T;
+
+    float maxval = STRATA_NEG_INF;
+    for (int i = lane; i <= t; i += WARP_SIZE) { maxval = fmaxf(maxval, to_float(x[i])); }
+    maxval = warp_reduce_max(maxval);
+
+    float sum = 0.0f;
+    for (int i = lane; i <= t; i += WARP_SIZE) { sum += expf(to_float(x[i]) - maxval); }
+    const float inv_sum = 1.0f / warp_reduce_sum(sum);
+
+    for (int i = lane; i < T; i += WARP_SIZE) {
+        const float p = (i <= t) ? expf(to_float(x[i]) - maxval) * inv_sum : 0.0f;
+        y[i] = from_float(p);
+    }
+}
+
+// Softmax backward over the causal rows: dpreatt[t2] = att[t2] * (datt[t2] - sum_j att[j]*datt[j])
+// for t2 <= t, 0 above the diagonal. Writes (no accumulation); dpreatt may alias datt.
+// att, datt, dpreatt (rows, T) floatX, rows = B*NH*T. One warp per row.
+extern "C" __global__ void attention_softmax_backward(floatX* dpreatt, const floatX* datt,
+                                                      const floatX* att, int rows, int T) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (row >= rows) { return; }
+    const int t = row % T;
+    const floatX* a = att + (size_t)row * T;
+    const floatX* da = datt + (size_t)row * T;
+    floatX* dp = dpreatt + (size_t)row * T;
+
+    float dot = 0.0f;
+    for (int i = lane; i <= t; i += WARP_SIZE) { dot += to_float(a[i]) * to_float(da[i]); }
+    dot = warp_reduce_sum(dot);
+
+    for (int i = lane; i < T; i += WARP_SIZE) {
+        const float g = (i <= t) ? to_float(a[i]) * (to_float(da[i]) - dot) : 0.0f;
+        dp[i] = from_float(g);
+    }
+}

@@ -1,0 +1,326 @@
+//! Causal multi-head attention as llm.c's CUDA version: permute qkv to per-head layout,
+//! Q·Kᵀ and att·V as cuBLAS strided-batched GEMMs (B·NH batches), causal softmax kernel,
+//! unpermute. The score matrices are materialized (B,NH,T,T); a fused flash-attention
+//! kernel is the obvious next step for throughput.
+
+use super::arena::DeviceBuf;
+use super::context::GpuContext;
+use super::error::{ensure, Result};
+use super::gemm::{BatchStrides, GemmShape};
+
+/// Sizes of one attention call: B sequences of T tokens, C = NH·HS channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub b: usize,
+    pub t: usize,
+    pub c: usize,
+    pub nh: usize,
+}
+
+impl AttentionShape {
+    pub fn head_size(&self) -> usize {
+        self.c / self.nh
+    }
+
+    /// Elements of one (B,NH,T,T) score tensor.
+    pub fn scores_len(&self) -> usize {
+        self.b * self.nh * self.t * self.t
+    }
+
+    /// Elements of q, k, v together in per-head layout (3·B·T·C).
+    pub fn qkvr_len(&self) -> usize {
+        3 * self.b * self.t * self.c
+    }
+
+    fn check(&self) -> Result<()> {
+        ensure(
+            self.nh > 0 && self.c % self.nh == 0 && self.b > 0 && self.t > 0,
+            "attention",
+            || {
+                format!(
+                    "C = {} must be a positive multiple of NH = {}",
+                    self.c, self.nh
+                )
+            },
+        )
+    }
+
+    fn batch(&self, stride_a: usize, stride_b: usize, stride_c: usize) -> BatchStrides {
+        BatchStrides {
+            count: self.b * self.nh,
+            stride_a,
+            stride_b,
+            stride_c,
+        }
+    }
+}
+
+/// What the forward pass writes and the backward pass reads (all floatX).
+#[derive(Debug, Clone)]
+pub struct AttentionActivations {
+    /// q, k, v in per-head layout, each (B,NH,T,HS), back to back: 3·B·T·C.
+    pub qkvr: DeviceBuf,
+    /// Softmax probabilities (B,NH,T,T), zero above the diagonal. Holds the scaled scores
+    /// (llm.c's `preatt`) between the Q·Kᵀ GEMM and the in-place softmax.
+    pub att: DeviceBuf,
+    /// att·V in per-head layout (B,NH,T,HS) = B·T·C; scratch, not needed by backward.
+    pub vaccum: DeviceBuf,
+}
+
+/// Scratch of the backward pass (all floatX); can be shared by every layer.
+#[derive(Debug, Clone)]
+pub struct AttentionGradScratch {
+    /// dq, dk, dv in per-head layout: 3·B·T·C.
+    pub dqkvr: DeviceBuf,
+    /// d(att) then, in place, d(preatt): (B,NH,T,T).
+    pub datt: DeviceBuf,
+    /// dout in per-head layout: B·T·C.
+    pub dvaccum: DeviceBuf,
+}
+
+impl GpuContext {
+    fn attention_cfg_args(&self, s: &AttentionShape) -> Result<[i32; 4]> {
+        let hs = s.head_size();
+        let to_i32 = |v: usize| {
+            i32::try_from(v).map_err(|_| {
+                super::error::CudaError::precondition("attention", format!("{v} exceeds i32"))
+            })
+        };
+        Ok([to_i32(s.b)?, to_i32(s.t)?, to_i32(s.nh)?, to_i32(hs)?])
+    }
+
+    /// out (B,T,C) X = causal self-attention of qkv (B,T,3C) X with NH heads, scale 1/√HS;
+    /// fills `acts` for the backward pass.
+    pub fn attention_forward(
+        &self,
+        out: &DeviceBuf,
+        acts: &AttentionActivations,
+        qkv: &DeviceBuf,
+        s: AttentionShape,
+    ) -> Result<()> {
+        s.check()?;
+        let (b, t, c) = (s.b, s.t, s.c);
+        let hs = s.head_size();
+        let per_head = b * s.nh * t * hs;
+        check_x(self, "out", out, b * t * c)?;
+        check_x(self, "qkv", qkv, 3 * b * t * c)?;
+        check_x(self, "acts.qkvr", &acts.qkvr, s.qkvr_len())?;
+        check_x(self, "acts.att", &acts.att, s.scores_len())?;
+        check_x(self, "acts.vaccum", &acts.vaccum, b * t * c)?;
+        let q = acts.qkvr.slice(0, per_head)?;
+        let k = acts.qkvr.slice(per_head, per_head)?;
+        let v = acts.qkvr.slice(2 * per_head, per_head)?;
+        let [bi, ti, nhi, hsi] = self.attention_cfg_args(&s)?;
+        self.launch_attention(
+            "attention_permute",
+            per_head,
+            &[q.ptr(), k.ptr(), v.ptr(), qkv.ptr()],
+            [bi, ti, nhi, hsi],
+        )?;
+
+        let scale = 1.0 / (hs as f32).sqrt();
+        // preatt (T,T) = scale · q (T,HS) · k (T,HS)ᵀ per (b, h).
+        let qk = GemmShape {
+            m: t,
+            n: t,
+            k: hs,
+            trans_a: false,
+            trans_b: true,
+        };
+        self.blas().matmul_strided_batched(
+            &acts.att,
+            &q,
+            &k,
+            qk,
+            s.batch(t * hs, t * hs, t * t),
+            scale,
+            0.0,
+        )?;
+        self.launch_rows(
+            "attention_softmax_forward",
+            &[acts.att.ptr(), acts.att.ptr()],
+            b * s.nh * t,
+            t,
+        )?;
+        // vaccum (T,HS) = att (T,T) · v (T,HS).
+        let av = GemmShape {
+            m: t,
+            n: hs,
+            k: t,
+            trans_a: false,
+            trans_b: false,
+        };
+        self.blas().matmul_strided_batched(
+            &acts.vaccum,
+            &acts.att,
+            &v,
+            av,
+            s.batch(t * t, t * hs, t * hs),
+            1.0,
+            0.0,
+        )?;
+        self.launch_attention(
+            "attention_unpermute",
+            per_head,
+            &[out.ptr(), acts.vaccum.ptr()],
+            [bi, ti, nhi, hsi],
+        )
+    }
+
+    /// dqkv (B,T,3C) X = attention backward of dout (B,T,C) X (writes, does not accumulate),
+    /// from the forward's `acts`; `scratch` is overwritten.
+    pub fn attention_backward(
+        &self,
+        dqkv: &DeviceBuf,
+        dout: &DeviceBuf,
+        acts: &AttentionActivations,
+        scratch: &AttentionGradScratch,
+        s: AttentionShape,
+    ) -> Result<()> {
+        s.check()?;
+        let (b, t, c) = (s.b, s.t, s.c);
+        let hs = s.head_size();
+        let per_head = b * s.nh * t * hs;
+        check_x(self, "dqkv", dqkv, 3 * b * t * c)?;
+        check_x(self, "dout", dout, b * t * c)?;
+        check_x(self, "acts.qkvr", &acts.qkvr, s.qkvr_len())?;
+        check_x(self, "acts.att", &acts.att, s.scores_len())?;
+        check_x(self, "scratch.dqkvr", &scratch.dqkvr, s.qkvr_len())?;
+        check_x(self, "scratch.datt", &scratch.datt, s.scores_len())?;
+        check_x(self, "scratch.dvaccum", &scratch.dvaccum, b * t * c)?;
+        let q = acts.qkvr.slice(0, per_head)?;
+        let k = acts.qkvr.slice(per_head, per_head)?;
+        let v = acts.qkvr.slice(2 * per_head, per_head)?;
+        let dq = scratch.dqkvr.slice(0, per_head)?;
+        let dk = scratch.dqkvr.slice(per_head, per_head)?;
+        let dv = scratch.dqkvr.slice(2 * per_head, per_head)?;
+        let [bi, ti, nhi, hsi] = self.attention_cfg_args(&s)?;
+        let scale = 1.0 / (hs as f32).sqrt();
+        let th = t * hs;
+        let tt = t * t;
+
+        self.launch_attention(
+            "attention_unpermute_backward",
+            per_head,
+            &[scratch.dvaccum.ptr(), dout.ptr()],
+            [bi, ti, nhi, hsi],
+        )?;
+        // datt (T,T) = dvaccum (T,HS) · v (T,HS)ᵀ
+        let g1 = GemmShape {
+            m: t,
+            n: t,
+            k: hs,
+            trans_a: false,
+            trans_b: true,
+        };
+        self.blas().matmul_strided_batched(
+            &scratch.datt,
+            &scratch.dvaccum,
+            &v,
+            g1,
+            s.batch(th, th, tt),
+            1.0,
+            0.0,
+        )?;
+        // dv (T,HS) = att (T,T)ᵀ · dvaccum (T,HS)
+        let g2 = GemmShape {
+            m: t,
+            n: hs,
+            k: t,
+            trans_a: true,
+            trans_b: false,
+        };
+        self.blas().matmul_strided_batched(
+            &dv,
+            &acts.att,
+            &scratch.dvaccum,
+            g2,
+            s.batch(tt, th, th),
+            1.0,
+            0.0,
+        )?;
+        // dpreatt = softmax backward, in place over datt.
+        self.launch_rows(
+            "attention_softmax_backward",
+            &[scratch.datt.ptr(), scratch.datt.ptr(), acts.att.ptr()],
+            b * s.nh * t,
+            t,
+        )?;
+        // dq (T,HS) = scale · dpreatt (T,T) · k (T,HS)
+        let g3 = GemmShape {
+            m: t,
+            n: hs,
+            k: t,
+            trans_a: false,
+            trans_b: false,
+        };
+        self.blas().matmul_strided_batched(
+            &dq,
+            &scratch.datt,
+            &k,
+            g3,
+            s.batch(tt, th, th),
+            scale,
+            0.0,
+        )?;
+        // dk (T,HS) = scale · dpreatt (T,T)ᵀ · q (T,HS)
+        let g4 = GemmShape {
+            m: t,
+            n: hs,
+            k: t,
+            trans_a: true,
+            trans_b: false,
+        };
+        self.blas().matmul_strided_batched(
+            &dk,
+            &scratch.datt,
+            &q,
+            g4,
+            s.batch(tt, th, th),
+            scale,
+            0.0,
+        )?;
+        self.launch_attention(
+            "attention_permute_backward",
+            per_head,
+            &[dqkv.ptr(), dq.ptr(), dk.ptr(), dv.ptr()],
+            [bi, ti, nhi, hsi],
+        )
+    }
+}
+
+fn check_x(gpu: &GpuContext, name: &str, buf: &DeviceBuf, numel: usize) -> Result<()> {
+    let x = gpu.x();
+    ensure(buf.dtype() == x && buf.len() == numel, "attention", || {
+        format!(
+            "{name} must be {numel} x {}, got {} x {}",
+            x.name(),
+            buf.len(),
+            buf.dtype().name()
+        )
+    })
+}
+
+impl GpuContext {
+    /// Permute kernels: pointers, then (B, T, NH, HS) as int.
+    fn launch_attention(
+        &self,
+        name: &'static str,
+        n: usize,
+        ptrs: &[u64],
+        dims: [i32; 4],
+    ) -> Result<()> {
+        self.launch_ptrs_ints(name, super::kernels::elementwise_config(n), ptrs, &dims)
+    }
+
+    /// Softmax kernels: pointers, then (rows, T) as int; one warp per row.
+    fn launch_rows(&self, name: &'static str, ptrs: &[u64], rows: usize, t: usize) -> Result<()> {
+        let to_i32 = |v: usize| {
+            i32::try_from(v).map_err(|_| {
+                super::error::CudaError::precondition(name, format!("{v} exceeds i32"))
+            })
+        };
+        let cfg = super::kernels::rows_config(rows)?;
+        self.launch_ptrs_ints(name, cfg, ptrs, &[to_i32(rows)?, to_i32(t)?])
+    }
+}

@@ -1,0 +1,136 @@
+//! CUDA backend: cudarc (dynamic loading, so it builds and runs without CUDA), cuBLAS GEMMs,
+//! NVRTC-compiled kernels from runtime/kernels, page-locked host memory, four streams.
+//!
+//! # How this maps to the ZeRO engine's queues
+//!
+//! The engine drives four queues; on CUDA each is one non-blocking stream of a `GpuContext`
+//! (`Queue::{Compute, H2d, D2h, Comm}`), and on the CPU backend each is a worker thread with
+//! the same ordering rules:
+//!
+//! ```text
+//!   NVMe/io_uring ─▶ pinned host ─[H2d stream]─▶ device shard ─[Comm stream: all_gather]─▶ unit params
+//!   unit params ─[Compute stream: kernels + cuBLAS]─▶ grads ─[Comm: reduce_scatter]─▶ grad shard
+//!   grad shard ─[D2h stream]─▶ pinned host ─▶ CPU AdamW (or GPU AdamW on Compute)
+//! ```
+//!
+//! - Ordering between queues is explicit: the producer records a `GpuEvent` on its stream,
+//!   the consumer's stream waits on it (`GpuContext::record` / `GpuContext::wait`); nothing
+//!   blocks the host except `GpuEvent::synchronize` where the engine must observe completion
+//!   (e.g. before reusing a pinned buffer or handing it to io_uring). cudarc's automatic event
+//!   tracking is disabled: the engine, not cudarc, owns the ordering.
+//! - Device memory comes from one `DeviceArena` sized at start-up from the `PlacementPlan`
+//!   (params, grads, optimizer shards, prefetch buffers, activations, scratch, the cuBLAS
+//!   workspace). Allocation is a bump pointer with marks; nothing is allocated inside a step.
+//!   `DeviceBuf` is a typed view (offset, element count, dtype) that keeps the arena alive.
+//! - Host memory for transfers is the offload crate's 4 KiB-aligned pool, page-locked in place
+//!   with `cuMemHostRegister` (`PinnedRegion`, not write-combined), so DMA runs at full speed
+//!   and the very same buffers are registered with io_uring for O_DIRECT.
+//! - A DMA owns its host buffer until its event completes: `copy_h2d`/`copy_d2h` are `unsafe`
+//!   with that contract and return the event that marks completion.
+//! - NCCL lives in strata-collectives (`Communicator`); it is handed `GpuContext::stream(Comm)`.
+//!
+//! # Precision
+//! `floatX` (activations, compute weights) is bf16 by default, fp16 or fp32 by choice; it is
+//! fixed per `GpuContext` because the kernels are compiled for it. Master weights, AdamW
+//! m/v, parameter gradients, LayerNorm statistics and losses are fp32. GEMMs take floatX
+//! inputs and accumulate in fp32; they write floatX, or fp32 where gradients accumulate.
+//!
+//! # Without a GPU
+//! Every entry point checks for the driver first (`loader::driver_present`) and returns
+//! `CudaError::NoDriver`; nothing here panics when CUDA is absent.
+
+pub mod arena;
+pub mod attention;
+pub mod context;
+pub mod error;
+pub mod gemm;
+pub mod kernels;
+pub mod loader;
+pub mod loss_scale;
+pub mod nvrtc;
+pub mod pinned;
+pub mod reference;
+pub mod selftest;
+
+pub use arena::{DeviceArena, DeviceBuf};
+pub use attention::{AttentionActivations, AttentionGradScratch, AttentionShape};
+pub use context::{GpuContext, GpuEvent, GpuOptions, Queue};
+pub use error::{CudaError, Result};
+pub use gemm::{BatchStrides, Blas, GemmShape};
+pub use kernels::{AdamWHyper, Kernels};
+pub use loss_scale::{LossScaler, StepDecision};
+pub use pinned::{AlignedHostBuffer, PinnedRegion};
+pub use selftest::{
+    bandwidth_selftest, kernel_selftest, pinned_bandwidth, run_kernel_checks, CheckResult,
+};
+
+/// True when a CUDA driver is loadable and reports at least one device (`device = "auto"`).
+/// Never panics; says nothing about NVRTC/cuBLAS (GpuContext::new checks those).
+pub fn gpu_available() -> bool {
+    context::device_count().is_ok_and(|n| n > 0)
+}
+
+/// Element type of a device buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    Bf16,
+    F16,
+    I32,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::Bf16 | DType::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+            DType::F16 => "f16",
+            DType::I32 => "i32",
+        }
+    }
+}
+
+/// The compute type `floatX` the kernels are compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Precision {
+    #[default]
+    Bf16,
+    Fp16,
+    Fp32,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 3] = [Precision::Bf16, Precision::Fp16, Precision::Fp32];
+
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::Bf16 => DType::Bf16,
+            Precision::Fp16 => DType::F16,
+            Precision::Fp32 => DType::F32,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+            Precision::Fp32 => "fp32",
+        }
+    }
+
+    /// The macro that selects `floatX` in common.cuh.
+    pub fn nvrtc_define(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "STRATA_FLOATX_BF16",
+            Precision::Fp16 => "STRATA_FLOATX_FP16",
+            Precision::Fp32 => "STRATA_FLOATX_FP32",
+        }
+    }
+}

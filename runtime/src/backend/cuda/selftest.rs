@@ -1,0 +1,586 @@
+//! GPU self-test pieces owned by the backend: every kernel against the fp32 CPU reference
+//! (`reference.rs`, llm.c's CPU functions) on random inputs, and pinned-memory bandwidth.
+//! Outputs that a kernel must fully write are poisoned with NaN first, so an element it
+//! skipped shows up as a failure. `strata selftest --gpu` adds the 20-step training run
+//! (engine) and the one-rank NCCL all_reduce (collectives) around these.
+
+use std::time::Instant;
+
+use super::arena::DeviceBuf;
+use super::attention::{AttentionActivations, AttentionGradScratch, AttentionShape};
+use super::context::{GpuContext, Queue};
+use super::error::Result;
+use super::kernels::{AdamWHyper, NORM_PARTIALS_MAX};
+use super::pinned::{AlignedHostBuffer, PinnedRegion};
+use super::reference as cpu;
+use super::{DType, Precision};
+
+/// One compared tensor.
+#[derive(Debug, Clone)]
+pub struct CheckResult {
+    /// "kernel/tensor", e.g. "layernorm_backward/dweight".
+    pub name: String,
+    /// max |gpu - cpu| / max(|cpu|) (NaN when the GPU output has a non-finite element).
+    pub max_rel_err: f32,
+    pub tolerance: f32,
+    pub passed: bool,
+}
+
+impl std::fmt::Display for CheckResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verdict = if self.passed { "ok" } else { "FAIL" };
+        write!(
+            f,
+            "{:<40} maxdiff {:>10.3e}  tol {:>8.1e}  {verdict}",
+            self.name, self.max_rel_err, self.tolerance
+        )
+    }
+}
+
+/// Relative error bound for one output of `precision`; `stages` > 1 for outputs that pass
+/// through several rounded intermediates (attention, chained backward).
+pub fn tolerance(precision: Precision, stages: u32) -> f32 {
+    let base = match precision {
+        Precision::Bf16 => 1.6e-2,
+        Precision::Fp16 => 4e-3,
+        Precision::Fp32 => 2e-5,
+    };
+    base * stages as f32
+}
+
+struct Harness<'a> {
+    gpu: &'a GpuContext,
+    precision: Precision,
+    rng_state: u64,
+    results: Vec<CheckResult>,
+}
+
+impl<'a> Harness<'a> {
+    fn uniform(&mut self) -> f32 {
+        // xorshift64*: deterministic and dependency-free.
+        self.rng_state ^= self.rng_state >> 12;
+        self.rng_state ^= self.rng_state << 25;
+        self.rng_state ^= self.rng_state >> 27;
+        let bits = self.rng_state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+        bits as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+
+    /// Random values in [-scale, scale], already rounded to floatX so both sides see the same.
+    fn rand_x(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| round_x(self.uniform() * scale, self.precision))
+            .collect()
+    }
+
+    fn rand_f32(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+
+    fn rand_tokens(&mut self, n: usize, v: usize) -> Vec<i32> {
+        (0..n)
+            .map(|_| (((self.uniform() + 1.0) * 0.5 * v as f32) as usize).min(v - 1) as i32)
+            .collect()
+    }
+
+    fn alloc(&self, dtype: DType, n: usize) -> Result<DeviceBuf> {
+        self.gpu.arena().alloc("selftest", dtype, n)
+    }
+
+    fn put_x(&self, v: &[f32]) -> Result<DeviceBuf> {
+        let buf = self.alloc(self.gpu.x(), v.len())?;
+        self.gpu.upload::<u8>(&buf, &encode_x(v, self.precision))?;
+        Ok(buf)
+    }
+
+    fn put_f32(&self, v: &[f32]) -> Result<DeviceBuf> {
+        let buf = self.alloc(DType::F32, v.len())?;
+        self.gpu.upload(&buf, v)?;
+        Ok(buf)
+    }
+
+    fn put_i32(&self, v: &[i32]) -> Result<DeviceBuf> {
+        let buf = self.alloc(DType::I32, v.len())?;
+        self.gpu.upload(&buf, v)?;
+        Ok(buf)
+    }
+
+    /// A buffer filled with NaN on the compute queue (ordered before the kernel under test).
+    fn poisoned(&self, dtype: DType, n: usize) -> Result<DeviceBuf> {
+        let buf = self.alloc(dtype, n)?;
+        self.gpu.poison_nan(Queue::Compute, &buf)?;
+        Ok(buf)
+    }
+
+    /// Reads a buffer after the compute queue has finished.
+    fn get(&self, buf: &DeviceBuf) -> Result<Vec<f32>> {
+        self.gpu.synchronize(Queue::Compute)?;
+        match buf.dtype() {
+            DType::F32 => self.gpu.download::<f32>(buf),
+            DType::I32 => Ok(self
+                .gpu
+                .download::<i32>(buf)?
+                .into_iter()
+                .map(|v| v as f32)
+                .collect()),
+            _ => Ok(decode_x(&self.gpu.download::<u8>(buf)?, self.precision)),
+        }
+    }
+
+    fn compare(&mut self, name: &str, buf: &DeviceBuf, want: &[f32], stages: u32) -> Result<()> {
+        let got = self.get(buf)?;
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let mut max_err = 0.0f32;
+        for (g, w) in got.iter().zip(want) {
+            if !g.is_finite() {
+                max_err = f32::NAN;
+                break;
+            }
+            max_err = max_err.max((g - w).abs() / scale);
+        }
+        let tolerance = tolerance(self.precision, stages);
+        let passed = got.len() == want.len() && max_err <= tolerance;
+        self.results.push(CheckResult {
+            name: name.to_string(),
+            max_rel_err: max_err,
+            tolerance,
+            passed,
+        });
+        Ok(())
+    }
+}
+
+fn round_x(v: f32, p: Precision) -> f32 {
+    match p {
+        Precision::Bf16 => half::bf16::from_f32(v).to_f32(),
+        Precision::Fp16 => half::f16::from_f32(v).to_f32(),
+        Precision::Fp32 => v,
+    }
+}
+
+fn encode_x(v: &[f32], p: Precision) -> Vec<u8> {
+    match p {
+        Precision::Bf16 => v
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
+        Precision::Fp16 => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        Precision::Fp32 => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+    }
+}
+
+fn decode_x(bytes: &[u8], p: Precision) -> Vec<f32> {
+    match p {
+        Precision::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Precision::Fp16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Precision::Fp32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    }
+}
+
+/// Runs every kernel on small random inputs and compares with the CPU reference.
+/// Needs ~64 MiB of free arena; everything it allocates is released afterwards.
+pub fn run_kernel_checks(gpu: &GpuContext, seed: u64) -> Result<Vec<CheckResult>> {
+    let mark = gpu.arena().mark();
+    let mut h = Harness {
+        gpu,
+        precision: gpu.precision(),
+        rng_state: seed | 1,
+        results: Vec::new(),
+    };
+    let outcome = run_all(&mut h);
+    gpu.synchronize_all()?;
+    gpu.arena().reset_to(mark)?;
+    outcome.map(|()| h.results)
+}
+
+fn run_all(h: &mut Harness<'_>) -> Result<()> {
+    let (b, t, c, nh, v, vp) = (2usize, 64usize, 128usize, 4usize, 1000usize, 1024usize);
+    let n = b * t;
+    check_encoder(h, b, t, c, v)?;
+    check_layernorm(h, n, c)?;
+    check_gelu_residual(h, n * 4 * c)?;
+    check_matmul(h, n, c, 3 * c)?;
+    check_attention(h, AttentionShape { b, t, c, nh })?;
+    check_crossentropy(h, n, v, vp)?;
+    check_casts_norm_adamw(h, 100_003)?;
+    Ok(())
+}
+
+fn check_encoder(h: &mut Harness<'_>, b: usize, t: usize, c: usize, v: usize) -> Result<()> {
+    let (inp, wte, wpe) = (
+        h.rand_tokens(b * t, v),
+        h.rand_x(v * c, 1.0),
+        h.rand_x(t * c, 1.0),
+    );
+    let (d_inp, d_wte, d_wpe) = (h.put_i32(&inp)?, h.put_x(&wte)?, h.put_x(&wpe)?);
+    let d_out = h.poisoned(h.gpu.x(), b * t * c)?;
+    h.gpu
+        .encoder_forward(&d_out, &d_inp, &d_wte, &d_wpe, b, t, c)?;
+    let mut out = vec![0.0; b * t * c];
+    cpu::encoder_forward(&mut out, &inp, &wte, &wpe, b, t, c);
+    h.compare("encoder_forward/out", &d_out, &out, 1)?;
+
+    let dout = h.rand_x(b * t * c, 1.0);
+    let (mut dwte, mut dwpe) = (h.rand_f32(v * c, 1.0), h.rand_f32(t * c, 1.0));
+    let (d_dwte, d_dwpe, d_dout) = (h.put_f32(&dwte)?, h.put_f32(&dwpe)?, h.put_x(&dout)?);
+    h.gpu
+        .encoder_backward(&d_dwte, &d_dwpe, &d_dout, &d_inp, b, t, c)?;
+    cpu::encoder_backward(&mut dwte, &mut dwpe, &dout, &inp, b, t, c);
+    h.compare("encoder_backward/dwte", &d_dwte, &dwte, 1)?;
+    h.compare("encoder_backward/dwpe", &d_dwpe, &dwpe, 1)
+}
+
+fn check_layernorm(h: &mut Harness<'_>, n: usize, c: usize) -> Result<()> {
+    let (inp, w, bias) = (h.rand_x(n * c, 2.0), h.rand_x(c, 1.0), h.rand_x(c, 1.0));
+    let (d_inp, d_w, d_b) = (h.put_x(&inp)?, h.put_x(&w)?, h.put_x(&bias)?);
+    let d_out = h.poisoned(h.gpu.x(), n * c)?;
+    let (d_mean, d_rstd) = (h.poisoned(DType::F32, n)?, h.poisoned(DType::F32, n)?);
+    h.gpu
+        .layernorm_forward(&d_out, &d_mean, &d_rstd, &d_inp, &d_w, &d_b, n, c)?;
+    let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+    cpu::layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &bias, n, c);
+    h.compare("layernorm_forward/out", &d_out, &out, 1)?;
+    h.compare("layernorm_forward/mean", &d_mean, &mean, 1)?;
+    h.compare("layernorm_forward/rstd", &d_rstd, &rstd, 1)?;
+
+    let dout = h.rand_x(n * c, 1.0);
+    let mut dinp = h.rand_x(n * c, 1.0);
+    let (mut dw, mut db) = (h.rand_f32(c, 1.0), h.rand_f32(c, 1.0));
+    let (d_dinp, d_dw, d_db, d_dout) = (
+        h.put_x(&dinp)?,
+        h.put_f32(&dw)?,
+        h.put_f32(&db)?,
+        h.put_x(&dout)?,
+    );
+    h.gpu.layernorm_backward(
+        &d_dinp, &d_dw, &d_db, &d_dout, &d_inp, &d_w, &d_mean, &d_rstd, n, c,
+    )?;
+    cpu::layernorm_backward(
+        &mut dinp, &mut dw, &mut db, &dout, &inp, &w, &mean, &rstd, n, c,
+    );
+    h.compare("layernorm_backward/dinp", &d_dinp, &dinp, 2)?;
+    h.compare("layernorm_backward/dweight", &d_dw, &dw, 1)?;
+    h.compare("layernorm_backward/dbias", &d_db, &db, 1)
+}
+
+fn check_gelu_residual(h: &mut Harness<'_>, n: usize) -> Result<()> {
+    let (inp, dout) = (h.rand_x(n, 3.0), h.rand_x(n, 1.0));
+    let (d_inp, d_dout) = (h.put_x(&inp)?, h.put_x(&dout)?);
+    let (d_out, d_dinp) = (h.poisoned(h.gpu.x(), n)?, h.poisoned(h.gpu.x(), n)?);
+    h.gpu.gelu_forward(&d_out, &d_inp)?;
+    h.gpu.gelu_backward(&d_dinp, &d_inp, &d_dout)?;
+    let (mut out, mut dinp) = (vec![0.0; n], vec![0.0; n]);
+    cpu::gelu_forward(&mut out, &inp);
+    cpu::gelu_backward(&mut dinp, &inp, &dout);
+    h.compare("gelu_forward/out", &d_out, &out, 1)?;
+    h.compare("gelu_backward/dinp", &d_dinp, &dinp, 1)?;
+
+    let d_sum = h.poisoned(h.gpu.x(), n)?;
+    h.gpu.residual_forward(&d_sum, &d_inp, &d_dout)?;
+    let sum: Vec<f32> = inp.iter().zip(&dout).map(|(a, b)| a + b).collect();
+    h.compare("residual_forward/out", &d_sum, &sum, 1)?;
+    h.gpu.accumulate(&d_inp, &d_dout)?;
+    h.compare("accumulate/dst", &d_inp, &sum, 1)
+}
+
+fn check_matmul(h: &mut Harness<'_>, n: usize, c: usize, oc: usize) -> Result<()> {
+    let (inp, w, bias) = (
+        h.rand_x(n * c, 1.0),
+        h.rand_x(oc * c, 0.1),
+        h.rand_x(oc, 0.1),
+    );
+    let (d_inp, d_w, d_bias) = (h.put_x(&inp)?, h.put_x(&w)?, h.put_x(&bias)?);
+    let d_out = h.poisoned(h.gpu.x(), n * oc)?;
+    h.gpu
+        .matmul_forward(&d_out, &d_inp, &d_w, Some(&d_bias), n, c, oc)?;
+    let mut out = vec![0.0; n * oc];
+    cpu::matmul_forward(&mut out, &inp, &w, Some(&bias), n, c, oc);
+    h.compare("matmul_forward/out", &d_out, &out, 1)?;
+
+    let dout = h.rand_x(n * oc, 1.0);
+    let (mut dw, mut db) = (h.rand_f32(oc * c, 1.0), h.rand_f32(oc, 1.0));
+    let (d_dout, d_dw, d_db) = (h.put_x(&dout)?, h.put_f32(&dw)?, h.put_f32(&db)?);
+    let d_dinp = h.poisoned(h.gpu.x(), n * c)?;
+    h.gpu
+        .matmul_backward(&d_dinp, &d_dw, Some(&d_db), &d_dout, &d_inp, &d_w, n, c, oc)?;
+    let mut dinp = vec![0.0; n * c];
+    cpu::matmul_backward(&mut dinp, &mut dw, Some(&mut db), &dout, &inp, &w, n, c, oc);
+    h.compare("matmul_backward/dinp", &d_dinp, &dinp, 1)?;
+    h.compare("matmul_backward/dweight", &d_dw, &dw, 1)?;
+    h.compare("matmul_backward/dbias", &d_db, &db, 1)
+}
+
+fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
+    let x = h.gpu.x();
+    let (b, t, c, nh) = (s.b, s.t, s.c, s.nh);
+    let qkv = h.rand_x(b * t * 3 * c, 1.0);
+    let d_qkv = h.put_x(&qkv)?;
+    let acts = AttentionActivations {
+        qkvr: h.poisoned(x, s.qkvr_len())?,
+        att: h.poisoned(x, s.scores_len())?,
+        vaccum: h.poisoned(x, b * t * c)?,
+    };
+    let d_out = h.poisoned(x, b * t * c)?;
+    h.gpu.attention_forward(&d_out, &acts, &d_qkv, s)?;
+    let (mut out, mut att) = (vec![0.0; b * t * c], vec![0.0; s.scores_len()]);
+    cpu::attention_forward(&mut out, &mut att, &qkv, b, t, c, nh);
+    h.compare("attention_forward/out", &d_out, &out, 2)?;
+    h.compare("attention_forward/att", &acts.att, &att, 1)?;
+
+    let dout = h.rand_x(b * t * c, 1.0);
+    let d_dout = h.put_x(&dout)?;
+    let scratch = AttentionGradScratch {
+        dqkvr: h.poisoned(x, s.qkvr_len())?,
+        datt: h.poisoned(x, s.scores_len())?,
+        dvaccum: h.poisoned(x, b * t * c)?,
+    };
+    let d_dqkv = h.poisoned(x, b * t * 3 * c)?;
+    h.gpu
+        .attention_backward(&d_dqkv, &d_dout, &acts, &scratch, s)?;
+    // The reference uses the GPU's (rounded) att so only the backward's own error is measured.
+    let att_x = h.get(&acts.att)?;
+    let mut dqkv = vec![0.0; b * t * 3 * c];
+    cpu::attention_backward(&mut dqkv, &dout, &qkv, &att_x, b, t, c, nh);
+    h.compare("attention_backward/dqkv", &d_dqkv, &dqkv, 3)
+}
+
+fn check_crossentropy(h: &mut Harness<'_>, r: usize, v: usize, vp: usize) -> Result<()> {
+    let logits = h.rand_x(r * vp, 4.0);
+    let targets = h.rand_tokens(r, v);
+    let (d_logits, d_targets) = (h.put_x(&logits)?, h.put_i32(&targets)?);
+    let d_losses = h.poisoned(DType::F32, r)?;
+    let dloss = 1.0 / r as f32;
+    h.gpu
+        .crossentropy_forward_backward(&d_logits, &d_losses, &d_targets, r, v, vp, Some(dloss))?;
+    let (mut dlogits, mut losses) = (vec![0.0; r * vp], vec![0.0; r]);
+    cpu::crossentropy_forward_backward(
+        &mut dlogits,
+        &mut losses,
+        &logits,
+        &targets,
+        r,
+        v,
+        vp,
+        dloss,
+    );
+    h.compare("crossentropy/losses", &d_losses, &losses, 1)?;
+    h.compare("crossentropy/dlogits", &d_logits, &dlogits, 1)
+}
+
+fn check_casts_norm_adamw(h: &mut Harness<'_>, n: usize) -> Result<()> {
+    let x = h.gpu.x();
+    let master = h.rand_f32(n, 1.0);
+    let d_master = h.put_f32(&master)?;
+    let d_cast = h.poisoned(x, n)?;
+    h.gpu.cast_f32_to_x(&d_cast, &d_master)?;
+    let rounded: Vec<f32> = master.iter().map(|&v| round_x(v, h.precision)).collect();
+    h.compare("cast_f32_to_x/out", &d_cast, &rounded, 1)?;
+    let d_back = h.poisoned(DType::F32, n)?;
+    h.gpu.cast_x_to_f32(&d_back, &d_cast)?;
+    h.compare("cast_x_to_f32/out", &d_back, &rounded, 1)?;
+
+    let grads = h.rand_f32(n, 0.01);
+    let d_grads = h.put_f32(&grads)?;
+    let (d_norm, d_partials) = (
+        h.poisoned(DType::F32, 1)?,
+        h.poisoned(DType::F32, NORM_PARTIALS_MAX)?,
+    );
+    h.gpu
+        .grad_norm_squared(&d_norm, &d_partials, &d_grads, false)?;
+    let norm_sq = grads
+        .iter()
+        .map(|&g| f64::from(g) * f64::from(g))
+        .sum::<f64>() as f32;
+    h.compare("grad_norm_squared/out", &d_norm, &[norm_sq], 1)?;
+
+    let (mut m, mut v) = (
+        h.rand_f32(n, 0.01),
+        h.rand_f32(n, 0.0001)
+            .iter()
+            .map(|x| x.abs())
+            .collect::<Vec<_>>(),
+    );
+    let (d_m, d_v) = (h.put_f32(&m)?, h.put_f32(&v)?);
+    let d_px = h.poisoned(x, n)?;
+    let hyper = AdamWHyper {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let (step, grad_scale) = (3u32, 0.5f32);
+    h.gpu.adamw(
+        &d_master,
+        Some(&d_px),
+        &d_grads,
+        &d_m,
+        &d_v,
+        &hyper,
+        step,
+        grad_scale,
+    )?;
+    let mut params = master.clone();
+    cpu::adamw(
+        &mut params,
+        &grads,
+        &mut m,
+        &mut v,
+        hyper.lr,
+        hyper.beta1,
+        hyper.beta2,
+        hyper.eps,
+        hyper.weight_decay,
+        step as i32,
+        grad_scale,
+    );
+    // The update is ~1e-3 of the parameter: compare the update itself, not the parameter.
+    let got = h.get(&d_master)?;
+    let got_delta: Vec<f32> = got.iter().zip(&master).map(|(p, m0)| p - m0).collect();
+    let want_delta: Vec<f32> = params.iter().zip(&master).map(|(p, m0)| p - m0).collect();
+    h.results.push(fp32_check(
+        "adamw/param_update",
+        &got_delta,
+        &want_delta,
+        5e-4,
+    ));
+    h.results
+        .push(fp32_check("adamw/m", &h.get(&d_m)?, &m, 1e-4));
+    h.results
+        .push(fp32_check("adamw/v", &h.get(&d_v)?, &v, 1e-4));
+    let rounded: Vec<f32> = params.iter().map(|&p| round_x(p, h.precision)).collect();
+    h.compare("adamw/params_x", &d_px, &rounded, 1)
+}
+
+/// fp32-in, fp32-out kernels are checked at fp32 tolerance whatever floatX is.
+fn fp32_check(name: &str, got: &[f32], want: &[f32], tolerance: f32) -> CheckResult {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+    let max_err = got.iter().zip(want).fold(0.0f32, |m, (g, w)| {
+        if g.is_finite() {
+            m.max((g - w).abs() / scale)
+        } else {
+            f32::NAN
+        }
+    });
+    CheckResult {
+        name: name.to_string(),
+        max_rel_err: max_err,
+        tolerance,
+        passed: got.len() == want.len() && max_err <= tolerance,
+    }
+}
+
+/// Pinned host↔device bandwidth in GB/s (h2d, d2h), each the best of `reps` copies of
+/// `bytes` between a registered 4 KiB-aligned host buffer and the arena.
+pub fn pinned_bandwidth(gpu: &GpuContext, bytes: usize, reps: usize) -> Result<(f64, f64)> {
+    let mark = gpu.arena().mark();
+    let mut host = AlignedHostBuffer::new(bytes)?;
+    let len = host.len_bytes();
+    // SAFETY: `host` is a live 4 KiB-aligned allocation of `len` bytes that outlives `region`
+    // (region is dropped first, at the end of this function, in reverse declaration order).
+    let region = unsafe { PinnedRegion::register(gpu.cuda(), host.as_mut_ptr(), len)? };
+    let dev = gpu.arena().alloc("bandwidth test", DType::I32, len / 4)?;
+    let time = |f: &dyn Fn() -> Result<()>, queue: Queue| -> Result<f64> {
+        let mut best = f64::INFINITY;
+        for _ in 0..reps.max(1) {
+            let start = Instant::now();
+            f()?;
+            gpu.synchronize(queue)?;
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        Ok(len as f64 / best / 1e9)
+    };
+    let src = host.as_slice();
+    debug_assert!(region.contains(src));
+    // SAFETY: `src` stays alive and unmodified until the H2D queue is synchronized in `time`.
+    let h2d = time(
+        &|| unsafe { gpu.copy_h2d(Queue::H2d, &dev, src) },
+        Queue::H2d,
+    )?;
+    let dst_ptr = host.as_mut_ptr();
+    // SAFETY: the host buffer is not otherwise accessed while the D2H copies run; each copy is
+    // synchronized in `time` before the next starts or the buffer is dropped.
+    let d2h = time(
+        &|| unsafe {
+            gpu.copy_d2h(
+                Queue::D2h,
+                std::slice::from_raw_parts_mut(dst_ptr, len),
+                &dev,
+            )
+        },
+        Queue::D2h,
+    )?;
+    drop(region);
+    drop(host);
+    gpu.arena().reset_to(mark)?;
+    Ok((h2d, d2h))
+}
+
+/// Kernel checks for each precision, each on a fresh context with a 256 MiB arena on device
+/// `ordinal`. Err only when the GPU cannot be used at all; failed checks are in the results.
+pub fn kernel_selftest(
+    ordinal: usize,
+    precisions: &[Precision],
+    seed: u64,
+) -> Result<Vec<(Precision, Vec<CheckResult>)>> {
+    let mut out = Vec::new();
+    for &precision in precisions {
+        let opts = super::context::GpuOptions {
+            ordinal,
+            precision,
+            arena_bytes: 256 << 20,
+            ..Default::default()
+        };
+        let gpu = GpuContext::new(&opts)?;
+        out.push((precision, run_kernel_checks(&gpu, seed)?));
+    }
+    Ok(out)
+}
+
+/// Pinned H2D/D2H bandwidth (GB/s) on device `ordinal` with `bytes`-sized copies (256 MiB
+/// is a good size), on a context of its own.
+pub fn bandwidth_selftest(ordinal: usize, bytes: usize) -> Result<(f64, f64)> {
+    let opts = super::context::GpuOptions {
+        ordinal,
+        arena_bytes: bytes + (64 << 20),
+        ..Default::default()
+    };
+    let gpu = GpuContext::new(&opts)?;
+    pinned_bandwidth(&gpu, bytes, 5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs on the H100 machine; skips (with a message) where there is no GPU.
+    #[test]
+    fn kernels_match_cpu_reference_on_gpu() {
+        if !super::super::loader::driver_present() {
+            eprintln!("kernels_match_cpu_reference_on_gpu: SKIPPED: no CUDA driver");
+            return;
+        }
+        let results = kernel_selftest(0, &Precision::ALL, 42).expect("GPU usable");
+        let mut failed = Vec::new();
+        for (precision, checks) in &results {
+            for check in checks {
+                eprintln!("{:<5} {check}", precision.name());
+                if !check.passed {
+                    failed.push(format!("{} {}", precision.name(), check.name));
+                }
+            }
+        }
+        assert!(failed.is_empty(), "failed: {failed:?}");
+    }
+}

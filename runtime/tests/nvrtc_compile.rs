@@ -1,0 +1,127 @@
+//! Compiles every kernel source in runtime/kernels through NVRTC for sm_90, for each precision
+//! (bf16, fp16, fp32), through the same code path the CUDA backend uses at run time. Needs
+//! libnvrtc and the CUDA headers, not a GPU: `scripts/install-nvrtc.sh` installs both from pip
+//! into .venv-nvrtc, which this test finds by itself.
+//!
+//! Skips with a message when libnvrtc cannot be loaded, unless STRATA_REQUIRE_NVRTC=1 (CI),
+//! where that is a failure.
+
+use std::path::{Path, PathBuf};
+
+use strata::backend::cuda::loader::{self, CudaLibrary};
+use strata::backend::cuda::nvrtc::{compile_file, KERNEL_FILES};
+use strata::backend::cuda::Precision;
+
+const ARCH: &str = "sm_90";
+
+fn kernels_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels")
+}
+
+/// Points STRATA_CUDA_INCLUDE at the repo's .venv-nvrtc when nothing else is configured, so
+/// `cargo test` works right after scripts/install-nvrtc.sh without exporting anything.
+fn use_repo_venv_if_present() {
+    if std::env::var_os("STRATA_CUDA_INCLUDE").is_some() {
+        return;
+    }
+    let venv_lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-nvrtc/lib");
+    let Ok(entries) = std::fs::read_dir(&venv_lib) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let include = entry.path().join("site-packages/nvidia/cu13/include");
+        if include.join("cuda_bf16.h").is_file() {
+            // Set before the loader first runs; tests in this file only read it.
+            std::env::set_var("STRATA_CUDA_INCLUDE", &include);
+            return;
+        }
+    }
+}
+
+fn nvrtc_required() -> bool {
+    std::env::var("STRATA_REQUIRE_NVRTC").is_ok_and(|v| v == "1")
+}
+
+/// True when NVRTC can be used; otherwise prints why and returns false (or panics in CI).
+fn nvrtc_available() -> bool {
+    use_repo_venv_if_present();
+    match loader::require(CudaLibrary::Nvrtc) {
+        Ok(path) if loader::cudarc_can_load(CudaLibrary::Nvrtc) => {
+            eprintln!("nvrtc_compile: using {}", path.display());
+            true
+        }
+        Ok(path) => {
+            let msg = format!("libnvrtc at {} is not loadable by name", path.display());
+            assert!(!nvrtc_required(), "{msg} (STRATA_REQUIRE_NVRTC=1)");
+            eprintln!("nvrtc_compile: SKIPPED: {msg}");
+            false
+        }
+        Err(e) => {
+            assert!(!nvrtc_required(), "NVRTC required but unavailable: {e}");
+            eprintln!(
+                "nvrtc_compile: SKIPPED: {e}\n  run scripts/install-nvrtc.sh (pip wheels), or set \
+                 STRATA_REQUIRE_NVRTC=1 to make this a failure"
+            );
+            false
+        }
+    }
+}
+
+#[test]
+fn every_kernel_file_is_embedded() {
+    let mut on_disk: Vec<String> = std::fs::read_dir(kernels_dir())
+        .expect("runtime/kernels exists")
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".cu"))
+        .collect();
+    on_disk.sort();
+    let mut embedded: Vec<String> = KERNEL_FILES.iter().map(|(n, _, _)| n.to_string()).collect();
+    embedded.sort();
+    assert_eq!(
+        on_disk, embedded,
+        "every runtime/kernels/*.cu must be listed in backend/cuda/nvrtc.rs KERNEL_FILES"
+    );
+}
+
+#[test]
+fn every_kernel_compiles_for_sm90_in_every_precision() {
+    if !nvrtc_available() {
+        return;
+    }
+    let mut failures = Vec::new();
+    for precision in Precision::ALL {
+        for (file, _, entries) in KERNEL_FILES {
+            let started = std::time::Instant::now();
+            match compile_file(file, precision, ARCH) {
+                Ok(ptx) => {
+                    let text = ptx.to_src();
+                    let missing: Vec<&str> = entries
+                        .iter()
+                        .copied()
+                        .filter(|e| !text.contains(&format!(".entry {e}(")))
+                        .collect();
+                    if missing.is_empty() {
+                        eprintln!(
+                            "nvrtc_compile: ok   {file:<16} {:<5} {ARCH} {:>5} ms, {} kernels",
+                            precision.name(),
+                            started.elapsed().as_millis(),
+                            entries.len()
+                        );
+                    } else {
+                        failures.push(format!(
+                            "{file} ({}): no entry {missing:?}",
+                            precision.name()
+                        ));
+                    }
+                }
+                Err(e) => failures.push(format!("{e}")),
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "NVRTC failures:\n{}",
+        failures.join("\n")
+    );
+}
