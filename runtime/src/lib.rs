@@ -1,1 +1,19 @@
 //! strata: a ZeRO-Infinity style training runtime.
+//!
+//! Library use: build a [`Config`] (from TOML or in code), an [`Engine`] for GPT-2 or any [`model::Model`],
+//! feed it micro-batches from a [`data::Loader`] (or your own), and read [`StepStats`].
+//! See `examples/` for a training loop and a custom model.
+
+pub mod backend;
+pub mod config;
+pub mod data;
+pub mod engine;
+pub mod model;
+pub mod optim;
+pub mod rng;
+pub mod train;
+pub mod weights;
+
+pub use config::Config;
+pub use engine::{Engine, EngineError, StepStats};
+pub use model::{Batch, Model};

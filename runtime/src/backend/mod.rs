@@ -1,0 +1,3 @@
+//! Device backends. `cpu` is the reference and the backend CI exercises.
+
+pub mod cpu;

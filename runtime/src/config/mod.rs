@@ -1,0 +1,362 @@
+//! The configuration tree: one serde structure read from TOML, `--set` overrides, and `validate()`.
+//!
+//! Every section rejects unknown keys; every field has a default (`impl Default`), so a config file names
+//! only what differs from the embedded default (a tiny GPT on the synthetic data set, see `configs/tiny.toml`).
+
+mod overrides;
+mod size;
+
+pub use overrides::apply_override;
+pub use size::ByteSize;
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A configuration error; the message names the key (`optim.lr`) or the file it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: not valid TOML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("{origin}: key `{key}`: {message}")]
+    Key { origin: String, key: String, message: String },
+    #[error("--set {arg}: {message}")]
+    Override { arg: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    pub train: TrainConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Gpt2,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub vocab_size: usize,
+    /// Context length (GPT-2's n_positions); also the training sequence length.
+    pub seq_len: usize,
+    /// Optional safetensors file with Hugging Face GPT-2 tensor names to start from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            arch: Arch::Gpt2,
+            n_layer: 4,
+            n_head: 4,
+            n_embd: 128,
+            vocab_size: 256,
+            seq_len: 128,
+            init_from: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A token file in the llm.c format, or `"synthetic"` for the built-in learnable data set.
+    pub train: String,
+    pub micro_batch_size: usize,
+    pub grad_accum_steps: usize,
+    pub seed: u64,
+    /// false: read the file in order, as llm.c does; true: windows at random offsets drawn from `seed`.
+    pub shuffle: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            train: "synthetic".to_string(),
+            micro_batch_size: 8,
+            grad_accum_steps: 1,
+            seed: 1337,
+            shuffle: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Cosine,
+    Constant,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub lr: f32,
+    pub betas: [f32; 2],
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    pub min_lr: f32,
+    /// Global-norm gradient clipping threshold; 0 turns clipping off.
+    pub grad_clip: f32,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 3e-3,
+            betas: [0.9, 0.95],
+            eps: 1e-8,
+            weight_decay: 0.1,
+            warmup_steps: 20,
+            schedule: Schedule::Cosine,
+            min_lr: 3e-4,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub log_every: usize,
+    pub precision: Precision,
+    pub device: DeviceKind,
+    /// Keep only each unit's input in the forward pass and recompute the unit in the backward pass.
+    pub activation_checkpointing: bool,
+    /// CPU threads for compute; 0 uses every core.
+    pub threads: usize,
+    /// One JSON object per step is appended here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_file: Option<PathBuf>,
+    /// Write the trained weights here at the end (safetensors, Hugging Face GPT-2 names).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export_to: Option<PathBuf>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 300,
+            log_every: 25,
+            precision: Precision::Fp32,
+            device: DeviceKind::Auto,
+            activation_checkpointing: true,
+            threads: 0,
+            metrics_file: None,
+            export_to: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file (or the embedded default when `path` is `None`), applies `key.path=value` overrides,
+    /// and validates the result.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
+        let (origin, mut table) = match path {
+            None => ("embedded default".to_string(), toml::Table::new()),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
+                let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+                    origin: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                (p.display().to_string(), table)
+            }
+        };
+        for arg in overrides {
+            apply_override(&mut table, arg)?;
+        }
+        let config = Config::from_table(table, &origin)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML string (used by tests and the library API).
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            origin: "config".into(),
+            message: e.to_string(),
+        })?;
+        let config = Config::from_table(table, "config")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn from_table(table: toml::Table, origin: &str) -> Result<Config, ConfigError> {
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.into_inner().to_string();
+            ConfigError::Key { origin: origin.to_string(), key, message }
+        })
+    }
+
+    /// The effective configuration as TOML, for the start-of-run log.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("<config not printable: {e}>"))
+    }
+
+    /// Cross-field rules; every message names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.model;
+        for (key, value) in [
+            ("model.n_layer", m.n_layer),
+            ("model.n_head", m.n_head),
+            ("model.n_embd", m.n_embd),
+            ("model.vocab_size", m.vocab_size),
+            ("model.seq_len", m.seq_len),
+            ("data.micro_batch_size", self.data.micro_batch_size),
+            ("data.grad_accum_steps", self.data.grad_accum_steps),
+            ("train.steps", self.train.steps),
+            ("train.log_every", self.train.log_every),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if m.n_embd % m.n_head != 0 {
+            return Err(invalid(
+                "model.n_embd",
+                format!("{} must be a multiple of model.n_head ({})", m.n_embd, m.n_head),
+            ));
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return Err(invalid("optim.lr", format!("{} must be a positive number", o.lr)));
+        }
+        if !(0.0..=o.lr).contains(&o.min_lr) {
+            return Err(invalid("optim.min_lr", format!("{} must lie in [0, optim.lr = {}]", o.min_lr, o.lr)));
+        }
+        if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(invalid("optim.betas", format!("{:?}: each must lie in [0, 1)", o.betas)));
+        }
+        if !(o.eps > 0.0) {
+            return Err(invalid("optim.eps", "must be positive"));
+        }
+        if !(o.weight_decay >= 0.0) {
+            return Err(invalid("optim.weight_decay", "must be zero or positive"));
+        }
+        if !(o.grad_clip >= 0.0) {
+            return Err(invalid("optim.grad_clip", "must be zero (off) or positive"));
+        }
+        match self.train.device {
+            DeviceKind::Cuda => {
+                return Err(invalid(
+                    "train.device",
+                    "\"cuda\": the CUDA backend is not part of this build yet; use \"cpu\" or \"auto\"",
+                ))
+            }
+            DeviceKind::Auto | DeviceKind::Cpu => {
+                if self.train.precision != Precision::Fp32 {
+                    return Err(invalid(
+                        "train.precision",
+                        format!(
+                            "{:?}: the CPU backend computes in fp32 only; set train.precision = \"fp32\"",
+                            self.train.precision
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.data.train.trim().is_empty() {
+            return Err(invalid("data.train", "must be \"synthetic\" or the path of a token file"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_matches_configs_tiny() {
+        let text = include_str!("../../../configs/tiny.toml");
+        let parsed = Config::from_toml_str(text).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml_str("[optim]\nlearning_rate = 1e-3\n").unwrap_err().to_string();
+        assert!(err.contains("optim") && err.contains("learning_rate"), "{err}");
+        assert!(err.contains("expected one of"), "{err}");
+        let err = Config::from_toml_str("[trainer]\nsteps = 3\n").unwrap_err().to_string();
+        assert!(err.contains("trainer"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_and_bad_enum_name_the_key() {
+        let err = Config::from_toml_str("[model]\nn_layer = \"twelve\"\n").unwrap_err().to_string();
+        assert!(err.contains("model.n_layer"), "{err}");
+        let err = Config::from_toml_str("[optim]\nschedule = \"linear\"\n").unwrap_err().to_string();
+        assert!(err.contains("optim.schedule") && err.contains("cosine"), "{err}");
+    }
+
+    #[test]
+    fn cross_field_rules_name_keys() {
+        let err = Config::from_toml_str("[model]\nn_embd = 100\nn_head = 3\n").unwrap_err().to_string();
+        assert!(err.contains("model.n_embd") && err.contains("model.n_head"), "{err}");
+        let err = Config::from_toml_str("[optim]\nlr = 1e-3\nmin_lr = 1e-2\n").unwrap_err().to_string();
+        assert!(err.contains("optim.min_lr"), "{err}");
+        let err = Config::from_toml_str("[train]\nprecision = \"bf16\"\ndevice = \"cpu\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("train.precision"), "{err}");
+    }
+
+    #[test]
+    fn overrides_apply_and_are_checked() {
+        let sets = vec![
+            "optim.lr=0.01".to_string(),
+            "data.train=\"synthetic\"".to_string(),
+            "model.n_layer=2".to_string(),
+            "train.metrics_file=/tmp/m.jsonl".to_string(),
+        ];
+        let c = Config::load(None, &sets).unwrap();
+        assert_eq!(c.optim.lr, 0.01);
+        assert_eq!(c.model.n_layer, 2);
+        assert_eq!(c.train.metrics_file.as_deref(), Some(Path::new("/tmp/m.jsonl")));
+        let err = Config::load(None, &["optim.lrr=1".to_string()]).unwrap_err().to_string();
+        assert!(err.contains("lrr"), "{err}");
+        let err = Config::load(None, &["optim.lr".to_string()]).unwrap_err().to_string();
+        assert!(err.contains("key.path=value"), "{err}");
+    }
+}

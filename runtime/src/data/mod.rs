@@ -1,0 +1,137 @@
+//! Training data: llm.c token files (memory-mapped) or the built-in synthetic set, cut into micro-batches.
+//!
+//! Batch rule with `shuffle = false` (as llm.c's loader): micro-batch j — counted across steps and gradient
+//! accumulation — starts at token `p_j = (j mod E)·B·T` where `E = ⌊(N − 1)/(B·T)⌋` micro-batches fit in the
+//! N tokens; row b holds tokens `[p_j + b·T, p_j + b·T + T + 1)`: inputs are the first T, targets the last T.
+//! With `shuffle = true`, row b of micro-batch j starts at an offset drawn uniformly from `[0, N − T − 1]` by
+//! a generator seeded with (seed, j, b).
+
+pub mod prepare;
+pub mod synthetic;
+pub mod tokens;
+
+use crate::model::Batch;
+use crate::rng::Rng;
+use std::path::{Path, PathBuf};
+use tokens::TokenFile;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+enum Tokens {
+    File(TokenFile),
+    Memory(Vec<u16>),
+}
+
+impl Tokens {
+    fn len(&self) -> usize {
+        match self {
+            Tokens::File(f) => f.len(),
+            Tokens::Memory(v) => v.len(),
+        }
+    }
+    fn get(&self, i: usize) -> u16 {
+        match self {
+            Tokens::File(f) => f.token(i),
+            Tokens::Memory(v) => v[i],
+        }
+    }
+}
+
+/// Produces micro-batches in the documented order.
+pub struct Loader {
+    tokens: Tokens,
+    origin: String,
+    b: usize,
+    t: usize,
+    seed: u64,
+    shuffle: bool,
+    /// Index j of the next micro-batch.
+    next: u64,
+}
+
+impl Loader {
+    /// `source` is `"synthetic"` or the path of a token file.
+    pub fn new(source: &str, vocab_size: usize, b: usize, t: usize, seed: u64, shuffle: bool) -> Result<Loader, DataError> {
+        let (tokens, origin) = if source == "synthetic" {
+            if vocab_size > 1 << 16 {
+                return Err(DataError::Format {
+                    path: PathBuf::from("synthetic"),
+                    message: format!("model.vocab_size = {vocab_size} exceeds the uint16 token range"),
+                });
+            }
+            (Tokens::Memory(synthetic::synthetic_tokens(vocab_size, seed)), "synthetic".to_string())
+        } else {
+            let path = Path::new(source);
+            (Tokens::File(TokenFile::open(path, vocab_size)?), path.display().to_string())
+        };
+        Loader::from_tokens(tokens, origin, b, t, seed, shuffle)
+    }
+
+    /// A loader over tokens in memory (tests, the library API).
+    pub fn from_vec(tokens: Vec<u16>, b: usize, t: usize, seed: u64, shuffle: bool) -> Result<Loader, DataError> {
+        Loader::from_tokens(Tokens::Memory(tokens), "memory".into(), b, t, seed, shuffle)
+    }
+
+    fn from_tokens(tokens: Tokens, origin: String, b: usize, t: usize, seed: u64, shuffle: bool) -> Result<Loader, DataError> {
+        let need = if shuffle { t + 1 } else { b * t + 1 };
+        if tokens.len() < need {
+            return Err(DataError::Format {
+                path: PathBuf::from(&origin),
+                message: format!(
+                    "{} tokens are fewer than one micro-batch needs ({need} = data.micro_batch_size {b} × model.seq_len {t} + 1)",
+                    tokens.len()
+                ),
+            });
+        }
+        Ok(Loader { tokens, origin, b, t, seed, shuffle, next: 0 })
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Index of the next micro-batch (for resuming: `seek`).
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+
+    pub fn seek(&mut self, micro_batch: u64) {
+        self.next = micro_batch;
+    }
+
+    /// Fills `batch` (shaped B × T) with the next micro-batch.
+    pub fn fill(&mut self, batch: &mut Batch) {
+        let (b, t) = (self.b, self.t);
+        assert!(batch.b == b && batch.t == t && batch.inputs.len() == b * t && batch.targets.len() == b * t);
+        let j = self.next;
+        self.next += 1;
+        let n = self.tokens.len();
+        let epoch_batches = ((n - 1) / (b * t)) as u64;
+        for row in 0..b {
+            let start = if self.shuffle {
+                Rng::derive(self.seed, j, row as u64).below((n - t) as u64) as usize
+            } else {
+                (j % epoch_batches) as usize * b * t + row * t
+            };
+            for i in 0..t {
+                batch.inputs[row * t + i] = self.tokens.get(start + i) as u32;
+                batch.targets[row * t + i] = self.tokens.get(start + i + 1) as u32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,102 @@
+use super::tokens::{write_token_file, TokenFile, HEADER_BYTES};
+use super::*;
+use std::io::Write;
+
+fn write_raw(dir: &Path, name: &str, header: [i32; 3], tokens: &[u16], cut: usize) -> PathBuf {
+    let path = dir.join(name);
+    let mut bytes = Vec::new();
+    let mut h = [0i32; 256];
+    h[..3].copy_from_slice(&header);
+    h.iter().for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+    tokens.iter().for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+    bytes.truncate(bytes.len() - cut);
+    std::fs::File::create(&path).unwrap().write_all(&bytes).unwrap();
+    path
+}
+
+#[test]
+fn header_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let toks: Vec<u16> = (0..100).collect();
+    let bad_magic = write_raw(dir.path(), "magic.bin", [1234, 1, 100], &toks, 0);
+    let e = TokenFile::open(&bad_magic, 256).err().unwrap().to_string();
+    assert!(e.contains("magic.bin") && e.contains("bad magic 1234"), "{e}");
+    let bad_version = write_raw(dir.path(), "version.bin", [tokens::MAGIC, 7, 100], &toks, 0);
+    let e = TokenFile::open(&bad_version, 256).err().unwrap().to_string();
+    assert!(e.contains("version 7"), "{e}");
+    let truncated = write_raw(dir.path(), "trunc.bin", [tokens::MAGIC, 1, 100], &toks, 10);
+    let e = TokenFile::open(&truncated, 256).err().unwrap().to_string();
+    assert!(e.contains("truncated") && e.contains("100 tokens"), "{e}");
+    let short = write_raw(dir.path(), "short.bin", [tokens::MAGIC, 1, 100], &[], 1000);
+    let e = TokenFile::open(&short, 256).err().unwrap().to_string();
+    assert!(e.contains("header"), "{e}");
+    let ok = write_raw(dir.path(), "vocab.bin", [tokens::MAGIC, 1, 100], &toks, 0);
+    let e = TokenFile::open(&ok, 50).err().unwrap().to_string();
+    assert!(e.contains("token 50 at index 50") && e.contains(&format!("byte offset {}", HEADER_BYTES + 100)), "{e}");
+    assert_eq!(TokenFile::open(&ok, 100).unwrap().len(), 100);
+    let e = TokenFile::open(&dir.path().join("missing.bin"), 10).err().unwrap().to_string();
+    assert!(e.contains("missing.bin"), "{e}");
+}
+
+#[test]
+fn sequential_batches_follow_the_llmc_rule_and_wrap() {
+    let dir = tempfile::tempdir().unwrap();
+    let toks: Vec<u16> = (0..30).collect();
+    let path = dir.path().join("seq.bin");
+    write_token_file(&path, &toks).unwrap();
+    // B=2, T=4: 8 tokens per micro-batch; ⌊29/8⌋ = 3 micro-batches fit, then it wraps.
+    let mut loader = Loader::new(path.to_str().unwrap(), 64, 2, 4, 0, false).unwrap();
+    let mut batch = Batch::zeros(2, 4);
+    let mut starts = Vec::new();
+    for _ in 0..5 {
+        loader.fill(&mut batch);
+        starts.push(batch.inputs[0]);
+        assert_eq!(batch.inputs[4], batch.inputs[0] + 4);
+        assert_eq!(batch.targets[..4], [1, 2, 3, 4].map(|d| batch.inputs[0] + d));
+    }
+    assert_eq!(starts, vec![0, 8, 16, 0, 8]);
+    let e = Loader::from_vec(vec![1; 8], 2, 4, 0, false).err().unwrap().to_string();
+    assert!(e.contains("data.micro_batch_size"), "{e}");
+}
+
+#[test]
+fn shuffled_batches_are_deterministic_windows() {
+    let toks: Vec<u16> = (0..1000).collect();
+    let mut a = Loader::from_vec(toks.clone(), 3, 5, 42, true).unwrap();
+    let mut b = Loader::from_vec(toks, 3, 5, 42, true).unwrap();
+    let (mut x, mut y) = (Batch::zeros(3, 5), Batch::zeros(3, 5));
+    for _ in 0..4 {
+        a.fill(&mut x);
+        b.fill(&mut y);
+        assert_eq!(x.inputs, y.inputs);
+        for row in 0..3 {
+            let r = &x.inputs[row * 5..row * 5 + 5];
+            assert!(r.windows(2).all(|w| w[1] == w[0] + 1));
+            assert_eq!(x.targets[row * 5 + 4], r[4] + 1);
+        }
+    }
+}
+
+#[test]
+fn synthetic_set_is_deterministic_and_in_range() {
+    let a = synthetic::synthetic_tokens(97, 5);
+    assert_eq!(a, synthetic::synthetic_tokens(97, 5));
+    assert!(a.iter().all(|&t| t < 97));
+    assert_ne!(a[..100], synthetic::synthetic_tokens(97, 6)[..100]);
+}
+
+#[test]
+fn prepare_writes_bytes_and_gpt2_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "Hello world").unwrap();
+    let out = dir.path().join("bytes.bin");
+    assert_eq!(prepare::prepare(&input, &out, prepare::Tokenizer::Bytes).unwrap(), 11);
+    let f = TokenFile::open(&out, 256).unwrap();
+    assert_eq!(f.token(0), b'H' as u16);
+    let out = dir.path().join("gpt2.bin");
+    assert_eq!(prepare::prepare(&input, &out, prepare::Tokenizer::Gpt2).unwrap(), 2);
+    let f = TokenFile::open(&out, 50257).unwrap();
+    // GPT-2 BPE: "Hello" = 15496, " world" = 995.
+    assert_eq!((f.token(0), f.token(1)), (15496, 995));
+}

@@ -1,0 +1,163 @@
+//! The training driver behind `strata train`: data, engine, logging, metrics file, export.
+
+use crate::config::Config;
+use crate::data::{DataError, Loader};
+use crate::engine::{Engine, EngineError, StepStats};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("train.metrics_file {path}: {source}")]
+    Metrics { path: PathBuf, source: std::io::Error },
+}
+
+/// What a run did, printed at its end.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Summary {
+    pub steps: usize,
+    pub params: usize,
+    pub first_loss: f32,
+    /// Mean loss of the last (up to) 10 steps.
+    pub final_loss: f32,
+    pub tokens: usize,
+    pub seconds: f64,
+    /// Mean over steps after the first (which includes warm-up effects).
+    pub tokens_per_s: f64,
+    pub tflops: f64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "done: {} steps, {} params, loss {:.4} -> {:.4} (mean of last 10), {} tokens in {:.1}s, {:.0} tokens/s, {:.3} TFLOP/s",
+            self.steps, self.params, self.first_loss, self.final_loss, self.tokens, self.seconds, self.tokens_per_s, self.tflops
+        )
+    }
+}
+
+/// Where log lines go: through the progress bar on a terminal, through `tracing` elsewhere.
+struct Reporter {
+    bar: Option<ProgressBar>,
+}
+
+impl Reporter {
+    fn new(steps: usize) -> Reporter {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(steps as u64);
+            if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta}]") {
+                bar.set_style(style);
+            }
+            bar
+        });
+        Reporter { bar }
+    }
+
+    fn line(&self, text: String) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => tracing::info!("{text}"),
+        }
+    }
+
+    fn tick(&self, s: &StepStats) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("loss {:.4}  {:.0} tok/s", s.loss, s.tokens_per_s));
+            bar.inc(1);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn format_step(s: &StepStats, total: usize) -> String {
+    format!(
+        "step {:>5}/{total} | loss {:.4} | lr {:.3e} | grad norm {:.4} | {:.0} tokens/s | {:.1} ms/step | {:.3} TFLOP/s",
+        s.step + 1,
+        s.loss,
+        s.lr,
+        s.grad_norm,
+        s.tokens_per_s,
+        s.step_ms,
+        s.tflops
+    )
+}
+
+/// Trains as `config` says and returns the summary.
+pub fn run(config: Config) -> Result<Summary, TrainError> {
+    tracing::info!("effective config:\n{}", config.to_toml());
+    let d = &config.data;
+    let m = &config.model;
+    let mut loader = Loader::new(&d.train, m.vocab_size, d.micro_batch_size, m.seq_len, d.seed, d.shuffle)?;
+    tracing::info!("data: {} ({} tokens)", loader.origin(), loader.num_tokens());
+    let mut metrics = match &config.train.metrics_file {
+        Some(path) => Some((
+            path.clone(),
+            BufWriter::new(File::create(path).map_err(|source| TrainError::Metrics { path: path.clone(), source })?),
+        )),
+        None => None,
+    };
+    let steps = config.train.steps;
+    let log_every = config.train.log_every;
+    let mut engine = Engine::from_config(config.clone())?;
+    tracing::info!(
+        "model: GPT-2, {} params in {} units; {} tokens per step",
+        engine.num_params(),
+        engine.units().len(),
+        d.micro_batch_size * m.seq_len * d.grad_accum_steps
+    );
+    let mut batches: Vec<_> = (0..d.grad_accum_steps).map(|_| engine.new_batch()).collect();
+    let reporter = Reporter::new(steps);
+    let mut history = Vec::with_capacity(steps);
+    for step in 0..steps {
+        batches.iter_mut().for_each(|b| loader.fill(b));
+        let stats = engine.train_step(&batches)?;
+        if let Some((path, w)) = metrics.as_mut() {
+            let line = serde_json::to_string(&stats).unwrap_or_default();
+            writeln!(w, "{line}").and_then(|_| w.flush()).map_err(|source| TrainError::Metrics {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        if (step + 1) % log_every == 0 || step == 0 || step + 1 == steps {
+            reporter.line(format_step(&stats, steps));
+        }
+        reporter.tick(&stats);
+        history.push(stats);
+    }
+    reporter.finish();
+    if let Some(path) = &config.train.export_to {
+        engine.save_weights(path)?;
+        tracing::info!("weights written to {}", path.display());
+    }
+    Ok(summarize(&history, engine.num_params()))
+}
+
+fn summarize(history: &[StepStats], params: usize) -> Summary {
+    let tail = &history[history.len().saturating_sub(10)..];
+    let timed = if history.len() > 1 { &history[1..] } else { history };
+    let seconds_timed: f64 = timed.iter().map(|s| s.step_ms / 1e3).sum();
+    let tokens_timed: usize = timed.iter().map(|s| s.tokens).sum();
+    let flops_timed: f64 = timed.iter().map(|s| s.tflops * s.step_ms / 1e3).sum();
+    Summary {
+        steps: history.len(),
+        params,
+        first_loss: history.first().map_or(f32::NAN, |s| s.loss),
+        final_loss: tail.iter().map(|s| s.loss).sum::<f32>() / tail.len().max(1) as f32,
+        tokens: history.iter().map(|s| s.tokens).sum(),
+        seconds: history.iter().map(|s| s.step_ms / 1e3).sum(),
+        tokens_per_s: tokens_timed as f64 / seconds_timed.max(1e-9),
+        tflops: flops_timed / seconds_timed.max(1e-9),
+    }
+}
