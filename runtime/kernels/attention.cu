@@ -24,8 +24,8 @@ extern "C" __global__ void attention_permute(floatX* q, floatX* k, floatX* v,
     }
 }
 
-// Inverse of attention_permute for gradients: dq,dk,dv (B,NH,T,HS) -> dqkv (B,T,3,NH,HS).
-// Writes every element of dqkv (no accumulation).
+// Inverse of attention_permute for gradients: dqkv (B,T,3,NH,HS) += dq,dk,dv (B,NH,T,HS).
+// Accumulates, as llm.c's CPU attention_backward.
 extern "C" __global__ void attention_permute_backward(floatX* dqkv, const floatX* dq,
                                                       const floatX* dk, const floatX* dv, int B,
                                                       int T, int NH, int HS) {
@@ -37,9 +37,9 @@ extern "C" __global__ void attention_permute_backward(floatX* dqkv, const floatX
         const int h = (int)((idx / ((size_t)HS * T)) % NH);
         const int b = (int)(idx / ((size_t)HS * T * NH));
         const size_t dst = (size_t)b * T * 3 * C + (size_t)t * 3 * C + (size_t)h * HS + d;
-        dqkv[dst] = dq[idx];
-        dqkv[dst + C] = dk[idx];
-        dqkv[dst + 2 * C] = dv[idx];
+        dqkv[dst] = from_float(to_float(dqkv[dst]) + to_float(dq[idx]));
+        dqkv[dst + C] = from_float(to_float(dqkv[dst + C]) + to_float(dk[idx]));
+        dqkv[dst + 2 * C] = from_float(to_float(dqkv[dst + 2 * C]) + to_float(dv[idx]));
     }
 }
 

@@ -11,8 +11,8 @@ extern "C" __global__ void gelu_forward(floatX* out, const floatX* inp, size_t N
     }
 }
 
-// dinp (N) floatX = gelu'(inp) * dout — WRITES, does not accumulate (llm.c's CPU reference does
-// `+=` into a buffer zeroed before backward, which is the same thing). dinp may alias dout.
+// dinp (N) floatX += gelu'(inp) * dout — ACCUMULATES, as llm.c's CPU reference and strata's CPU
+// backend. dinp must not alias dout or inp.
 extern "C" __global__ void gelu_backward(floatX* dinp, const floatX* inp, const floatX* dout,
                                          size_t N) {
     GRID_STRIDE_LOOP(i, N) {
@@ -25,6 +25,6 @@ extern "C" __global__ void gelu_backward(floatX* dinp, const floatX* inp, const 
         const float local_grad = 0.5f * (1.0f + tanh_out) +
                                  x * 0.5f * sech_sq * GELU_SCALING_FACTOR *
                                      (1.0f + 3.0f * 0.044715f * x * x);
-        dinp[i] = from_float(local_grad * to_float(dout[i]));
+        dinp[i] = from_float(to_float(dinp[i]) + local_grad * to_float(dout[i]));
     }
 }

@@ -167,7 +167,7 @@ impl GpuContext {
         )
     }
 
-    /// dqkv (B,T,3C) X = attention backward of dout (B,T,C) X (writes, does not accumulate),
+    /// dqkv (B,T,3C) X += attention backward of dout (B,T,C) X (accumulates, like the CPU backend),
     /// from the forward's `acts`; `scratch` is overwritten.
     pub fn attention_backward(
         &self,

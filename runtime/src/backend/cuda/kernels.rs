@@ -386,13 +386,16 @@ impl GpuContext {
         self.launch(op, elementwise_config(inp.len()), &args)
     }
 
-    /// dinp (N) X = gelu'(inp) · dout — writes, does not accumulate; dinp may be dout.
+    /// dinp (N) X += gelu'(inp) · dout (accumulates, like the CPU backend); no aliasing.
     pub fn gelu_backward(&self, dinp: &DeviceBuf, inp: &DeviceBuf, dout: &DeviceBuf) -> Result<()> {
         let op = "gelu_backward";
         let n = inp.len();
         check(op, "dinp", dinp, self.x(), n)?;
         check(op, "inp", inp, self.x(), n)?;
         check(op, "dout", dout, self.x(), n)?;
+        ensure(!dinp.overlaps(dout) && !dinp.overlaps(inp), op, || {
+            "dinp accumulates and must not alias inp or dout".into()
+        })?;
         let args = [
             Arg::Ptr(dinp.ptr()),
             Arg::Ptr(inp.ptr()),
@@ -469,7 +472,7 @@ impl GpuContext {
         Ok(())
     }
 
-    /// dinp (N,C) X = dout · weight (writes); dweight (OC,C) f32 += doutᵀ · inp;
+    /// dinp (N,C) X += dout · weight; dweight (OC,C) f32 += doutᵀ · inp;
     /// dbias (OC) f32 += column sums of dout (N,OC) X.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_backward(
@@ -499,7 +502,7 @@ impl GpuContext {
             trans_b: false,
         };
         self.blas()
-            .matmul(dinp, dout, weight, dinp_shape, 1.0, 0.0)?;
+            .matmul(dinp, dout, weight, dinp_shape, 1.0, 1.0)?;
         let dweight_shape = GemmShape {
             m: oc,
             n: c,

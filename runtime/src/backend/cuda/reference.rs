@@ -110,7 +110,7 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
     }
 }
 
-/// Writes (the GPU kernel's semantics); llm.c accumulates into zeroed memory.
+/// dinp += gelu'(inp) · dout.
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     let k = (2.0 / PI).sqrt();
     for i in 0..inp.len() {
@@ -119,7 +119,7 @@ pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
         let sech = 1.0 / arg.cosh();
         let grad =
             0.5 * (1.0 + arg.tanh()) + x * 0.5 * sech * sech * k * (1.0 + 3.0 * 0.044715 * x * x);
-        dinp[i] = grad * dout[i];
+        dinp[i] += grad * dout[i];
     }
 }
 
@@ -144,7 +144,7 @@ pub fn matmul_forward(
     }
 }
 
-/// dinp = dout · weight (writes); dweight += doutᵀ · inp; dbias += Σ rows.
+/// dinp += dout · weight; dweight += doutᵀ · inp; dbias += Σ rows.
 pub fn matmul_backward(
     dinp: &mut [f32],
     dweight: &mut [f32],
@@ -156,7 +156,6 @@ pub fn matmul_backward(
     c: usize,
     oc: usize,
 ) {
-    dinp.iter_mut().for_each(|d| *d = 0.0);
     for r in 0..n {
         for o in 0..oc {
             let d = dout[r * oc + o];
@@ -220,7 +219,7 @@ pub fn attention_forward(
     }
 }
 
-/// dqkv (B,T,3C) (written) from dout (B,T,C), qkv and att; llm.c attention_backward.
+/// dqkv (B,T,3C) += gradient from dout (B,T,C), qkv and att; llm.c attention_backward.
 pub fn attention_backward(
     dqkv: &mut [f32],
     dout: &[f32],
@@ -233,7 +232,6 @@ pub fn attention_backward(
 ) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
-    dqkv.iter_mut().for_each(|d| *d = 0.0);
     let mut datt = vec![0.0f32; t];
     let mut dpreatt = vec![0.0f32; t];
     for bi in 0..b {

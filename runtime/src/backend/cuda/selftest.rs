@@ -277,10 +277,11 @@ fn check_layernorm(h: &mut Harness<'_>, n: usize, c: usize) -> Result<()> {
 fn check_gelu_residual(h: &mut Harness<'_>, n: usize) -> Result<()> {
     let (inp, dout) = (h.rand_x(n, 3.0), h.rand_x(n, 1.0));
     let (d_inp, d_dout) = (h.put_x(&inp)?, h.put_x(&dout)?);
-    let (d_out, d_dinp) = (h.poisoned(h.gpu.x(), n)?, h.poisoned(h.gpu.x(), n)?);
+    let mut dinp = h.rand_x(n, 1.0);
+    let (d_out, d_dinp) = (h.poisoned(h.gpu.x(), n)?, h.put_x(&dinp)?);
     h.gpu.gelu_forward(&d_out, &d_inp)?;
     h.gpu.gelu_backward(&d_dinp, &d_inp, &d_dout)?;
-    let (mut out, mut dinp) = (vec![0.0; n], vec![0.0; n]);
+    let mut out = vec![0.0; n];
     cpu::gelu_forward(&mut out, &inp);
     cpu::gelu_backward(&mut dinp, &inp, &dout);
     h.compare("gelu_forward/out", &d_out, &out, 1)?;
@@ -311,10 +312,10 @@ fn check_matmul(h: &mut Harness<'_>, n: usize, c: usize, oc: usize) -> Result<()
     let dout = h.rand_x(n * oc, 1.0);
     let (mut dw, mut db) = (h.rand_f32(oc * c, 1.0), h.rand_f32(oc, 1.0));
     let (d_dout, d_dw, d_db) = (h.put_x(&dout)?, h.put_f32(&dw)?, h.put_f32(&db)?);
-    let d_dinp = h.poisoned(h.gpu.x(), n * c)?;
+    let mut dinp = h.rand_x(n * c, 1.0);
+    let d_dinp = h.put_x(&dinp)?;
     h.gpu
         .matmul_backward(&d_dinp, &d_dw, Some(&d_db), &d_dout, &d_inp, &d_w, n, c, oc)?;
-    let mut dinp = vec![0.0; n * c];
     cpu::matmul_backward(&mut dinp, &mut dw, Some(&mut db), &dout, &inp, &w, n, c, oc);
     h.compare("matmul_backward/dinp", &d_dinp, &dinp, 1)?;
     h.compare("matmul_backward/dweight", &d_dw, &dw, 1)?;
@@ -345,12 +346,13 @@ fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
         datt: h.poisoned(x, s.scores_len())?,
         dvaccum: h.poisoned(x, b * t * c)?,
     };
-    let d_dqkv = h.poisoned(x, b * t * 3 * c)?;
+    let mut dqkv = h.rand_x(b * t * 3 * c, 1.0);
+    let d_dqkv = h.put_x(&dqkv)?;
     h.gpu
         .attention_backward(&d_dqkv, &d_dout, &acts, &scratch, s)?;
     // The reference uses the GPU's (rounded) att so only the backward's own error is measured.
     let att_x = h.get(&acts.att)?;
-    let mut dqkv = vec![0.0; b * t * 3 * c];
+
     cpu::attention_backward(&mut dqkv, &dout, &qkv, &att_x, b, t, c, nh);
     h.compare("attention_backward/dqkv", &d_dqkv, &dqkv, 3)
 }
