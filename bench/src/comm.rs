@@ -1,8 +1,102 @@
-//! `strata-bench comm`: not built yet.
+//! `strata-bench comm`: nccl-tests-style sweep of the collectives; run it under `strata launch`.
+//!
+//! Per size and collective: `time_us algbw busbw #wrong` (GB/s). Bus bandwidth as in nccl-tests:
+//! all_reduce algbw * 2(n-1)/n; all_gather and reduce_scatter algbw * (n-1)/n; broadcast algbw.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use strata_collectives::bench::{parse_bytes, sweep, Collective, Row, SweepOptions};
+use strata_collectives::{init_from_env, Backend, DType, DistConfig};
 
 #[derive(clap::Args)]
-pub struct CommArgs {}
+pub struct CommArgs {
+    /// auto, shm, tcp or nccl.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Smallest size (nccl-tests' size: the all_reduce buffer, the gathered buffer, the scattered buffer).
+    #[arg(long, default_value = "1K")]
+    min_bytes: String,
+    /// Largest size.
+    #[arg(long, default_value = "64M")]
+    max_bytes: String,
+    /// Each size is the previous one times this.
+    #[arg(long, default_value_t = 4)]
+    step_factor: usize,
+    /// Timed iterations per size.
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Untimed iterations per size.
+    #[arg(long, default_value_t = 3)]
+    warmup_iters: usize,
+    /// Element type: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Comma-separated: all_reduce,all_gather,reduce_scatter,broadcast.
+    #[arg(long, default_value = "all_reduce,all_gather,reduce_scatter,broadcast")]
+    collectives: String,
+    /// dist.timeout in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    timeout_s: f64,
+    /// dist.shm_slot_bytes.
+    #[arg(long, default_value = "4M")]
+    shm_slot_bytes: String,
+    /// Rank 0 prints one JSON object per row instead of the table.
+    #[arg(long)]
+    json: bool,
+}
 
-pub fn run(_args: CommArgs) -> anyhow::Result<()> {
-    anyhow::bail!("strata-bench comm is not implemented yet")
+pub fn run(args: CommArgs) -> anyhow::Result<()> {
+    let backend: Backend = args.backend.parse()?;
+    let dtype = match args.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::Bf16,
+        other => anyhow::bail!("--dtype {other:?}: expected f32 or bf16"),
+    };
+    let collectives = args
+        .collectives
+        .split(',')
+        .map(|c| c.trim().parse::<Collective>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = DistConfig {
+        backend,
+        timeout: Duration::from_secs_f64(args.timeout_s),
+        gpu: matches!(backend, Backend::Auto | Backend::Nccl),
+        shm_slot_bytes: parse_bytes(&args.shm_slot_bytes)?,
+    };
+    let comm = init_from_env(&config)
+        .context("strata-bench comm: run it under `strata launch --nproc-per-node N --`")?;
+    let options = SweepOptions {
+        collectives,
+        dtype,
+        min_bytes: parse_bytes(&args.min_bytes)?,
+        max_bytes: parse_bytes(&args.max_bytes)?,
+        step_factor: args.step_factor,
+        warmup_iters: args.warmup_iters,
+        iters: args.iters,
+    };
+    let lead = comm.rank() == 0;
+    if lead && !args.json {
+        println!(
+            "# strata-bench comm: backend {}, world_size {}, dtype {}, iters {} (GB/s; busbw: all_reduce x 2(n-1)/n, all_gather/reduce_scatter x (n-1)/n)",
+            comm.backend(),
+            comm.world_size(),
+            dtype.name(),
+            options.iters
+        );
+        println!("{}", Row::table_header());
+    }
+    let mut wrong_total = 0;
+    sweep(&*comm, &options, |row| {
+        wrong_total += row.wrong;
+        if lead {
+            if args.json {
+                println!("{}", row.json());
+            } else {
+                println!("{}", row.table_line());
+            }
+        }
+    })?;
+    anyhow::ensure!(wrong_total == 0, "{wrong_total} wrong elements");
+    Ok(())
 }

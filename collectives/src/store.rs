@@ -1,0 +1,559 @@
+//! The rendezvous key-value store: served by rank 0 over TCP, `set`/`get`/`wait` with timeouts.
+//!
+//! Each rank keeps one connection open for its lifetime; when it closes (the process exited or
+//! was killed) the server records `closed/<rank>`, which is how a survivor learns who died.
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CommError, Result};
+
+/// Largest frame either side accepts.
+const FRAME_BYTES_MAX: usize = 16 << 20;
+/// How often server threads look at the stop flag.
+const POLL: Duration = Duration::from_millis(50);
+/// Connections the server serves at once.
+const CONNECTIONS_MAX: usize = 4096;
+
+#[derive(Serialize, Deserialize, Debug)]
+enum Request {
+    Hello { rank: usize },
+    Set { key: String, value: Vec<u8> },
+    Get { key: String },
+    Wait { keys: Vec<String>, timeout_ms: u64 },
+    Add { key: String, delta: i64 },
+    Closed,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+enum Response {
+    Ok,
+    Value(Option<Vec<u8>>),
+    Missing(Vec<String>),
+    Int(i64),
+    Ranks(Vec<usize>),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn encode<T: Serialize>(value: &T) -> std::io::Result<Vec<u8>> {
+    let body = bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e.to_string()))?;
+    let len = u32::try_from(body.len())
+        .map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "frame too large"))?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> std::io::Result<T> {
+    bincode::serde::decode_from_slice(body, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e.to_string()))
+}
+
+/// Fills `buf`; `Ok(false)` on EOF before the first byte. Read timeouts retry while `keep_going()`.
+fn read_full(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    keep_going: &impl Fn() -> bool,
+) -> std::io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match stream.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                if !keep_going() {
+                    return Err(ErrorKind::TimedOut.into());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads one frame; `Ok(None)` on a clean EOF between frames.
+fn read_frame(
+    stream: &mut TcpStream,
+    keep_going: impl Fn() -> bool,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut header = [0u8; 4];
+    if !read_full(stream, &mut header, &keep_going)? {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(header) as usize;
+    if len > FRAME_BYTES_MAX {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!("frame of {len} bytes"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    if len > 0 && !read_full(stream, &mut body, &keep_going)? {
+        return Err(ErrorKind::UnexpectedEof.into());
+    }
+    Ok(Some(body))
+}
+
+struct ServerState {
+    map: Mutex<HashMap<String, Vec<u8>>>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+/// The store server, run by rank 0. Dropping it stops its threads.
+pub struct StoreServer {
+    state: Arc<ServerState>,
+    accept_thread: Option<JoinHandle<()>>,
+    port: u16,
+}
+
+impl StoreServer {
+    /// Listens on all interfaces at `port` (0 picks a free port; see `port()`).
+    pub fn bind(port: u16, rank: usize) -> Result<Self> {
+        let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| CommError::Store {
+            rank,
+            addr: format!("0.0.0.0:{port}"),
+            detail: format!("rank 0 cannot listen on MASTER_PORT={port}: {e}"),
+        })?;
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| CommError::Store {
+                rank,
+                addr: format!("0.0.0.0:{port}"),
+                detail: format!("cannot make the listener non-blocking: {e}"),
+            })?;
+        let state = Arc::new(ServerState {
+            map: Mutex::new(HashMap::new()),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let accept_state = Arc::clone(&state);
+        let accept_thread = std::thread::Builder::new()
+            .name("strata-store".into())
+            .spawn(move || accept_loop(listener, accept_state))
+            .map_err(|e| CommError::Store {
+                rank,
+                addr: format!("0.0.0.0:{port}"),
+                detail: format!("cannot start: {e}"),
+            })?;
+        Ok(Self {
+            state,
+            accept_thread: Some(accept_thread),
+            port,
+        })
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for StoreServer {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Release);
+        self.state.changed.notify_all();
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, state: Arc<ServerState>) {
+    let mut handlers: Vec<JoinHandle<()>> = Vec::new();
+    while !state.stop.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                handlers.retain(|h| !h.is_finished());
+                if handlers.len() >= CONNECTIONS_MAX {
+                    continue; // dropping the stream refuses the client
+                }
+                let conn_state = Arc::clone(&state);
+                if let Ok(h) = std::thread::Builder::new()
+                    .name("strata-store-conn".into())
+                    .spawn(move || serve(stream, conn_state))
+                {
+                    handlers.push(h);
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(_) => std::thread::sleep(POLL),
+        }
+    }
+    for h in handlers {
+        let _ = h.join();
+    }
+}
+
+fn serve(mut stream: TcpStream, state: Arc<ServerState>) {
+    if stream.set_nonblocking(false).is_err() || stream.set_read_timeout(Some(POLL)).is_err() {
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let mut hello_rank = None;
+    while let Ok(Some(frame)) = read_frame(&mut stream, || !state.stop.load(Ordering::Acquire)) {
+        let Ok(request) = decode::<Request>(&frame) else {
+            break;
+        };
+        let response = handle(&state, request, &mut hello_rank);
+        let Ok(bytes) = encode(&response) else { break };
+        if stream.write_all(&bytes).is_err() {
+            break;
+        }
+    }
+    if let (Some(rank), false) = (hello_rank, state.stop.load(Ordering::Acquire)) {
+        let mut map = lock(&state.map);
+        let order = map.keys().filter(|k| k.starts_with("closed/")).count() as u64;
+        map.insert(format!("closed/{rank}"), order.to_le_bytes().to_vec());
+        state.changed.notify_all();
+    }
+}
+
+fn handle(state: &ServerState, request: Request, hello_rank: &mut Option<usize>) -> Response {
+    match request {
+        Request::Hello { rank } => {
+            *hello_rank = Some(rank);
+            Response::Ok
+        }
+        Request::Set { key, value } => {
+            lock(&state.map).insert(key, value);
+            state.changed.notify_all();
+            Response::Ok
+        }
+        Request::Get { key } => Response::Value(lock(&state.map).get(&key).cloned()),
+        Request::Add { key, delta } => {
+            let mut map = lock(&state.map);
+            let old = map
+                .get(&key)
+                .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                .map(i64::from_le_bytes)
+                .unwrap_or(0);
+            let new = old.saturating_add(delta);
+            map.insert(key, new.to_le_bytes().to_vec());
+            state.changed.notify_all();
+            Response::Int(new)
+        }
+        Request::Wait { keys, timeout_ms } => {
+            let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+            let mut map = lock(&state.map);
+            loop {
+                let missing: Vec<String> = keys
+                    .iter()
+                    .filter(|k| !map.contains_key(*k))
+                    .cloned()
+                    .collect();
+                let now = Instant::now();
+                if missing.is_empty() || now >= deadline || state.stop.load(Ordering::Acquire) {
+                    return if missing.is_empty() {
+                        Response::Ok
+                    } else {
+                        Response::Missing(missing)
+                    };
+                }
+                map = state
+                    .changed
+                    .wait_timeout(map, (deadline - now).min(POLL))
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        }
+        Request::Closed => {
+            let map = lock(&state.map);
+            let mut closed: Vec<(u64, usize)> = map
+                .iter()
+                .filter_map(|(k, v)| {
+                    let rank = k.strip_prefix("closed/")?.parse().ok()?;
+                    Some((
+                        u64::from_le_bytes(<[u8; 8]>::try_from(v.as_slice()).ok()?),
+                        rank,
+                    ))
+                })
+                .collect();
+            closed.sort_unstable();
+            Response::Ranks(closed.into_iter().map(|(_, rank)| rank).collect())
+        }
+    }
+}
+
+/// A rank's connection to the store.
+pub struct StoreClient {
+    stream: Mutex<TcpStream>,
+    /// Rank 0 keeps the server alive as long as its client (dropped after the stream).
+    server: Option<StoreServer>,
+    addr: String,
+    rank: usize,
+    timeout: Duration,
+}
+
+impl StoreClient {
+    /// Connects to `host:port`, retrying until `timeout` (rank 0 may start last), and registers `rank`.
+    pub fn connect(host: &str, port: u16, rank: usize, timeout: Duration) -> Result<Self> {
+        let addr = format!("{host}:{port}");
+        let deadline = Instant::now() + timeout;
+        let mut last_error;
+        let stream = loop {
+            let attempt = (host, port).to_socket_addrs().map(|mut a| a.next());
+            match attempt {
+                Ok(Some(sock)) => {
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(10));
+                    match TcpStream::connect_timeout(&sock, left.min(Duration::from_secs(1))) {
+                        Ok(s) => break s,
+                        Err(e) => last_error = e.to_string(),
+                    }
+                }
+                Ok(None) => last_error = "the name resolves to no address".into(),
+                Err(e) => last_error = format!("cannot resolve MASTER_ADDR: {e}"),
+            }
+            if Instant::now() >= deadline {
+                return Err(CommError::Store {
+                    rank,
+                    addr,
+                    detail: format!(
+                        "not reachable within {timeout:?} (last error: {last_error}); is rank 0 running, \
+                         and are MASTER_ADDR and MASTER_PORT the same on every rank?"
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = stream.set_nodelay(true);
+        let client = Self {
+            stream: Mutex::new(stream),
+            server: None,
+            addr,
+            rank,
+            timeout,
+        };
+        client.request(Request::Hello { rank }, timeout)?;
+        Ok(client)
+    }
+
+    /// Makes this client own `server`, so the store lives as long as the communicator using it.
+    pub fn keep_server(mut self, server: StoreServer) -> Self {
+        self.server = Some(server);
+        self
+    }
+
+    /// The local address of the connection (the interface that reaches rank 0).
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        lock(&self.stream).local_addr().ok().map(|a| a.ip())
+    }
+
+    /// Whether this client owns the server.
+    pub fn serves(&self) -> bool {
+        self.server.is_some()
+    }
+
+    fn error(&self, detail: String) -> CommError {
+        CommError::Store {
+            rank: self.rank,
+            addr: self.addr.clone(),
+            detail,
+        }
+    }
+
+    fn request(&self, request: Request, wait: Duration) -> Result<Response> {
+        let bytes =
+            encode(&request).map_err(|e| self.error(format!("cannot encode a request: {e}")))?;
+        let mut stream = lock(&self.stream);
+        let io_timeout = wait.saturating_add(Duration::from_secs(5));
+        stream
+            .set_read_timeout(Some(io_timeout))
+            .and_then(|()| stream.set_write_timeout(Some(io_timeout)))
+            .and_then(|()| stream.write_all(&bytes))
+            .map_err(|e| self.error(format!("send failed (rank 0 gone?): {e}")))?;
+        let frame = read_frame(&mut stream, || false)
+            .map_err(|e| self.error(format!("no answer (rank 0 gone?): {e}")))?
+            .ok_or_else(|| self.error("connection closed by rank 0 (rank 0 exited?)".into()))?;
+        decode(&frame).map_err(|e| self.error(format!("bad answer: {e}")))
+    }
+
+    /// Stores `value` under `key`.
+    pub fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        match self.request(
+            Request::Set {
+                key: key.into(),
+                value: value.to_vec(),
+            },
+            self.timeout,
+        )? {
+            Response::Ok => Ok(()),
+            other => Err(self.error(format!("unexpected answer to set: {other:?}"))),
+        }
+    }
+
+    /// The value under `key`, if set.
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        match self.request(Request::Get { key: key.into() }, self.timeout)? {
+            Response::Value(v) => Ok(v),
+            other => Err(self.error(format!("unexpected answer to get: {other:?}"))),
+        }
+    }
+
+    /// Adds `delta` to the counter under `key`, returns the new value.
+    pub fn add(&self, key: &str, delta: i64) -> Result<i64> {
+        match self.request(
+            Request::Add {
+                key: key.into(),
+                delta,
+            },
+            self.timeout,
+        )? {
+            Response::Int(v) => Ok(v),
+            other => Err(self.error(format!("unexpected answer to add: {other:?}"))),
+        }
+    }
+
+    /// Waits up to `timeout` for all `keys`; returns the keys still missing (empty when all are set).
+    pub fn wait(&self, keys: &[String], timeout: Duration) -> Result<Vec<String>> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        match self.request(
+            Request::Wait {
+                keys: keys.to_vec(),
+                timeout_ms,
+            },
+            timeout,
+        )? {
+            Response::Ok => Ok(Vec::new()),
+            Response::Missing(m) => Ok(m),
+            other => Err(self.error(format!("unexpected answer to wait: {other:?}"))),
+        }
+    }
+
+    /// Every rank sets `prefix/<rank>` to `value`; returns all ranks' values in rank order, or a
+    /// timeout error naming the ranks that never set theirs.
+    pub fn all_gather(
+        &self,
+        prefix: &str,
+        world_size: usize,
+        value: &[u8],
+    ) -> Result<Vec<Vec<u8>>> {
+        self.set(&format!("{prefix}/{}", self.rank), value)?;
+        let keys: Vec<String> = (0..world_size).map(|r| format!("{prefix}/{r}")).collect();
+        let missing = self.wait(&keys, self.timeout)?;
+        if !missing.is_empty() {
+            let ranks = missing
+                .iter()
+                .filter_map(|k| k.rsplit('/').next()?.parse().ok())
+                .collect();
+            return Err(CommError::StoreTimeout {
+                rank: self.rank,
+                key: format!("{prefix}/*"),
+                missing: ranks,
+                timeout: self.timeout,
+            });
+        }
+        keys.iter()
+            .map(|k| {
+                self.get(k)?
+                    .ok_or_else(|| self.error(format!("key {k} vanished")))
+            })
+            .collect()
+    }
+
+    /// Waits up to `timeout` for `key` and returns its value; the error names `owner`, the rank expected to set it.
+    pub fn wait_get(&self, key: &str, owner: usize) -> Result<Vec<u8>> {
+        let missing = self.wait(&[key.to_string()], self.timeout)?;
+        if !missing.is_empty() {
+            return Err(CommError::StoreTimeout {
+                rank: self.rank,
+                key: key.into(),
+                missing: vec![owner],
+                timeout: self.timeout,
+            });
+        }
+        self.get(key)?
+            .ok_or_else(|| self.error(format!("key {key} vanished")))
+    }
+
+    /// Ranks whose store connection has closed (exited or killed), first closed first, waiting up to `grace` for the
+    /// first to show up. `Err` usually means rank 0 itself is gone.
+    pub fn closed_ranks(&self, grace: Duration) -> Result<Vec<usize>> {
+        let deadline = Instant::now() + grace;
+        loop {
+            let ranks = match self.request(Request::Closed, grace)? {
+                Response::Ranks(r) => r,
+                other => return Err(self.error(format!("unexpected answer to closed: {other:?}"))),
+            };
+            if !ranks.is_empty() || Instant::now() >= deadline {
+                return Ok(ranks);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_get_wait_add_and_closed_ranks() -> Result<()> {
+        let server = StoreServer::bind(0, 0)?;
+        let timeout = Duration::from_secs(1);
+        let a = StoreClient::connect("127.0.0.1", server.port(), 0, timeout)?;
+        let b = StoreClient::connect("127.0.0.1", server.port(), 1, timeout)?;
+        a.set("k", b"v")?;
+        assert_eq!(b.get("k")?.as_deref(), Some(&b"v"[..]));
+        assert_eq!(b.get("none")?, None);
+        assert_eq!(a.add("c", 2)?, 2);
+        assert_eq!(b.add("c", 3)?, 5);
+        let missing = a.wait(&["k".into(), "x".into()], Duration::from_millis(100))?;
+        assert_eq!(missing, vec!["x".to_string()]);
+        let t = std::thread::spawn(move || b.all_gather("g", 2, b"1").map(|v| (v, b)));
+        let got = a.all_gather("g", 2, b"0")?;
+        assert_eq!(got, vec![b"0".to_vec(), b"1".to_vec()]);
+        let (_, b) = t
+            .join()
+            .map_err(|_| CommError::Env("thread panicked".into()))??;
+        drop(b);
+        assert_eq!(a.closed_ranks(Duration::from_secs(2))?, vec![1]);
+        let err = a
+            .all_gather("h", 2, b"0")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("[1]"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn unreachable_store_is_a_clear_error() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(1);
+        let err = StoreClient::connect("127.0.0.1", port, 1, Duration::from_millis(300))
+            .err()
+            .map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(
+            err.contains("MASTER_PORT") && err.contains("rank 1"),
+            "{err}"
+        );
+    }
+}
