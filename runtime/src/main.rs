@@ -8,7 +8,11 @@ use strata::config::Config;
 use strata::data::prepare::{prepare, Tokenizer};
 
 #[derive(Parser)]
-#[command(name = "strata", version, about = "A ZeRO-Infinity style training runtime")]
+#[command(
+    name = "strata",
+    version,
+    about = "A ZeRO-Infinity style training runtime"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -62,7 +66,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Train { config, set, steps, print_config } => {
+        Command::Train {
+            config,
+            set,
+            steps,
+            print_config,
+        } => {
             let mut overrides = set;
             if let Some(n) = steps {
                 overrides.push(format!("train.steps={n}"));
@@ -76,12 +85,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{summary}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Prepare { input, output, tokenizer } => {
-            let n = prepare(&input, &output, tokenizer)
-                .with_context(|| format!("preparing {} -> {}", input.display(), output.display()))?;
-            println!("wrote {n} tokens to {} ({tokenizer:?}, vocab {})", output.display(), tokenizer.vocab_size());
+        Command::Prepare {
+            input,
+            output,
+            tokenizer,
+        } => {
+            let n = prepare(&input, &output, tokenizer).with_context(|| {
+                format!("preparing {} -> {}", input.display(), output.display())
+            })?;
+            println!(
+                "wrote {n} tokens to {} ({tokenizer:?}, vocab {})",
+                output.display(),
+                tokenizer.vocab_size()
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Launch(args) => strata_collectives::launch::run(args).map_err(|e| anyhow::anyhow!("{e}")),
+        Command::Launch(args) => {
+            strata_collectives::launch::run(args).map_err(|e| anyhow::anyhow!("{e}"))
+        }
     }
 }

@@ -17,12 +17,20 @@ fn splitmix64(state: &mut u64) -> u64 {
 impl Rng {
     pub fn new(seed: u64) -> Rng {
         let mut state = seed;
-        Rng { s: [splitmix64(&mut state), splitmix64(&mut state), splitmix64(&mut state), splitmix64(&mut state)] }
+        Rng {
+            s: [
+                splitmix64(&mut state),
+                splitmix64(&mut state),
+                splitmix64(&mut state),
+                splitmix64(&mut state),
+            ],
+        }
     }
 
     /// An independent stream for (seed, a, b): used to give each batch row or each tensor its own stream.
     pub fn derive(seed: u64, a: u64, b: u64) -> Rng {
-        let mut state = seed ^ a.wrapping_mul(0xA076_1D64_78BD_642F) ^ b.wrapping_mul(0xE703_7ED1_A0B4_28DB);
+        let mut state =
+            seed ^ a.wrapping_mul(0xA076_1D64_78BD_642F) ^ b.wrapping_mul(0xE703_7ED1_A0B4_28DB);
         Rng::new(splitmix64(&mut state))
     }
 
@@ -56,8 +64,16 @@ impl Rng {
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 
+    /// Fills `out` with normal samples, two per Box–Muller draw.
     pub fn fill_normal(&mut self, out: &mut [f32], std: f32) {
-        out.iter_mut().for_each(|x| *x = (self.normal() * std as f64) as f32);
+        for pair in out.chunks_mut(2) {
+            let radius = (-2.0 * (1.0 - self.uniform()).ln()).sqrt() * std as f64;
+            let (sin, cos) = (std::f64::consts::TAU * self.uniform()).sin_cos();
+            pair[0] = (radius * cos) as f32;
+            if let Some(second) = pair.get_mut(1) {
+                *second = (radius * sin) as f32;
+            }
+        }
     }
 
     pub fn normal_vec(&mut self, n: usize, std: f32) -> Vec<f32> {
@@ -77,8 +93,14 @@ mod tests {
         let v = a.normal_vec(200_000, 1.0);
         let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
         let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
-        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.01, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.01,
+            "mean {mean} var {var}"
+        );
         assert_eq!(Rng::new(42).normal_vec(5, 1.0), v[..5].to_vec());
-        assert_ne!(Rng::derive(1, 2, 3).next_u64(), Rng::derive(1, 3, 2).next_u64());
+        assert_ne!(
+            Rng::derive(1, 2, 3).next_u64(),
+            Rng::derive(1, 3, 2).next_u64()
+        );
     }
 }

@@ -15,7 +15,10 @@ pub enum TrainError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("train.metrics_file {path}: {source}")]
-    Metrics { path: PathBuf, source: std::io::Error },
+    Metrics {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What a run did, printed at its end.
@@ -52,7 +55,9 @@ impl Reporter {
     fn new(steps: usize) -> Reporter {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(steps as u64);
-            if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta}]") {
+            if let Ok(style) = ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta}]",
+            ) {
                 bar.set_style(style);
             }
             bar
@@ -99,12 +104,22 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
     tracing::info!("effective config:\n{}", config.to_toml());
     let d = &config.data;
     let m = &config.model;
-    let mut loader = Loader::new(&d.train, m.vocab_size, d.micro_batch_size, m.seq_len, d.seed, d.shuffle)?;
+    let mut loader = Loader::new(
+        &d.train,
+        m.vocab_size,
+        d.micro_batch_size,
+        m.seq_len,
+        d.seed,
+        d.shuffle,
+    )?;
     tracing::info!("data: {} ({} tokens)", loader.origin(), loader.num_tokens());
     let mut metrics = match &config.train.metrics_file {
         Some(path) => Some((
             path.clone(),
-            BufWriter::new(File::create(path).map_err(|source| TrainError::Metrics { path: path.clone(), source })?),
+            BufWriter::new(File::create(path).map_err(|source| TrainError::Metrics {
+                path: path.clone(),
+                source,
+            })?),
         )),
         None => None,
     };
@@ -117,7 +132,9 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
         engine.units().len(),
         d.micro_batch_size * m.seq_len * d.grad_accum_steps
     );
-    let mut batches: Vec<_> = (0..d.grad_accum_steps).map(|_| engine.new_batch()).collect();
+    let mut batches: Vec<_> = (0..d.grad_accum_steps)
+        .map(|_| engine.new_batch())
+        .collect();
     let reporter = Reporter::new(steps);
     let mut history = Vec::with_capacity(steps);
     for step in 0..steps {
@@ -125,10 +142,12 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
         let stats = engine.train_step(&batches)?;
         if let Some((path, w)) = metrics.as_mut() {
             let line = serde_json::to_string(&stats).unwrap_or_default();
-            writeln!(w, "{line}").and_then(|_| w.flush()).map_err(|source| TrainError::Metrics {
-                path: path.clone(),
-                source,
-            })?;
+            writeln!(w, "{line}")
+                .and_then(|_| w.flush())
+                .map_err(|source| TrainError::Metrics {
+                    path: path.clone(),
+                    source,
+                })?;
         }
         if (step + 1) % log_every == 0 || step == 0 || step + 1 == steps {
             reporter.line(format_step(&stats, steps));
@@ -146,7 +165,11 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
 
 fn summarize(history: &[StepStats], params: usize) -> Summary {
     let tail = &history[history.len().saturating_sub(10)..];
-    let timed = if history.len() > 1 { &history[1..] } else { history };
+    let timed = if history.len() > 1 {
+        &history[1..]
+    } else {
+        history
+    };
     let seconds_timed: f64 = timed.iter().map(|s| s.step_ms / 1e3).sum();
     let tokens_timed: usize = timed.iter().map(|s| s.tokens).sum();
     let flops_timed: f64 = timed.iter().map(|s| s.tflops * s.step_ms / 1e3).sum();

@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a safetensors file: {message}")]
     Format { path: PathBuf, message: String },
     #[error("{path}: tensor `{name}` is not a parameter of this model")]
@@ -22,10 +25,21 @@ pub enum WeightsError {
     #[error("{path}: tensor `{name}` is missing")]
     Missing { path: PathBuf, name: String },
     #[error("{path}: tensor `{name}` has shape {found:?}, the model expects {expected:?}")]
-    Shape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
+    Shape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     #[error("{path}: tensor `{name}` has dtype {dtype}; F32, BF16 and F16 are supported")]
-    Dtype { path: PathBuf, name: String, dtype: String },
-    #[error("{path}: `lm_head.weight` differs from the token embedding, but strata's GPT-2 ties them")]
+    Dtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
+    #[error(
+        "{path}: `lm_head.weight` differs from the token embedding, but strata's GPT-2 ties them"
+    )]
     UntiedHead { path: PathBuf },
 }
 
@@ -43,11 +57,24 @@ fn is_buffer(name: &str) -> bool {
 fn to_f32(view: &TensorView, path: &Path, name: &str) -> Result<Vec<f32>, WeightsError> {
     let bytes = view.data();
     Ok(match view.dtype() {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
         other => {
-            return Err(WeightsError::Dtype { path: path.into(), name: name.into(), dtype: format!("{other:?}") })
+            return Err(WeightsError::Dtype {
+                path: path.into(),
+                name: name.into(),
+                dtype: format!("{other:?}"),
+            })
         }
     })
 }
@@ -64,12 +91,17 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// Fills each unit's flat parameter buffer from the file at `path`.
 pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<(), WeightsError> {
-    let io = |source| WeightsError::Io { path: path.into(), source };
+    let io = |source| WeightsError::Io {
+        path: path.into(),
+        source,
+    };
     let file = std::fs::File::open(path).map_err(io)?;
     // SAFETY: read-only map of a weights file that strata does not modify while loading.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-    let st = SafeTensors::deserialize(&map)
-        .map_err(|e| WeightsError::Format { path: path.into(), message: e.to_string() })?;
+    let st = SafeTensors::deserialize(&map).map_err(|e| WeightsError::Format {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
     let mut wanted: HashMap<&str, (usize, usize)> = HashMap::new();
     for (u, unit) in units.iter().enumerate() {
         for (i, t) in unit.tensors.iter().enumerate() {
@@ -86,14 +118,26 @@ pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<
             head = Some(to_f32(&view, path, &name)?);
             continue;
         }
-        let (&key, &(u, i)) = wanted
-            .get_key_value(canonical(&name))
-            .ok_or_else(|| WeightsError::Unknown { path: path.into(), name: name.clone() })?;
+        let (&key, &(u, i)) =
+            wanted
+                .get_key_value(canonical(&name))
+                .ok_or_else(|| WeightsError::Unknown {
+                    path: path.into(),
+                    name: name.clone(),
+                })?;
         let spec = &units[u].tensors[i];
-        let expected: Vec<usize> =
-            if spec.stored_transposed { spec.shape.iter().rev().copied().collect() } else { spec.shape.clone() };
+        let expected: Vec<usize> = if spec.stored_transposed {
+            spec.shape.iter().rev().copied().collect()
+        } else {
+            spec.shape.clone()
+        };
         if view.shape() != expected.as_slice() {
-            return Err(WeightsError::Shape { path: path.into(), name, expected, found: view.shape().to_vec() });
+            return Err(WeightsError::Shape {
+                path: path.into(),
+                name,
+                expected,
+                found: view.shape().to_vec(),
+            });
         }
         let mut data = to_f32(&view, path, &name)?;
         if spec.stored_transposed {
@@ -103,10 +147,17 @@ pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<
         params[u][range].copy_from_slice(&data);
         seen.insert(key);
     }
-    let mut missing: Vec<&str> = wanted.keys().filter(|k| !seen.contains(*k)).copied().collect();
+    let mut missing: Vec<&str> = wanted
+        .keys()
+        .filter(|k| !seen.contains(*k))
+        .copied()
+        .collect();
     missing.sort_unstable();
     if let Some(name) = missing.first() {
-        return Err(WeightsError::Missing { path: path.into(), name: format!("transformer.{name}") });
+        return Err(WeightsError::Missing {
+            path: path.into(),
+            name: format!("transformer.{name}"),
+        });
     }
     if let Some(head) = head {
         let (u, i) = wanted["wte.weight"];
@@ -130,11 +181,18 @@ pub fn save(
         for (spec, range) in unit.tensors.iter().zip(unit.ranges()) {
             let values = &data[range];
             let (shape, values) = if spec.stored_transposed {
-                (vec![spec.shape[1], spec.shape[0]], transpose(values, spec.shape[0], spec.shape[1]))
+                (
+                    vec![spec.shape[1], spec.shape[0]],
+                    transpose(values, spec.shape[0], spec.shape[1]),
+                )
             } else {
                 (spec.shape.clone(), values.to_vec())
             };
-            buffers.push((spec.name.clone(), shape, bytemuck::cast_slice(&values).to_vec()));
+            buffers.push((
+                spec.name.clone(),
+                shape,
+                bytemuck::cast_slice(&values).to_vec(),
+            ));
         }
     }
     let views = buffers
@@ -142,12 +200,22 @@ pub fn save(
         .map(|(name, shape, bytes)| {
             TensorView::new(Dtype::F32, shape.clone(), bytes)
                 .map(|v| (name.clone(), v))
-                .map_err(|e| WeightsError::Format { path: path.into(), message: e.to_string() })
+                .map_err(|e| WeightsError::Format {
+                    path: path.into(),
+                    message: e.to_string(),
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let tmp = path.with_extension("safetensors.tmp");
     let metadata: HashMap<String, String> = metadata.into_iter().collect();
-    safetensors::serialize_to_file(views, &Some(metadata), &tmp)
-        .map_err(|e| WeightsError::Format { path: tmp.clone(), message: e.to_string() })?;
-    std::fs::rename(&tmp, path).map_err(|source| WeightsError::Io { path: path.into(), source })
+    safetensors::serialize_to_file(views, &Some(metadata), &tmp).map_err(|e| {
+        WeightsError::Format {
+            path: tmp.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| WeightsError::Io {
+        path: path.into(),
+        source,
+    })
 }

@@ -10,7 +10,9 @@ use strata::model::Model;
 use strata::{Config, Engine};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 struct Reference {
@@ -19,7 +21,9 @@ struct Reference {
 
 impl Reference {
     fn load() -> Reference {
-        Reference { bytes: std::fs::read(fixture("gpt2_tiny_parity.safetensors")).expect("parity fixture") }
+        Reference {
+            bytes: std::fs::read(fixture("gpt2_tiny_parity.safetensors")).expect("parity fixture"),
+        }
     }
     fn st(&self) -> SafeTensors<'_> {
         SafeTensors::deserialize(&self.bytes).expect("valid safetensors")
@@ -27,27 +31,51 @@ impl Reference {
     fn config(&self) -> serde_json::Value {
         let (_, meta) = SafeTensors::read_metadata(&self.bytes).expect("metadata");
         let meta = meta.metadata().clone().expect("metadata present");
-        assert_eq!(meta.get("magic").map(String::as_str), Some("strata-parity"), "fixture magic");
-        assert_eq!(meta.get("version").map(String::as_str), Some("1"), "fixture version");
+        assert_eq!(
+            meta.get("magic").map(String::as_str),
+            Some("strata-parity"),
+            "fixture magic"
+        );
+        assert_eq!(
+            meta.get("version").map(String::as_str),
+            Some("1"),
+            "fixture version"
+        );
         serde_json::from_str(&meta["config"]).expect("config json")
     }
     fn f32s(&self, name: &str) -> Vec<f32> {
         let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture tensor {name}"));
-        t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture tensor {name}"));
+        t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
     }
     fn tokens(&self) -> Vec<u16> {
         let st = self.st();
         let t = st.tensor("tokens").expect("tokens");
-        t.data().chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u16).collect()
+        t.data()
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u16)
+            .collect()
     }
 }
 
 /// max |a − b| / max |b|: the error relative to the tensor's scale.
 fn rel_diff(name: &str, got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "{name}: length");
-    let max_diff = got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
-    let scale = want.iter().map(|b| (*b as f64).abs()).fold(0.0, f64::max).max(1e-30);
+    let max_diff = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0.0, f64::max);
+    let scale = want
+        .iter()
+        .map(|b| (*b as f64).abs())
+        .fold(0.0, f64::max)
+        .max(1e-30);
     let rel = max_diff / scale;
     println!("{name:<42} maxdiff {max_diff:.3e}  rel {rel:.3e}");
     rel
@@ -105,7 +133,11 @@ fn hf_layout(engine: &Engine, name: &str, grads: bool) -> Vec<f32> {
     for unit in engine.units() {
         for (spec, range) in unit.spec.tensors.iter().zip(unit.spec.ranges()) {
             if spec.name == name {
-                let data = if grads { &unit.grads[range] } else { &unit.params[range] };
+                let data = if grads {
+                    &unit.grads[range]
+                } else {
+                    &unit.params[range]
+                };
                 if !spec.stored_transposed {
                     return data.to_vec();
                 }
@@ -124,7 +156,11 @@ fn hf_layout(engine: &Engine, name: &str, grads: bool) -> Vec<f32> {
 }
 
 fn param_names(engine: &Engine) -> Vec<String> {
-    engine.units().iter().flat_map(|u| u.spec.tensors.iter().map(|t| t.name.clone())).collect()
+    engine
+        .units()
+        .iter()
+        .flat_map(|u| u.spec.tensors.iter().map(|t| t.name.clone()))
+        .collect()
 }
 
 #[test]
@@ -142,18 +178,30 @@ fn gpt2_matches_pytorch_logits_loss_and_gradients() {
     let mut gpt2 = Gpt2::new(Gpt2Shape::from_config(&cfg.model));
     gpt2.prepare(b, t, true);
     let head_units = &gpt2.stages().last().expect("stages").units.clone();
-    let params: Vec<&[f32]> = head_units.iter().map(|&u| engine.units()[u].params.as_slice()).collect();
+    let params: Vec<&[f32]> = head_units
+        .iter()
+        .map(|&u| engine.units()[u].params.as_slice())
+        .collect();
     let logits = gpt2.logits(&params, &head_input, b, t);
     assert!(rel_diff("logits", &logits, &reference.f32s("logits")) <= 1e-5);
 
-    let loss = engine.forward_backward(std::slice::from_ref(&batch)).expect("backward");
+    let loss = engine
+        .forward_backward(std::slice::from_ref(&batch))
+        .expect("backward");
     assert!(rel_diff("loss", &[loss], &reference.f32s("loss")) <= 1e-5);
     let mut worst = 0.0f64;
     for name in param_names(&engine) {
-        let rel = rel_diff(&format!("grad {name}"), &hf_layout(&engine, &name, true), &reference.f32s(&format!("grad.{name}")));
+        let rel = rel_diff(
+            &format!("grad {name}"),
+            &hf_layout(&engine, &name, true),
+            &reference.f32s(&format!("grad.{name}")),
+        );
         worst = worst.max(rel);
     }
-    assert!(worst <= 1e-4, "worst gradient relative difference {worst:.3e} exceeds 1e-4");
+    assert!(
+        worst <= 1e-4,
+        "worst gradient relative difference {worst:.3e} exceeds 1e-4"
+    );
 }
 
 #[test]
@@ -163,9 +211,14 @@ fn gpt2_matches_pytorch_over_five_adamw_steps() {
     let (b, t) = (cfg.data.micro_batch_size, cfg.model.seq_len);
     let mut loader = Loader::from_vec(reference.tokens(), b, t, 0, false).expect("loader");
     let mut engine = Engine::from_config(cfg.clone()).expect("engine");
-    let mut batches: Vec<_> = (0..cfg.data.grad_accum_steps).map(|_| engine.new_batch()).collect();
-    let (want_loss, want_norm, want_lr) =
-        (reference.f32s("step_losses"), reference.f32s("grad_norms"), reference.f32s("lrs"));
+    let mut batches: Vec<_> = (0..cfg.data.grad_accum_steps)
+        .map(|_| engine.new_batch())
+        .collect();
+    let (want_loss, want_norm, want_lr) = (
+        reference.f32s("step_losses"),
+        reference.f32s("grad_norms"),
+        reference.f32s("lrs"),
+    );
     for step in 0..cfg.train.steps {
         batches.iter_mut().for_each(|mb| loader.fill(mb));
         let s = engine.train_step(&batches).expect("step");
@@ -175,23 +228,45 @@ fn gpt2_matches_pytorch_over_five_adamw_steps() {
             "step {step}: loss {:.7} (torch {:.7}, rel {loss_rel:.2e}) grad_norm {:.6} (torch {:.6}, rel {norm_rel:.2e}) lr {:.4e}",
             s.loss, want_loss[step], s.grad_norm, want_norm[step], s.lr
         );
-        assert!(loss_rel <= 1e-5, "step {step}: loss differs by {loss_rel:.3e}");
-        assert!(norm_rel <= 1e-4, "step {step}: grad norm differs by {norm_rel:.3e}");
-        assert!(((s.lr - want_lr[step]) / want_lr[step]).abs() <= 1e-6, "step {step}: lr");
+        assert!(
+            loss_rel <= 1e-5,
+            "step {step}: loss differs by {loss_rel:.3e}"
+        );
+        assert!(
+            norm_rel <= 1e-4,
+            "step {step}: grad norm differs by {norm_rel:.3e}"
+        );
+        assert!(
+            ((s.lr - want_lr[step]) / want_lr[step]).abs() <= 1e-6,
+            "step {step}: lr"
+        );
     }
     let c = cfg.model.n_embd;
     let lr_sum: f32 = want_lr.iter().sum();
     let mut worst = 0.0f64;
     for name in param_names(&engine) {
-        let (mut got, mut want) = (hf_layout(&engine, &name, false), reference.f32s(&format!("final.{name}")));
+        let (mut got, mut want) = (
+            hf_layout(&engine, &name, false),
+            reference.f32s(&format!("final.{name}")),
+        );
         if name.ends_with("attn.c_attn.bias") {
             // The key bias has an exact gradient of zero (it shifts every score of a query row by the same
             // amount, which softmax cancels), so both implementations feed AdamW pure rounding noise there and
             // its normalised step can take either sign. Compare the query and value biases strictly, and the
             // key bias only against AdamW's largest possible movement (lr per step).
-            let (k_got, k_want): (Vec<f32>, Vec<f32>) = (got.drain(c..2 * c).collect(), want.drain(c..2 * c).collect());
-            let k_diff = k_got.iter().zip(&k_want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-            assert!(k_diff <= 2.0 * lr_sum, "{name}: key bias moved by more than AdamW can ({k_diff})");
+            let (k_got, k_want): (Vec<f32>, Vec<f32>) = (
+                got.drain(c..2 * c).collect(),
+                want.drain(c..2 * c).collect(),
+            );
+            let k_diff = k_got
+                .iter()
+                .zip(&k_want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                k_diff <= 2.0 * lr_sum,
+                "{name}: key bias moved by more than AdamW can ({k_diff})"
+            );
         }
         let rel = rel_diff(&format!("final {name}"), &got, &want);
         worst = worst.max(rel);

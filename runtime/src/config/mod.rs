@@ -16,11 +16,18 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{origin}: not valid TOML: {message}")]
     Syntax { origin: String, message: String },
     #[error("{origin}: key `{key}`: {message}")]
-    Key { origin: String, key: String, message: String },
+    Key {
+        origin: String,
+        key: String,
+        message: String,
+    },
     #[error("--set {arg}: {message}")]
     Override { arg: String, message: String },
     #[error("config key `{key}`: {message}")]
@@ -28,7 +35,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, message: message.into() }
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -192,12 +202,15 @@ impl Config {
         let (origin, mut table) = match path {
             None => ("embedded default".to_string(), toml::Table::new()),
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
-                let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
-                    origin: p.display().to_string(),
-                    message: e.to_string(),
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
                 })?;
+                let table: toml::Table =
+                    toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+                        origin: p.display().to_string(),
+                        message: e.to_string(),
+                    })?;
                 (p.display().to_string(), table)
             }
         };
@@ -224,7 +237,11 @@ impl Config {
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
             let message = e.into_inner().to_string();
-            ConfigError::Key { origin: origin.to_string(), key, message }
+            ConfigError::Key {
+                origin: origin.to_string(),
+                key,
+                message,
+            }
         })
     }
 
@@ -254,18 +271,30 @@ impl Config {
         if m.n_embd % m.n_head != 0 {
             return Err(invalid(
                 "model.n_embd",
-                format!("{} must be a multiple of model.n_head ({})", m.n_embd, m.n_head),
+                format!(
+                    "{} must be a multiple of model.n_head ({})",
+                    m.n_embd, m.n_head
+                ),
             ));
         }
         let o = &self.optim;
         if !(o.lr > 0.0 && o.lr.is_finite()) {
-            return Err(invalid("optim.lr", format!("{} must be a positive number", o.lr)));
+            return Err(invalid(
+                "optim.lr",
+                format!("{} must be a positive number", o.lr),
+            ));
         }
         if !(0.0..=o.lr).contains(&o.min_lr) {
-            return Err(invalid("optim.min_lr", format!("{} must lie in [0, optim.lr = {}]", o.min_lr, o.lr)));
+            return Err(invalid(
+                "optim.min_lr",
+                format!("{} must lie in [0, optim.lr = {}]", o.min_lr, o.lr),
+            ));
         }
         if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
-            return Err(invalid("optim.betas", format!("{:?}: each must lie in [0, 1)", o.betas)));
+            return Err(invalid(
+                "optim.betas",
+                format!("{:?}: each must lie in [0, 1)", o.betas),
+            ));
         }
         if !(o.eps > 0.0) {
             return Err(invalid("optim.eps", "must be positive"));
@@ -277,12 +306,10 @@ impl Config {
             return Err(invalid("optim.grad_clip", "must be zero (off) or positive"));
         }
         match self.train.device {
-            DeviceKind::Cuda => {
-                return Err(invalid(
-                    "train.device",
-                    "\"cuda\": the CUDA backend is not part of this build yet; use \"cpu\" or \"auto\"",
-                ))
-            }
+            DeviceKind::Cuda => return Err(invalid(
+                "train.device",
+                "\"cuda\": the CUDA backend is not part of this build yet; use \"cpu\" or \"auto\"",
+            )),
             DeviceKind::Auto | DeviceKind::Cpu => {
                 if self.train.precision != Precision::Fp32 {
                     return Err(invalid(
@@ -296,7 +323,10 @@ impl Config {
             }
         }
         if self.data.train.trim().is_empty() {
-            return Err(invalid("data.train", "must be \"synthetic\" or the path of a token file"));
+            return Err(invalid(
+                "data.train",
+                "must be \"synthetic\" or the path of a token file",
+            ));
         }
         Ok(())
     }
@@ -315,26 +345,47 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = Config::from_toml_str("[optim]\nlearning_rate = 1e-3\n").unwrap_err().to_string();
-        assert!(err.contains("optim") && err.contains("learning_rate"), "{err}");
+        let err = Config::from_toml_str("[optim]\nlearning_rate = 1e-3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("optim") && err.contains("learning_rate"),
+            "{err}"
+        );
         assert!(err.contains("expected one of"), "{err}");
-        let err = Config::from_toml_str("[trainer]\nsteps = 3\n").unwrap_err().to_string();
+        let err = Config::from_toml_str("[trainer]\nsteps = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("trainer"), "{err}");
     }
 
     #[test]
     fn wrong_type_and_bad_enum_name_the_key() {
-        let err = Config::from_toml_str("[model]\nn_layer = \"twelve\"\n").unwrap_err().to_string();
+        let err = Config::from_toml_str("[model]\nn_layer = \"twelve\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("model.n_layer"), "{err}");
-        let err = Config::from_toml_str("[optim]\nschedule = \"linear\"\n").unwrap_err().to_string();
-        assert!(err.contains("optim.schedule") && err.contains("cosine"), "{err}");
+        let err = Config::from_toml_str("[optim]\nschedule = \"linear\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("optim.schedule") && err.contains("cosine"),
+            "{err}"
+        );
     }
 
     #[test]
     fn cross_field_rules_name_keys() {
-        let err = Config::from_toml_str("[model]\nn_embd = 100\nn_head = 3\n").unwrap_err().to_string();
-        assert!(err.contains("model.n_embd") && err.contains("model.n_head"), "{err}");
-        let err = Config::from_toml_str("[optim]\nlr = 1e-3\nmin_lr = 1e-2\n").unwrap_err().to_string();
+        let err = Config::from_toml_str("[model]\nn_embd = 100\nn_head = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.n_embd") && err.contains("model.n_head"),
+            "{err}"
+        );
+        let err = Config::from_toml_str("[optim]\nlr = 1e-3\nmin_lr = 1e-2\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("optim.min_lr"), "{err}");
         let err = Config::from_toml_str("[train]\nprecision = \"bf16\"\ndevice = \"cpu\"\n")
             .unwrap_err()
@@ -353,10 +404,17 @@ mod tests {
         let c = Config::load(None, &sets).unwrap();
         assert_eq!(c.optim.lr, 0.01);
         assert_eq!(c.model.n_layer, 2);
-        assert_eq!(c.train.metrics_file.as_deref(), Some(Path::new("/tmp/m.jsonl")));
-        let err = Config::load(None, &["optim.lrr=1".to_string()]).unwrap_err().to_string();
+        assert_eq!(
+            c.train.metrics_file.as_deref(),
+            Some(Path::new("/tmp/m.jsonl"))
+        );
+        let err = Config::load(None, &["optim.lrr=1".to_string()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("lrr"), "{err}");
-        let err = Config::load(None, &["optim.lr".to_string()]).unwrap_err().to_string();
+        let err = Config::load(None, &["optim.lr".to_string()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("key.path=value"), "{err}");
     }
 }

@@ -5,8 +5,13 @@ use super::ConfigError;
 /// Sets `key.path` in `table` to `value`, parsed as a TOML value (`0.01`, `true`, `[0.9, 0.95]`, `"text"`);
 /// a value that is not valid TOML is taken as a plain string (`data.train=/data/tokens.bin`).
 pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
-    let err = |message: &str| ConfigError::Override { arg: arg.to_string(), message: message.to_string() };
-    let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected key.path=value"))?;
+    let err = |message: &str| ConfigError::Override {
+        arg: arg.to_string(),
+        message: message.to_string(),
+    };
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| err("expected key.path=value"))?;
     let parts: Vec<&str> = key.trim().split('.').map(str::trim).collect();
     if parts.iter().any(|p| p.is_empty()) {
         return Err(err("expected key.path=value with a non-empty key"));
@@ -15,7 +20,9 @@ pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigEr
     let (last, parents) = parts.split_last().ok_or_else(|| err("empty key"))?;
     let mut node = table;
     for part in parents {
-        let entry = node.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = node
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         node = match entry {
             toml::Value::Table(t) => t,
             _ => return Err(err(&format!("`{part}` is a value, not a section"))),

@@ -111,7 +111,10 @@ mod tests {
     #[test]
     fn parses_units_and_plain_numbers() {
         assert_eq!("64MiB".parse::<ByteSize>().unwrap(), ByteSize(64 << 20));
-        assert_eq!("1.5GB".parse::<ByteSize>().unwrap(), ByteSize(1_500_000_000));
+        assert_eq!(
+            "1.5GB".parse::<ByteSize>().unwrap(),
+            ByteSize(1_500_000_000)
+        );
         assert_eq!("4096".parse::<ByteSize>().unwrap(), ByteSize(4096));
         assert_eq!("2 kib".parse::<ByteSize>().unwrap(), ByteSize(2048));
         assert!("12 parsecs".parse::<ByteSize>().is_err());

@@ -18,7 +18,10 @@ use tokens::TokenFile;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
     #[error("tokenizer: {0}")]
@@ -59,28 +62,56 @@ pub struct Loader {
 
 impl Loader {
     /// `source` is `"synthetic"` or the path of a token file.
-    pub fn new(source: &str, vocab_size: usize, b: usize, t: usize, seed: u64, shuffle: bool) -> Result<Loader, DataError> {
+    pub fn new(
+        source: &str,
+        vocab_size: usize,
+        b: usize,
+        t: usize,
+        seed: u64,
+        shuffle: bool,
+    ) -> Result<Loader, DataError> {
         let (tokens, origin) = if source == "synthetic" {
             if vocab_size > 1 << 16 {
                 return Err(DataError::Format {
                     path: PathBuf::from("synthetic"),
-                    message: format!("model.vocab_size = {vocab_size} exceeds the uint16 token range"),
+                    message: format!(
+                        "model.vocab_size = {vocab_size} exceeds the uint16 token range"
+                    ),
                 });
             }
-            (Tokens::Memory(synthetic::synthetic_tokens(vocab_size, seed)), "synthetic".to_string())
+            (
+                Tokens::Memory(synthetic::synthetic_tokens(vocab_size, seed)),
+                "synthetic".to_string(),
+            )
         } else {
             let path = Path::new(source);
-            (Tokens::File(TokenFile::open(path, vocab_size)?), path.display().to_string())
+            (
+                Tokens::File(TokenFile::open(path, vocab_size)?),
+                path.display().to_string(),
+            )
         };
         Loader::from_tokens(tokens, origin, b, t, seed, shuffle)
     }
 
     /// A loader over tokens in memory (tests, the library API).
-    pub fn from_vec(tokens: Vec<u16>, b: usize, t: usize, seed: u64, shuffle: bool) -> Result<Loader, DataError> {
+    pub fn from_vec(
+        tokens: Vec<u16>,
+        b: usize,
+        t: usize,
+        seed: u64,
+        shuffle: bool,
+    ) -> Result<Loader, DataError> {
         Loader::from_tokens(Tokens::Memory(tokens), "memory".into(), b, t, seed, shuffle)
     }
 
-    fn from_tokens(tokens: Tokens, origin: String, b: usize, t: usize, seed: u64, shuffle: bool) -> Result<Loader, DataError> {
+    fn from_tokens(
+        tokens: Tokens,
+        origin: String,
+        b: usize,
+        t: usize,
+        seed: u64,
+        shuffle: bool,
+    ) -> Result<Loader, DataError> {
         let need = if shuffle { t + 1 } else { b * t + 1 };
         if tokens.len() < need {
             return Err(DataError::Format {
@@ -91,7 +122,15 @@ impl Loader {
                 ),
             });
         }
-        Ok(Loader { tokens, origin, b, t, seed, shuffle, next: 0 })
+        Ok(Loader {
+            tokens,
+            origin,
+            b,
+            t,
+            seed,
+            shuffle,
+            next: 0,
+        })
     }
 
     pub fn origin(&self) -> &str {
@@ -114,7 +153,12 @@ impl Loader {
     /// Fills `batch` (shaped B × T) with the next micro-batch.
     pub fn fill(&mut self, batch: &mut Batch) {
         let (b, t) = (self.b, self.t);
-        assert!(batch.b == b && batch.t == t && batch.inputs.len() == b * t && batch.targets.len() == b * t);
+        assert!(
+            batch.b == b
+                && batch.t == t
+                && batch.inputs.len() == b * t
+                && batch.targets.len() == b * t
+        );
         let j = self.next;
         self.next += 1;
         let n = self.tokens.len();

@@ -22,14 +22,20 @@ impl Tokenizer {
 
 /// Tokenizes `input` and writes `output`; returns the number of tokens.
 pub fn prepare(input: &Path, output: &Path, tokenizer: Tokenizer) -> Result<usize, DataError> {
-    let text = std::fs::read_to_string(input).map_err(|source| DataError::Io { path: input.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(input).map_err(|source| DataError::Io {
+        path: input.to_path_buf(),
+        source,
+    })?;
     let tokens: Vec<u16> = match tokenizer {
         Tokenizer::Bytes => text.bytes().map(u16::from).collect(),
         Tokenizer::Gpt2 => {
             let bpe = tiktoken_rs::r50k_base().map_err(|e| DataError::Tokenizer(e.to_string()))?;
             let ids = bpe.encode_with_special_tokens(&text);
             ids.into_iter()
-                .map(|t| u16::try_from(t).map_err(|_| DataError::Tokenizer(format!("token id {t} exceeds uint16"))))
+                .map(|t| {
+                    u16::try_from(t)
+                        .map_err(|_| DataError::Tokenizer(format!("token id {t} exceeds uint16")))
+                })
                 .collect::<Result<_, _>>()?
         }
     };

@@ -13,14 +13,27 @@ pub fn synthetic_tokens(vocab_size: usize, seed: u64) -> Vec<u16> {
     assert!((1..=1 << 16).contains(&vocab_size));
     let mut rng = Rng::derive(seed, 0x5157, 0);
     let v = vocab_size as u64;
-    let successors: Vec<[u16; 3]> =
-        (0..vocab_size).map(|_| [rng.below(v) as u16, rng.below(v) as u16, rng.below(v) as u16]).collect();
+    let successors: Vec<[u16; 3]> = (0..vocab_size)
+        .map(|_| {
+            [
+                rng.below(v) as u16,
+                rng.below(v) as u16,
+                rng.below(v) as u16,
+            ]
+        })
+        .collect();
     let mut tokens = Vec::with_capacity(SYNTHETIC_TOKENS);
     let mut cur = rng.below(v) as u16;
     for _ in 0..SYNTHETIC_TOKENS {
         tokens.push(cur);
         let u = rng.uniform();
-        let pick = if u < 0.6 { 0 } else if u < 0.9 { 1 } else { 2 };
+        let pick = if u < 0.6 {
+            0
+        } else if u < 0.9 {
+            1
+        } else {
+            2
+        };
         cur = successors[cur as usize][pick];
     }
     tokens

@@ -7,10 +7,16 @@ fn write_raw(dir: &Path, name: &str, header: [i32; 3], tokens: &[u16], cut: usiz
     let mut bytes = Vec::new();
     let mut h = [0i32; 256];
     h[..3].copy_from_slice(&header);
-    h.iter().for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
-    tokens.iter().for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+    h.iter()
+        .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+    tokens
+        .iter()
+        .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
     bytes.truncate(bytes.len() - cut);
-    std::fs::File::create(&path).unwrap().write_all(&bytes).unwrap();
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
     path
 }
 
@@ -20,9 +26,15 @@ fn header_errors_are_clear() {
     let toks: Vec<u16> = (0..100).collect();
     let bad_magic = write_raw(dir.path(), "magic.bin", [1234, 1, 100], &toks, 0);
     let e = TokenFile::open(&bad_magic, 256).err().unwrap().to_string();
-    assert!(e.contains("magic.bin") && e.contains("bad magic 1234"), "{e}");
+    assert!(
+        e.contains("magic.bin") && e.contains("bad magic 1234"),
+        "{e}"
+    );
     let bad_version = write_raw(dir.path(), "version.bin", [tokens::MAGIC, 7, 100], &toks, 0);
-    let e = TokenFile::open(&bad_version, 256).err().unwrap().to_string();
+    let e = TokenFile::open(&bad_version, 256)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("version 7"), "{e}");
     let truncated = write_raw(dir.path(), "trunc.bin", [tokens::MAGIC, 1, 100], &toks, 10);
     let e = TokenFile::open(&truncated, 256).err().unwrap().to_string();
@@ -32,9 +44,16 @@ fn header_errors_are_clear() {
     assert!(e.contains("header"), "{e}");
     let ok = write_raw(dir.path(), "vocab.bin", [tokens::MAGIC, 1, 100], &toks, 0);
     let e = TokenFile::open(&ok, 50).err().unwrap().to_string();
-    assert!(e.contains("token 50 at index 50") && e.contains(&format!("byte offset {}", HEADER_BYTES + 100)), "{e}");
+    assert!(
+        e.contains("token 50 at index 50")
+            && e.contains(&format!("byte offset {}", HEADER_BYTES + 100)),
+        "{e}"
+    );
     assert_eq!(TokenFile::open(&ok, 100).unwrap().len(), 100);
-    let e = TokenFile::open(&dir.path().join("missing.bin"), 10).err().unwrap().to_string();
+    let e = TokenFile::open(&dir.path().join("missing.bin"), 10)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("missing.bin"), "{e}");
 }
 
@@ -52,10 +71,16 @@ fn sequential_batches_follow_the_llmc_rule_and_wrap() {
         loader.fill(&mut batch);
         starts.push(batch.inputs[0]);
         assert_eq!(batch.inputs[4], batch.inputs[0] + 4);
-        assert_eq!(batch.targets[..4], [1, 2, 3, 4].map(|d| batch.inputs[0] + d));
+        assert_eq!(
+            batch.targets[..4],
+            [1, 2, 3, 4].map(|d| batch.inputs[0] + d)
+        );
     }
     assert_eq!(starts, vec![0, 8, 16, 0, 8]);
-    let e = Loader::from_vec(vec![1; 8], 2, 4, 0, false).err().unwrap().to_string();
+    let e = Loader::from_vec(vec![1; 8], 2, 4, 0, false)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("data.micro_batch_size"), "{e}");
 }
 
@@ -91,11 +116,17 @@ fn prepare_writes_bytes_and_gpt2_tokens() {
     let input = dir.path().join("in.txt");
     std::fs::write(&input, "Hello world").unwrap();
     let out = dir.path().join("bytes.bin");
-    assert_eq!(prepare::prepare(&input, &out, prepare::Tokenizer::Bytes).unwrap(), 11);
+    assert_eq!(
+        prepare::prepare(&input, &out, prepare::Tokenizer::Bytes).unwrap(),
+        11
+    );
     let f = TokenFile::open(&out, 256).unwrap();
     assert_eq!(f.token(0), b'H' as u16);
     let out = dir.path().join("gpt2.bin");
-    assert_eq!(prepare::prepare(&input, &out, prepare::Tokenizer::Gpt2).unwrap(), 2);
+    assert_eq!(
+        prepare::prepare(&input, &out, prepare::Tokenizer::Gpt2).unwrap(),
+        2
+    );
     let f = TokenFile::open(&out, 50257).unwrap();
     // GPT-2 BPE: "Hello" = 15496, " world" = 995.
     assert_eq!((f.token(0), f.token(1)), (15496, 995));

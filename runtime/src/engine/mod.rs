@@ -25,7 +25,11 @@ pub enum EngineError {
     #[error(transparent)]
     Weights(#[from] WeightsError),
     #[error("step {step}: {what} is not finite ({value}); the update was skipped and the weights are unchanged")]
-    NonFinite { step: usize, what: &'static str, value: f32 },
+    NonFinite {
+        step: usize,
+        what: &'static str,
+        value: f32,
+    },
     #[error("cannot build the compute thread pool: {0}")]
     Threads(String),
     #[error("{0}")]
@@ -52,10 +56,18 @@ impl UnitState {
                 Init::Zeros => dst.fill(0.0),
                 Init::Ones => dst.fill(1.0),
                 // One stream per tensor: the init does not depend on how units are later partitioned.
-                Init::Normal { std } => Rng::derive(seed, unit_index as u64, i as u64).fill_normal(dst, std),
+                Init::Normal { std } => {
+                    Rng::derive(seed, unit_index as u64, i as u64).fill_normal(dst, std)
+                }
             }
         }
-        UnitState { spec, params, grads: vec![0.0; n], adam_m: vec![0.0; n], adam_v: vec![0.0; n] }
+        UnitState {
+            spec,
+            params,
+            grads: vec![0.0; n],
+            adam_m: vec![0.0; n],
+            adam_v: vec![0.0; n],
+        }
     }
 }
 
@@ -97,7 +109,10 @@ impl Engine {
             .collect();
         if let Some(path) = &config.model.init_from {
             let specs: Vec<UnitSpec> = units.iter().map(|u| u.spec.clone()).collect();
-            let mut params: Vec<Vec<f32>> = units.iter_mut().map(|u| std::mem::take(&mut u.params)).collect();
+            let mut params: Vec<Vec<f32>> = units
+                .iter_mut()
+                .map(|u| std::mem::take(&mut u.params))
+                .collect();
             let loaded = weights::load(path, &specs, &mut params);
             units.iter_mut().zip(params).for_each(|(u, p)| u.params = p);
             loaded?;
@@ -106,9 +121,25 @@ impl Engine {
         model.prepare(b, t, config.train.activation_checkpointing);
         let act_len = model.activation_len(b, t);
         let stages = model.stages().len();
-        let acts = (0..stages).map(|s| if s == 0 { Vec::new() } else { vec![0.0; act_len] }).collect();
+        let acts = (0..stages)
+            .map(|s| {
+                if s == 0 {
+                    Vec::new()
+                } else {
+                    vec![0.0; act_len]
+                }
+            })
+            .collect();
         let dacts = [vec![0.0; act_len], vec![0.0; act_len]];
-        Ok(Engine { config, model, units, acts, dacts, step: 0, pool })
+        Ok(Engine {
+            config,
+            model,
+            units,
+            acts,
+            dacts,
+            step: 0,
+            pool,
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -140,7 +171,9 @@ impl Engine {
     fn check_batches(&self, batches: &[Batch]) -> Result<(), EngineError> {
         let (b, t) = (self.config.data.micro_batch_size, self.config.model.seq_len);
         if batches.is_empty() {
-            return Err(EngineError::Batch("train_step needs at least one micro-batch".into()));
+            return Err(EngineError::Batch(
+                "train_step needs at least one micro-batch".into(),
+            ));
         }
         let vocab = self.config.model.vocab_size as u32;
         for (i, mb) in batches.iter().enumerate() {
@@ -154,7 +187,9 @@ impl Engine {
                 )));
             }
             if let Some(tok) = mb.inputs.iter().chain(&mb.targets).find(|&&x| x >= vocab) {
-                return Err(EngineError::Batch(format!("micro-batch {i}: token {tok} is not below vocab_size {vocab}")));
+                return Err(EngineError::Batch(format!(
+                    "micro-batch {i}: token {tok} is not below vocab_size {vocab}"
+                )));
             }
         }
         Ok(())
@@ -164,9 +199,14 @@ impl Engine {
     fn forward_stages(&mut self, mb: &Batch) {
         let stages = self.model.stages().to_vec();
         for (s, stage) in stages.iter().enumerate().take(stages.len() - 1) {
-            let params: Vec<&[f32]> = stage.units.iter().map(|&u| self.units[u].params.as_slice()).collect();
+            let params: Vec<&[f32]> = stage
+                .units
+                .iter()
+                .map(|&u| self.units[u].params.as_slice())
+                .collect();
             let (before, after) = self.acts.split_at_mut(s + 1);
-            self.model.forward(s, &params, mb, &before[s], &mut after[0]);
+            self.model
+                .forward(s, &params, mb, &before[s], &mut after[0]);
         }
     }
 
@@ -188,12 +228,17 @@ impl Engine {
             let [dout, dinput] = &mut self.dacts;
             {
                 let (params, mut grads) = stage_views(&mut self.units, &stages[last].units);
-                let head = HeadGrads { grads: &mut grads, dinput: dout, dloss };
+                let head = HeadGrads {
+                    grads: &mut grads,
+                    dinput: dout,
+                    dloss,
+                };
                 loss_sum += self.model.head(&params, mb, &self.acts[last], Some(head)) as f64;
             }
             for s in (0..last).rev() {
                 let (params, mut grads) = stage_views(&mut self.units, &stages[s].units);
-                self.model.backward(s, &params, &mut grads, mb, &self.acts[s], dout, dinput);
+                self.model
+                    .backward(s, &params, &mut grads, mb, &self.acts[s], dout, dinput);
                 std::mem::swap(dout, dinput);
             }
         }
@@ -208,7 +253,10 @@ impl Engine {
         let loss = pool.install(|| {
             self.forward_stages(batch);
             let ids = self.model.stages()[last].units.clone();
-            let params: Vec<&[f32]> = ids.iter().map(|&u| self.units[u].params.as_slice()).collect();
+            let params: Vec<&[f32]> = ids
+                .iter()
+                .map(|&u| self.units[u].params.as_slice())
+                .collect();
             self.model.head(&params, batch, &self.acts[last], None)
         });
         Ok(loss)
@@ -228,9 +276,19 @@ impl Engine {
         let o = self.config.optim.clone();
         let pool = Arc::clone(&self.pool);
         let units = &mut self.units;
-        let norm = pool.install(|| units.iter().map(|u| sum_of_squares(&u.grads)).sum::<f64>().sqrt() as f32);
+        let norm = pool.install(|| {
+            units
+                .iter()
+                .map(|u| sum_of_squares(&u.grads))
+                .sum::<f64>()
+                .sqrt() as f32
+        });
         if !norm.is_finite() {
-            return Err(EngineError::NonFinite { step: self.step, what: "gradient norm", value: norm });
+            return Err(EngineError::NonFinite {
+                step: self.step,
+                what: "gradient norm",
+                value: norm,
+            });
         }
         let lr = lr_at(&o, self.step, self.config.train.steps);
         let h = AdamWParams {
@@ -246,7 +304,14 @@ impl Engine {
             for u in units.iter_mut() {
                 for (t, r) in u.spec.tensors.iter().zip(u.spec.ranges()) {
                     let (p, g) = (&mut u.params[r.clone()], &u.grads[r.clone()]);
-                    adamw_update(p, g, &mut u.adam_m[r.clone()], &mut u.adam_v[r], &h, t.decay);
+                    adamw_update(
+                        p,
+                        g,
+                        &mut u.adam_m[r.clone()],
+                        &mut u.adam_v[r],
+                        &h,
+                        t.decay,
+                    );
                 }
             }
         });
@@ -260,12 +325,24 @@ impl Engine {
         let step = self.step;
         let loss = self.forward_backward(batches)?;
         if !loss.is_finite() {
-            return Err(EngineError::NonFinite { step, what: "loss", value: loss });
+            return Err(EngineError::NonFinite {
+                step,
+                what: "loss",
+                value: loss,
+            });
         }
         let (grad_norm, lr) = self.optimizer_step()?;
         let tokens = batches.iter().map(Batch::tokens).sum::<usize>();
         let flops = self.model.flops_per_token(self.config.model.seq_len) * tokens as f64;
-        Ok(StepStats::new(step, loss, lr, grad_norm, tokens, flops, start.elapsed()))
+        Ok(StepStats::new(
+            step,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            flops,
+            start.elapsed(),
+        ))
     }
 
     /// Writes the parameters as safetensors with the model's tensor names.
@@ -281,9 +358,14 @@ impl Engine {
 }
 
 /// Parameter views and gradient views of the units a stage uses, in the stage's order.
-fn stage_views<'a>(units: &'a mut [UnitState], ids: &[usize]) -> (Vec<&'a [f32]>, Vec<&'a mut [f32]>) {
-    let mut slots: Vec<Option<(&'a [f32], &'a mut [f32])>> =
-        units.iter_mut().map(|u| Some((u.params.as_slice(), u.grads.as_mut_slice()))).collect();
+fn stage_views<'a>(
+    units: &'a mut [UnitState],
+    ids: &[usize],
+) -> (Vec<&'a [f32]>, Vec<&'a mut [f32]>) {
+    let mut slots: Vec<Option<(&'a [f32], &'a mut [f32])>> = units
+        .iter_mut()
+        .map(|u| Some((u.params.as_slice(), u.grads.as_mut_slice())))
+        .collect();
     ids.iter()
         .map(|&u| slots[u].take().expect("a stage lists each unit once"))
         .unzip()

@@ -21,7 +21,15 @@ pub struct StepStats {
 }
 
 impl StepStats {
-    pub fn new(step: usize, loss: f32, lr: f32, grad_norm: f32, tokens: usize, flops: f64, elapsed: Duration) -> Self {
+    pub fn new(
+        step: usize,
+        loss: f32,
+        lr: f32,
+        grad_norm: f32,
+        tokens: usize,
+        flops: f64,
+        elapsed: Duration,
+    ) -> Self {
         let secs = elapsed.as_secs_f64().max(1e-9);
         StepStats {
             step,

@@ -79,7 +79,12 @@ pub struct Batch {
 
 impl Batch {
     pub fn zeros(b: usize, t: usize) -> Batch {
-        Batch { inputs: vec![0; b * t], targets: vec![0; b * t], b, t }
+        Batch {
+            inputs: vec![0; b * t],
+            targets: vec![0; b * t],
+            b,
+            t,
+        }
     }
     pub fn tokens(&self) -> usize {
         self.b * self.t
@@ -108,10 +113,23 @@ pub trait Model: Send {
     /// With `checkpointing`, stages keep no intermediate activations and `backward` recomputes them.
     fn prepare(&mut self, b: usize, t: usize, checkpointing: bool);
     /// Forward of a stage other than the last. Stage 0 reads `batch.inputs`; its `input` is empty.
-    fn forward(&mut self, stage: usize, params: &[&[f32]], batch: &Batch, input: &[f32], output: &mut [f32]);
+    fn forward(
+        &mut self,
+        stage: usize,
+        params: &[&[f32]],
+        batch: &Batch,
+        input: &[f32],
+        output: &mut [f32],
+    );
     /// Forward of the last stage: returns the mean loss over the micro-batch's tokens, and with `grads`
     /// runs its backward pass at once (the loss is the end of the graph).
-    fn head(&mut self, params: &[&[f32]], batch: &Batch, input: &[f32], grads: Option<HeadGrads<'_, '_>>) -> f32;
+    fn head(
+        &mut self,
+        params: &[&[f32]],
+        batch: &Batch,
+        input: &[f32],
+        grads: Option<HeadGrads<'_, '_>>,
+    ) -> f32;
     /// Backward of a stage other than the last.
     #[allow(clippy::too_many_arguments)]
     fn backward(

@@ -1,5 +1,6 @@
 //! AdamW as `torch.optim.AdamW`: bias-corrected moments, eps outside the square root, decoupled decay.
 
+use crate::backend::cpu::fastmath::multiversion;
 use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
@@ -19,31 +20,49 @@ pub struct AdamWParams {
 }
 
 /// One AdamW step over a contiguous slice of parameters with the same decay setting.
-pub fn adamw_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWParams, decay: bool) {
+pub fn adamw_update(
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    h: &AdamWParams,
+    decay: bool,
+) {
     assert!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
     let bc1 = 1.0 - (h.beta1 as f64).powi(h.t as i32);
     let bc2 = 1.0 - (h.beta2 as f64).powi(h.t as i32);
     let step_size = (h.lr as f64 / bc1) as f32;
     let bc2_sqrt = bc2.sqrt() as f32;
-    let decay_factor = if decay { 1.0 - h.lr * h.weight_decay } else { 1.0 };
+    let decay_factor = if decay {
+        1.0 - h.lr * h.weight_decay
+    } else {
+        1.0
+    };
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .for_each(|((p, g), (m, v))| {
-            for i in 0..p.len() {
-                let g = g[i] * h.grad_scale;
-                m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * g;
-                v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * g * g;
-                let denom = v[i].sqrt() / bc2_sqrt + h.eps;
-                p[i] = p[i] * decay_factor - step_size * m[i] / denom;
-            }
-        });
+        .for_each(|((p, g), (m, v))| adamw_chunk(p, g, m, v, h, decay_factor, step_size, bc2_sqrt));
+}
+
+multiversion! {
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWParams, decay_factor: f32, step_size: f32, bc2_sqrt: f32) {
+        for i in 0..p.len() {
+            let g = g[i] * h.grad_scale;
+            m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * g;
+            v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * g * g;
+            let denom = v[i].sqrt() / bc2_sqrt + h.eps;
+            p[i] = p[i] * decay_factor - step_size * m[i] / denom;
+        }
+    }
 }
 
 /// Σ x² in f64.
 pub fn sum_of_squares(x: &[f32]) -> f64 {
-    x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>()).sum()
+    x.par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>())
+        .sum()
 }
 
 /// The factor `torch.nn.utils.clip_grad_norm_` applies: min(1, max_norm / (norm + 1e-6)); 1 when off.
@@ -62,14 +81,36 @@ mod tests {
     fn matches_closed_form_of_first_two_steps() {
         // With constant gradient g, m̂ = g and v̂ = g² at every step, so each step moves by lr·g/(|g| + eps)
         // after decay.
-        let h = AdamWParams { lr: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.5, t: 1, grad_scale: 1.0 };
+        let h = AdamWParams {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.5,
+            t: 1,
+            grad_scale: 1.0,
+        };
         let (mut p, g) = (vec![1.0f32, -2.0], vec![0.5f32, -3.0]);
         let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
         adamw_update(&mut p, &g, &mut m, &mut v, &h, true);
-        let want: Vec<f32> = [1.0f32, -2.0].iter().zip(&g).map(|(p, g)| p * 0.95 - 0.1 * g / (g.abs() + 1e-8)).collect();
-        assert!((p[0] - want[0]).abs() < 1e-6 && (p[1] - want[1]).abs() < 1e-6, "{p:?} vs {want:?}");
+        let want: Vec<f32> = [1.0f32, -2.0]
+            .iter()
+            .zip(&g)
+            .map(|(p, g)| p * 0.95 - 0.1 * g / (g.abs() + 1e-8))
+            .collect();
+        assert!(
+            (p[0] - want[0]).abs() < 1e-6 && (p[1] - want[1]).abs() < 1e-6,
+            "{p:?} vs {want:?}"
+        );
         let before = p.clone();
-        adamw_update(&mut p, &g, &mut m, &mut v, &AdamWParams { t: 2, ..h }, false);
+        adamw_update(
+            &mut p,
+            &g,
+            &mut m,
+            &mut v,
+            &AdamWParams { t: 2, ..h },
+            false,
+        );
         for i in 0..2 {
             let want = before[i] - 0.1 * g[i] / (g[i].abs() + 1e-8);
             assert!((p[i] - want).abs() < 1e-5, "{} vs {want}", p[i]);

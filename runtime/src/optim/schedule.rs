@@ -26,13 +26,21 @@ mod tests {
 
     #[test]
     fn warmup_then_cosine_to_min_lr() {
-        let o = OptimConfig { lr: 1.0, min_lr: 0.1, warmup_steps: 4, ..OptimConfig::default() };
+        let o = OptimConfig {
+            lr: 1.0,
+            min_lr: 0.1,
+            warmup_steps: 4,
+            ..OptimConfig::default()
+        };
         assert_eq!(lr_at(&o, 0, 14), 0.25);
         assert_eq!(lr_at(&o, 3, 14), 1.0);
         assert!((lr_at(&o, 4, 14) - 1.0).abs() < 1e-7);
         assert!((lr_at(&o, 9, 14) - 0.55).abs() < 1e-6);
         assert!((lr_at(&o, 14, 14) - 0.1).abs() < 1e-7);
-        let c = OptimConfig { schedule: Schedule::Constant, ..o };
+        let c = OptimConfig {
+            schedule: Schedule::Constant,
+            ..o
+        };
         assert_eq!(lr_at(&c, 9, 14), 1.0);
     }
 }

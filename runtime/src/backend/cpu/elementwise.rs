@@ -1,5 +1,6 @@
 //! GELU (tanh form, as GPT-2) and residual additions.
 
+use super::fastmath::{self, multiversion};
 use rayon::prelude::*;
 
 const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2/π)
@@ -8,12 +9,18 @@ const CHUNK: usize = 1 << 14;
 /// out = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
     assert_eq!(out.len(), inp.len());
-    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| {
-        for (o, &x) in o.iter_mut().zip(x) {
+    out.par_chunks_mut(CHUNK)
+        .zip(inp.par_chunks(CHUNK))
+        .for_each(|(o, x)| gelu_forward_chunk(o, x));
+}
+
+multiversion! {
+    fn gelu_forward_chunk(out: &mut [f32], inp: &[f32]) {
+        for (o, &x) in out.iter_mut().zip(inp) {
             let cube = 0.044715 * x * x * x;
-            *o = 0.5 * x * (1.0 + (GELU_SCALE * (x + cube)).tanh());
+            *o = 0.5 * x * (1.0 + fastmath::tanh(GELU_SCALE * (x + cube)));
         }
-    });
+    }
 }
 
 /// dinp += gelu'(x) · dout.
@@ -21,17 +28,19 @@ pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     assert!(dinp.len() == inp.len() && dout.len() == inp.len());
     dinp.par_chunks_mut(CHUNK)
         .zip(inp.par_chunks(CHUNK).zip(dout.par_chunks(CHUNK)))
-        .for_each(|(dx, (x, dy))| {
-            for i in 0..dx.len() {
-                let x = x[i];
-                let cube = 0.044715 * x * x * x;
-                let arg = GELU_SCALE * (x + cube);
-                let tanh = arg.tanh();
-                let sech2 = 1.0 - tanh * tanh;
-                let local = 0.5 * (1.0 + tanh) + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
-                dx[i] += local * dy[i];
-            }
-        });
+        .for_each(|(dx, (x, dy))| gelu_backward_chunk(dx, x, dy));
+}
+
+multiversion! {
+    fn gelu_backward_chunk(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+        for ((dx, &x), &dy) in dinp.iter_mut().zip(inp).zip(dout) {
+            let cube = 0.044715 * x * x * x;
+            let tanh = fastmath::tanh(GELU_SCALE * (x + cube));
+            let sech2 = 1.0 - tanh * tanh;
+            let local = 0.5 * (1.0 + tanh) + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+            *dx += local * dy;
+        }
+    }
 }
 
 /// out = a + b.
@@ -39,7 +48,11 @@ pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
     assert!(out.len() == a.len() && a.len() == b.len());
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(o, (a, b))| o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (a, b))| *o = a + b));
+        .for_each(|(o, (a, b))| {
+            o.iter_mut()
+                .zip(a.iter().zip(b))
+                .for_each(|(o, (a, b))| *o = a + b)
+        });
 }
 
 /// acc += x.

@@ -3,18 +3,37 @@
 use rayon::prelude::*;
 
 /// out (B, T, C) = wte[token] + wpe[t].
-pub fn encoder_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], t: usize, c: usize) {
+pub fn encoder_forward(
+    out: &mut [f32],
+    tokens: &[u32],
+    wte: &[f32],
+    wpe: &[f32],
+    t: usize,
+    c: usize,
+) {
     assert_eq!(out.len(), tokens.len() * c);
-    out.par_chunks_mut(c).zip(tokens.par_iter()).enumerate().for_each(|(bt, (o, &tok))| {
-        let pos = bt % t;
-        let e = &wte[tok as usize * c..(tok as usize + 1) * c];
-        let p = &wpe[pos * c..(pos + 1) * c];
-        o.iter_mut().zip(e.iter().zip(p)).for_each(|(o, (e, p))| *o = e + p);
-    });
+    out.par_chunks_mut(c)
+        .zip(tokens.par_iter())
+        .enumerate()
+        .for_each(|(bt, (o, &tok))| {
+            let pos = bt % t;
+            let e = &wte[tok as usize * c..(tok as usize + 1) * c];
+            let p = &wpe[pos * c..(pos + 1) * c];
+            o.iter_mut()
+                .zip(e.iter().zip(p))
+                .for_each(|(o, (e, p))| *o = e + p);
+        });
 }
 
 /// dwte[token] += dout; dwpe[t] += dout. Split over channel blocks so threads never write the same element.
-pub fn encoder_backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens: &[u32], t: usize, c: usize) {
+pub fn encoder_backward(
+    dwte: &mut [f32],
+    dwpe: &mut [f32],
+    dout: &[f32],
+    tokens: &[u32],
+    t: usize,
+    c: usize,
+) {
     assert_eq!(dout.len(), tokens.len() * c);
     const BLOCK: usize = 64;
     let blocks = c.div_ceil(BLOCK);
@@ -33,7 +52,10 @@ pub fn encoder_backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens
             // SAFETY: task k writes only channels lo..hi of each row; tasks have disjoint channel ranges, and
             // the row indices were checked against the buffer lengths just above.
             unsafe {
-                let e = std::slice::from_raw_parts_mut(wte_ptr.get().add(tok as usize * c + lo), hi - lo);
+                let e = std::slice::from_raw_parts_mut(
+                    wte_ptr.get().add(tok as usize * c + lo),
+                    hi - lo,
+                );
                 let p = std::slice::from_raw_parts_mut(wpe_ptr.get().add(pos * c + lo), hi - lo);
                 for i in 0..hi - lo {
                     e[i] += d[i];

@@ -20,7 +20,10 @@ fn assert_close_to_fd(name: &str, x: &[f32], analytic: &[f32], loss: impl Fn(&[f
         worst = worst.max(err);
     }
     println!("{name}: max rel diff vs finite differences {worst:.2e}");
-    assert!(worst < 2e-2, "{name}: backward disagrees with finite differences ({worst:.3e})");
+    assert!(
+        worst < 2e-2,
+        "{name}: backward disagrees with finite differences ({worst:.3e})"
+    );
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
@@ -66,12 +69,21 @@ fn gelu_backward_matches_finite_differences() {
 #[test]
 fn attention_backward_matches_finite_differences() {
     // T = 150 spans two row blocks of 128, so the block boundary is exercised.
-    let s = AttnShape { b: 2, t: 150, c: 8, n_head: 2 };
+    let s = AttnShape {
+        b: 2,
+        t: 150,
+        c: 8,
+        n_head: 2,
+    };
     let mut rng = Rng::new(3);
     let qkv = rng.normal_vec(s.b * s.t * 3 * s.c, 1.0);
     let probe = rng.normal_vec(s.b * s.t * s.c, 1.0);
     let fwd = |qkv: &[f32]| {
-        let (mut out, mut att, mut y) = (vec![0.0; s.b * s.t * s.c], vec![0.0; s.att_len()], vec![0.0; s.b * s.t * s.c]);
+        let (mut out, mut att, mut y) = (
+            vec![0.0; s.b * s.t * s.c],
+            vec![0.0; s.att_len()],
+            vec![0.0; s.b * s.t * s.c],
+        );
         attention_forward(&mut out, &mut att, &mut y, qkv, s);
         (out, att)
     };
@@ -97,8 +109,14 @@ fn attention_backward_matches_finite_differences() {
         let fd = (up - down) / (2.0 * eps as f64);
         worst = worst.max((fd - dqkv[i] as f64).abs() / (1.0 + fd.abs()));
     }
-    println!("attention dqkv: max rel diff vs finite differences {worst:.2e} over {} elements", picks.len());
-    assert!(worst < 2e-2, "attention backward disagrees with finite differences ({worst:.3e})");
+    println!(
+        "attention dqkv: max rel diff vs finite differences {worst:.2e} over {} elements",
+        picks.len()
+    );
+    assert!(
+        worst < 2e-2,
+        "attention backward disagrees with finite differences ({worst:.3e})"
+    );
 }
 
 #[test]

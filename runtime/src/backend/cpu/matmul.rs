@@ -17,11 +17,21 @@ pub struct Layout {
 impl Layout {
     /// A dense row-major `rows × cols` matrix.
     pub fn row_major(rows: usize, cols: usize) -> Layout {
-        Layout { rows, cols, row_stride: cols, col_stride: 1 }
+        Layout {
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
     }
     /// The transpose of this view (no data moves).
     pub fn t(self) -> Layout {
-        Layout { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride }
+        Layout {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
     }
     /// One past the largest element index the view touches.
     fn extent(&self) -> usize {
@@ -54,10 +64,25 @@ pub fn gemm(
     accumulate: bool,
     threads: Threads,
 ) {
-    assert_eq!(la.rows, lc.rows, "gemm: a has {} rows, c has {}", la.rows, lc.rows);
-    assert_eq!(lb.cols, lc.cols, "gemm: b has {} cols, c has {}", lb.cols, lc.cols);
-    assert_eq!(la.cols, lb.rows, "gemm: inner dims {} vs {}", la.cols, lb.rows);
-    assert!(lc.extent() <= c.len() && la.extent() <= a.len() && lb.extent() <= b.len(), "gemm: view out of bounds");
+    assert_eq!(
+        la.rows, lc.rows,
+        "gemm: a has {} rows, c has {}",
+        la.rows, lc.rows
+    );
+    assert_eq!(
+        lb.cols, lc.cols,
+        "gemm: b has {} cols, c has {}",
+        lb.cols, lc.cols
+    );
+    assert_eq!(
+        la.cols, lb.rows,
+        "gemm: inner dims {} vs {}",
+        la.cols, lb.rows
+    );
+    assert!(
+        lc.extent() <= c.len() && la.extent() <= a.len() && lb.extent() <= b.len(),
+        "gemm: view out of bounds"
+    );
     if lc.rows == 0 || lc.cols == 0 {
         return;
     }
@@ -99,13 +124,22 @@ pub fn gemm(
 }
 
 /// out (N, OC) = inp (N, C) · weight (OC, C)ᵀ + bias (OC).
-pub fn matmul_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, n: usize, c: usize, oc: usize) {
+pub fn matmul_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
     assert_eq!(out.len(), n * oc);
     assert_eq!(inp.len(), n * c);
     assert_eq!(weight.len(), oc * c);
     if let Some(bias) = bias {
         assert_eq!(bias.len(), oc);
-        out.par_chunks_mut(oc).for_each(|row| row.copy_from_slice(bias));
+        out.par_chunks_mut(oc)
+            .for_each(|row| row.copy_from_slice(bias));
     }
     gemm(
         out,
@@ -168,7 +202,9 @@ pub fn matmul_backward(
 pub fn column_sums_into(acc: &mut [f32], x: &[f32], cols: usize) {
     assert_eq!(acc.len(), cols);
     let rows = x.len() / cols.max(1);
-    let chunk_rows = rows.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+    let chunk_rows = rows
+        .div_ceil(rayon::current_num_threads().max(1) * 4)
+        .max(1);
     let partial = x
         .par_chunks(chunk_rows * cols)
         .map(|chunk| {
@@ -197,7 +233,9 @@ mod tests {
         let mut c = vec![0.0; n * m];
         for i in 0..n {
             for j in 0..m {
-                c[i * m + j] = (0..k).map(|p| a[i * k + p] as f64 * b[p * m + j] as f64).sum::<f64>() as f32;
+                c[i * m + j] = (0..k)
+                    .map(|p| a[i * k + p] as f64 * b[p * m + j] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         c
@@ -221,7 +259,17 @@ mod tests {
         let mut dinp = vec![1.0; n * c];
         let mut dw = vec![0.0; oc * c];
         let mut db = vec![0.5; oc];
-        matmul_backward(Some(&mut dinp), &mut dw, Some(&mut db), &dout, &inp, &w, n, c, oc);
+        matmul_backward(
+            Some(&mut dinp),
+            &mut dw,
+            Some(&mut db),
+            &dout,
+            &inp,
+            &w,
+            n,
+            c,
+            oc,
+        );
         let want_dinp = naive(&dout, &w, n, oc, c);
         let doutt: Vec<f32> = (0..n * oc).map(|i| dout[(i % n) * oc + i / n]).collect();
         let want_dw = naive(&doutt, &inp, oc, n, c);

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod crossentropy;
 pub mod elementwise;
 pub mod encoder;
+pub mod fastmath;
 pub mod layernorm;
 pub mod matmul;
 

@@ -7,8 +7,8 @@ use super::{split, split_mut, Gpt2Shape};
 use crate::backend::cpu::{self, matmul};
 use crate::model::{Batch, HeadGrads};
 
-/// Elements of logits held at once: about 64 MiB of f32.
-const LOGITS_CHUNK_ELEMS: usize = 16 << 20;
+/// Elements of logits held at once: about 128 MiB of f32.
+const LOGITS_CHUNK_ELEMS: usize = 32 << 20;
 
 pub(super) struct HeadWorkspace {
     lnf: Vec<f32>,      // (B, T, C)
@@ -38,11 +38,26 @@ impl HeadWorkspace {
     fn layernorm(&mut self, s: &Gpt2Shape, params: &[&[f32]], input: &[f32]) {
         let c = s.n_embd;
         let lnf = split(params[0], &[c, c]);
-        cpu::layernorm_forward(&mut self.lnf, &mut self.lnf_mean, &mut self.lnf_rstd, input, lnf[0], lnf[1], c);
+        cpu::layernorm_forward(
+            &mut self.lnf,
+            &mut self.lnf_mean,
+            &mut self.lnf_rstd,
+            input,
+            lnf[0],
+            lnf[1],
+            c,
+        );
     }
 
     /// Mean loss over the batch; with `grads`, accumulates ∂L/∂(ln_f, wte) and writes ∂L/∂input.
-    pub(super) fn run(&mut self, s: &Gpt2Shape, params: &[&[f32]], batch: &Batch, input: &[f32], grads: Option<HeadGrads>) -> f32 {
+    pub(super) fn run(
+        &mut self,
+        s: &Gpt2Shape,
+        params: &[&[f32]],
+        batch: &Batch,
+        input: &[f32],
+        grads: Option<HeadGrads>,
+    ) -> f32 {
         let (c, v) = (s.n_embd, s.vocab_size);
         let bt = batch.tokens();
         self.layernorm(s, params, input);
@@ -55,7 +70,13 @@ impl HeadWorkspace {
             let logits = &mut self.logits[..rows * v];
             let lnf = &self.lnf[r0 * c..r1 * c];
             cpu::matmul_forward(logits, lnf, wte, None, rows, c, v);
-            cpu::softmax_crossentropy(logits, &batch.targets[r0..r1], &mut self.losses[r0..r1], dloss_token, v);
+            cpu::softmax_crossentropy(
+                logits,
+                &batch.targets[r0..r1],
+                &mut self.losses[r0..r1],
+                dloss_token,
+                v,
+            );
             if let Some(g) = grads.as_mut() {
                 // dlnf = dlogits · wte ; dwte += dlogitsᵀ · lnf
                 let dlnf = &mut self.dlnf[r0 * c..r1 * c];
@@ -105,7 +126,14 @@ impl HeadWorkspace {
     }
 
     /// Full logits (B·T, V), for tests and evaluation.
-    pub(super) fn logits(&mut self, s: &Gpt2Shape, params: &[&[f32]], input: &[f32], b: usize, t: usize) -> Vec<f32> {
+    pub(super) fn logits(
+        &mut self,
+        s: &Gpt2Shape,
+        params: &[&[f32]],
+        input: &[f32],
+        b: usize,
+        t: usize,
+    ) -> Vec<f32> {
         let (c, v) = (s.n_embd, s.vocab_size);
         self.layernorm(s, params, input);
         let mut out = vec![0.0; b * t * v];

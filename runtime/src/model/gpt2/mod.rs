@@ -40,8 +40,20 @@ impl Gpt2Shape {
     }
 }
 
-fn tensor(name: String, shape: &[usize], decay: bool, init: Init, stored_transposed: bool) -> TensorSpec {
-    TensorSpec { name, shape: shape.to_vec(), decay, init, stored_transposed }
+fn tensor(
+    name: String,
+    shape: &[usize],
+    decay: bool,
+    init: Init,
+    stored_transposed: bool,
+) -> TensorSpec {
+    TensorSpec {
+        name,
+        shape: shape.to_vec(),
+        decay,
+        init,
+        stored_transposed,
+    }
 }
 
 /// Units with Hugging Face tensor names; matmul weights in `nn.Linear` layout `(out, in)`, stored transposed
@@ -53,8 +65,20 @@ fn build_units(s: &Gpt2Shape) -> Vec<UnitSpec> {
     let mut units = vec![UnitSpec {
         name: "embed".into(),
         tensors: vec![
-            tensor("transformer.wte.weight".into(), &[v, c], true, Init::Normal { std }, false),
-            tensor("transformer.wpe.weight".into(), &[s.max_seq_len, c], true, Init::Normal { std }, false),
+            tensor(
+                "transformer.wte.weight".into(),
+                &[v, c],
+                true,
+                Init::Normal { std },
+                false,
+            ),
+            tensor(
+                "transformer.wpe.weight".into(),
+                &[s.max_seq_len, c],
+                true,
+                Init::Normal { std },
+                false,
+            ),
         ],
     }];
     for i in 0..l {
@@ -64,15 +88,39 @@ fn build_units(s: &Gpt2Shape) -> Vec<UnitSpec> {
             tensors: vec![
                 tensor(p("ln_1.weight"), &[c], false, Init::Ones, false),
                 tensor(p("ln_1.bias"), &[c], false, Init::Zeros, false),
-                tensor(p("attn.c_attn.weight"), &[3 * c, c], true, Init::Normal { std }, true),
+                tensor(
+                    p("attn.c_attn.weight"),
+                    &[3 * c, c],
+                    true,
+                    Init::Normal { std },
+                    true,
+                ),
                 tensor(p("attn.c_attn.bias"), &[3 * c], false, Init::Zeros, false),
-                tensor(p("attn.c_proj.weight"), &[c, c], true, Init::Normal { std: proj_std }, true),
+                tensor(
+                    p("attn.c_proj.weight"),
+                    &[c, c],
+                    true,
+                    Init::Normal { std: proj_std },
+                    true,
+                ),
                 tensor(p("attn.c_proj.bias"), &[c], false, Init::Zeros, false),
                 tensor(p("ln_2.weight"), &[c], false, Init::Ones, false),
                 tensor(p("ln_2.bias"), &[c], false, Init::Zeros, false),
-                tensor(p("mlp.c_fc.weight"), &[4 * c, c], true, Init::Normal { std }, true),
+                tensor(
+                    p("mlp.c_fc.weight"),
+                    &[4 * c, c],
+                    true,
+                    Init::Normal { std },
+                    true,
+                ),
                 tensor(p("mlp.c_fc.bias"), &[4 * c], false, Init::Zeros, false),
-                tensor(p("mlp.c_proj.weight"), &[c, 4 * c], true, Init::Normal { std: proj_std }, true),
+                tensor(
+                    p("mlp.c_proj.weight"),
+                    &[c, 4 * c],
+                    true,
+                    Init::Normal { std: proj_std },
+                    true,
+                ),
                 tensor(p("mlp.c_proj.bias"), &[c], false, Init::Zeros, false),
             ],
         });
@@ -80,8 +128,20 @@ fn build_units(s: &Gpt2Shape) -> Vec<UnitSpec> {
     units.push(UnitSpec {
         name: "ln_f".into(),
         tensors: vec![
-            tensor("transformer.ln_f.weight".into(), &[c], false, Init::Ones, false),
-            tensor("transformer.ln_f.bias".into(), &[c], false, Init::Zeros, false),
+            tensor(
+                "transformer.ln_f.weight".into(),
+                &[c],
+                false,
+                Init::Ones,
+                false,
+            ),
+            tensor(
+                "transformer.ln_f.bias".into(),
+                &[c],
+                false,
+                Init::Zeros,
+                false,
+            ),
         ],
     });
     units
@@ -128,9 +188,18 @@ impl Gpt2 {
     pub fn new(shape: Gpt2Shape) -> Gpt2 {
         let units = build_units(&shape);
         let l = shape.n_layer;
-        let mut stages = vec![StageSpec { name: "embed".into(), units: vec![0] }];
-        stages.extend((0..l).map(|i| StageSpec { name: format!("h.{i}"), units: vec![1 + i] }));
-        stages.push(StageSpec { name: "head".into(), units: vec![l + 1, 0] });
+        let mut stages = vec![StageSpec {
+            name: "embed".into(),
+            units: vec![0],
+        }];
+        stages.extend((0..l).map(|i| StageSpec {
+            name: format!("h.{i}"),
+            units: vec![1 + i],
+        }));
+        stages.push(StageSpec {
+            name: "head".into(),
+            units: vec![l + 1, 0],
+        });
         Gpt2 {
             shape,
             units,
@@ -173,31 +242,62 @@ impl Model for Gpt2 {
     }
 
     fn prepare(&mut self, b: usize, t: usize, checkpointing: bool) {
-        assert!(t <= self.shape.max_seq_len, "sequence length {t} exceeds the model's {}", self.shape.max_seq_len);
+        assert!(
+            t <= self.shape.max_seq_len,
+            "sequence length {t} exceeds the model's {}",
+            self.shape.max_seq_len
+        );
         self.batch_shape = (b, t);
         self.checkpointing = checkpointing;
         let count = if checkpointing { 1 } else { self.shape.n_layer };
-        self.blocks = (0..count).map(|_| BlockWorkspace::new(&self.shape, b, t)).collect();
+        self.blocks = (0..count)
+            .map(|_| BlockWorkspace::new(&self.shape, b, t))
+            .collect();
         self.scratch = Some(BlockScratch::new(&self.shape, b, t));
         self.head = Some(HeadWorkspace::new(&self.shape, b, t));
     }
 
-    fn forward(&mut self, stage: usize, params: &[&[f32]], batch: &Batch, input: &[f32], output: &mut [f32]) {
-        assert_eq!((batch.b, batch.t), self.batch_shape, "micro-batch shape differs from prepare()");
+    fn forward(
+        &mut self,
+        stage: usize,
+        params: &[&[f32]],
+        batch: &Batch,
+        input: &[f32],
+        output: &mut [f32],
+    ) {
+        assert_eq!(
+            (batch.b, batch.t),
+            self.batch_shape,
+            "micro-batch shape differs from prepare()"
+        );
         let c = self.shape.n_embd;
         if stage == 0 {
-            let embed = split(params[0], &[self.shape.vocab_size * c, self.shape.max_seq_len * c]);
+            let embed = split(
+                params[0],
+                &[self.shape.vocab_size * c, self.shape.max_seq_len * c],
+            );
             cpu::encoder_forward(output, &batch.inputs, embed[0], embed[1], batch.t, c);
             return;
         }
         let shape = self.shape;
         let mut scratch = self.scratch.take().expect("prepare() first");
-        self.block_workspace(stage - 1).forward(&shape, &mut scratch, params[0], input, output);
+        self.block_workspace(stage - 1)
+            .forward(&shape, &mut scratch, params[0], input, output);
         self.scratch = Some(scratch);
     }
 
-    fn head(&mut self, params: &[&[f32]], batch: &Batch, input: &[f32], grads: Option<HeadGrads<'_, '_>>) -> f32 {
-        assert_eq!((batch.b, batch.t), self.batch_shape, "micro-batch shape differs from prepare()");
+    fn head(
+        &mut self,
+        params: &[&[f32]],
+        batch: &Batch,
+        input: &[f32],
+        grads: Option<HeadGrads<'_, '_>>,
+    ) -> f32 {
+        assert_eq!(
+            (batch.b, batch.t),
+            self.batch_shape,
+            "micro-batch shape differs from prepare()"
+        );
         let ws = self.head.as_mut().expect("prepare() first");
         ws.run(&self.shape, params, batch, input, grads)
     }
@@ -214,7 +314,10 @@ impl Model for Gpt2 {
     ) {
         let c = self.shape.n_embd;
         if stage == 0 {
-            let g = split_mut(grads[0], &[self.shape.vocab_size * c, self.shape.max_seq_len * c]);
+            let g = split_mut(
+                grads[0],
+                &[self.shape.vocab_size * c, self.shape.max_seq_len * c],
+            );
             let [dwte, dwpe]: [&mut [f32]; 2] = g.try_into().expect("two embedding tensors");
             cpu::encoder_backward(dwte, dwpe, dout, &batch.inputs, batch.t, c);
             return;
@@ -228,7 +331,15 @@ impl Model for Gpt2 {
             ws.forward(&shape, &mut scratch, params[0], input, &mut output);
             scratch.recompute_out = output;
         }
-        ws.backward(&shape, &mut scratch, params[0], grads[0], input, dout, dinput);
+        ws.backward(
+            &shape,
+            &mut scratch,
+            params[0],
+            grads[0],
+            input,
+            dout,
+            dinput,
+        );
         self.scratch = Some(scratch);
     }
 
