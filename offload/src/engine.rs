@@ -82,7 +82,9 @@ impl IoEngine {
                 Err(e) => {
                     warn_once(
                         "io_uring",
-                        &format!("io_uring unavailable ({e}); using a pread/pwrite thread pool"),
+                        &format!(
+                            "io_uring unavailable (io_uring_setup: {e}; seccomp/container policy, kernel.io_uring_disabled or an old kernel?); using a pread/pwrite thread pool"
+                        ),
                     );
                     Ok(Self::threads(files, cfg))
                 }

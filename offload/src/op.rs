@@ -22,6 +22,8 @@ struct OpInner {
     buf: Option<HostBuf>,
     error: Option<OffloadError>,
     done: bool,
+    /// False once the IoHandle is dropped: the buffer then goes back to its pool at completion.
+    handle_alive: bool,
 }
 
 /// Completion state shared by an operation's blocks and its handle.
@@ -45,6 +47,7 @@ impl OpState {
                 buf: Some(buf),
                 error: None,
                 done: blocks == 0,
+                handle_alive: true,
             }),
             done_cv: Condvar::new(),
         })
@@ -64,8 +67,18 @@ impl OpState {
             }
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.lock().done = true;
+            let orphan = {
+                let mut inner = self.lock();
+                inner.done = true;
+                if inner.handle_alive {
+                    None
+                } else {
+                    inner.buf.take()
+                }
+            };
             self.done_cv.notify_all();
+            // Nobody will wait for this buffer: return it to the pool now, outside the lock.
+            drop(orphan);
         }
     }
 
@@ -276,6 +289,23 @@ impl IoHandle {
             .filter(|(_, h)| h.is_done())
             .map(|(i, _)| i)
             .collect()
+    }
+}
+
+impl Drop for IoHandle {
+    /// The operation keeps running; its buffer returns to the pool when the last block completes
+    /// (at once, if it already has). Memory the kernel may still write is never freed here.
+    fn drop(&mut self) {
+        let orphan = {
+            let mut inner = self.op.lock();
+            inner.handle_alive = false;
+            if inner.done {
+                inner.buf.take()
+            } else {
+                None
+            }
+        };
+        drop(orphan);
     }
 }
 

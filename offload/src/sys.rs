@@ -13,8 +13,12 @@ pub(crate) fn warn_once(reason: &'static str, message: &str) {
         Err(_) => true,
     };
     if first {
-        tracing::warn!("{message}");
-        eprintln!("strata-offload warning: {message}");
+        // One line: through tracing when the program set up a subscriber, else on stderr.
+        if tracing::dispatcher::has_been_set() {
+            tracing::warn!("{message}");
+        } else {
+            eprintln!("strata-offload warning: {message}");
+        }
     }
 }
 

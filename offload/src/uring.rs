@@ -125,6 +125,7 @@ pub(crate) fn ring_loop(
     let mut slots: Vec<Option<Block>> = (0..queue_depth).map(|_| None).collect();
     let mut free_slots: Vec<usize> = (0..queue_depth).rev().collect();
     let mut open = true;
+    let mut completions: Vec<(u64, i32)> = Vec::with_capacity(queue_depth);
     loop {
         let in_flight = queue_depth - free_slots.len();
         if open {
@@ -183,11 +184,9 @@ pub(crate) fn ring_loop(
                 }
             }
         }
-        let completions: Vec<(u64, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (user_data, res) in completions {
+        completions.clear();
+        completions.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(user_data, res) in &completions {
             let slot = user_data as usize;
             let Some(mut block) = slots.get_mut(slot).and_then(Option::take) else {
                 continue;

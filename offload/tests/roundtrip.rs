@@ -221,7 +221,25 @@ fn dropped_handles_keep_buffers_until_io_completes() {
         let mut h = store.read(&key, pool.alloc(data.len()).unwrap()).unwrap();
         assert!(h.wait(WAIT).unwrap().as_slice() == data.as_slice(), "{key}");
     }
-    // Dropping reads in flight, then the store: it drains before freeing anything.
+    // The written buffers went back to the pool as their writes completed, handles or not.
+    assert_eq!(pool.bytes_free(), pool.bytes_total());
+    // Dropped read handles: buffers come back once the reads complete, without any wait call.
+    for i in 0..8 {
+        drop(
+            store
+                .read(&format!("k{i}"), pool.alloc(data.len()).unwrap())
+                .unwrap(),
+        );
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while pool.bytes_free() != pool.bytes_total() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "buffers of dropped handles never came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // Dropping the store with reads in flight drains them before anything is freed.
     for i in 0..8 {
         drop(
             store
