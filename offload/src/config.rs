@@ -133,3 +133,56 @@ impl AioConfig {
 pub(crate) fn align_up(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_name_their_key() {
+        let d = AioConfig::default();
+        assert!(d.validate().is_ok());
+        assert_eq!((d.block_size, d.queue_depth, d.rings), (1 << 20, 32, 1));
+        let bad = [
+            (
+                AioConfig {
+                    block_size: 1000,
+                    ..AioConfig::default()
+                },
+                "aio.block_size",
+            ),
+            (
+                AioConfig {
+                    queue_depth: 0,
+                    ..AioConfig::default()
+                },
+                "aio.queue_depth",
+            ),
+            (
+                AioConfig {
+                    rings: 0,
+                    ..AioConfig::default()
+                },
+                "aio.rings",
+            ),
+            (
+                AioConfig {
+                    file_name: "a/b".into(),
+                    ..AioConfig::default()
+                },
+                "aio.file_name",
+            ),
+            (
+                AioConfig {
+                    file_bytes_max: 4096,
+                    ..AioConfig::default()
+                },
+                "aio.file_bytes_max",
+            ),
+        ];
+        for (cfg, key) in bad {
+            let msg = cfg.validate().unwrap_err().to_string();
+            assert!(msg.contains(key), "{msg}");
+        }
+    }
+}

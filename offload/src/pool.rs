@@ -214,17 +214,16 @@ impl HostPool {
         if cfg.check_budget {
             sys::check_host_budget(align_up(cfg.bytes_total) as u64, cfg.mlock)?;
         }
-        let mut slabs = Vec::with_capacity(slabs_n);
+        let mut slabs: Vec<Slab> = Vec::with_capacity(slabs_n);
         let mut free = Vec::with_capacity(slabs_n);
         let mut left = align_up(cfg.bytes_total);
         while left > 0 {
             let len = left.min(slab_max);
-            // On failure, earlier slabs are unmapped by PoolInner's Drop below (via `partial`).
+            // On failure, the slabs mapped so far are unmapped here (no PoolInner owns them yet).
             let ptr = match map_slab(len, cfg.mlock) {
                 Ok(p) => p,
                 Err(e) => {
                     for s in &slabs {
-                        let s: &Slab = s;
                         // SAFETY: unmapping slabs mapped above that no buffer refers to yet.
                         unsafe { libc::munmap(s.ptr.as_ptr().cast(), s.len) };
                     }
@@ -324,12 +323,8 @@ impl HostPool {
         loop {
             if let Some((slab, offset)) = first_fit(&mut st, cap) {
                 st.bytes_free -= cap;
-                let base = self.inner.slabs[slab].ptr.as_ptr();
                 // SAFETY: offset + cap <= slab length (first_fit only returns runs inside the slab).
-                let ptr = unsafe { base.add(offset) };
-                let Some(ptr) = NonNull::new(ptr) else {
-                    continue;
-                };
+                let ptr = unsafe { self.inner.slabs[slab].ptr.add(offset) };
                 return Ok(HostBuf {
                     ptr,
                     len,

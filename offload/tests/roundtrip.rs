@@ -296,3 +296,31 @@ fn buffered_io_round_trips_with_uring() {
     let data = random_bytes(5, 3 * 65536 + 1);
     assert!(write_then_read(&store, &pool, "k", &data) == data);
 }
+
+#[test]
+fn wait_timeout_keeps_the_handle_usable() {
+    let root = tempdir();
+    let pool = pool(8 << 20);
+    let store = SwapStore::open_with_pool(&dirs(&root, 1), small_cfg(), &pool).unwrap();
+    let data = random_bytes(3, 4 << 20);
+    let mut buf = pool.alloc(data.len()).unwrap();
+    buf.as_mut_slice().copy_from_slice(&data);
+    let mut h = store.write("big", buf).unwrap();
+    // A 4 MiB O_DIRECT write takes far longer than no time at all.
+    match h.wait(std::time::Duration::ZERO) {
+        Err(strata_offload::OffloadError::Timeout { what, .. }) => {
+            assert!(what.contains("big"), "{what}")
+        }
+        Ok(_) => eprintln!("note: the write finished before a zero-length wait"),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+    if !h.is_done() || pool.bytes_free() != pool.bytes_total() {
+        h.wait(WAIT).unwrap();
+    }
+    let back = store
+        .read("big", pool.alloc(data.len()).unwrap())
+        .unwrap()
+        .wait(WAIT)
+        .unwrap();
+    assert!(back.as_slice() == data.as_slice());
+}
