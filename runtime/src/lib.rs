@@ -7,13 +7,15 @@
 pub mod backend;
 pub mod config;
 pub mod data;
+pub mod doctor;
 pub mod engine;
 pub mod model;
 pub mod optim;
 pub mod rng;
+pub mod selftest;
 pub mod train;
 pub mod weights;
 
 pub use config::Config;
-pub use engine::{Engine, EngineError, StepStats};
+pub use engine::{Engine, EngineError, StepStats, Trainer};
 pub use model::{Batch, Model};

@@ -44,6 +44,13 @@ enum Command {
     },
     /// Start local ranks with the rendezvous variables set (torchrun-style).
     Launch(strata_collectives::launch::LaunchArgs),
+    /// Say what strata finds on this machine (GPUs, CUDA libraries, io_uring, O_DIRECT, memlock) and what to fix.
+    Doctor {
+        /// Offload/NVMe paths to check for O_DIRECT and free space.
+        paths: Vec<PathBuf>,
+    },
+    /// Check the backends against their references; --gpu runs the GPU checks.
+    Selftest(strata::selftest::SelftestArgs),
 }
 
 fn main() -> ExitCode {
@@ -103,5 +110,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Launch(args) => {
             strata_collectives::launch::run(args).map_err(|e| anyhow::anyhow!("{e}"))
         }
+        Command::Doctor { paths } => {
+            let report = strata::doctor::collect(&paths);
+            println!("{report}");
+            Ok(if report.needs_fix() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Selftest(args) => strata::selftest::run(args),
     }
 }

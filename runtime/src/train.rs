@@ -1,8 +1,8 @@
 //! The training driver behind `strata train`: data, engine, logging, metrics file, export.
 
-use crate::config::Config;
+use crate::config::{Config, DeviceKind, Precision};
 use crate::data::{DataError, Loader};
-use crate::engine::{Engine, EngineError, StepStats};
+use crate::engine::{Engine, EngineError, StepStats, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
@@ -99,6 +99,34 @@ fn format_step(s: &StepStats, total: usize) -> String {
     )
 }
 
+/// The device `train.device` resolves to: `auto` takes the GPU when a CUDA driver reports one.
+pub fn resolve_device(device: DeviceKind) -> DeviceKind {
+    match device {
+        DeviceKind::Auto if crate::backend::cuda::gpu_available() => DeviceKind::Cuda,
+        DeviceKind::Auto => DeviceKind::Cpu,
+        other => other,
+    }
+}
+
+/// The trainer for the configured device: the CPU [`Engine`], or the GPU trainer.
+pub fn build_trainer(config: &Config) -> Result<Box<dyn Trainer>, EngineError> {
+    match resolve_device(config.train.device) {
+        DeviceKind::Cuda => Err(EngineError::Batch(
+            "GPU training is not built yet (the CUDA kernels exist; the GPU trainer does not): set train.device = \"cpu\""
+                .into(),
+        )),
+        _ => {
+            if !matches!(config.train.precision, Precision::Auto | Precision::Fp32) {
+                return Err(EngineError::Batch(format!(
+                    "train.precision = {:?} needs a GPU, and train.device resolved to the CPU",
+                    config.train.precision
+                )));
+            }
+            Ok(Box::new(Engine::from_config(config.clone())?))
+        }
+    }
+}
+
 /// Trains as `config` says and returns the summary.
 pub fn run(config: Config) -> Result<Summary, TrainError> {
     tracing::info!("effective config:\n{}", config.to_toml());
@@ -125,11 +153,11 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
     };
     let steps = config.train.steps;
     let log_every = config.train.log_every;
-    let mut engine = Engine::from_config(config.clone())?;
+    let mut engine = build_trainer(&config)?;
     tracing::info!(
-        "model: GPT-2, {} params in {} units; {} tokens per step",
+        "model: GPT-2, {} params on {:?}; {} tokens per step",
         engine.num_params(),
-        engine.units().len(),
+        resolve_device(config.train.device),
         d.micro_batch_size * m.seq_len * d.grad_accum_steps
     );
     let mut batches: Vec<_> = (0..d.grad_accum_steps)

@@ -148,6 +148,8 @@ impl Default for OptimConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
+    /// bf16 on a GPU, fp32 on the CPU.
+    Auto,
     Fp32,
     Bf16,
     Fp16,
@@ -185,7 +187,7 @@ impl Default for TrainConfig {
         TrainConfig {
             steps: 300,
             log_every: 25,
-            precision: Precision::Fp32,
+            precision: Precision::Auto,
             device: DeviceKind::Auto,
             activation_checkpointing: true,
             threads: 0,
@@ -305,22 +307,15 @@ impl Config {
         if !(o.grad_clip >= 0.0) {
             return Err(invalid("optim.grad_clip", "must be zero (off) or positive"));
         }
-        match self.train.device {
-            DeviceKind::Cuda => return Err(invalid(
-                "train.device",
-                "\"cuda\": the CUDA backend is not part of this build yet; use \"cpu\" or \"auto\"",
-            )),
-            DeviceKind::Auto | DeviceKind::Cpu => {
-                if self.train.precision != Precision::Fp32 {
-                    return Err(invalid(
-                        "train.precision",
-                        format!(
-                            "{:?}: the CPU backend computes in fp32 only; set train.precision = \"fp32\"",
-                            self.train.precision
-                        ),
-                    ));
-                }
-            }
+        let gpu_only = !matches!(self.train.precision, Precision::Auto | Precision::Fp32);
+        if self.train.device == DeviceKind::Cpu && gpu_only {
+            return Err(invalid(
+                "train.precision",
+                format!(
+                    "{:?}: the CPU backend computes in fp32 only; set train.precision = \"fp32\" or \"auto\"",
+                    self.train.precision
+                ),
+            ));
         }
         if self.data.train.trim().is_empty() {
             return Err(invalid(

@@ -11,9 +11,8 @@ pub use stats::StepStats;
 
 use crate::config::Config;
 use crate::model::gpt2::{Gpt2, Gpt2Shape};
-use crate::model::{Batch, HeadGrads, Init, Model, UnitSpec};
+use crate::model::{Batch, HeadGrads, Model, UnitSpec};
 use crate::optim::{adamw_update, clip_scale, lr_at, sum_of_squares, AdamWParams};
-use crate::rng::Rng;
 use crate::weights::{self, WeightsError};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -34,6 +33,34 @@ pub enum EngineError {
     Threads(String),
     #[error("{0}")]
     Batch(String),
+    #[error(transparent)]
+    Cuda(#[from] crate::backend::cuda::CudaError),
+}
+
+/// What `strata train` drives: the CPU [`Engine`], or the GPU trainer of the CUDA backend.
+pub trait Trainer {
+    /// One optimizer step over the micro-batches of gradient accumulation.
+    fn train_step(&mut self, batches: &[Batch]) -> Result<StepStats, EngineError>;
+    /// An empty micro-batch of the configured shape.
+    fn new_batch(&self) -> Batch;
+    fn num_params(&self) -> usize;
+    /// Writes the parameters as safetensors (Hugging Face names for GPT-2).
+    fn save_weights(&self, path: &Path) -> Result<(), EngineError>;
+}
+
+impl Trainer for Engine {
+    fn train_step(&mut self, batches: &[Batch]) -> Result<StepStats, EngineError> {
+        Engine::train_step(self, batches)
+    }
+    fn new_batch(&self) -> Batch {
+        Engine::new_batch(self)
+    }
+    fn num_params(&self) -> usize {
+        Engine::num_params(self)
+    }
+    fn save_weights(&self, path: &Path) -> Result<(), EngineError> {
+        Engine::save_weights(self, path)
+    }
 }
 
 /// All states of one unit: flat buffers laid out as its [`UnitSpec`].
@@ -48,19 +75,8 @@ pub struct UnitState {
 
 impl UnitState {
     fn new(spec: UnitSpec, seed: u64, unit_index: usize) -> UnitState {
-        let n = spec.numel();
-        let mut params = vec![0.0; n];
-        for (i, (t, range)) in spec.tensors.iter().zip(spec.ranges()).enumerate() {
-            let dst = &mut params[range];
-            match t.init {
-                Init::Zeros => dst.fill(0.0),
-                Init::Ones => dst.fill(1.0),
-                // One stream per tensor: the init does not depend on how units are later partitioned.
-                Init::Normal { std } => {
-                    Rng::derive(seed, unit_index as u64, i as u64).fill_normal(dst, std)
-                }
-            }
-        }
+        let params = spec.init_params(seed, unit_index);
+        let n = params.len();
         UnitState {
             spec,
             params,

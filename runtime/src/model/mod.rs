@@ -47,6 +47,23 @@ impl UnitSpec {
     pub fn numel(&self) -> usize {
         self.tensors.iter().map(TensorSpec::numel).sum()
     }
+    /// Initial parameters of the unit at `index`: one random stream per tensor drawn from `seed`, so the values
+    /// do not depend on how units are partitioned or on which device they live.
+    pub fn init_params(&self, seed: u64, index: usize) -> Vec<f32> {
+        let mut params = vec![0.0; self.numel()];
+        for (i, (t, range)) in self.tensors.iter().zip(self.ranges()).enumerate() {
+            let dst = &mut params[range];
+            match t.init {
+                Init::Zeros => dst.fill(0.0),
+                Init::Ones => dst.fill(1.0),
+                Init::Normal { std } => {
+                    crate::rng::Rng::derive(seed, index as u64, i as u64).fill_normal(dst, std)
+                }
+            }
+        }
+        params
+    }
+
     /// The range of each tensor inside the unit's flat buffer.
     pub fn ranges(&self) -> Vec<Range<usize>> {
         let mut offset = 0;
