@@ -280,7 +280,7 @@ impl Config {
             ));
         }
         let o = &self.optim;
-        if !(o.lr > 0.0 && o.lr.is_finite()) {
+        if !o.lr.is_finite() || o.lr <= 0.0 {
             return Err(invalid(
                 "optim.lr",
                 format!("{} must be a positive number", o.lr),
@@ -298,13 +298,13 @@ impl Config {
                 format!("{:?}: each must lie in [0, 1)", o.betas),
             ));
         }
-        if !(o.eps > 0.0) {
+        if !o.eps.is_finite() || o.eps <= 0.0 {
             return Err(invalid("optim.eps", "must be positive"));
         }
-        if !(o.weight_decay >= 0.0) {
+        if !o.weight_decay.is_finite() || o.weight_decay < 0.0 {
             return Err(invalid("optim.weight_decay", "must be zero or positive"));
         }
-        if !(o.grad_clip >= 0.0) {
+        if !o.grad_clip.is_finite() || o.grad_clip < 0.0 {
             return Err(invalid("optim.grad_clip", "must be zero (off) or positive"));
         }
         let gpu_only = !matches!(self.train.precision, Precision::Auto | Precision::Fp32);
