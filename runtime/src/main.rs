@@ -33,6 +33,9 @@ enum Command {
         /// Print the effective config and exit.
         #[arg(long)]
         print_config: bool,
+        /// Data-parallel ranks on this machine: a shortcut for `strata launch --nproc-per-node N -- strata train …`.
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Tokenize a text file into the llm.c token format.
     Prepare {
@@ -78,6 +81,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             set,
             steps,
             print_config,
+            nproc: Some(n),
+        } if n > 1 && std::env::var_os("WORLD_SIZE").is_none() => {
+            relaunch(n, config, set, steps, print_config)
+        }
+        Command::Train {
+            config,
+            set,
+            steps,
+            print_config,
+            nproc: _,
         } => {
             let mut overrides = set;
             if let Some(n) = steps {
@@ -89,7 +102,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let summary = strata::train::run(config)?;
-            println!("{summary}");
+            if summary.rank == 0 {
+                println!("{summary}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Prepare {
@@ -121,4 +136,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Selftest(args) => strata::selftest::run(args),
     }
+}
+
+/// `strata train --nproc N …`: runs `strata launch --nproc-per-node N -- <this binary> train …`.
+fn relaunch(
+    nproc: usize,
+    config: Option<PathBuf>,
+    set: Vec<String>,
+    steps: Option<usize>,
+    print_config: bool,
+) -> anyhow::Result<ExitCode> {
+    // Check the config once here rather than N times in the ranks.
+    Config::load(config.as_deref(), &set)?;
+    let exe = std::env::current_exe().context("locating the strata binary to relaunch")?;
+    let mut command = vec![exe.display().to_string(), "train".to_string()];
+    command.extend(config.map(|c| c.display().to_string()));
+    for s in set {
+        command.push("--set".into());
+        command.push(s);
+    }
+    if let Some(n) = steps {
+        command.push(format!("--steps={n}"));
+    }
+    if print_config {
+        command.push("--print-config".into());
+    }
+    let args = strata_collectives::launch::LaunchArgs {
+        nproc_per_node: nproc,
+        nnodes: 1,
+        node_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: None,
+        grace_s: 5.0,
+        command,
+    };
+    strata_collectives::launch::run(args).map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -34,6 +34,8 @@ pub struct Summary {
     /// Mean over steps after the first (which includes warm-up effects).
     pub tokens_per_s: f64,
     pub tflops: f64,
+    /// The data-parallel rank that wrote this summary (only rank 0 prints it).
+    pub rank: usize,
 }
 
 impl std::fmt::Display for Summary {
@@ -49,11 +51,13 @@ impl std::fmt::Display for Summary {
 /// Where log lines go: through the progress bar on a terminal, through `tracing` elsewhere.
 struct Reporter {
     bar: Option<ProgressBar>,
+    /// Only rank 0 reports.
+    enabled: bool,
 }
 
 impl Reporter {
-    fn new(steps: usize) -> Reporter {
-        let bar = std::io::stderr().is_terminal().then(|| {
+    fn new(steps: usize, enabled: bool) -> Reporter {
+        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(steps as u64);
             if let Ok(style) = ProgressStyle::with_template(
                 "{bar:40} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta}]",
@@ -62,13 +66,14 @@ impl Reporter {
             }
             bar
         });
-        Reporter { bar }
+        Reporter { bar, enabled }
     }
 
     fn line(&self, text: String) {
         match &self.bar {
             Some(bar) => bar.println(text),
-            None => tracing::info!("{text}"),
+            None if self.enabled => tracing::info!("{text}"),
+            None => {}
         }
     }
 
@@ -111,10 +116,8 @@ pub fn resolve_device(device: DeviceKind) -> DeviceKind {
 /// The trainer for the configured device: the CPU [`Engine`], or the GPU trainer.
 pub fn build_trainer(config: &Config) -> Result<Box<dyn Trainer>, EngineError> {
     match resolve_device(config.train.device) {
-        DeviceKind::Cuda => Err(EngineError::Batch(
-            "GPU training is not built yet (the CUDA kernels exist; the GPU trainer does not): set train.device = \"cpu\""
-                .into(),
-        )),
+        // precision = "auto" is bf16 on the GPU (backend::cuda::trainer::gpu_precision).
+        DeviceKind::Cuda => Ok(Box::new(crate::backend::cuda::GpuGpt2Trainer::new(config)?)),
         _ => {
             if !matches!(config.train.precision, Precision::Auto | Precision::Fp32) {
                 return Err(EngineError::Batch(format!(
@@ -129,10 +132,13 @@ pub fn build_trainer(config: &Config) -> Result<Box<dyn Trainer>, EngineError> {
 
 /// Trains as `config` says and returns the summary.
 pub fn run(config: Config) -> Result<Summary, TrainError> {
-    tracing::info!("effective config:\n{}", config.to_toml());
+    let mut engine = build_trainer(&config)?;
+    // Rank 0 speaks for the group: it logs, writes metrics and exports; every rank trains.
+    let (rank, world) = (engine.rank(), engine.world_size());
+    let lead = rank == 0;
     let d = &config.data;
     let m = &config.model;
-    let mut loader = Loader::new(
+    let loader = Loader::new(
         &d.train,
         m.vocab_size,
         d.micro_batch_size,
@@ -140,30 +146,33 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
         d.seed,
         d.shuffle,
     )?;
-    tracing::info!("data: {} ({} tokens)", loader.origin(), loader.num_tokens());
-    let mut metrics = match &config.train.metrics_file {
-        Some(path) => Some((
+    let mut loader = loader.shard(rank, world);
+    let mut metrics = match (&config.train.metrics_file, lead) {
+        (Some(path), true) => Some((
             path.clone(),
             BufWriter::new(File::create(path).map_err(|source| TrainError::Metrics {
                 path: path.clone(),
                 source,
             })?),
         )),
-        None => None,
+        _ => None,
     };
+    if lead {
+        tracing::info!("effective config:\n{}", config.to_toml());
+        tracing::info!("data: {} ({} tokens)", loader.origin(), loader.num_tokens());
+        tracing::info!(
+            "model: GPT-2, {} params on {:?}, {world} rank(s); {} tokens per step",
+            engine.num_params(),
+            resolve_device(config.train.device),
+            d.micro_batch_size * m.seq_len * d.grad_accum_steps * world
+        );
+    }
     let steps = config.train.steps;
     let log_every = config.train.log_every;
-    let mut engine = build_trainer(&config)?;
-    tracing::info!(
-        "model: GPT-2, {} params on {:?}; {} tokens per step",
-        engine.num_params(),
-        resolve_device(config.train.device),
-        d.micro_batch_size * m.seq_len * d.grad_accum_steps
-    );
     let mut batches: Vec<_> = (0..d.grad_accum_steps)
         .map(|_| engine.new_batch())
         .collect();
-    let reporter = Reporter::new(steps);
+    let reporter = Reporter::new(if lead { steps } else { 0 }, lead);
     let mut history = Vec::with_capacity(steps);
     for step in 0..steps {
         batches.iter_mut().for_each(|b| loader.fill(b));
@@ -184,14 +193,14 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
         history.push(stats);
     }
     reporter.finish();
-    if let Some(path) = &config.train.export_to {
+    if let (Some(path), true) = (&config.train.export_to, lead) {
         engine.save_weights(path)?;
         tracing::info!("weights written to {}", path.display());
     }
-    Ok(summarize(&history, engine.num_params()))
+    Ok(summarize(&history, engine.num_params(), rank))
 }
 
-fn summarize(history: &[StepStats], params: usize) -> Summary {
+fn summarize(history: &[StepStats], params: usize, rank: usize) -> Summary {
     let tail = &history[history.len().saturating_sub(10)..];
     let timed = if history.len() > 1 {
         &history[1..]
@@ -210,5 +219,6 @@ fn summarize(history: &[StepStats], params: usize) -> Summary {
         seconds: history.iter().map(|s| s.step_ms / 1e3).sum(),
         tokens_per_s: tokens_timed as f64 / seconds_timed.max(1e-9),
         tflops: flops_timed / seconds_timed.max(1e-9),
+        rank,
     }
 }

@@ -48,6 +48,29 @@ pub struct Config {
     pub data: DataConfig,
     pub optim: OptimConfig,
     pub train: TrainConfig,
+    pub dist: DistConfig,
+}
+
+/// `[dist]`: how ranks started by `strata launch` (or torchrun, srun, mpirun) talk to each other.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// `auto` (shm when all ranks share a host, else tcp; nccl on GPUs), `shm`, `tcp`, `nccl`.
+    pub backend: strata_collectives::Backend,
+    /// Bound on every wait for a peer; a rank that does not answer in time is named in the error.
+    pub timeout_s: u64,
+    /// Per-rank staging slot of the shm backend.
+    pub shm_slot_bytes: ByteSize,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig {
+            backend: strata_collectives::Backend::Auto,
+            timeout_s: 300,
+            shm_slot_bytes: ByteSize::mib(4),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,6 +339,9 @@ impl Config {
                     self.train.precision
                 ),
             ));
+        }
+        if self.dist.timeout_s == 0 {
+            return Err(invalid("dist.timeout_s", "must be at least 1 (seconds)"));
         }
         if self.data.train.trim().is_empty() {
             return Err(invalid(

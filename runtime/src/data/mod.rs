@@ -58,6 +58,8 @@ pub struct Loader {
     shuffle: bool,
     /// Index j of the next micro-batch.
     next: u64,
+    /// How far j advances per micro-batch: the number of data-parallel ranks.
+    stride: u64,
 }
 
 impl Loader {
@@ -130,7 +132,18 @@ impl Loader {
             seed,
             shuffle,
             next: 0,
+            stride: 1,
         })
+    }
+
+    /// Data parallelism: this rank reads micro-batches j ≡ rank (mod world), so the ranks together read the
+    /// sequence a single rank would, and each step's micro-batches are those of one rank with
+    /// `world` times the gradient accumulation.
+    pub fn shard(mut self, rank: usize, world: usize) -> Loader {
+        assert!(rank < world);
+        self.next = rank as u64;
+        self.stride = world as u64;
+        self
     }
 
     pub fn origin(&self) -> &str {
@@ -160,7 +173,7 @@ impl Loader {
                 && batch.targets.len() == b * t
         );
         let j = self.next;
-        self.next += 1;
+        self.next += self.stride;
         let n = self.tokens.len();
         let epoch_batches = ((n - 1) / (b * t)) as u64;
         for row in 0..b {

@@ -9,7 +9,7 @@ mod stats;
 
 pub use stats::StepStats;
 
-use crate::config::Config;
+use crate::config::{Config, DistConfig};
 use crate::model::gpt2::{Gpt2, Gpt2Shape};
 use crate::model::{Batch, HeadGrads, Model, UnitSpec};
 use crate::optim::{adamw_update, clip_scale, lr_at, sum_of_squares, AdamWParams};
@@ -17,7 +17,9 @@ use crate::weights::{self, WeightsError};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 use std::time::Instant;
+use strata_collectives::{CommError, Communicator};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -35,6 +37,8 @@ pub enum EngineError {
     Batch(String),
     #[error(transparent)]
     Cuda(#[from] crate::backend::cuda::CudaError),
+    #[error(transparent)]
+    Comm(#[from] CommError),
 }
 
 /// What `strata train` drives: the CPU [`Engine`], or the GPU trainer of the CUDA backend.
@@ -46,6 +50,13 @@ pub trait Trainer {
     fn num_params(&self) -> usize;
     /// Writes the parameters as safetensors (Hugging Face names for GPT-2).
     fn save_weights(&self, path: &Path) -> Result<(), EngineError>;
+    /// This process's data-parallel rank and the number of ranks.
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
 }
 
 impl Trainer for Engine {
@@ -61,6 +72,27 @@ impl Trainer for Engine {
     fn save_weights(&self, path: &Path) -> Result<(), EngineError> {
         Engine::save_weights(self, path)
     }
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+}
+
+/// The communicator for this process: from the launcher's variables when it was started by `strata launch`,
+/// torchrun, srun or mpirun; a world of one otherwise.
+pub fn connect(dist: &DistConfig, gpu: bool) -> Result<Box<dyn Communicator>, CommError> {
+    const LAUNCHER_VARS: [&str; 4] = ["WORLD_SIZE", "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"];
+    if !LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
+        return strata_collectives::single();
+    }
+    strata_collectives::init_from_env(&strata_collectives::DistConfig {
+        backend: dist.backend,
+        timeout: Duration::from_secs(dist.timeout_s),
+        gpu,
+        shm_slot_bytes: dist.shm_slot_bytes.bytes() as usize,
+    })
 }
 
 /// All states of one unit: flat buffers laid out as its [`UnitSpec`].
@@ -99,6 +131,8 @@ pub struct Engine {
     step: usize,
     /// Compute threads (`train.threads`); every kernel runs inside it.
     pool: Arc<rayon::ThreadPool>,
+    /// Data-parallel group: gradients are averaged over it before the optimizer step.
+    comm: Box<dyn Communicator>,
 }
 
 impl Engine {
@@ -147,6 +181,7 @@ impl Engine {
             })
             .collect();
         let dacts = [vec![0.0; act_len], vec![0.0; act_len]];
+        let comm = connect(&config.dist, false)?;
         Ok(Engine {
             config,
             model,
@@ -155,6 +190,7 @@ impl Engine {
             dacts,
             step: 0,
             pool,
+            comm,
         })
     }
 
@@ -226,18 +262,38 @@ impl Engine {
         }
     }
 
-    /// Zeroes the gradients, then accumulates ∂(mean loss over `batches`)/∂params. Returns the mean loss.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// Zeroes the gradients, then accumulates ∂(mean loss over `batches`)/∂params, averaged over the
+    /// data-parallel ranks (each passes its own micro-batches). Returns the mean loss over all of them.
     pub fn forward_backward(&mut self, batches: &[Batch]) -> Result<f32, EngineError> {
         self.check_batches(batches)?;
         let pool = Arc::clone(&self.pool);
-        Ok(pool.install(|| self.forward_backward_inner(batches)))
+        let local = pool.install(|| self.forward_backward_local(batches));
+        let world = self.comm.world_size();
+        if world == 1 {
+            return Ok(local);
+        }
+        // Each rank's gradients already carry 1/world (see dloss), so the sum is the mean.
+        for u in &mut self.units {
+            self.comm.all_reduce(&mut u.grads)?;
+        }
+        let mut loss = [local / world as f32];
+        self.comm.all_reduce(&mut loss)?;
+        Ok(loss[0])
     }
 
-    fn forward_backward_inner(&mut self, batches: &[Batch]) -> f32 {
+    fn forward_backward_local(&mut self, batches: &[Batch]) -> f32 {
         self.units.iter_mut().for_each(|u| u.grads.fill(0.0));
         let stages = self.model.stages().to_vec();
         let last = stages.len() - 1;
-        let dloss = 1.0 / batches.len() as f32;
+        let dloss = 1.0 / (batches.len() * self.comm.world_size()) as f32;
         let mut loss_sum = 0.0f64;
         for mb in batches {
             self.forward_stages(mb);
@@ -348,7 +404,7 @@ impl Engine {
             });
         }
         let (grad_norm, lr) = self.optimizer_step()?;
-        let tokens = batches.iter().map(Batch::tokens).sum::<usize>();
+        let tokens = batches.iter().map(Batch::tokens).sum::<usize>() * self.comm.world_size();
         let flops = self.model.flops_per_token(self.config.model.seq_len) * tokens as f64;
         Ok(StepStats::new(
             step,
