@@ -27,7 +27,7 @@ pub struct CommArgs {
     #[arg(long, default_value_t = 20)]
     iters: usize,
     /// Untimed iterations per size.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     warmup_iters: usize,
     /// Element type: f32 or bf16.
     #[arg(long, default_value = "f32")]

@@ -8,18 +8,19 @@ use std::time::Duration;
 
 use common::*;
 
-fn check_world(backend: &str, n: usize) {
+fn check_world(backend: &str, n: usize, extra: &[&str]) {
     let tag = unique_tag();
     // A small shm slot makes every size above 8 KiB take the chunked path.
-    let args = [
+    let mut args = vec![
         "--backend",
         backend,
         "--timeout-s",
         "20",
         "--shm-slot-bytes",
         "8192",
-        "check",
     ];
+    args.extend_from_slice(extra);
+    args.push("check");
     let (out, _) = run_bounded(launch_check(n, &args, &tag), Duration::from_secs(60));
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(
@@ -38,14 +39,14 @@ fn check_world(backend: &str, n: usize) {
 #[test]
 fn shm_matches_closed_forms_for_world_sizes_1_to_4() {
     for n in 1..=4 {
-        check_world("shm", n);
+        check_world("shm", n, &[]);
     }
 }
 
 #[test]
 fn tcp_matches_closed_forms_for_world_sizes_1_to_4() {
     for n in 1..=4 {
-        check_world("tcp", n);
+        check_world("tcp", n, &[]);
     }
 }
 

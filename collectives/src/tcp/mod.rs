@@ -3,6 +3,8 @@
 //! Rank r writes to rank r+1 and reads from rank r-1. Sums travel as f32 partials (bf16 inputs
 //! are widened first), so bf16 accumulates in f32; gathers move the raw element bytes.
 
+mod ring;
+
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -16,7 +18,7 @@ use crate::error::{CommError, Result};
 use crate::store::StoreClient;
 use crate::Backend;
 
-/// Elements received before they are added in (pipelines the reduction with the transfer).
+/// Elements (of 4 bytes) a broadcast forwards at a time.
 const RECV_BLOCK_ELEMS: usize = 64 * 1024;
 /// Socket buffer size asked of the kernel.
 const SOCKET_BUFFER_BYTES: u32 = 4 << 20;
@@ -31,8 +33,6 @@ struct Links {
 struct Scratch {
     /// The f32 working copy for sums.
     work: Vec<f32>,
-    /// Received partial sums.
-    recv: Vec<f32>,
 }
 
 /// One rank's end of the ring.
@@ -68,70 +68,11 @@ fn socket_error(side: Side) -> impl Fn(std::io::Error) -> StepError {
     move |e| StepError { side, io: Some(e) }
 }
 
-/// Sends `send` to next while receiving `recv_len` elements from prev in blocks, handing each
-/// block to `on_block(offset, block)`; bounded by `timeout`.
-async fn ring_step<T: bytemuck::Pod>(
-    links: &mut Links,
-    send: &[u8],
-    recv: &mut [T],
-    timeout: Duration,
-    mut on_block: impl FnMut(usize, &[T]),
-) -> std::result::Result<(), StepError> {
-    let Links { next, prev } = links;
-    let mut recv_done = recv.is_empty();
-    let work = async {
-        let sending = async {
-            next.write_all(send)
-                .await
-                .map_err(socket_error(Side::Next))?;
-            Ok::<(), StepError>(())
-        };
-        let receiving = async {
-            let mut off = 0;
-            while off < recv.len() {
-                let end = (off + RECV_BLOCK_ELEMS).min(recv.len());
-                let block = &mut recv[off..end];
-                prev.read_exact(bytemuck::cast_slice_mut(block))
-                    .await
-                    .map_err(socket_error(Side::Prev))?;
-                on_block(off, block);
-                off = end;
-            }
-            recv_done = true;
-            Ok::<(), StepError>(())
-        };
-        tokio::try_join!(sending, receiving).map(|_| ())
-    };
-    let outcome = tokio::time::timeout(timeout, work).await;
-    match outcome {
-        Ok(result) => result,
-        Err(_) => Err(StepError {
-            side: if recv_done { Side::Next } else { Side::Prev },
-            io: None,
-        }),
-    }
-}
-
 /// Element range of chunk k of n over `len` elements (uneven: the first `len % n` get one more).
 fn chunk(len: usize, n: usize, k: usize) -> Range<usize> {
     let (per, rem) = (len / n, len % n);
     let at = |k: usize| k * per + k.min(rem);
     at(k)..at(k + 1)
-}
-
-/// (shared view of a, mutable view of b) for disjoint ranges of one buffer.
-fn split_pair<T>(buf: &mut [T], a: Range<usize>, b: Range<usize>) -> (&[T], &mut [T]) {
-    assert!(
-        a.end <= b.start || b.end <= a.start,
-        "split_pair: ranges overlap"
-    );
-    if a.start < b.start {
-        let (lo, hi) = buf.split_at_mut(b.start);
-        (&lo[a], &mut hi[..b.end - b.start])
-    } else {
-        let (lo, hi) = buf.split_at_mut(a.start);
-        (&hi[..a.end - a.start], &mut lo[b])
-    }
 }
 
 impl TcpComm {
@@ -148,10 +89,7 @@ impl TcpComm {
             .enable_time()
             .build()
             .map_err(|e| CommError::Launch(format!("cannot start the tokio runtime: {e}")))?;
-        let scratch = Mutex::new(Scratch {
-            work: Vec::new(),
-            recv: Vec::new(),
-        });
+        let scratch = Mutex::new(Scratch { work: Vec::new() });
         if world == 1 {
             return Ok(Self {
                 rank,
@@ -328,55 +266,19 @@ impl TcpComm {
         }
     }
 
-    /// Ring reduce-scatter on f32 `work`, chunked by `ranges`: rank r ends with chunk r fully summed.
-    fn ring_reduce_scatter(
+    /// Runs the ring `steps` over `buf` cut into the world's chunks.
+    fn pipeline<T: bytemuck::Pod>(
         &self,
         op: &'static str,
-        work: &mut [f32],
-        recv_tmp: &mut Vec<f32>,
-        ranges: &dyn Fn(usize) -> Range<usize>,
+        buf: &mut [T],
+        chunks: &dyn Fn(usize) -> Range<usize>,
+        steps: &[ring::Step],
+        add: fn(&mut [T], &[T]),
     ) -> Result<()> {
-        let n = self.world;
         let timeout = self.timeout;
-        let rank = self.rank;
+        let blocks = ring::Blocks::new(buf, (0..self.world).map(chunks));
         self.with_links(op, async |links| {
-            for s in 0..n - 1 {
-                let send_k = (rank + 2 * n - s - 1) % n;
-                let recv_k = (rank + 2 * n - s - 2) % n;
-                let (send_r, recv_r) = (ranges(send_k), ranges(recv_k));
-                recv_tmp.resize(recv_r.len(), 0.0);
-                let (send, acc) = split_pair(work, send_r, recv_r);
-                ring_step(
-                    links,
-                    bytemuck::cast_slice(send),
-                    &mut recv_tmp[..],
-                    timeout,
-                    |off, block| add_assign_f32(&mut acc[off..off + block.len()], block),
-                )
-                .await?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Ring all-gather on bytes: rank r starts with chunk r (byte `ranges`), ends with all.
-    fn ring_all_gather(
-        &self,
-        op: &'static str,
-        buf: &mut [u8],
-        ranges: &dyn Fn(usize) -> Range<usize>,
-    ) -> Result<()> {
-        let n = self.world;
-        let timeout = self.timeout;
-        let rank = self.rank;
-        self.with_links(op, async |links| {
-            for s in 0..n - 1 {
-                let send_k = (rank + n - s) % n;
-                let recv_k = (rank + 2 * n - s - 1) % n;
-                let (send, recv) = split_pair(buf, ranges(send_k), ranges(recv_k));
-                ring_step(links, send, recv, timeout, |_, _| {}).await?;
-            }
-            Ok(())
+            ring::run(links, &blocks, steps, add, timeout).await
         })
     }
 }
@@ -401,24 +303,35 @@ impl Communicator for TcpComm {
         if self.world == 1 || m == 0 {
             return Ok(());
         }
-        self.ring_all_gather("all_gather", recv, &|k| k * m..(k + 1) * m)
+        let steps: Vec<_> = ring::all_gather_steps(self.rank, self.world).collect();
+        self.pipeline(
+            "all_gather",
+            recv,
+            &|k| k * m..(k + 1) * m,
+            &steps,
+            |_, _| {},
+        )
     }
 
     fn reduce_scatter_bytes(&self, dtype: DType, send: &[u8], recv: &mut [u8]) -> Result<()> {
         let elem = dtype.size_bytes();
         let m = recv.len() / elem;
         let mut scratch = lock(&self.scratch);
-        let Scratch {
-            work,
-            recv: recv_tmp,
-        } = &mut *scratch;
+        let work = &mut scratch.work;
         work.resize(send.len() / elem, 0.0);
         match dtype {
             DType::F32 => bytemuck::cast_slice_mut(&mut work[..]).copy_from_slice(send),
             DType::Bf16 => widen_bf16(send, work),
         }
         if self.world > 1 && m > 0 {
-            self.ring_reduce_scatter("reduce_scatter", work, recv_tmp, &|k| k * m..(k + 1) * m)?;
+            let steps: Vec<_> = ring::reduce_scatter_steps(self.rank, self.world).collect();
+            self.pipeline(
+                "reduce_scatter",
+                work,
+                &|k| k * m..(k + 1) * m,
+                &steps,
+                add_assign_f32,
+            )?;
         }
         let mine = &work[self.rank * m..(self.rank + 1) * m];
         match dtype {
@@ -435,36 +348,27 @@ impl Communicator for TcpComm {
         if n == 1 || len == 0 {
             return Ok(());
         }
-        let mut scratch = lock(&self.scratch);
-        let Scratch {
-            work,
-            recv: recv_tmp,
-        } = &mut *scratch;
-        let ranges = |k: usize| chunk(len, n, k);
-        let mine = ranges(self.rank);
-        match (dtype, bytemuck::try_cast_slice_mut::<u8, f32>(buf)) {
-            (DType::F32, Ok(in_place)) => {
-                self.ring_reduce_scatter("all_reduce", in_place, recv_tmp, &ranges)?
-            }
-            (DType::F32, Err(_)) => {
-                work.resize(len, 0.0);
-                bytemuck::cast_slice_mut(&mut work[..]).copy_from_slice(buf);
-                self.ring_reduce_scatter("all_reduce", work, recv_tmp, &ranges)?;
-                buf[mine.start * 4..mine.end * 4]
-                    .copy_from_slice(bytemuck::cast_slice(&work[mine.clone()]));
-            }
-            (DType::Bf16, _) => {
-                work.resize(len, 0.0);
-                widen_bf16(buf, work);
-                self.ring_reduce_scatter("all_reduce", work, recv_tmp, &ranges)?;
-                narrow_to_bf16(&work[mine.clone()], &mut buf[mine.start * 2..mine.end * 2]);
-            }
+        let steps: Vec<_> = ring::reduce_scatter_steps(self.rank, n)
+            .chain(ring::all_gather_steps(self.rank, n))
+            .collect();
+        let chunks = |k: usize| chunk(len, n, k);
+        if let (DType::F32, Ok(in_place)) = (dtype, bytemuck::try_cast_slice_mut::<u8, f32>(buf)) {
+            return self.pipeline("all_reduce", in_place, &chunks, &steps, add_assign_f32);
         }
-        drop(scratch);
-        self.ring_all_gather("all_reduce", buf, &|k| {
-            let r = ranges(k);
-            r.start * elem..r.end * elem
-        })
+        // bf16 (or an unaligned f32 buffer): sum in an f32 copy, so bf16 accumulates in f32.
+        let mut scratch = lock(&self.scratch);
+        let work = &mut scratch.work;
+        work.resize(len, 0.0);
+        match dtype {
+            DType::F32 => bytemuck::cast_slice_mut(&mut work[..]).copy_from_slice(buf),
+            DType::Bf16 => widen_bf16(buf, work),
+        }
+        self.pipeline("all_reduce", work, &chunks, &steps, add_assign_f32)?;
+        match dtype {
+            DType::F32 => buf.copy_from_slice(bytemuck::cast_slice(&work[..])),
+            DType::Bf16 => narrow_to_bf16(work, buf),
+        }
+        Ok(())
     }
 
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
@@ -527,10 +431,5 @@ mod tests {
             assert_eq!((parts[0].start, parts[n - 1].end), (0, len));
             assert!(parts.windows(2).all(|w| w[0].end == w[1].start));
         }
-        let mut v = [0, 1, 2, 3, 4, 5];
-        let (a, b) = split_pair(&mut v, 4..6, 0..2);
-        assert_eq!(a, &[4, 5]);
-        b[0] = 9;
-        assert_eq!(v[0], 9);
     }
 }
