@@ -3,6 +3,7 @@
 #
 #   1. build on the development machine:  cargo build --release -p strata -p strata-bench
 #   2. copy beside this script:            target/release/strata  target/release/strata-bench
+#                                          configs/gpt-1.3b-h100.toml
 #   3. on the GPU machine:                 ./gpu_check.sh            (or: bash gpu_check.sh)
 #
 # It sets up the library path (CUDA 13 libs in /usr/local/cuda/targets/x86_64-linux/lib are not
@@ -10,18 +11,17 @@
 #   ./strata doctor
 #   ./strata selftest --gpu            (every kernel vs the CPU reference, 20-step GPT-2 run vs CPU,
 #                                       pinned H2D/D2H bandwidth, one-rank NCCL all_reduce)
-#   ./strata-bench train --config <GPT 1.3B, bf16, AdamW, all on GPU> --json <file>
+#   ./strata-bench train --config gpt-1.3b-h100.toml --steps N --warmup 1 --json
+#                                      (GPT 1.3B, bf16, AdamW, everything on the GPU)
 # and prints a short table last. Exit status is non-zero if any step failed or throughput is
 # below the target.
 #
 # Environment overrides:
 #   STRATA_GPU_CHECK_OUT   output directory for logs            (default: ./gpu_check_out)
-#   STRATA_BENCH_CONFIG    TOML config for the throughput run   (default: written below)
+#   STRATA_BENCH_CONFIG    TOML config for the throughput run   (default: gpt-1.3b-h100.toml)
 #   STRATA_BENCH_STEPS     measured steps                       (default: 20)
 #   STRATA_TFLOPS_TARGET   throughput target in TFLOP/s         (default: 300)
 #   STRATA_STEP_TIMEOUT_S  time limit per step in seconds       (default: 900)
-# NOTE: the CLI names (`doctor`, `selftest --gpu`, `strata-bench train --config --steps --json`)
-# and the JSON field `tokens_per_s` follow the lead's CLI; adjust here if they change.
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -65,37 +65,21 @@ export LD_LIBRARY_PATH="${joined}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "gpu_check: LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 export RUST_BACKTRACE=1
 
-# --- throughput config (GPT 1.3B) ---------------------------------------------------------
-n_layer=24; n_embd=2048; n_head=16; seq_len=1024; vocab=50304; batch=8
+# --- throughput config (GPT 1.3B, configs/gpt-1.3b-h100.toml) -----------------------------
+# Looked up beside this script first (copy it there), then in the repository.
 config="${STRATA_BENCH_CONFIG:-}"
 if [ -z "$config" ]; then
-    config="$out/gpt-1.3b-gpu.toml"
-    cat > "$config" <<TOML
-# GPT 1.3B throughput run written by bench/gpu_check.sh: bf16, AdamW, everything on the GPU.
-[model]
-n_layer = $n_layer
-n_head = $n_head
-n_embd = $n_embd
-vocab_size = $vocab
-seq_len = $seq_len
-
-[data]
-synthetic = true
-micro_batch_size = $batch
-grad_accum_steps = 1
-
-[optim]
-lr = 3e-4
-weight_decay = 0.1
-grad_clip = 1.0
-
-[train]
-steps = $steps
-log_every = 1
-device = "cuda"
-precision = "bf16"
-TOML
+    for c in "$here/gpt-1.3b-h100.toml" "$here/../configs/gpt-1.3b-h100.toml"; do
+        [ -f "$c" ] && config="$c" && break
+    done
 fi
+if [ -z "$config" ] || [ ! -f "$config" ]; then
+    echo "gpu_check: configs/gpt-1.3b-h100.toml not found: copy it beside this script or set STRATA_BENCH_CONFIG" >&2
+    exit 2
+fi
+# Shape of the config, for the FLOPs column (the bench reports its own tflops too).
+toml_int() { awk -F= -v k="$1" '$1 ~ "^[[:space:]]*"k"[[:space:]]*$" { gsub(/[^0-9]/, "", $2); print $2; exit }' "$config"; }
+n_layer="$(toml_int n_layer)"; n_embd="$(toml_int n_embd)"; seq_len="$(toml_int seq_len)"; vocab="$(toml_int vocab_size)"
 
 # --- run the three steps --------------------------------------------------------------------
 declare -A status
@@ -112,16 +96,29 @@ run_step() { # name, log file, command...
 
 run_step doctor "$out/doctor.log" ./strata doctor
 run_step selftest "$out/selftest.log" ./strata selftest --gpu
-run_step train "$out/train.log" ./strata-bench train --config "$config" --steps "$steps" --json "$out/train.json"
+# strata-bench prints one JSON object on stdout (--json); progress lines go to stderr.
+echo
+echo "=== train: ./strata-bench train --config $config --steps $steps --warmup 1 --json"
+timeout "$step_timeout" ./strata-bench train --config "$config" --steps "$steps" --warmup 1 --json \
+    > "$out/train.json" 2> >(tee "$out/train.log" >&2)
+rc=$?
+if [ "$rc" = 124 ]; then status[train]="TIMEOUT (${step_timeout}s)"
+elif [ "$rc" = 0 ]; then status[train]="ok"
+else status[train]="FAILED (exit $rc)"; fi
+cat "$out/train.json"
 
 # --- throughput from the bench's JSON -----------------------------------------------------
 # FLOPs per token = 6·params + 12·n_layer·n_embd·seq_len (weights of GPT-2 with tied head).
 read -r params flops_per_token < <(awk -v L=$n_layer -v C=$n_embd -v T=$seq_len -v V=$vocab 'BEGIN {
     p = V*C + T*C + L*(12*C*C + 13*C) + 2*C;
     printf "%.0f %.0f\n", p, 6*p + 12*L*C*T }')
-tokens_per_s=""
+tokens_per_s=""; bench_tflops=""
+json_field() { grep -o "\"$1\"[[:space:]]*:[[:space:]]*[0-9.eE+-]*" "$out/train.json" | tail -1 | sed 's/.*://; s/[[:space:]]//g'; }
 if [ -s "$out/train.json" ]; then
-    tokens_per_s="$(grep -o '"tokens_per_s"[[:space:]]*:[[:space:]]*[0-9.eE+-]*' "$out/train.json" | tail -1 | sed 's/.*://; s/[[:space:]]//g')"
+    tokens_per_s="$(json_field tokens_per_s)"
+    bench_tflops="$(json_field tflops)"
+    bench_params="$(json_field params)"
+    [ -n "$bench_params" ] && params="$bench_params"
 fi
 tflops="-"; verdict="no result"
 if [ -n "$tokens_per_s" ]; then
@@ -137,6 +134,6 @@ printf '  %-34s %s\n' "strata selftest --gpu" "${status[selftest]}"
 printf '  %-34s %s\n' "strata-bench train (GPT 1.3B bf16)" "${status[train]}"
 printf '  %-34s %s\n' "  params / FLOPs per token" "$params / $flops_per_token"
 printf '  %-34s %s\n' "  tokens/s" "${tokens_per_s:--}"
-printf '  %-34s %s TFLOP/s (target >= %s): %s\n' "  throughput" "$tflops" "$target" "$verdict"
+printf '  %-34s %s TFLOP/s (bench: %s; target >= %s): %s\n' "  throughput" "$tflops" "${bench_tflops:--}" "$target" "$verdict"
 
 [ "${status[doctor]}" = ok ] && [ "${status[selftest]}" = ok ] && [ "${status[train]}" = ok ] && [ "$verdict" = PASS ]

@@ -44,13 +44,15 @@ pub mod attention;
 pub mod context;
 pub mod error;
 pub mod gemm;
+pub mod gpt2_memory;
+pub mod gpt2_pass;
 pub mod kernels;
 pub mod loader;
 pub mod loss_scale;
 pub mod nvrtc;
 pub mod pinned;
-pub mod reference;
 pub mod selftest;
+pub mod trainer;
 
 pub use arena::{DeviceArena, DeviceBuf};
 pub use attention::{AttentionActivations, AttentionGradScratch, AttentionShape};
@@ -63,6 +65,7 @@ pub use pinned::{AlignedHostBuffer, PinnedRegion};
 pub use selftest::{
     bandwidth_selftest, kernel_selftest, pinned_bandwidth, run_kernel_checks, CheckResult,
 };
+pub use trainer::GpuGpt2Trainer;
 
 /// True when a CUDA driver is loadable and reports at least one device (`device = "auto"`).
 /// Never panics; says nothing about NVRTC/cuBLAS (GpuContext::new checks those).

@@ -1,5 +1,6 @@
-//! GPU self-test pieces owned by the backend: every kernel against the fp32 CPU reference
-//! (`reference.rs`, llm.c's CPU functions) on random inputs, and pinned-memory bandwidth.
+//! GPU self-test pieces owned by the backend: every kernel against the CPU backend
+//! (`crate::backend::cpu`, the one numerical reference; AdamW and the norm against
+//! `crate::optim`) on random inputs, and pinned-memory bandwidth.
 //! Outputs that a kernel must fully write are poisoned with NaN first, so an element it
 //! skipped shows up as a failure. `strata selftest --gpu` adds the 20-step training run
 //! (engine) and the one-rank NCCL all_reduce (collectives) around these.
@@ -12,8 +13,9 @@ use super::context::{GpuContext, Queue};
 use super::error::Result;
 use super::kernels::{AdamWHyper, NORM_PARTIALS_MAX};
 use super::pinned::{AlignedHostBuffer, PinnedRegion};
-use super::reference as cpu;
 use super::{DType, Precision};
+use crate::backend::cpu::{self, AttnShape};
+use crate::optim::{adamw_update, sum_of_squares, AdamWParams};
 
 /// One compared tensor.
 #[derive(Debug, Clone)]
@@ -227,8 +229,9 @@ fn check_encoder(h: &mut Harness<'_>, b: usize, t: usize, c: usize, v: usize) ->
     let d_out = h.poisoned(h.gpu.x(), b * t * c)?;
     h.gpu
         .encoder_forward(&d_out, &d_inp, &d_wte, &d_wpe, b, t, c)?;
+    let tokens: Vec<u32> = inp.iter().map(|&x| x as u32).collect();
     let mut out = vec![0.0; b * t * c];
-    cpu::encoder_forward(&mut out, &inp, &wte, &wpe, b, t, c);
+    cpu::encoder_forward(&mut out, &tokens, &wte, &wpe, t, c);
     h.compare("encoder_forward/out", &d_out, &out, 1)?;
 
     let dout = h.rand_x(b * t * c, 1.0);
@@ -236,7 +239,7 @@ fn check_encoder(h: &mut Harness<'_>, b: usize, t: usize, c: usize, v: usize) ->
     let (d_dwte, d_dwpe, d_dout) = (h.put_f32(&dwte)?, h.put_f32(&dwpe)?, h.put_x(&dout)?);
     h.gpu
         .encoder_backward(&d_dwte, &d_dwpe, &d_dout, &d_inp, b, t, c)?;
-    cpu::encoder_backward(&mut dwte, &mut dwpe, &dout, &inp, b, t, c);
+    cpu::encoder_backward(&mut dwte, &mut dwpe, &dout, &tokens, t, c);
     h.compare("encoder_backward/dwte", &d_dwte, &dwte, 1)?;
     h.compare("encoder_backward/dwpe", &d_dwpe, &dwpe, 1)
 }
@@ -249,7 +252,7 @@ fn check_layernorm(h: &mut Harness<'_>, n: usize, c: usize) -> Result<()> {
     h.gpu
         .layernorm_forward(&d_out, &d_mean, &d_rstd, &d_inp, &d_w, &d_b, n, c)?;
     let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-    cpu::layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &bias, n, c);
+    cpu::layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &bias, c);
     h.compare("layernorm_forward/out", &d_out, &out, 1)?;
     h.compare("layernorm_forward/mean", &d_mean, &mean, 1)?;
     h.compare("layernorm_forward/rstd", &d_rstd, &rstd, 1)?;
@@ -267,7 +270,7 @@ fn check_layernorm(h: &mut Harness<'_>, n: usize, c: usize) -> Result<()> {
         &d_dinp, &d_dw, &d_db, &d_dout, &d_inp, &d_w, &d_mean, &d_rstd, n, c,
     )?;
     cpu::layernorm_backward(
-        &mut dinp, &mut dw, &mut db, &dout, &inp, &w, &mean, &rstd, n, c,
+        &mut dinp, &mut dw, &mut db, &dout, &inp, &w, &mean, &rstd, c,
     );
     h.compare("layernorm_backward/dinp", &d_dinp, &dinp, 2)?;
     h.compare("layernorm_backward/dweight", &d_dw, &dw, 1)?;
@@ -289,7 +292,8 @@ fn check_gelu_residual(h: &mut Harness<'_>, n: usize) -> Result<()> {
 
     let d_sum = h.poisoned(h.gpu.x(), n)?;
     h.gpu.residual_forward(&d_sum, &d_inp, &d_dout)?;
-    let sum: Vec<f32> = inp.iter().zip(&dout).map(|(a, b)| a + b).collect();
+    let mut sum = vec![0.0; n];
+    cpu::residual_forward(&mut sum, &inp, &dout);
     h.compare("residual_forward/out", &d_sum, &sum, 1)?;
     h.gpu.accumulate(&d_inp, &d_dout)?;
     h.compare("accumulate/dst", &d_inp, &sum, 1)
@@ -316,7 +320,17 @@ fn check_matmul(h: &mut Harness<'_>, n: usize, c: usize, oc: usize) -> Result<()
     let d_dinp = h.put_x(&dinp)?;
     h.gpu
         .matmul_backward(&d_dinp, &d_dw, Some(&d_db), &d_dout, &d_inp, &d_w, n, c, oc)?;
-    cpu::matmul_backward(&mut dinp, &mut dw, Some(&mut db), &dout, &inp, &w, n, c, oc);
+    cpu::matmul_backward(
+        Some(&mut dinp),
+        &mut dw,
+        Some(&mut db),
+        &dout,
+        &inp,
+        &w,
+        n,
+        c,
+        oc,
+    );
     h.compare("matmul_backward/dinp", &d_dinp, &dinp, 1)?;
     h.compare("matmul_backward/dweight", &d_dw, &dw, 1)?;
     h.compare("matmul_backward/dbias", &d_db, &db, 1)
@@ -334,8 +348,15 @@ fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
     };
     let d_out = h.poisoned(x, b * t * c)?;
     h.gpu.attention_forward(&d_out, &acts, &d_qkv, s)?;
+    let cpu_shape = AttnShape {
+        b,
+        t,
+        c,
+        n_head: nh,
+    };
     let (mut out, mut att) = (vec![0.0; b * t * c], vec![0.0; s.scores_len()]);
-    cpu::attention_forward(&mut out, &mut att, &qkv, b, t, c, nh);
+    let mut y_hm = vec![0.0; b * t * c];
+    cpu::attention_forward(&mut out, &mut att, &mut y_hm, &qkv, cpu_shape);
     h.compare("attention_forward/out", &d_out, &out, 2)?;
     h.compare("attention_forward/att", &acts.att, &att, 1)?;
 
@@ -353,7 +374,10 @@ fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
     // The reference uses the GPU's (rounded) att so only the backward's own error is measured.
     let att_x = h.get(&acts.att)?;
 
-    cpu::attention_backward(&mut dqkv, &dout, &qkv, &att_x, b, t, c, nh);
+    let (mut datt, mut dhm) = (vec![0.0; s.scores_len()], vec![0.0; 3 * b * t * c]);
+    cpu::attention_backward(
+        &mut dqkv, &mut datt, &mut dhm, &dout, &qkv, &att_x, cpu_shape,
+    );
     h.compare("attention_backward/dqkv", &d_dqkv, &dqkv, 3)
 }
 
@@ -365,17 +389,18 @@ fn check_crossentropy(h: &mut Harness<'_>, r: usize, v: usize, vp: usize) -> Res
     let dloss = 1.0 / r as f32;
     h.gpu
         .crossentropy_forward_backward(&d_logits, &d_losses, &d_targets, r, v, vp, Some(dloss))?;
-    let (mut dlogits, mut losses) = (vec![0.0; r * vp], vec![0.0; r]);
-    cpu::crossentropy_forward_backward(
-        &mut dlogits,
-        &mut losses,
-        &logits,
-        &targets,
-        r,
-        v,
-        vp,
-        dloss,
-    );
+    // The CPU backend has no padding: run it on the first V columns, expect 0 in the padding.
+    let mut real: Vec<f32> = logits
+        .chunks_exact(vp)
+        .flat_map(|row| row[..v].iter().copied())
+        .collect();
+    let tokens: Vec<u32> = targets.iter().map(|&x| x as u32).collect();
+    let mut losses = vec![0.0; r];
+    cpu::softmax_crossentropy(&mut real, &tokens, &mut losses, Some(dloss), v);
+    let mut dlogits = vec![0.0; r * vp];
+    for (dst, src) in dlogits.chunks_exact_mut(vp).zip(real.chunks_exact(v)) {
+        dst[..v].copy_from_slice(src);
+    }
     h.compare("crossentropy/losses", &d_losses, &losses, 1)?;
     h.compare("crossentropy/dlogits", &d_logits, &dlogits, 1)
 }
@@ -400,10 +425,7 @@ fn check_casts_norm_adamw(h: &mut Harness<'_>, n: usize) -> Result<()> {
     );
     h.gpu
         .grad_norm_squared(&d_norm, &d_partials, &d_grads, false)?;
-    let norm_sq = grads
-        .iter()
-        .map(|&g| f64::from(g) * f64::from(g))
-        .sum::<f64>() as f32;
+    let norm_sq = sum_of_squares(&grads) as f32;
     h.compare("grad_norm_squared/out", &d_norm, &[norm_sq], 1)?;
 
     let (mut m, mut v) = (
@@ -434,19 +456,16 @@ fn check_casts_norm_adamw(h: &mut Harness<'_>, n: usize) -> Result<()> {
         grad_scale,
     )?;
     let mut params = master.clone();
-    cpu::adamw(
-        &mut params,
-        &grads,
-        &mut m,
-        &mut v,
-        hyper.lr,
-        hyper.beta1,
-        hyper.beta2,
-        hyper.eps,
-        hyper.weight_decay,
-        step as i32,
+    let cpu_hyper = AdamWParams {
+        lr: hyper.lr,
+        beta1: hyper.beta1,
+        beta2: hyper.beta2,
+        eps: hyper.eps,
+        weight_decay: hyper.weight_decay,
+        t: step,
         grad_scale,
-    );
+    };
+    adamw_update(&mut params, &grads, &mut m, &mut v, &cpu_hyper, true);
     // The update is ~1e-3 of the parameter: compare the update itself, not the parameter.
     let got = h.get(&d_master)?;
     let got_delta: Vec<f32> = got.iter().zip(&master).map(|(p, m0)| p - m0).collect();
