@@ -9,6 +9,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use ring::Links;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -18,17 +19,10 @@ use crate::error::{CommError, Result};
 use crate::store::StoreClient;
 use crate::Backend;
 
-/// Elements (of 4 bytes) a broadcast forwards at a time.
-const RECV_BLOCK_ELEMS: usize = 64 * 1024;
 /// Socket buffer size asked of the kernel.
 const SOCKET_BUFFER_BYTES: u32 = 4 << 20;
 /// How long survivors wait for rank 0's store to report who closed, after a link failed.
 const DIAGNOSE_GRACE: Duration = Duration::from_millis(500);
-
-struct Links {
-    next: TcpStream,
-    prev: TcpStream,
-}
 
 struct Scratch {
     /// The f32 working copy for sums.
@@ -40,7 +34,6 @@ pub(crate) struct TcpComm {
     rank: usize,
     world: usize,
     timeout: Duration,
-    runtime: tokio::runtime::Runtime,
     /// None for a world of one, or after a failure (dropping the links tells the neighbours).
     links: Mutex<Option<Links>>,
     scratch: Mutex<Scratch>,
@@ -64,10 +57,6 @@ struct StepError {
     io: Option<std::io::Error>,
 }
 
-fn socket_error(side: Side) -> impl Fn(std::io::Error) -> StepError {
-    move |e| StepError { side, io: Some(e) }
-}
-
 /// Element range of chunk k of n over `len` elements (uneven: the first `len % n` get one more).
 fn chunk(len: usize, n: usize, k: usize) -> Range<usize> {
     let (per, rem) = (len / n, len % n);
@@ -84,18 +73,19 @@ impl TcpComm {
         timeout: Duration,
         local_ip: std::net::IpAddr,
     ) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| CommError::Launch(format!("cannot start the tokio runtime: {e}")))?;
+        let new_runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .enable_time()
+                .build()
+                .map_err(|e| CommError::Launch(format!("cannot start a tokio runtime: {e}")))
+        };
         let scratch = Mutex::new(Scratch { work: Vec::new() });
         if world == 1 {
             return Ok(Self {
                 rank,
                 world,
                 timeout,
-                runtime,
                 links: Mutex::new(None),
                 scratch,
                 store,
@@ -110,74 +100,93 @@ impl TcpComm {
                 source,
             }
         };
-        let links = runtime.block_on(async {
+        let (send_runtime, recv_runtime) = (new_runtime()?, new_runtime()?);
+        // The listener and the accepted stream belong to the receiving runtime, the outgoing
+        // stream to the sending one; each is only polled on its runtime's thread.
+        let listener: TcpListener = recv_runtime.block_on(async {
             let socket = TcpSocket::new_v4().map_err(io(prev_rank, "listen"))?;
             let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
             socket
                 .bind((std::net::Ipv4Addr::UNSPECIFIED, 0).into())
                 .map_err(io(prev_rank, "listen"))?;
-            let listener: TcpListener = socket.listen(16).map_err(io(prev_rank, "listen"))?;
-            let port = listener
-                .local_addr()
-                .map_err(io(prev_rank, "listen"))?
-                .port();
-            let addrs =
-                store.all_gather("tcp/addr", world, format!("{local_ip}:{port}").as_bytes())?;
-            let next_addr: std::net::SocketAddr = String::from_utf8_lossy(&addrs[next_rank])
-                .parse()
-                .map_err(|_| CommError::Store {
-                    rank,
-                    addr: "store".into(),
-                    detail: format!("rank {next_rank} published a bad address"),
-                })?;
-            let connect = async {
-                let socket = TcpSocket::new_v4().map_err(io(next_rank, "connect"))?;
-                let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
-                let mut stream = socket
-                    .connect(next_addr)
-                    .await
-                    .map_err(io(next_rank, "connect"))?;
-                stream
-                    .write_all(&(rank as u64).to_le_bytes())
-                    .await
-                    .map_err(io(next_rank, "connect"))?;
-                Ok::<TcpStream, CommError>(stream)
-            };
-            let accept = async {
-                let (mut stream, _) = listener.accept().await.map_err(io(prev_rank, "accept"))?;
-                let mut hello = [0u8; 8];
-                stream
-                    .read_exact(&mut hello)
-                    .await
-                    .map_err(io(prev_rank, "accept"))?;
-                let from = u64::from_le_bytes(hello);
-                if from != prev_rank as u64 {
-                    return Err(CommError::Store {
-                        rank,
-                        addr: "tcp".into(),
-                        detail: format!("rank {from} connected, expected rank {prev_rank}"),
-                    });
-                }
-                Ok(stream)
-            };
-            let joined =
-                tokio::time::timeout(timeout, async { tokio::try_join!(connect, accept) }).await;
-            let (next, prev) = joined.map_err(|_| CommError::Timeout {
+            socket.listen(16).map_err(io(prev_rank, "listen"))
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(io(prev_rank, "listen"))?
+            .port();
+        let addrs = store.all_gather("tcp/addr", world, format!("{local_ip}:{port}").as_bytes())?;
+        let next_addr: std::net::SocketAddr = String::from_utf8_lossy(&addrs[next_rank])
+            .parse()
+            .map_err(|_| CommError::Store {
                 rank,
-                peer: prev_rank,
+                addr: "store".into(),
+                detail: format!("rank {next_rank} published a bad address"),
+            })?;
+        let connect_timeout = |peer: usize| {
+            move |_| CommError::Timeout {
+                rank,
+                peer,
                 op: "tcp connect",
                 timeout,
-            })??;
-            for s in [&next, &prev] {
-                let _ = s.set_nodelay(true);
             }
-            Ok::<Links, CommError>(Links { next, prev })
-        })?;
+        };
+        // Every listener exists before any address is published, so connecting first cannot
+        // wait on an accept.
+        let next = send_runtime
+            .block_on(async {
+                tokio::time::timeout(timeout, async {
+                    let socket = TcpSocket::new_v4().map_err(io(next_rank, "connect"))?;
+                    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+                    let mut stream = socket
+                        .connect(next_addr)
+                        .await
+                        .map_err(io(next_rank, "connect"))?;
+                    stream
+                        .write_all(&(rank as u64).to_le_bytes())
+                        .await
+                        .map_err(io(next_rank, "connect"))?;
+                    Ok::<TcpStream, CommError>(stream)
+                })
+                .await
+            })
+            .map_err(connect_timeout(next_rank))??;
+        let prev = recv_runtime
+            .block_on(async {
+                tokio::time::timeout(timeout, async {
+                    let (mut stream, _) =
+                        listener.accept().await.map_err(io(prev_rank, "accept"))?;
+                    let mut hello = [0u8; 8];
+                    stream
+                        .read_exact(&mut hello)
+                        .await
+                        .map_err(io(prev_rank, "accept"))?;
+                    let from = u64::from_le_bytes(hello);
+                    if from != prev_rank as u64 {
+                        return Err(CommError::Store {
+                            rank,
+                            addr: "tcp".into(),
+                            detail: format!("rank {from} connected, expected rank {prev_rank}"),
+                        });
+                    }
+                    Ok(stream)
+                })
+                .await
+            })
+            .map_err(connect_timeout(prev_rank))??;
+        for s in [&next, &prev] {
+            let _ = s.set_nodelay(true);
+        }
+        let links = Links {
+            next,
+            send_runtime,
+            prev,
+            recv_runtime,
+        };
         Ok(Self {
             rank,
             world,
             timeout,
-            runtime,
             links: Mutex::new(Some(links)),
             scratch,
             store,
@@ -242,12 +251,16 @@ impl TcpComm {
         }
     }
 
-    /// Runs `f` on the links; on failure drops them (the neighbours see EOF) and names the culprit.
-    fn with_links<R>(
+    /// Runs the ring `steps` over `buf` cut into `chunks`; on failure drops the links (the
+    /// neighbours see EOF) and names the culprit.
+    fn pipeline<T: bytemuck::Pod + Send + Sync>(
         &self,
         op: &'static str,
-        f: impl AsyncFnOnce(&mut Links) -> std::result::Result<R, StepError>,
-    ) -> Result<R> {
+        buf: &mut [T],
+        chunks: impl Iterator<Item = Range<usize>>,
+        steps: &[ring::Step],
+        add: fn(&mut [T], &[T]),
+    ) -> Result<()> {
         let mut guard = lock(&self.links);
         let Some(links) = guard.as_mut() else {
             return Err(CommError::Poisoned {
@@ -256,30 +269,15 @@ impl TcpComm {
                 cause: "the ring links were closed by an earlier failure".into(),
             });
         };
-        match self.runtime.block_on(f(links)) {
-            Ok(r) => Ok(r),
+        let blocks = ring::Blocks::new(buf, chunks);
+        match ring::run(links, &blocks, steps, add, self.timeout) {
+            Ok(()) => Ok(()),
             Err(e) => {
                 *guard = None;
                 drop(guard);
                 Err(self.step_error(op, e))
             }
         }
-    }
-
-    /// Runs the ring `steps` over `buf` cut into the world's chunks.
-    fn pipeline<T: bytemuck::Pod>(
-        &self,
-        op: &'static str,
-        buf: &mut [T],
-        chunks: &dyn Fn(usize) -> Range<usize>,
-        steps: &[ring::Step],
-        add: fn(&mut [T], &[T]),
-    ) -> Result<()> {
-        let timeout = self.timeout;
-        let blocks = ring::Blocks::new(buf, (0..self.world).map(chunks));
-        self.with_links(op, async |links| {
-            ring::run(links, &blocks, steps, add, timeout).await
-        })
     }
 }
 
@@ -304,13 +302,8 @@ impl Communicator for TcpComm {
             return Ok(());
         }
         let steps: Vec<_> = ring::all_gather_steps(self.rank, self.world).collect();
-        self.pipeline(
-            "all_gather",
-            recv,
-            &|k| k * m..(k + 1) * m,
-            &steps,
-            |_, _| {},
-        )
+        let chunks = (0..self.world).map(|k| k * m..(k + 1) * m);
+        self.pipeline("all_gather", recv, chunks, &steps, |_, _| {})
     }
 
     fn reduce_scatter_bytes(&self, dtype: DType, send: &[u8], recv: &mut [u8]) -> Result<()> {
@@ -325,13 +318,8 @@ impl Communicator for TcpComm {
         }
         if self.world > 1 && m > 0 {
             let steps: Vec<_> = ring::reduce_scatter_steps(self.rank, self.world).collect();
-            self.pipeline(
-                "reduce_scatter",
-                work,
-                &|k| k * m..(k + 1) * m,
-                &steps,
-                add_assign_f32,
-            )?;
+            let chunks = (0..self.world).map(|k| k * m..(k + 1) * m);
+            self.pipeline("reduce_scatter", work, chunks, &steps, add_assign_f32)?;
         }
         let mine = &work[self.rank * m..(self.rank + 1) * m];
         match dtype {
@@ -353,7 +341,13 @@ impl Communicator for TcpComm {
             .collect();
         let chunks = |k: usize| chunk(len, n, k);
         if let (DType::F32, Ok(in_place)) = (dtype, bytemuck::try_cast_slice_mut::<u8, f32>(buf)) {
-            return self.pipeline("all_reduce", in_place, &chunks, &steps, add_assign_f32);
+            return self.pipeline(
+                "all_reduce",
+                in_place,
+                (0..n).map(chunks),
+                &steps,
+                add_assign_f32,
+            );
         }
         // bf16 (or an unaligned f32 buffer): sum in an f32 copy, so bf16 accumulates in f32.
         let mut scratch = lock(&self.scratch);
@@ -363,7 +357,13 @@ impl Communicator for TcpComm {
             DType::F32 => bytemuck::cast_slice_mut(&mut work[..]).copy_from_slice(buf),
             DType::Bf16 => widen_bf16(buf, work),
         }
-        self.pipeline("all_reduce", work, &chunks, &steps, add_assign_f32)?;
+        self.pipeline(
+            "all_reduce",
+            work,
+            (0..n).map(chunks),
+            &steps,
+            add_assign_f32,
+        )?;
         match dtype {
             DType::F32 => buf.copy_from_slice(bytemuck::cast_slice(&work[..])),
             DType::Bf16 => narrow_to_bf16(work, buf),
@@ -375,39 +375,16 @@ impl Communicator for TcpComm {
         if self.world == 1 || buf.is_empty() {
             return Ok(());
         }
-        let (rank, timeout) = (self.rank, self.timeout);
-        let forward = self.next_rank() != root;
-        self.with_links("broadcast", async |links| {
-            let block_bytes = RECV_BLOCK_ELEMS * 4;
-            let work = async {
-                let mut off = 0;
-                while off < buf.len() {
-                    let end = (off + block_bytes).min(buf.len());
-                    if rank != root {
-                        links
-                            .prev
-                            .read_exact(&mut buf[off..end])
-                            .await
-                            .map_err(socket_error(Side::Prev))?;
-                    }
-                    if forward {
-                        links
-                            .next
-                            .write_all(&buf[off..end])
-                            .await
-                            .map_err(socket_error(Side::Next))?;
-                    }
-                    off = end;
-                }
-                Ok(())
-            };
-            tokio::time::timeout(timeout, work)
-                .await
-                .unwrap_or(Err(StepError {
-                    side: if rank == root { Side::Next } else { Side::Prev },
-                    io: None,
-                }))
-        })
+        // A chain root -> root+1 -> ...: chunk 0 is the buffer, chunk 1 is empty.
+        let steps = ring::broadcast_steps(self.rank, root, self.world);
+        let len = buf.len();
+        self.pipeline(
+            "broadcast",
+            buf,
+            [0..len, len..len].into_iter(),
+            &steps,
+            |_, _| {},
+        )
     }
 
     fn barrier(&self) -> Result<()> {
