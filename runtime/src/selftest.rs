@@ -5,8 +5,8 @@
 //! synthetic data set. With `--gpu`:
 //! 1. every GPU kernel against the CPU backend on random inputs, outputs NaN-poisoned first, for
 //!    bf16, fp16 and fp32, each with its relative-error bound (backend/cuda/selftest.rs);
-//! 2. 20 training steps of a small GPT-2 on the GPU against the CPU `Engine` on the same data and
-//!    init: fp32 (no TF32) within `FP32_LOSS_TOL`, bf16 within `BF16_LOSS_TOL_FIRST` (step 1)
+//! 2. every parameter gradient of a small GPT-2 at init against the CPU `Engine` (fp32, bf16);
+//!    then 20 training steps on the GPU against the CPU `Engine` on the same data and init: fp32 (no TF32) within `FP32_LOSS_TOL`, bf16 within `BF16_LOSS_TOL_FIRST` (step 1)
 //!    and `BF16_LOSS_TOL` (later steps), see below;
 //! 3. pinned host↔device bandwidth;
 //! 4. a one-rank NCCL all_reduce through strata-collectives with a closed-form check.
@@ -31,6 +31,14 @@ const BF16_LOSS_TOL_FIRST: f32 = 0.02;
 /// step by ~1% of lr; over 20 steps the trajectory's loss moves by ~1% of the ~2.5 nats it
 /// drops (0.025), on top of the forward error (0.02): 0.05.
 const BF16_LOSS_TOL: f32 = 0.05;
+/// Gradients at init, fp32 GPU vs CPU, relative to each tensor's largest gradient: summation
+/// order over B·T = 256 rows and K ≤ 512 products (~1e-6) with headroom for cancellation.
+const GRAD_TOL_FP32: f32 = 1e-4;
+/// Same in bf16: activations and dlogits are rounded to 8 bits (2^-9 ≈ 2e-3) at ~15 points
+/// along the backward path, and the residual-stream gradient accumulates in bf16 across layers;
+/// a few percent of the largest gradient is expected, 10% still catches any indexing or
+/// transposition error (those are O(1)).
+const GRAD_TOL_BF16: f32 = 0.1;
 /// Training steps of the GPU-vs-CPU comparison.
 const PARITY_STEPS: usize = 20;
 /// Pinned copies below this are broken (pageable copies reach ~8 GB/s; H100 pinned ~55 GB/s).
@@ -208,6 +216,9 @@ fn cpu_checks(report: &mut Report) {
 
 fn gpu_checks(report: &mut Report) {
     kernel_checks(report);
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        gradient_parity(report, precision);
+    }
     training_parity(report, Precision::Fp32, false);
     training_parity(report, Precision::Bf16, true);
     bandwidth_check(report);
@@ -232,13 +243,8 @@ fn kernel_checks(report: &mut Report) {
     }
 }
 
-/// 20 steps on the GPU in `precision` against the CPU engine on the same data and init.
-fn training_parity(report: &mut Report, precision: Precision, checkpointing: bool) {
-    let name = format!(
-        "train/{}{} vs cpu fp32",
-        precision.name(),
-        if checkpointing { "+ckpt" } else { "" }
-    );
+/// The config of the GPU-vs-CPU comparisons: the CPU one, and the GPU one in `precision`.
+fn parity_configs(precision: Precision, checkpointing: bool) -> (Config, Config) {
     let cpu_config = small_config(2, 128, 64, 4, PARITY_STEPS);
     let mut gpu_config = cpu_config.clone();
     gpu_config.train.device = DeviceKind::Cuda;
@@ -248,6 +254,93 @@ fn training_parity(report: &mut Report, precision: Precision, checkpointing: boo
         Precision::Fp16 => crate::config::Precision::Fp16,
         Precision::Fp32 => crate::config::Precision::Fp32,
     };
+    (cpu_config, gpu_config)
+}
+
+/// Every parameter gradient of one forward/backward at init on the GPU against the CPU engine:
+/// max |gpu − cpu| / max |cpu| per tensor within `GRAD_TOL_FP32` / `GRAD_TOL_BF16`.
+fn gradient_parity(report: &mut Report, precision: Precision) {
+    let prefix = format!("grad/{}", precision.name());
+    let (cpu_config, gpu_config) = parity_configs(precision, false);
+    let run = || -> Result<_, Box<dyn std::error::Error>> {
+        let (d, m) = (&cpu_config.data, &cpu_config.model);
+        let mut loader = Loader::new(
+            &d.train,
+            m.vocab_size,
+            d.micro_batch_size,
+            m.seq_len,
+            d.seed,
+            d.shuffle,
+        )?;
+        let mut engine = Engine::from_config(cpu_config.clone())?;
+        let mut batch = engine.new_batch();
+        loader.fill(&mut batch);
+        let batches = [batch];
+        let cpu_loss = engine.forward_backward(&batches)?;
+        let mut gpu = GpuGpt2Trainer::new(&gpu_config)?;
+        let (gpu_loss, gpu_grads) = gpu.compute_gradients(&batches)?;
+        let mut per_tensor = Vec::new();
+        for (unit, grads) in engine.units().iter().zip(&gpu_grads) {
+            for (t, r) in unit.spec.tensors.iter().zip(unit.spec.ranges()) {
+                let (want, got) = (&unit.grads[r.clone()], grads.get(r).unwrap_or(&[]));
+                per_tensor.push((t.name.clone(), rel_err(got, want)));
+            }
+        }
+        Ok((cpu_loss, gpu_loss, per_tensor))
+    };
+    let (cpu_loss, gpu_loss, per_tensor) = match run() {
+        Ok(v) => v,
+        Err(e) => return report.error(&prefix, e),
+    };
+    let loss_tol = match precision {
+        Precision::Fp32 => FP32_LOSS_TOL,
+        _ => BF16_LOSS_TOL_FIRST,
+    };
+    let diff = (gpu_loss - cpu_loss).abs();
+    report.check(
+        &format!("{prefix}/loss at init |dloss|"),
+        format!("{diff:.3e}"),
+        format!("<= {loss_tol:.1e}"),
+        diff <= loss_tol,
+    );
+    let tol = match precision {
+        Precision::Fp32 => GRAD_TOL_FP32,
+        _ => GRAD_TOL_BF16,
+    };
+    for (name, err) in per_tensor {
+        let short = name.trim_start_matches("transformer.");
+        report.check(
+            &format!("{prefix}/{short}"),
+            format!("{err:.3e}"),
+            format!("<= {tol:.1e}"),
+            err <= tol,
+        );
+    }
+}
+
+/// max |got − want| / max |want|; NaN when the lengths differ or `got` has a non-finite value.
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    if got.len() != want.len() {
+        return f32::NAN;
+    }
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+    got.iter().zip(want).fold(0.0f32, |m, (g, w)| {
+        if g.is_finite() {
+            m.max((g - w).abs() / scale)
+        } else {
+            f32::NAN
+        }
+    })
+}
+
+/// 20 steps on the GPU in `precision` against the CPU engine on the same data and init.
+fn training_parity(report: &mut Report, precision: Precision, checkpointing: bool) {
+    let name = format!(
+        "train/{}{} vs cpu fp32",
+        precision.name(),
+        if checkpointing { "+ckpt" } else { "" }
+    );
+    let (cpu_config, gpu_config) = parity_configs(precision, checkpointing);
     let run = || -> Result<(Vec<f32>, Vec<f32>), Box<dyn std::error::Error>> {
         let mut engine = Engine::from_config(cpu_config.clone())?;
         let cpu = losses(&mut engine, &cpu_config, PARITY_STEPS)?;

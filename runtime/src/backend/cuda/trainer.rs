@@ -88,6 +88,17 @@ impl GpuGpt2Trainer {
     /// Opens GPU 0, sizes and allocates the arena, initialises the weights as the CPU engine does
     /// (`UnitSpec::init_params(data.seed, unit)`, or `model.init_from`), uploads them.
     pub fn new(config: &Config) -> Result<Self, EngineError> {
+        // One rank only for now: under a launcher with several ranks every rank would train its
+        // own replica on GPU 0, which is not data-parallel training. Refuse instead.
+        if let Ok(info) = strata_collectives::RankInfo::from_env() {
+            if info.world_size > 1 {
+                return Err(EngineError::Batch(format!(
+                    "the GPU trainer runs on one GPU and one rank; this process is rank {} of {} \
+                     (multi-GPU training is not built yet: run one process, or train.device = \"cpu\")",
+                    info.rank, info.world_size
+                )));
+            }
+        }
         let shape = Gpt2Shape::from_config(&config.model);
         let units = Gpt2::new(shape).units().to_vec();
         let precision = gpu_precision(config.train.precision);
@@ -295,6 +306,28 @@ impl GpuGpt2Trainer {
         Ok((loss, norm_sq.first().copied().unwrap_or(f32::NAN)))
     }
 
+    /// ∂(mean loss)/∂params for `batches` at the current weights, without an optimizer step:
+    /// (mean loss, fp32 gradients per unit in the UnitSpec layout, loss scale removed).
+    /// For checks against the CPU engine's `forward_backward`.
+    pub fn compute_gradients(
+        &mut self,
+        batches: &[Batch],
+    ) -> Result<(f32, Vec<Vec<f32>>), EngineError> {
+        self.check_batches(batches)?;
+        let scale = self.scaler.scale();
+        let (loss, _) = self.forward_backward(batches, scale)?;
+        let mut out = Vec::with_capacity(self.layout.slots.len());
+        for slots in &self.layout.slots {
+            let mut unit = Vec::with_capacity(slots.iter().map(|s| s.numel).sum());
+            for s in slots {
+                let grads = self.bufs.grads.slice(s.device_offset, s.numel)?;
+                unit.extend(self.gpu.download::<f32>(&grads)?.iter().map(|&g| g / scale));
+            }
+            out.push(unit);
+        }
+        Ok((loss, out))
+    }
+
     /// Mean loss of one micro-batch without touching gradients or weights.
     pub fn eval_loss(&mut self, batch: &Batch) -> Result<f32, EngineError> {
         self.check_batches(std::slice::from_ref(batch))?;
@@ -415,16 +448,19 @@ impl GpuGpt2Trainer {
     /// The fp32 master weights, one flat vector per unit (UnitSpec layout).
     pub fn download_params(&self) -> Result<Vec<Vec<f32>>, EngineError> {
         self.gpu.synchronize(Queue::Compute)?;
-        let all = self.gpu.download::<f32>(&self.bufs.master)?;
-        Ok(self
-            .layout
-            .slots
-            .iter()
-            .map(|slots| match (slots.first(), slots.last()) {
-                (Some(a), Some(z)) => all[a.master_offset..z.master_offset + z.numel].to_vec(),
+        let mut out = Vec::with_capacity(self.layout.slots.len());
+        for slots in &self.layout.slots {
+            let unit = match (slots.first(), slots.last()) {
+                (Some(a), Some(z)) => {
+                    let len = z.master_offset + z.numel - a.master_offset;
+                    self.gpu
+                        .download::<f32>(&self.bufs.master.slice(a.master_offset, len)?)?
+                }
                 _ => Vec::new(),
-            })
-            .collect())
+            };
+            out.push(unit);
+        }
+        Ok(out)
     }
 
     /// Writes the fp32 master weights as safetensors with the model's tensor names.
