@@ -73,13 +73,6 @@ impl TcpComm {
         timeout: Duration,
         local_ip: std::net::IpAddr,
     ) -> Result<Self> {
-        let new_runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .enable_time()
-                .build()
-                .map_err(|e| CommError::Launch(format!("cannot start a tokio runtime: {e}")))
-        };
         let scratch = Mutex::new(Scratch { work: Vec::new() });
         if world == 1 {
             return Ok(Self {
@@ -100,10 +93,14 @@ impl TcpComm {
                 source,
             }
         };
-        let (send_runtime, recv_runtime) = (new_runtime()?, new_runtime()?);
-        // The listener and the accepted stream belong to the receiving runtime, the outgoing
-        // stream to the sending one; each is only polled on its runtime's thread.
-        let listener: TcpListener = recv_runtime.block_on(async {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("strata-tcp-r{rank}"))
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| CommError::Launch(format!("cannot start the tokio runtime: {e}")))?;
+        let listener: TcpListener = runtime.block_on(async {
             let socket = TcpSocket::new_v4().map_err(io(prev_rank, "listen"))?;
             let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
             socket
@@ -133,7 +130,7 @@ impl TcpComm {
         };
         // Every listener exists before any address is published, so connecting first cannot
         // wait on an accept.
-        let next = send_runtime
+        let next = runtime
             .block_on(async {
                 tokio::time::timeout(timeout, async {
                     let socket = TcpSocket::new_v4().map_err(io(next_rank, "connect"))?;
@@ -151,7 +148,7 @@ impl TcpComm {
                 .await
             })
             .map_err(connect_timeout(next_rank))??;
-        let prev = recv_runtime
+        let prev = runtime
             .block_on(async {
                 tokio::time::timeout(timeout, async {
                     let (mut stream, _) =
@@ -179,9 +176,8 @@ impl TcpComm {
         }
         let links = Links {
             next,
-            send_runtime,
             prev,
-            recv_runtime,
+            runtime,
         };
         Ok(Self {
             rank,

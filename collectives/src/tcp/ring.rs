@@ -1,8 +1,8 @@
 //! The pipelined ring: a collective is a list of steps; at step t a rank sends chunk `send` to
 //! the next rank and receives chunk `recv` from the previous one, adding or copying it in. The
 //! chunk sent at step t+1 is the one received at step t, so each block is forwarded as soon as it
-//! has arrived. Sending and receiving run on two threads (one tokio runtime each), so a slow
-//! reduction never stalls the outgoing stream.
+//! has arrived. Large operations send and receive on two threads, so a slow reduction never
+//! stalls the outgoing stream; small ones run both directions on the caller's thread.
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -18,12 +18,16 @@ use super::{Side, StepError};
 /// Bytes per block: the unit of forwarding.
 const BLOCK_BYTES: usize = 256 << 10;
 
-/// The two directions of a rank's place in the ring, each with the runtime that drives it.
+/// Operations on at most this many bytes run both directions on the calling thread (no thread
+/// start-up on the latency path).
+const ONE_THREAD_BYTES_MAX: usize = 1 << 20;
+
+/// The two directions of a rank's place in the ring and the runtime whose I/O driver serves them
+/// (one worker thread; the futures themselves run on the caller's threads via `block_on`).
 pub(super) struct Links {
     pub(super) next: TcpStream,
-    pub(super) send_runtime: Runtime,
     pub(super) prev: TcpStream,
-    pub(super) recv_runtime: Runtime,
+    pub(super) runtime: Runtime,
 }
 
 /// What a received block does to the local chunk.
@@ -271,10 +275,12 @@ pub(super) fn run<T: bytemuck::Pod + Send + Sync>(
     };
     let Links {
         next,
-        send_runtime,
         prev,
-        recv_runtime,
+        runtime,
     } = links;
+    let handle = runtime.handle();
+    let op_bytes: usize =
+        blocks.blocks.iter().map(|b| b.len).sum::<usize>() * std::mem::size_of::<T>();
     let sending = async {
         for (t, step) in steps.iter().enumerate() {
             for b in 0..blocks.count(step.send) {
@@ -353,15 +359,20 @@ pub(super) fn run<T: bytemuck::Pod + Send + Sync>(
         }
         Ok(())
     };
+    if op_bytes <= ONE_THREAD_BYTES_MAX {
+        return handle
+            .block_on(async { tokio::try_join!(sending, receiving) })
+            .map(|_| ());
+    }
     let (sent, received) = std::thread::scope(|scope| {
         let sender = scope.spawn(|| {
-            let result = send_runtime.block_on(sending);
+            let result = handle.block_on(sending);
             if result.is_err() {
                 shared.fail();
             }
             result
         });
-        let received = recv_runtime.block_on(receiving);
+        let received = handle.block_on(receiving);
         if received.is_err() {
             shared.fail();
         }
