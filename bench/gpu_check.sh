@@ -63,7 +63,8 @@ fi
 joined="$(IFS=:; echo "${libdirs[*]:-}")"
 export LD_LIBRARY_PATH="${joined}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "gpu_check: LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-export RUST_BACKTRACE=1
+export RUST_BACKTRACE=1       # backtraces for panics
+export RUST_LIB_BACKTRACE=0   # not for errors (anyhow would print one with every error)
 
 # --- throughput config (GPT 1.3B, configs/gpt-1.3b-h100.toml) -----------------------------
 # Looked up beside this script first (copy it there), then in the repository.
