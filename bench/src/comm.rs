@@ -5,9 +5,8 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use strata_collectives::bench::{parse_bytes, sweep, Collective, Row, SweepOptions};
-use strata_collectives::{init_from_env, Backend, DType, DistConfig};
+use strata_collectives::{init_from_env, Backend, CommError, DType, DistConfig};
 
 #[derive(clap::Args)]
 pub struct CommArgs {
@@ -64,8 +63,12 @@ pub fn run(args: CommArgs) -> anyhow::Result<()> {
         gpu: matches!(backend, Backend::Auto | Backend::Nccl),
         shm_slot_bytes: parse_bytes(&args.shm_slot_bytes)?,
     };
-    let comm = init_from_env(&config)
-        .context("strata-bench comm: run it under `strata launch --nproc-per-node N --`")?;
+    let comm = init_from_env(&config).map_err(|e| match e {
+        CommError::Env(_) => anyhow::anyhow!(
+            "{e} (run strata-bench comm under `strata launch --nproc-per-node N --`)"
+        ),
+        other => anyhow::Error::new(other),
+    });
     let options = SweepOptions {
         collectives,
         dtype,
