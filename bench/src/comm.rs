@@ -68,7 +68,7 @@ pub fn run(args: CommArgs) -> anyhow::Result<()> {
             "{e} (run strata-bench comm under `strata launch --nproc-per-node N --`)"
         ),
         other => anyhow::Error::new(other),
-    });
+    })?;
     let options = SweepOptions {
         collectives,
         dtype,
