@@ -330,6 +330,34 @@ mod tests {
     }
 
     #[test]
+    fn gpt_1_3b_fits_an_h100() {
+        let s = Gpt2Shape {
+            n_layer: 24,
+            n_head: 16,
+            n_embd: 2048,
+            vocab_size: 50304,
+            max_seq_len: 1024,
+        };
+        let layout = ParamLayout::new(Gpt2::new(s).units(), 50304);
+        let d = Dims {
+            b: 8,
+            t: 1024,
+            c: 2048,
+            nh: 16,
+            l: 24,
+            v: 50304,
+            vp: 50304,
+            micro_max: 1,
+            checkpointing: false,
+        };
+        let gib = arena_bytes(DType::Bf16, &layout, &d) as f64 / (1u64 << 30) as f64;
+        eprintln!("GPT 1.3B, B=8, T=1024, bf16, no checkpointing: arena {gib:.1} GiB");
+        // 18 bytes per parameter (fp32 master, m, v, grads; bf16 weights) ≈ 22 GiB, plus about
+        // 24 GiB of activations: well inside an H100's 80 GB with room for cuBLAS and NVRTC.
+        assert!((40.0..60.0).contains(&gib), "{gib:.1} GiB");
+    }
+
+    #[test]
     fn checkpointing_needs_less_memory() {
         let s = shape();
         let layout = ParamLayout::new(Gpt2::new(s).units(), 384);
