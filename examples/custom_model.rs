@@ -201,15 +201,7 @@ fn main() -> anyhow::Result<()> {
     config.train.steps = 200;
     config.model.seq_len = 64;
     let model = Mlp::new(config.model.vocab_size, 128);
-    let (d, m) = (&config.data, &config.model);
-    let mut loader = Loader::new(
-        &d.train,
-        m.vocab_size,
-        d.micro_batch_size,
-        m.seq_len,
-        d.seed,
-        d.shuffle,
-    )?;
+    let mut loader = Loader::from_config(&config)?;
     let mut engine = Engine::new(config.clone(), Box::new(model))?;
     let mut batch = vec![engine.new_batch()];
     for _ in 0..config.train.steps {

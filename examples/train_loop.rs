@@ -16,15 +16,7 @@ fn main() -> anyhow::Result<()> {
     config.optim.warmup_steps = 10;
     config.validate()?;
 
-    let (d, m) = (&config.data, &config.model);
-    let mut loader = Loader::new(
-        &d.train,
-        m.vocab_size,
-        d.micro_batch_size,
-        m.seq_len,
-        d.seed,
-        d.shuffle,
-    )?;
+    let mut loader = Loader::from_config(&config)?;
     let mut engine = Engine::from_config(config.clone())?;
     let mut batches = vec![engine.new_batch(); config.data.grad_accum_steps];
     for _ in 0..config.train.steps {

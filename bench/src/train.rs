@@ -37,15 +37,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     overrides.push(format!("train.steps={}", args.warmup + args.steps));
     let config = Config::load(args.config.as_deref(), &overrides)?;
     let (d, m) = (&config.data, &config.model);
-    let mut loader = Loader::new(
-        &d.train,
-        m.vocab_size,
-        d.micro_batch_size,
-        m.seq_len,
-        d.seed,
-        d.shuffle,
-    )
-    .context("opening the training data")?;
+    let mut loader = Loader::from_config(&config).context("opening the training data")?;
     let build = Instant::now();
     let mut engine = build_trainer(&config)?;
     let init_s = build.elapsed().as_secs_f64();

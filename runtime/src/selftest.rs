@@ -143,15 +143,8 @@ fn losses(
     config: &Config,
     steps: usize,
 ) -> Result<Vec<f32>, Box<dyn std::error::Error>> {
-    let (d, m) = (&config.data, &config.model);
-    let mut loader = Loader::new(
-        &d.train,
-        m.vocab_size,
-        d.micro_batch_size,
-        m.seq_len,
-        d.seed,
-        d.shuffle,
-    )?;
+    let d = &config.data;
+    let mut loader = Loader::from_config(&config)?;
     let mut batches: Vec<_> = (0..d.grad_accum_steps)
         .map(|_| trainer.new_batch())
         .collect();
@@ -263,15 +256,7 @@ fn gradient_parity(report: &mut Report, precision: Precision) {
     let prefix = format!("grad/{}", precision.name());
     let (cpu_config, gpu_config) = parity_configs(precision, false);
     let run = || -> Result<_, Box<dyn std::error::Error>> {
-        let (d, m) = (&cpu_config.data, &cpu_config.model);
-        let mut loader = Loader::new(
-            &d.train,
-            m.vocab_size,
-            d.micro_batch_size,
-            m.seq_len,
-            d.seed,
-            d.shuffle,
-        )?;
+        let mut loader = Loader::from_config(&cpu_config)?;
         let mut engine = Engine::from_config(cpu_config.clone())?;
         let mut batch = engine.new_batch();
         loader.fill(&mut batch);

@@ -138,15 +138,7 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
     let lead = rank == 0;
     let d = &config.data;
     let m = &config.model;
-    let loader = Loader::new(
-        &d.train,
-        m.vocab_size,
-        d.micro_batch_size,
-        m.seq_len,
-        d.seed,
-        d.shuffle,
-    )?;
-    let mut loader = loader.shard(rank, world);
+    let mut loader = Loader::from_config(&config)?.shard(rank, world);
     let mut metrics = match (&config.train.metrics_file, lead) {
         (Some(path), true) => Some((
             path.clone(),

@@ -95,6 +95,19 @@ impl Loader {
         Loader::from_tokens(tokens, origin, b, t, seed, shuffle)
     }
 
+    /// The loader `config` describes (`data.train`, `data.micro_batch_size`, `model.seq_len`, …).
+    pub fn from_config(config: &crate::config::Config) -> Result<Loader, DataError> {
+        let (d, m) = (&config.data, &config.model);
+        Loader::new(
+            &d.train,
+            m.vocab_size,
+            d.micro_batch_size,
+            m.seq_len,
+            d.seed,
+            d.shuffle,
+        )
+    }
+
     /// A loader over tokens in memory (tests, the library API).
     pub fn from_vec(
         tokens: Vec<u16>,

@@ -222,29 +222,7 @@ impl Engine {
 
     fn check_batches(&self, batches: &[Batch]) -> Result<(), EngineError> {
         let (b, t) = (self.config.data.micro_batch_size, self.config.model.seq_len);
-        if batches.is_empty() {
-            return Err(EngineError::Batch(
-                "train_step needs at least one micro-batch".into(),
-            ));
-        }
-        let vocab = self.config.model.vocab_size as u32;
-        for (i, mb) in batches.iter().enumerate() {
-            if mb.b != b || mb.t != t || mb.inputs.len() != b * t || mb.targets.len() != b * t {
-                return Err(EngineError::Batch(format!(
-                    "micro-batch {i} is {}×{} ({} inputs, {} targets); the engine was built for {b}×{t}",
-                    mb.b,
-                    mb.t,
-                    mb.inputs.len(),
-                    mb.targets.len()
-                )));
-            }
-            if let Some(tok) = mb.inputs.iter().chain(&mb.targets).find(|&&x| x >= vocab) {
-                return Err(EngineError::Batch(format!(
-                    "micro-batch {i}: token {tok} is not below vocab_size {vocab}"
-                )));
-            }
-        }
-        Ok(())
+        check_batches(batches, b, t, self.config.model.vocab_size)
     }
 
     /// Runs every stage forward up to the head and returns the head's input activation.
@@ -427,6 +405,43 @@ impl Engine {
         weights::save(path, &specs, &params, meta)?;
         Ok(())
     }
+}
+
+/// Checks that every micro-batch is `b × t` with tokens below `vocab` (at least one micro-batch).
+pub(crate) fn check_batches(
+    batches: &[Batch],
+    b: usize,
+    t: usize,
+    vocab: usize,
+) -> Result<(), EngineError> {
+    if batches.is_empty() {
+        return Err(EngineError::Batch(
+            "train_step needs at least one micro-batch".into(),
+        ));
+    }
+    for (i, mb) in batches.iter().enumerate() {
+        if mb.b != b || mb.t != t || mb.inputs.len() != b * t || mb.targets.len() != b * t {
+            return Err(EngineError::Batch(format!(
+                "micro-batch {i} is {}×{} ({} inputs, {} targets); the trainer was built for {b}×{t}",
+                mb.b,
+                mb.t,
+                mb.inputs.len(),
+                mb.targets.len()
+            )));
+        }
+        // Kernels index embeddings by token: an out-of-range token would read out of bounds.
+        if let Some(tok) = mb
+            .inputs
+            .iter()
+            .chain(&mb.targets)
+            .find(|&&x| x as usize >= vocab)
+        {
+            return Err(EngineError::Batch(format!(
+                "micro-batch {i}: token {tok} is not below vocab_size {vocab}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Parameter views and gradient views of the units a stage uses, in the stage's order.

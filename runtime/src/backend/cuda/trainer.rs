@@ -222,33 +222,14 @@ impl GpuGpt2Trainer {
     }
 
     fn check_batches(&self, batches: &[Batch]) -> Result<(), EngineError> {
-        let (b, t) = (self.dims.b, self.dims.t);
-        if batches.is_empty() || batches.len() > self.dims.micro_max {
+        if batches.len() > self.dims.micro_max {
             return Err(EngineError::Batch(format!(
                 "train_step got {} micro-batches; the GPU trainer was built for 1 to {} (data.grad_accum_steps)",
                 batches.len(),
                 self.dims.micro_max
             )));
         }
-        let vocab = self.dims.v as u32;
-        for (i, mb) in batches.iter().enumerate() {
-            if mb.b != b || mb.t != t || mb.inputs.len() != b * t || mb.targets.len() != b * t {
-                return Err(EngineError::Batch(format!(
-                    "micro-batch {i} is {}×{} ({} inputs, {} targets); the trainer was built for {b}×{t}",
-                    mb.b,
-                    mb.t,
-                    mb.inputs.len(),
-                    mb.targets.len()
-                )));
-            }
-            // The kernels index embeddings by token: an out-of-range token would read out of bounds.
-            if let Some(tok) = mb.inputs.iter().chain(&mb.targets).find(|&&x| x >= vocab) {
-                return Err(EngineError::Batch(format!(
-                    "micro-batch {i}: token {tok} is not below vocab_size {vocab}"
-                )));
-            }
-        }
-        Ok(())
+        crate::engine::check_batches(batches, self.dims.b, self.dims.t, self.dims.v)
     }
 
     /// Copies every micro-batch's tokens to the device (H2D queue) and orders compute after it.
