@@ -144,7 +144,7 @@ fn losses(
     steps: usize,
 ) -> Result<Vec<f32>, Box<dyn std::error::Error>> {
     let d = &config.data;
-    let mut loader = Loader::from_config(&config)?;
+    let mut loader = Loader::from_config(config)?;
     let mut batches: Vec<_> = (0..d.grad_accum_steps)
         .map(|_| trainer.new_batch())
         .collect();
