@@ -1,5 +1,6 @@
 //! strata-bench: training throughput and micro-benchmarks of each mechanism.
 
+mod adam;
 mod comm;
 mod io;
 mod train;
@@ -21,6 +22,8 @@ enum Command {
     Comm(comm::CommArgs),
     /// Training throughput (tokens/s, TFLOP/s) of a model config.
     Train(train::TrainArgs),
+    /// CPU AdamW throughput (parameters per second).
+    Adam(adam::AdamArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +32,6 @@ fn main() -> anyhow::Result<()> {
         Command::Io(args) => io::run(args),
         Command::Comm(args) => comm::run(args),
         Command::Train(args) => train::run(args),
+        Command::Adam(args) => adam::run(args),
     }
 }
