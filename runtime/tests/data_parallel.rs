@@ -72,6 +72,109 @@ fn two_ranks_over_shm_match_one_rank_with_double_accumulation() {
     );
 }
 
+/// The pid of the launcher's child that runs rank `rank` (found through /proc: parent pid and RANK=…).
+fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
+    let want = format!("RANK={rank}");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The parent pid is the second field after the parenthesised command name.
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let has_rank = environ.split(|&b| b == 0).any(|var| var == want.as_bytes());
+            (ppid == launcher && has_rank).then_some(pid)
+        })
+}
+
+#[test]
+fn a_rank_killed_during_training_stops_the_job_and_is_named() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics = dir.path().join("metrics.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "train",
+            "--nproc",
+            "2",
+            "--steps",
+            "100000",
+            "--set",
+            "model.n_layer=1",
+            "--set",
+            "model.seq_len=32",
+        ])
+        .args([
+            "--set",
+            "dist.timeout_s=20",
+            "--set",
+            "dist.backend=\"shm\"",
+        ])
+        .arg("--set")
+        .arg(format!("train.metrics_file={}", metrics.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start strata");
+    // Wait until both ranks are training (rank 0 has written a few steps).
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics)
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let victim = rank_pid(child.id(), 1).expect("rank 1's process");
+    let survivor = rank_pid(child.id(), 0).expect("rank 0's process");
+    // SAFETY: kill(2) on a pid read from /proc that is our launcher's child; no memory is involved.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    let killed_at = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if killed_at.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the job did not stop within 60 s of rank 1 dying");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "the launcher must fail when a rank dies");
+    assert!(
+        stderr.contains("rank 1"),
+        "the error should name rank 1:\n{stderr}"
+    );
+    println!(
+        "stopped {:.1} s after the kill; launcher said:\n{}",
+        killed_at.elapsed().as_secs_f64(),
+        stderr
+            .lines()
+            .filter(|l| l.contains("rank 1"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // No rank is left behind.
+    assert!(
+        !Path::new(&format!("/proc/{survivor}")).exists(),
+        "rank 0 (pid {survivor}) was left running"
+    );
+}
+
 #[test]
 fn three_ranks_over_tcp_match_one_rank_with_triple_accumulation() {
     let dir = tempfile::tempdir().expect("tempdir");
