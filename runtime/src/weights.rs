@@ -170,14 +170,13 @@ pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<
 }
 
 /// Writes every tensor (f32, names and layouts as [`load`] reads them) with `metadata`.
-pub fn save(
+pub fn save<'a>(
     path: &Path,
-    units: &[UnitSpec],
-    params: &[Vec<f32>],
+    units: impl IntoIterator<Item = (&'a UnitSpec, &'a [f32])>,
     metadata: BTreeMap<String, String>,
 ) -> Result<(), WeightsError> {
     let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (unit, data) in units.iter().zip(params) {
+    for (unit, data) in units {
         for (spec, range) in unit.tensors.iter().zip(unit.ranges()) {
             let values = &data[range];
             let (shape, values) = if spec.stored_transposed {

@@ -131,6 +131,8 @@ pub struct Engine {
     step: usize,
     /// Compute threads (`train.threads`); every kernel runs inside it.
     pool: Arc<rayon::ThreadPool>,
+    /// The units each stage uses (the model's `stages()`, read once: the stage walk is on the hot path).
+    stage_units: Vec<Vec<usize>>,
     /// Data-parallel group: gradients are averaged over it before the optimizer step.
     comm: Box<dyn Communicator>,
 }
@@ -182,6 +184,7 @@ impl Engine {
             .collect();
         let dacts = [vec![0.0; act_len], vec![0.0; act_len]];
         let comm = connect(&config.dist, false)?;
+        let stage_units = model.stages().iter().map(|s| s.units.clone()).collect();
         Ok(Engine {
             config,
             model,
@@ -190,6 +193,7 @@ impl Engine {
             dacts,
             step: 0,
             pool,
+            stage_units,
             comm,
         })
     }
@@ -227,10 +231,9 @@ impl Engine {
 
     /// Runs every stage forward up to the head and returns the head's input activation.
     fn forward_stages(&mut self, mb: &Batch) {
-        let stages = self.model.stages().to_vec();
-        for (s, stage) in stages.iter().enumerate().take(stages.len() - 1) {
-            let params: Vec<&[f32]> = stage
-                .units
+        let last = self.stage_units.len() - 1;
+        for (s, ids) in self.stage_units.iter().enumerate().take(last) {
+            let params: Vec<&[f32]> = ids
                 .iter()
                 .map(|&u| self.units[u].params.as_slice())
                 .collect();
@@ -269,15 +272,14 @@ impl Engine {
 
     fn forward_backward_local(&mut self, batches: &[Batch]) -> f32 {
         self.units.iter_mut().for_each(|u| u.grads.fill(0.0));
-        let stages = self.model.stages().to_vec();
-        let last = stages.len() - 1;
+        let last = self.stage_units.len() - 1;
         let dloss = 1.0 / (batches.len() * self.comm.world_size()) as f32;
         let mut loss_sum = 0.0f64;
         for mb in batches {
             self.forward_stages(mb);
             let [dout, dinput] = &mut self.dacts;
             {
-                let (params, mut grads) = stage_views(&mut self.units, &stages[last].units);
+                let (params, mut grads) = stage_views(&mut self.units, &self.stage_units[last]);
                 let head = HeadGrads {
                     grads: &mut grads,
                     dinput: dout,
@@ -286,7 +288,7 @@ impl Engine {
                 loss_sum += self.model.head(&params, mb, &self.acts[last], Some(head)) as f64;
             }
             for s in (0..last).rev() {
-                let (params, mut grads) = stage_views(&mut self.units, &stages[s].units);
+                let (params, mut grads) = stage_views(&mut self.units, &self.stage_units[s]);
                 self.model
                     .backward(s, &params, &mut grads, mb, &self.acts[s], dout, dinput);
                 std::mem::swap(dout, dinput);
@@ -298,12 +300,11 @@ impl Engine {
     /// Mean loss of one micro-batch without touching gradients or weights.
     pub fn eval_loss(&mut self, batch: &Batch) -> Result<f32, EngineError> {
         self.check_batches(std::slice::from_ref(batch))?;
-        let last = self.model.stages().len() - 1;
         let pool = Arc::clone(&self.pool);
         let loss = pool.install(|| {
             self.forward_stages(batch);
-            let ids = self.model.stages()[last].units.clone();
-            let params: Vec<&[f32]> = ids
+            let last = self.stage_units.len() - 1;
+            let params: Vec<&[f32]> = self.stage_units[last]
                 .iter()
                 .map(|&u| self.units[u].params.as_slice())
                 .collect();
@@ -397,12 +398,11 @@ impl Engine {
 
     /// Writes the parameters as safetensors with the model's tensor names.
     pub fn save_weights(&self, path: &Path) -> Result<(), EngineError> {
-        let specs: Vec<UnitSpec> = self.units.iter().map(|u| u.spec.clone()).collect();
-        let params: Vec<Vec<f32>> = self.units.iter().map(|u| u.params.clone()).collect();
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         meta.insert("strata_step".to_string(), self.step.to_string());
-        weights::save(path, &specs, &params, meta)?;
+        let units = self.units.iter().map(|u| (&u.spec, u.params.as_slice()));
+        weights::save(path, units, meta)?;
         Ok(())
     }
 }

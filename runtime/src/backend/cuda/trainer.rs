@@ -450,7 +450,11 @@ impl GpuGpt2Trainer {
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         meta.insert("strata_step".to_string(), self.step.to_string());
-        weights::save(path, &self.units, &params, meta)?;
+        weights::save(
+            path,
+            self.units.iter().zip(params.iter().map(Vec::as_slice)),
+            meta,
+        )?;
         Ok(())
     }
 }
