@@ -10,6 +10,8 @@ pub mod gpt2;
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 /// How a tensor is initialised.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {
@@ -51,16 +53,26 @@ impl UnitSpec {
     /// do not depend on how units are partitioned or on which device they live.
     pub fn init_params(&self, seed: u64, index: usize) -> Vec<f32> {
         let mut params = vec![0.0; self.numel()];
-        for (i, (t, range)) in self.tensors.iter().zip(self.ranges()).enumerate() {
-            let dst = &mut params[range];
-            match t.init {
+        // One slice per tensor, filled in parallel: each tensor has its own stream, so the values
+        // do not depend on the thread count (a 1.3B model initialises in seconds, not a minute).
+        let mut slices = Vec::with_capacity(self.tensors.len());
+        let mut rest = params.as_mut_slice();
+        for t in &self.tensors {
+            let (dst, tail) = rest.split_at_mut(t.numel());
+            slices.push(dst);
+            rest = tail;
+        }
+        slices
+            .into_par_iter()
+            .zip(self.tensors.par_iter())
+            .enumerate()
+            .for_each(|(i, (dst, t))| match t.init {
                 Init::Zeros => dst.fill(0.0),
                 Init::Ones => dst.fill(1.0),
                 Init::Normal { std } => {
                     crate::rng::Rng::derive(seed, index as u64, i as u64).fill_normal(dst, std)
                 }
-            }
-        }
+            });
         params
     }
 

@@ -721,6 +721,6 @@ impl GpuContext {
             Arg::Float(hyper.weight_decay),
             Arg::Float(grad_scale),
         ];
-        self.launch(op, elementwise_config(n), &args)
+        self.launch("adamw_update", elementwise_config(n), &args)
     }
 }

@@ -209,13 +209,30 @@ pub fn run_kernel_checks(gpu: &GpuContext, seed: u64) -> Result<Vec<CheckResult>
 fn run_all(h: &mut Harness<'_>) -> Result<()> {
     let (b, t, c, nh, v, vp) = (2usize, 64usize, 128usize, 4usize, 1000usize, 1024usize);
     let n = b * t;
-    check_encoder(h, b, t, c, v)?;
-    check_layernorm(h, n, c)?;
-    check_gelu_residual(h, n * 4 * c)?;
-    check_matmul(h, n, c, 3 * c)?;
-    check_attention(h, AttentionShape { b, t, c, nh })?;
-    check_crossentropy(h, n, v, vp)?;
-    check_casts_norm_adamw(h, 100_003)?;
+    // Each group runs even when an earlier one failed, so one run reports every broken
+    // kernel; an error (a launch or precondition failure) becomes a failed check.
+    let groups: [(&str, &dyn Fn(&mut Harness<'_>) -> Result<()>); 7] = [
+        ("encoder", &|h| check_encoder(h, b, t, c, v)),
+        ("layernorm", &|h| check_layernorm(h, n, c)),
+        ("gelu_residual", &|h| check_gelu_residual(h, n * 4 * c)),
+        ("matmul", &|h| check_matmul(h, n, c, 3 * c)),
+        ("attention", &|h| {
+            check_attention(h, AttentionShape { b, t, c, nh })
+        }),
+        ("crossentropy", &|h| check_crossentropy(h, n, v, vp)),
+        ("casts_norm_adamw", &|h| check_casts_norm_adamw(h, 100_003)),
+    ];
+    for (group, run) in groups {
+        if let Err(e) = run(h) {
+            let tolerance = tolerance(h.precision, 1);
+            h.results.push(CheckResult {
+                name: format!("{group}: error: {e}"),
+                max_rel_err: f32::NAN,
+                tolerance,
+                passed: false,
+            });
+        }
+    }
     Ok(())
 }
 
@@ -564,7 +581,15 @@ pub fn kernel_selftest(
             ..Default::default()
         };
         let gpu = GpuContext::new(&opts)?;
-        out.push((precision, run_kernel_checks(&gpu, seed)?));
+        let checks = run_kernel_checks(&gpu, seed).unwrap_or_else(|e| {
+            vec![CheckResult {
+                name: format!("kernel checks: error: {e}"),
+                max_rel_err: f32::NAN,
+                tolerance: tolerance(precision, 1),
+                passed: false,
+            }]
+        });
+        out.push((precision, checks));
     }
     Ok(out)
 }

@@ -28,6 +28,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use super::arena::DeviceBuf;
 use super::context::{GpuContext, GpuEvent, GpuOptions, Queue};
 use super::error::CudaError;
@@ -136,7 +138,7 @@ impl GpuGpt2Trainer {
         )?;
         let views = make_views(&bufs, &layout)?;
         let mut params: Vec<Vec<f32>> = units
-            .iter()
+            .par_iter()
             .enumerate()
             .map(|(i, u)| u.init_params(config.data.seed, i))
             .collect();
