@@ -142,15 +142,43 @@ pub enum Schedule {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
+    #[serde(serialize_with = "short_f32::one")]
     pub lr: f32,
+    #[serde(serialize_with = "short_f32::pair")]
     pub betas: [f32; 2],
+    #[serde(serialize_with = "short_f32::one")]
     pub eps: f32,
+    #[serde(serialize_with = "short_f32::one")]
     pub weight_decay: f32,
     pub warmup_steps: usize,
     pub schedule: Schedule,
+    #[serde(serialize_with = "short_f32::one")]
     pub min_lr: f32,
     /// Global-norm gradient clipping threshold; 0 turns clipping off.
+    #[serde(serialize_with = "short_f32::one")]
     pub grad_clip: f32,
+}
+
+/// f32 settings print as written (`lr = 0.003`, not `0.003000000026077032`): TOML has only f64,
+/// so each value is widened through its shortest decimal form, which reads back as the same f32.
+mod short_f32 {
+    use serde::ser::{SerializeTuple, Serializer};
+
+    fn widen(v: f32) -> f64 {
+        format!("{v}").parse().unwrap_or(f64::from(v))
+    }
+
+    pub fn one<S: Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(widen(*v))
+    }
+
+    pub fn pair<S: Serializer>(v: &[f32; 2], s: S) -> Result<S::Ok, S::Error> {
+        let mut t = s.serialize_tuple(2)?;
+        for x in v {
+            t.serialize_element(&widen(*x))?;
+        }
+        t.end()
+    }
 }
 
 impl Default for OptimConfig {
@@ -362,6 +390,17 @@ mod tests {
         let text = include_str!("../../../configs/tiny.toml");
         let parsed = Config::from_toml_str(text).unwrap();
         assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn printed_config_reads_back_and_shows_f32_as_written() {
+        let mut config = Config::default();
+        config.optim.lr = 6e-4;
+        config.optim.eps = 1e-8;
+        let text = config.to_toml();
+        assert!(text.contains("lr = 0.0006\n"), "{text}");
+        assert!(text.contains("betas = [0.9, 0.95]"), "{text}");
+        assert_eq!(Config::from_toml_str(&text).unwrap(), config);
     }
 
     #[test]
