@@ -62,13 +62,14 @@ impl DeviceArena {
             .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))?;
         // SAFETY: the context is current on this thread; the result is checked.
         let base = unsafe { cudarc::driver::result::malloc_sync(capacity_bytes) }.map_err(|e| {
-            let free = ctx.mem_get_info().map(|(f, _)| f).unwrap_or(0);
-            CudaError::Driver {
-                op: "cuMemAlloc (device arena)",
-                message: format!(
-                    "{:?} allocating {capacity_bytes} bytes ({free} bytes free on the device)",
-                    e
-                ),
+            if e.0 != sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                return CudaError::driver("cuMemAlloc (device arena)", e);
+            }
+            let (free_bytes, total_bytes) = ctx.mem_get_info().unwrap_or((0, 0));
+            CudaError::DeviceOutOfMemory {
+                requested_bytes: capacity_bytes,
+                free_bytes,
+                total_bytes,
             }
         })?;
         Ok(DeviceArena {

@@ -59,6 +59,16 @@ pub enum CudaError {
     },
 
     #[error(
+        "out of device memory: the arena needs {requested_bytes} bytes, {free_bytes} of \
+         {total_bytes} bytes are free on the device"
+    )]
+    DeviceOutOfMemory {
+        requested_bytes: usize,
+        free_bytes: usize,
+        total_bytes: usize,
+    },
+
+    #[error(
         "kernel {kernel} is not in the loaded module (the .cu sources and launchers disagree)"
     )]
     MissingKernel { kernel: &'static str },

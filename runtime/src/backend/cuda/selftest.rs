@@ -206,12 +206,15 @@ pub fn run_kernel_checks(gpu: &GpuContext, seed: u64) -> Result<Vec<CheckResult>
     outcome.map(|()| h.results)
 }
 
+/// A named group of kernel checks.
+type CheckGroup<'f> = (&'static str, &'f dyn Fn(&mut Harness<'_>) -> Result<()>);
+
 fn run_all(h: &mut Harness<'_>) -> Result<()> {
     let (b, t, c, nh, v, vp) = (2usize, 64usize, 128usize, 4usize, 1000usize, 1024usize);
     let n = b * t;
     // Each group runs even when an earlier one failed, so one run reports every broken
     // kernel; an error (a launch or precondition failure) becomes a failed check.
-    let groups: [(&str, &dyn Fn(&mut Harness<'_>) -> Result<()>); 7] = [
+    let groups: [CheckGroup<'_>; 7] = [
         ("encoder", &|h| check_encoder(h, b, t, c, v)),
         ("layernorm", &|h| check_layernorm(h, n, c)),
         ("gelu_residual", &|h| check_gelu_residual(h, n * 4 * c)),

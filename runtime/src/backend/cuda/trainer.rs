@@ -50,6 +50,50 @@ const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 /// Slack on top of the planned bytes (alignment of the workspace, rounding).
 const ARENA_SLACK_BYTES: usize = 4 << 20;
 
+/// An arena that does not fit becomes an error that says what takes the memory and what to
+/// change; other errors pass through.
+fn does_not_fit(
+    e: CudaError,
+    precision: Precision,
+    layout: &ParamLayout,
+    dims: &Dims,
+) -> EngineError {
+    let CudaError::DeviceOutOfMemory {
+        requested_bytes,
+        free_bytes,
+        ..
+    } = e
+    else {
+        return e.into();
+    };
+    const GIB: f64 = (1u64 << 30) as f64;
+    // fp32 master, Adam m and v per parameter; fp32 grads and floatX weights per device element.
+    let state_bytes =
+        12 * layout.master_len + (4 + precision.dtype().size_bytes()) * layout.device_len;
+    let rest = requested_bytes.saturating_sub(state_bytes);
+    let mut advice = vec![format!(
+        "lower data.micro_batch_size (now {}) and raise data.grad_accum_steps",
+        dims.b
+    )];
+    if !dims.checkpointing {
+        advice.push("set train.activation_checkpointing = true".into());
+    }
+    advice.push("or train a smaller model: ZeRO partitioning and offload are not built yet".into());
+    EngineError::Batch(format!(
+        "the model does not fit on GPU 0: it needs {:.1} GiB ({:.1} GiB of weights, gradients and \
+         AdamW state for {} parameters, {:.1} GiB of activations and scratch for {} x {} tokens), \
+         {:.1} GiB are free; {}",
+        requested_bytes as f64 / GIB,
+        state_bytes as f64 / GIB,
+        layout.master_len,
+        rest as f64 / GIB,
+        dims.b,
+        dims.t,
+        free_bytes as f64 / GIB,
+        advice.join(", ")
+    ))
+}
+
 /// The floatX a config asks for on the GPU: `auto` is bf16.
 pub fn gpu_precision(p: config::Precision) -> Precision {
     match p {
@@ -129,7 +173,8 @@ impl GpuGpt2Trainer {
             arena_bytes,
             blas_workspace_bytes: BLAS_WORKSPACE_BYTES,
             allow_tf32: false,
-        })?;
+        })
+        .map_err(|e| does_not_fit(e, precision, &layout, &dims))?;
         let bufs = Buffers::build(
             &mut ArenaAllocator(gpu.arena()),
             precision.dtype(),
