@@ -11,8 +11,9 @@
 #   ./strata doctor
 #   ./strata selftest --gpu            (every kernel vs the CPU reference, 20-step GPT-2 run vs CPU,
 #                                       pinned H2D/D2H bandwidth, one-rank NCCL all_reduce)
-#   ./strata-bench train --config gpt-1.3b-h100.toml --steps N --warmup 1 --json
-#                                      (GPT 1.3B, bf16, AdamW, everything on the GPU)
+#   ./strata-bench train --config gpt-1.3b-h100.toml --steps N --warmup 1 --profile --json
+#                                      (GPT 1.3B, bf16, AdamW, everything on the GPU; then one
+#                                       step with every kernel and GEMM timed)
 # and prints a short table last. Exit status is non-zero if any step failed or throughput is
 # below the target.
 #
@@ -99,8 +100,8 @@ run_step doctor "$out/doctor.log" ./strata doctor
 run_step selftest "$out/selftest.log" ./strata selftest --gpu
 # strata-bench prints one JSON object on stdout (--json); progress lines go to stderr.
 echo
-echo "=== train: ./strata-bench train --config $config --steps $steps --warmup 1 --json"
-timeout "$step_timeout" ./strata-bench train --config "$config" --steps "$steps" --warmup 1 --json \
+echo "=== train: ./strata-bench train --config $config --steps $steps --warmup 1 --profile --json"
+timeout "$step_timeout" ./strata-bench train --config "$config" --steps "$steps" --warmup 1 --profile --json \
     > "$out/train.json" 2> >(tee "$out/train.log" >&2)
 rc=$?
 if [ "$rc" = 124 ]; then status[train]="TIMEOUT (${step_timeout}s)"
@@ -125,6 +126,19 @@ tflops="-"; verdict="no result"
 if [ -n "$tokens_per_s" ]; then
     tflops="$(awk -v t="$tokens_per_s" -v f="$flops_per_token" 'BEGIN { printf "%.1f", t*f/1e12 }')"
     if awk -v x="$tflops" -v y="$target" 'BEGIN { exit !(x >= y) }'; then verdict="PASS"; else verdict="BELOW TARGET"; fi
+fi
+
+# --- where the step's time goes (one profiled step after the timed ones) --------------------
+if [ -s "$out/train.json" ] && command -v python3 >/dev/null 2>&1; then
+    python3 - "$out/train.json" <<'PY'
+import json, sys
+row = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+ops = row.get("profile") or []
+total = sum(o["ms"] for o in ops) or 1.0
+print(f"\nprofile of one step: {total:.1f} ms on the compute queue")
+for o in ops[:15]:
+    print(f"  {o['ms']:8.2f} ms {100 * o['ms'] / total:5.1f}% {o['calls']:6d}x  {o['op']}")
+PY
 fi
 
 # --- table ----------------------------------------------------------------------------------

@@ -30,12 +30,22 @@ pub struct TrainArgs {
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
+    /// After the timed steps, one more step with every GPU operation timed (GPU trainer only):
+    /// a table of time per kernel/GEMM, or a "profile" array in the JSON.
+    #[arg(long)]
+    profile: bool,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut overrides = args.set.clone();
     overrides.push(format!("train.steps={}", args.warmup + args.steps));
     let config = Config::load(args.config.as_deref(), &overrides)?;
+    let device = strata::train::resolve_device(config.train.device);
+    if args.profile && device != strata::config::DeviceKind::Cuda {
+        anyhow::bail!(
+            "--profile times GPU operations: it needs a GPU (train.device = \"cuda\", or \"auto\" where a GPU is present)"
+        );
+    }
     let (d, m) = (&config.data, &config.model);
     let mut loader = Loader::from_config(&config).context("opening the training data")?;
     let build = Instant::now();
@@ -56,6 +66,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             timed.push(s);
         }
     }
+    let profile = if args.profile {
+        batches.iter_mut().for_each(|b| loader.fill(b));
+        Some(engine.train_step_profiled(&batches)?)
+    } else {
+        None
+    };
     let secs: f64 = timed.iter().map(|s| s.step_ms / 1e3).sum();
     let tokens: usize = timed.iter().map(|s| s.tokens).sum();
     let tflops: f64 = timed
@@ -64,13 +80,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .sum::<f64>()
         / secs;
     let tokens_per_s = tokens as f64 / secs;
-    let row = serde_json::json!({
+    let mut row = serde_json::json!({
         "n_layer": m.n_layer,
         "n_embd": m.n_embd,
         "seq_len": m.seq_len,
         "params": engine.num_params(),
         "tokens_per_step": tokens / timed.len().max(1),
-        "device": format!("{:?}", strata::train::resolve_device(config.train.device)).to_lowercase(),
+        "device": format!("{device:?}").to_lowercase(),
         "precision": format!("{:?}", config.train.precision).to_lowercase(),
         "activation_checkpointing": config.train.activation_checkpointing,
         "threads": if config.train.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { config.train.threads },
@@ -80,6 +96,29 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "tflops": tflops,
         "mfu": args.peak_tflops.map(|p| tflops / p),
     });
+    if let Some((stats, ops)) = &profile {
+        let total: f64 = ops.iter().map(|o| o.ms).sum();
+        row["profile"] = ops
+            .iter()
+            .map(|o| serde_json::json!({"op": o.op, "calls": o.calls, "ms": o.ms}))
+            .collect();
+        if !args.json {
+            println!(
+                "profile of one step ({:.1} ms wall, {total:.1} ms on the compute queue):",
+                stats.step_ms
+            );
+            println!("{:>9} {:>6} {:>6}  op", "ms", "%", "calls");
+            for o in ops {
+                println!(
+                    "{:>9.2} {:>5.1}% {:>6}  {}",
+                    o.ms,
+                    100.0 * o.ms / total.max(1e-9),
+                    o.calls,
+                    o.op
+                );
+            }
+        }
+    }
     if args.json {
         println!("{row}");
     } else {

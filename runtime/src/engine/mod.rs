@@ -35,6 +35,8 @@ pub enum EngineError {
     Threads(String),
     #[error("{0}")]
     Batch(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
     #[error(transparent)]
     Cuda(#[from] crate::backend::cuda::CudaError),
     #[error(transparent)]
@@ -50,6 +52,15 @@ pub trait Trainer {
     fn num_params(&self) -> usize;
     /// Writes the parameters as safetensors (Hugging Face names for GPT-2).
     fn save_weights(&self, path: &Path) -> Result<(), EngineError>;
+    /// `train_step` with the time of every device operation (`strata-bench train --profile`).
+    fn train_step_profiled(
+        &mut self,
+        _batches: &[Batch],
+    ) -> Result<(StepStats, Vec<crate::backend::cuda::OpTime>), EngineError> {
+        Err(EngineError::Unsupported(
+            "per-operation profiles are taken on the GPU trainer only (train.device = \"cuda\")",
+        ))
+    }
     /// This process's data-parallel rank and the number of ranks.
     fn rank(&self) -> usize {
         0

@@ -136,6 +136,7 @@ impl GpuContext {
             scale,
             0.0,
         )?;
+        self.profile_mark("gemm: attention_forward")?;
         self.launch_rows(
             "attention_softmax_forward",
             &[acts.att.ptr(), acts.att.ptr()],
@@ -159,6 +160,7 @@ impl GpuContext {
             1.0,
             0.0,
         )?;
+        self.profile_mark("gemm: attention_forward")?;
         self.launch_attention(
             "attention_unpermute",
             per_head,
@@ -222,6 +224,7 @@ impl GpuContext {
             1.0,
             0.0,
         )?;
+        self.profile_mark("gemm: attention_backward")?;
         // dv (T,HS) = att (T,T)ᵀ · dvaccum (T,HS)
         let g2 = GemmShape {
             m: t,
@@ -239,6 +242,7 @@ impl GpuContext {
             1.0,
             0.0,
         )?;
+        self.profile_mark("gemm: attention_backward")?;
         // dpreatt = softmax backward, in place over datt.
         self.launch_rows(
             "attention_softmax_backward",
@@ -263,6 +267,7 @@ impl GpuContext {
             scale,
             0.0,
         )?;
+        self.profile_mark("gemm: attention_backward")?;
         // dk (T,HS) = scale · dpreatt (T,T)ᵀ · q (T,HS)
         let g4 = GemmShape {
             m: t,
@@ -280,6 +285,7 @@ impl GpuContext {
             scale,
             0.0,
         )?;
+        self.profile_mark("gemm: attention_backward")?;
         self.launch_attention(
             "attention_permute_backward",
             per_head,

@@ -1,6 +1,6 @@
 //! `GpuContext`: one device, its four queues (streams), events, cuBLAS and the kernels.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
@@ -9,6 +9,7 @@ use super::error::{ensure, CudaError, Result};
 use super::gemm::Blas;
 use super::kernels::Kernels;
 use super::loader::{self, CudaLibrary};
+use super::profile::Profile;
 use super::{DType, Precision};
 
 /// The engine's queues. Each is one non-blocking CUDA stream; work on different queues runs
@@ -75,6 +76,8 @@ pub struct GpuContext {
     arena: DeviceArena,
     blas: Blas,
     kernels: Kernels,
+    /// Open per-operation profile (`profile_start`), if any.
+    profile: Mutex<Option<Profile>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -170,7 +173,13 @@ impl GpuContext {
             arena,
             blas,
             kernels,
+            profile: Mutex::new(None),
         })
+    }
+
+    pub(super) fn profile_slot(&self) -> MutexGuard<'_, Option<Profile>> {
+        // A panic while holding the lock leaves a profile that is still well-formed.
+        self.profile.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn cuda(&self) -> &Arc<CudaContext> {

@@ -193,9 +193,8 @@ impl GpuContext {
         // SAFETY: the argument list matches the kernel's C signature (each launcher below is
         // written against its .cu declaration), every pointer is an arena view whose size the
         // launcher checked against the sizes passed, and the arena outlives the launch.
-        unsafe { builder.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| CudaError::driver(name, e))
+        unsafe { builder.launch(cfg) }.map_err(|e| CudaError::driver(name, e))?;
+        self.profile_mark(name)
     }
 
     /// Launches a kernel whose arguments are device pointers followed by ints.
@@ -459,6 +458,7 @@ impl GpuContext {
             trans_b: true,
         };
         self.blas().matmul(out, inp, weight, shape, 1.0, 0.0)?;
+        self.profile_mark("gemm: matmul_forward")?;
         if let Some(bias) = bias {
             check(op, "bias", bias, x, oc)?;
             let args = [
@@ -503,6 +503,7 @@ impl GpuContext {
         };
         self.blas()
             .matmul(dinp, dout, weight, dinp_shape, 1.0, 1.0)?;
+        self.profile_mark("gemm: matmul_backward dinp")?;
         let dweight_shape = GemmShape {
             m: oc,
             n: c,
@@ -512,6 +513,7 @@ impl GpuContext {
         };
         self.blas()
             .matmul(dweight, dout, inp, dweight_shape, 1.0, 1.0)?;
+        self.profile_mark("gemm: matmul_backward dweight")?;
         if let Some(dbias) = dbias {
             check(op, "dbias", dbias, DType::F32, oc)?;
             let chunks = u32::try_from(n.div_ceil(BIAS_ROWS_PER_CHUNK).max(1)).unwrap_or(u32::MAX);

@@ -51,6 +51,7 @@ pub mod loader;
 pub mod loss_scale;
 pub mod nvrtc;
 pub mod pinned;
+pub mod profile;
 pub mod selftest;
 pub mod trainer;
 
@@ -62,6 +63,7 @@ pub use gemm::{BatchStrides, Blas, GemmShape};
 pub use kernels::{AdamWHyper, Kernels};
 pub use loss_scale::{LossScaler, StepDecision};
 pub use pinned::{AlignedHostBuffer, PinnedRegion};
+pub use profile::OpTime;
 pub use selftest::{
     bandwidth_selftest, kernel_selftest, pinned_bandwidth, run_kernel_checks, CheckResult,
 };

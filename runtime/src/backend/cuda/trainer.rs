@@ -37,6 +37,7 @@ use super::gpt2_memory::{arena_bytes, ArenaAllocator, Buffers, Dims, ParamLayout
 use super::gpt2_pass::{Gpt2Pass, Gpt2Views, BLOCK_TENSORS};
 use super::kernels::AdamWHyper;
 use super::loss_scale::{LossScaler, StepDecision};
+use super::profile::OpTime;
 use super::Precision;
 use crate::config::{self, Config};
 use crate::engine::{EngineError, StepStats, Trainer};
@@ -317,6 +318,7 @@ impl GpuGpt2Trainer {
         let dloss = loss_scale / (n_micro * self.dims.bt()) as f32;
         let pass = self.pass();
         self.gpu.memset(Queue::Compute, &self.bufs.grads, 0)?;
+        self.gpu.profile_mark("memset grads")?;
         for k in 0..n_micro {
             pass.forward(k)?;
             pass.head(k, Some(dloss))?;
@@ -444,10 +446,26 @@ impl GpuGpt2Trainer {
         }
         // The CPU engine's clip factor (with its +1e-6), then the loss scale removed.
         let grad_scale = clip_scale(grad_norm, o.grad_clip) / loss_scale;
+        // The compute queue sat idle while the host read the loss and the norm.
+        self.gpu
+            .profile_mark("idle: host reads loss and grad norm")?;
         self.adamw(lr, grad_scale)?;
         self.gpu.synchronize(Queue::Compute)?;
         self.step += 1;
         Ok(self.stats(step, loss, lr, grad_norm, batches, start))
+    }
+
+    /// `train_step` with every GPU operation timed: the step's stats and the compute queue's
+    /// time per operation, largest first.
+    pub fn train_step_profiled(
+        &mut self,
+        batches: &[Batch],
+    ) -> Result<(StepStats, Vec<OpTime>), EngineError> {
+        self.gpu.profile_start()?;
+        let stats = self.train_step(batches);
+        // Closed whatever the step returned, so a failed step leaves no profile open.
+        let ops = self.gpu.profile_finish()?;
+        Ok((stats?, ops))
     }
 
     fn stats(
@@ -559,6 +577,12 @@ impl Trainer for GpuGpt2Trainer {
     }
     fn save_weights(&self, path: &Path) -> Result<(), EngineError> {
         GpuGpt2Trainer::save_weights(self, path)
+    }
+    fn train_step_profiled(
+        &mut self,
+        batches: &[Batch],
+    ) -> Result<(StepStats, Vec<OpTime>), EngineError> {
+        GpuGpt2Trainer::train_step_profiled(self, batches)
     }
 }
 
