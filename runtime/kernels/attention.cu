@@ -117,3 +117,85 @@ extern "C" __global__ void attention_softmax_backward(floatX* dpreatt, const flo
         dp[i] = from_float(g);
     }
 }
+
+// Vectorized permutes: one thread per PACK-element run of a head's HS channels. The launcher
+// checks HS % PACK == 0, 16-byte-aligned pointers and B*NH*T*HS/PACK <= 2^30 (int index math
+// with no 64-bit divisions), and uses the element-wise kernels above otherwise.
+#define PERMUTE_VEC_LOOP(i, n) for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+                                    i += blockDim.x * gridDim.x)
+
+// Per-pack coordinates: q/k/v offset (per-head layout) and the (B,T,NH,HS) offset of head h.
+struct PermuteIndex {
+    size_t head_major;  // (b, h, t, d) in (B,NH,T,HS)
+    size_t token_major; // (b, t, h, d) in (B,T,NH,HS), i.e. (B,T,C)
+    size_t b_t;         // b * T + t
+};
+
+__device__ __forceinline__ PermuteIndex permute_index(int i, int T, int NH, int HS) {
+    const int hs_packs = HS / PACK;
+    const int dp = i % hs_packs;
+    const int row = i / hs_packs;  // (b, h, t)
+    const int t = row % T;
+    const int bh = row / T;
+    const int h = bh % NH;
+    const int b = bh / NH;
+    PermuteIndex p;
+    p.head_major = (size_t)i * PACK;
+    p.b_t = (size_t)b * T + t;
+    p.token_major = (p.b_t * NH + h) * HS + (size_t)dp * PACK;
+    return p;
+}
+
+extern "C" __global__ void attention_permute_vec(floatX* q, floatX* k, floatX* v,
+                                                 const floatX* qkv, int B, int T, int NH,
+                                                 int HS) {
+    const int C = NH * HS;
+    const int n = B * NH * T * (HS / PACK);
+    PERMUTE_VEC_LOOP(i, n) {
+        const PermuteIndex p = permute_index(i, T, NH, HS);
+        // qkv row b_t holds [q | k | v], each (NH, HS): token_major - b_t*C is h*HS + d.
+        const size_t src = p.b_t * 3 * C + (p.token_major - p.b_t * C);
+        store_pack(q + p.head_major, load_pack(qkv + src));
+        store_pack(k + p.head_major, load_pack(qkv + src + C));
+        store_pack(v + p.head_major, load_pack(qkv + src + 2 * C));
+    }
+}
+
+extern "C" __global__ void attention_permute_backward_vec(floatX* dqkv, const floatX* dq,
+                                                          const floatX* dk, const floatX* dv,
+                                                          int B, int T, int NH, int HS) {
+    const int C = NH * HS;
+    const int n = B * NH * T * (HS / PACK);
+    PERMUTE_VEC_LOOP(i, n) {
+        const PermuteIndex p = permute_index(i, T, NH, HS);
+        const size_t dst = p.b_t * 3 * C + (p.token_major - p.b_t * C);
+        const floatX* grads[3] = {dq, dk, dv};
+        for (int part = 0; part < 3; part++) {
+            floatX* d = dqkv + dst + (size_t)part * C;
+            PackX acc = load_pack(d);
+            const PackX g = load_pack(grads[part] + p.head_major);
+            for (int e = 0; e < PACK; e++) {
+                acc.v[e] = from_float(to_float(acc.v[e]) + to_float(g.v[e]));
+            }
+            store_pack(d, acc);
+        }
+    }
+}
+
+extern "C" __global__ void attention_unpermute_vec(floatX* out, const floatX* vaccum, int B,
+                                                   int T, int NH, int HS) {
+    const int n = B * NH * T * (HS / PACK);
+    PERMUTE_VEC_LOOP(i, n) {
+        const PermuteIndex p = permute_index(i, T, NH, HS);
+        store_pack(out + p.token_major, load_pack(vaccum + p.head_major));
+    }
+}
+
+extern "C" __global__ void attention_unpermute_backward_vec(floatX* dvaccum, const floatX* dout,
+                                                            int B, int T, int NH, int HS) {
+    const int n = B * NH * T * (HS / PACK);
+    PERMUTE_VEC_LOOP(i, n) {
+        const PermuteIndex p = permute_index(i, T, NH, HS);
+        store_pack(dvaccum + p.head_major, load_pack(dout + p.token_major));
+    }
+}

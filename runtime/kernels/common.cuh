@@ -78,3 +78,20 @@ __device__ __forceinline__ float block_reduce_max(float v, float* scratch) {
 #define GRID_STRIDE_LOOP(i, n) \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
          i += (size_t)blockDim.x * gridDim.x)
+
+// 16-byte packs of floatX for vectorized loads and stores: PACK elements (8 in bf16/fp16, 4 in
+// fp32). A kernel using them needs 16-byte-aligned pointers and counts that divide by PACK; the
+// Rust launcher checks both and falls back to the element-wise kernel otherwise.
+constexpr int PACK = 16 / sizeof(floatX);
+struct __align__(16) PackX {
+    floatX v[PACK];
+};
+__device__ __forceinline__ PackX load_pack(const floatX* p) {
+    return *reinterpret_cast<const PackX*>(p);
+}
+__device__ __forceinline__ void store_pack(floatX* p, const PackX& x) {
+    *reinterpret_cast<PackX*>(p) = x;
+}
+
+// Grid-stride loop over packs: i is a pack index in [0, n_packs).
+#define PACK_STRIDE_LOOP(i, n_packs) GRID_STRIDE_LOOP(i, n_packs)

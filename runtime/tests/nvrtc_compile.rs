@@ -125,3 +125,67 @@ fn every_kernel_compiles_for_sm90_in_every_precision() {
         failures.join("\n")
     );
 }
+
+/// Every kernel name the Rust launchers pass (a literal, or the `let op = "…"` of a launcher that
+/// launches `op`) is an entry point of some .cu file: a mismatch is otherwise only found on a
+/// GPU, when the launch fails with MissingKernel.
+#[test]
+fn every_launched_kernel_name_is_an_entry_point() {
+    let entries: Vec<&str> = KERNEL_FILES
+        .iter()
+        .flat_map(|(_, _, e)| e.iter().copied())
+        .collect();
+    let src_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/backend/cuda");
+    let launchers = [
+        "launch(",
+        "launch_ptrs_ints(",
+        "launch_elementwise(",
+        "launch_rows(",
+        "launch_attention(",
+    ];
+    let mut checked = 0;
+    let mut unknown = Vec::new();
+    for file in ["kernels.rs", "attention.rs"] {
+        let text = std::fs::read_to_string(src_dir.join(file)).expect("readable source");
+        // Launchers are `pub fn`s; each one's `op` is local to it.
+        for chunk in text.split("    pub fn ") {
+            let op = chunk
+                .split("let op = \"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next());
+            let mut names: Vec<&str> = Vec::new();
+            for launcher in launchers {
+                for call in chunk.split(launcher).skip(1) {
+                    let arg = call.trim_start().trim_start_matches('(');
+                    if let Some(lit) = arg.strip_prefix('"') {
+                        names.extend(lit.split('"').next());
+                        // (name, name_vec) pairs of launch_attention.
+                        if let Some(second) = lit.split("\", \"").nth(1) {
+                            names.extend(second.split('"').next());
+                        }
+                    } else if let Some(rest) = arg.strip_prefix("op,") {
+                        names.extend(op);
+                        // launch_elementwise(op, "name_vec", …)
+                        if let Some(lit) = rest.trim_start().strip_prefix('"') {
+                            names.extend(lit.split('"').next());
+                        }
+                    }
+                }
+            }
+            for name in names {
+                checked += 1;
+                if !entries.contains(&name) {
+                    unknown.push(format!("{file}: {name}"));
+                }
+            }
+        }
+    }
+    assert!(
+        checked > 20,
+        "found only {checked} launched names: the scan is broken"
+    );
+    assert!(
+        unknown.is_empty(),
+        "launched but not an entry point: {unknown:?}"
+    );
+}

@@ -112,7 +112,7 @@ impl GpuContext {
         let v = acts.qkvr.slice(2 * per_head, per_head)?;
         let [bi, ti, nhi, hsi] = self.attention_cfg_args(&s)?;
         self.launch_attention(
-            "attention_permute",
+            ("attention_permute", "attention_permute_vec"),
             per_head,
             &[q.ptr(), k.ptr(), v.ptr(), qkv.ptr()],
             [bi, ti, nhi, hsi],
@@ -162,7 +162,7 @@ impl GpuContext {
         )?;
         self.profile_mark("gemm: attention_forward")?;
         self.launch_attention(
-            "attention_unpermute",
+            ("attention_unpermute", "attention_unpermute_vec"),
             per_head,
             &[out.ptr(), acts.vaccum.ptr()],
             [bi, ti, nhi, hsi],
@@ -202,7 +202,10 @@ impl GpuContext {
         let tt = t * t;
 
         self.launch_attention(
-            "attention_unpermute_backward",
+            (
+                "attention_unpermute_backward",
+                "attention_unpermute_backward_vec",
+            ),
             per_head,
             &[scratch.dvaccum.ptr(), dout.ptr()],
             [bi, ti, nhi, hsi],
@@ -287,7 +290,10 @@ impl GpuContext {
         )?;
         self.profile_mark("gemm: attention_backward")?;
         self.launch_attention(
-            "attention_permute_backward",
+            (
+                "attention_permute_backward",
+                "attention_permute_backward_vec",
+            ),
             per_head,
             &[dqkv.ptr(), dq.ptr(), dk.ptr(), dv.ptr()],
             [bi, ti, nhi, hsi],
@@ -308,15 +314,22 @@ fn check_x(gpu: &GpuContext, name: &str, buf: &DeviceBuf, numel: usize) -> Resul
 }
 
 impl GpuContext {
-    /// Permute kernels: pointers, then (B, T, NH, HS) as int.
+    /// Permute kernels: pointers, then (B, T, NH, HS) as int; `n` = B·NH·T·HS elements. Uses
+    /// `name_vec` (one thread per 16-byte pack, int index math) when HS divides by the pack,
+    /// every pointer is 16-byte aligned and the pack count is at most 2^30.
     fn launch_attention(
         &self,
-        name: &'static str,
+        (name, name_vec): (&'static str, &'static str),
         n: usize,
         ptrs: &[u64],
         dims: [i32; 4],
     ) -> Result<()> {
-        self.launch_ptrs_ints(name, super::kernels::elementwise_config(n), ptrs, &dims)
+        let pack = self.pack();
+        let hs = usize::try_from(dims[3]).unwrap_or(0);
+        let vec = hs % pack == 0 && n / pack <= 1 << 30 && ptrs.iter().all(|p| p % 16 == 0);
+        let (kernel, threads) = if vec { (name_vec, n / pack) } else { (name, n) };
+        let cfg = super::kernels::elementwise_config(threads);
+        self.launch_ptrs_ints(kernel, cfg, ptrs, &dims)
     }
 
     /// Softmax kernels: pointers, then (rows, T) as int; one warp per row.

@@ -8,6 +8,7 @@ use super::attention::{AttentionActivations, AttentionGradScratch, AttentionShap
 use super::context::{GpuContext, Queue};
 use super::error::Result;
 use super::gpt2_memory::{Buffers, Dims, LayerActs};
+use super::kernels::GradMode;
 
 /// Index of each block tensor in a unit (the order of `build_units` in model/gpt2).
 const LN1_W: usize = 0;
@@ -43,7 +44,8 @@ pub struct Gpt2Pass<'a> {
 
 impl Gpt2Pass<'_> {
     fn zero(&self, buf: &DeviceBuf) -> Result<()> {
-        self.gpu.memset(Queue::Compute, buf, 0)
+        self.gpu.memset(Queue::Compute, buf, 0)?;
+        self.gpu.profile_mark("memset activation grads")
     }
 
     fn attention_shape(&self) -> AttentionShape {
@@ -174,8 +176,18 @@ impl Gpt2Pass<'_> {
         }
         let dlnf = &self.views.grads[d.l + 1];
         let dwte = &self.views.grads[0][0];
-        self.zero(&b.dln)?;
-        g.matmul_backward(&b.dln, dwte, None, &b.logits, &b.lnf, wte, n, c, d.vp)?;
+        g.matmul_backward(
+            &b.dln,
+            GradMode::Overwrite,
+            dwte,
+            None,
+            &b.logits,
+            &b.lnf,
+            wte,
+            n,
+            c,
+            d.vp,
+        )?;
         self.zero(&b.dres)?;
         g.layernorm_backward(
             &b.dres,
@@ -224,9 +236,9 @@ impl Gpt2Pass<'_> {
         let a = self.acts(l);
         let input = &b.residuals[l];
         // MLP: out = residual2 + fc_proj(gelu(fc(ln_2(residual2)))).
-        self.zero(&b.dfch_gelu)?;
         g.matmul_backward(
             &b.dfch_gelu,
+            GradMode::Overwrite,
             &dp[FCPROJ_W],
             Some(&dp[FCPROJ_B]),
             &b.dres,
@@ -236,11 +248,10 @@ impl Gpt2Pass<'_> {
             4 * c,
             c,
         )?;
-        self.zero(&b.dfch)?;
-        g.gelu_backward(&b.dfch, &a.fch, &b.dfch_gelu)?;
-        self.zero(&b.dln)?;
+        g.gelu_backward(&b.dfch, GradMode::Overwrite, &a.fch, &b.dfch_gelu)?;
         g.matmul_backward(
             &b.dln,
+            GradMode::Overwrite,
             &dp[FC_W],
             Some(&dp[FC_B]),
             &b.dfch,
@@ -264,9 +275,9 @@ impl Gpt2Pass<'_> {
             c,
         )?;
         // Attention: residual2 = input + attn_proj(attention(qkv(ln_1(input)))).
-        self.zero(&b.datty)?;
         g.matmul_backward(
             &b.datty,
+            GradMode::Overwrite,
             &dp[ATTPROJ_W],
             Some(&dp[ATTPROJ_B]),
             &b.dres,
@@ -294,9 +305,9 @@ impl Gpt2Pass<'_> {
             &scratch,
             self.attention_shape(),
         )?;
-        self.zero(&b.dln)?;
         g.matmul_backward(
             &b.dln,
+            GradMode::Overwrite,
             &dp[QKV_W],
             Some(&dp[QKV_B]),
             &b.dqkv,

@@ -30,6 +30,14 @@ const BIAS_ROWS_PER_CHUNK: usize = 256;
 /// Default dynamic shared memory limit per block without opting in (48 KiB).
 const SHARED_DEFAULT_MAX_BYTES: usize = 48 * 1024;
 
+/// Whether a backward launcher adds the input gradient it computes to its buffer (the CPU
+/// backend's convention) or overwrites it (saves zeroing the buffer first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GradMode {
+    Accumulate,
+    Overwrite,
+}
+
 /// AdamW hyperparameters (torch.optim.AdamW semantics, decoupled weight decay).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWHyper {
@@ -143,6 +151,12 @@ pub(super) fn rows_config(num_rows: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// True when every buffer starts on a 16-byte boundary (what the `_vec` kernels' 128-bit loads
+/// need; arena allocations are 256-byte aligned, slices may not be).
+pub(super) fn aligned16(bufs: &[&DeviceBuf]) -> bool {
+    bufs.iter().all(|b| b.ptr() % 16 == 0)
+}
+
 /// Checks `buf` has `dtype` and exactly `numel` elements.
 fn check(op: &'static str, name: &str, buf: &DeviceBuf, dtype: DType, numel: usize) -> Result<()> {
     ensure(buf.dtype() == dtype && buf.len() == numel, op, || {
@@ -177,6 +191,36 @@ impl GpuContext {
     /// The floatX dtype of this context.
     pub fn x(&self) -> DType {
         self.precision().dtype()
+    }
+
+    /// floatX elements in one 16-byte pack of the `_vec` kernels (PACK in common.cuh).
+    pub(super) fn pack(&self) -> usize {
+        16 / self.x().size_bytes()
+    }
+
+    /// Launches `name` over `n` elements, or `name_vec` over n / PACK packs when `n` divides
+    /// by PACK and every buffer is 16-byte aligned. `ptrs` come first, then the count (size_t).
+    fn launch_elementwise(
+        &self,
+        name: &'static str,
+        name_vec: &'static str,
+        bufs: &[&DeviceBuf],
+        extra: &[Arg],
+        n: usize,
+    ) -> Result<()> {
+        let pack = self.pack();
+        let (kernel, count) = if n % pack == 0 && aligned16(bufs) {
+            (name_vec, n / pack)
+        } else {
+            (name, n)
+        };
+        let args: Vec<Arg> = bufs
+            .iter()
+            .map(|b| Arg::Ptr(b.ptr()))
+            .chain(extra.iter().copied())
+            .chain([Arg::Size(count as u64)])
+            .collect();
+        self.launch(kernel, elementwise_config(count), &args)
     }
 
     fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
@@ -377,16 +421,18 @@ impl GpuContext {
         let op = "gelu_forward";
         check(op, "out", out, self.x(), inp.len())?;
         check(op, "inp", inp, self.x(), out.len())?;
-        let args = [
-            Arg::Ptr(out.ptr()),
-            Arg::Ptr(inp.ptr()),
-            Arg::Size(inp.len() as u64),
-        ];
-        self.launch(op, elementwise_config(inp.len()), &args)
+        self.launch_elementwise(op, "gelu_forward_vec", &[out, inp], &[], inp.len())
     }
 
-    /// dinp (N) X += gelu'(inp) · dout (accumulates, like the CPU backend); no aliasing.
-    pub fn gelu_backward(&self, dinp: &DeviceBuf, inp: &DeviceBuf, dout: &DeviceBuf) -> Result<()> {
+    /// dinp (N) X += gelu'(inp) · dout (`GradMode::Accumulate`, like the CPU backend), or =
+    /// (`Overwrite`); dinp must not alias inp or dout.
+    pub fn gelu_backward(
+        &self,
+        dinp: &DeviceBuf,
+        mode: GradMode,
+        inp: &DeviceBuf,
+        dout: &DeviceBuf,
+    ) -> Result<()> {
         let op = "gelu_backward";
         let n = inp.len();
         check(op, "dinp", dinp, self.x(), n)?;
@@ -395,13 +441,14 @@ impl GpuContext {
         ensure(!dinp.overlaps(dout) && !dinp.overlaps(inp), op, || {
             "dinp accumulates and must not alias inp or dout".into()
         })?;
-        let args = [
-            Arg::Ptr(dinp.ptr()),
-            Arg::Ptr(inp.ptr()),
-            Arg::Ptr(dout.ptr()),
-            Arg::Size(n as u64),
-        ];
-        self.launch(op, elementwise_config(n), &args)
+        let accumulate = Arg::Int(i32::from(mode == GradMode::Accumulate));
+        self.launch_elementwise(
+            op,
+            "gelu_backward_vec",
+            &[dinp, inp, dout],
+            &[accumulate],
+            n,
+        )
     }
 
     /// out (N) X = a + b; out may be a or b.
@@ -411,13 +458,7 @@ impl GpuContext {
         check(op, "out", out, self.x(), n)?;
         check(op, "a", a, self.x(), n)?;
         check(op, "b", b, self.x(), n)?;
-        let args = [
-            Arg::Ptr(out.ptr()),
-            Arg::Ptr(a.ptr()),
-            Arg::Ptr(b.ptr()),
-            Arg::Size(n as u64),
-        ];
-        self.launch(op, elementwise_config(n), &args)
+        self.launch_elementwise(op, "residual_forward_vec", &[out, a, b], &[], n)
     }
 
     /// dst (N) X += src (N) X (residual backward).
@@ -425,12 +466,7 @@ impl GpuContext {
         let op = "accumulate";
         check(op, "dst", dst, self.x(), src.len())?;
         check(op, "src", src, self.x(), dst.len())?;
-        let args = [
-            Arg::Ptr(dst.ptr()),
-            Arg::Ptr(src.ptr()),
-            Arg::Size(dst.len() as u64),
-        ];
-        self.launch(op, elementwise_config(dst.len()), &args)
+        self.launch_elementwise(op, "accumulate_vec", &[dst, src], &[], dst.len())
     }
 
     /// out (N,OC) X = inp (N,C) X · weight (OC,C) Xᵀ + bias (OC) X.
@@ -467,17 +503,33 @@ impl GpuContext {
                 int(n, op)?,
                 int(oc, op)?,
             ];
-            self.launch("add_bias", elementwise_config(n * oc), &args)?;
+            let pack = self.pack();
+            if oc % pack == 0 && aligned16(&[out, bias]) {
+                // x: the packs of one row; y: rows (grid-stride beyond the grid's limit).
+                let packs = oc / pack;
+                let block = packs
+                    .next_multiple_of(32)
+                    .clamp(32, ELEMENTWISE_BLOCK as usize);
+                let cfg = LaunchConfig {
+                    grid_dim: (packs.div_ceil(block) as u32, n.clamp(1, 65_535) as u32, 1),
+                    block_dim: (block as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                self.launch("add_bias_vec", cfg, &args)?;
+            } else {
+                self.launch("add_bias", elementwise_config(n * oc), &args)?;
+            }
         }
         Ok(())
     }
 
-    /// dinp (N,C) X += dout · weight; dweight (OC,C) f32 += doutᵀ · inp;
-    /// dbias (OC) f32 += column sums of dout (N,OC) X.
+    /// dinp (N,C) X += dout · weight (`GradMode::Accumulate`) or = (`Overwrite`);
+    /// dweight (OC,C) f32 += doutᵀ · inp; dbias (OC) f32 += column sums of dout (N,OC) X.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_backward(
         &self,
         dinp: &DeviceBuf,
+        dinp_mode: GradMode,
         dweight: &DeviceBuf,
         dbias: Option<&DeviceBuf>,
         dout: &DeviceBuf,
@@ -501,8 +553,13 @@ impl GpuContext {
             trans_a: false,
             trans_b: false,
         };
+        let beta = if dinp_mode == GradMode::Accumulate {
+            1.0
+        } else {
+            0.0
+        };
         self.blas()
-            .matmul(dinp, dout, weight, dinp_shape, 1.0, 1.0)?;
+            .matmul(dinp, dout, weight, dinp_shape, 1.0, beta)?;
         self.profile_mark("gemm: matmul_backward dinp")?;
         let dweight_shape = GemmShape {
             m: oc,

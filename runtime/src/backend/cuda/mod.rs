@@ -60,7 +60,7 @@ pub use attention::{AttentionActivations, AttentionGradScratch, AttentionShape};
 pub use context::{GpuContext, GpuEvent, GpuOptions, Queue};
 pub use error::{CudaError, Result};
 pub use gemm::{BatchStrides, Blas, GemmShape};
-pub use kernels::{AdamWHyper, Kernels};
+pub use kernels::{AdamWHyper, GradMode, Kernels};
 pub use loss_scale::{LossScaler, StepDecision};
 pub use pinned::{AlignedHostBuffer, PinnedRegion};
 pub use profile::OpTime;

@@ -35,7 +35,12 @@ pub const KERNEL_FILES: &[(&str, &str, &[&str])] = &[
     (
         "gelu.cu",
         include_str!("../../../kernels/gelu.cu"),
-        &["gelu_forward", "gelu_backward"],
+        &[
+            "gelu_forward",
+            "gelu_backward",
+            "gelu_forward_vec",
+            "gelu_backward_vec",
+        ],
     ),
     (
         "attention.cu",
@@ -47,6 +52,10 @@ pub const KERNEL_FILES: &[(&str, &str, &[&str])] = &[
             "attention_unpermute_backward",
             "attention_softmax_forward",
             "attention_softmax_backward",
+            "attention_permute_vec",
+            "attention_permute_backward_vec",
+            "attention_unpermute_vec",
+            "attention_unpermute_backward_vec",
         ],
     ),
     (
@@ -62,6 +71,9 @@ pub const KERNEL_FILES: &[(&str, &str, &[&str])] = &[
             "accumulate",
             "add_bias",
             "bias_backward",
+            "residual_forward_vec",
+            "accumulate_vec",
+            "add_bias_vec",
         ],
     ),
     (

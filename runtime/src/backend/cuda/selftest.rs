@@ -11,7 +11,7 @@ use super::arena::DeviceBuf;
 use super::attention::{AttentionActivations, AttentionGradScratch, AttentionShape};
 use super::context::{GpuContext, Queue};
 use super::error::Result;
-use super::kernels::{AdamWHyper, NORM_PARTIALS_MAX};
+use super::kernels::{AdamWHyper, GradMode, NORM_PARTIALS_MAX};
 use super::pinned::{AlignedHostBuffer, PinnedRegion};
 use super::{DType, Precision};
 use crate::backend::cpu::{self, AttnShape};
@@ -53,6 +53,8 @@ pub fn tolerance(precision: Precision, stages: u32) -> f32 {
 struct Harness<'a> {
     gpu: &'a GpuContext,
     precision: Precision,
+    /// Appended to every check's name (marks the odd-size pass).
+    tag: &'static str,
     rng_state: u64,
     results: Vec<CheckResult>,
 }
@@ -142,7 +144,7 @@ impl<'a> Harness<'a> {
         let tolerance = tolerance(self.precision, stages);
         let passed = got.len() == want.len() && max_err <= tolerance;
         self.results.push(CheckResult {
-            name: name.to_string(),
+            name: format!("{name}{}", self.tag),
             max_rel_err: max_err,
             tolerance,
             passed,
@@ -197,6 +199,7 @@ pub fn run_kernel_checks(gpu: &GpuContext, seed: u64) -> Result<Vec<CheckResult>
     let mut h = Harness {
         gpu,
         precision: gpu.precision(),
+        tag: "",
         rng_state: seed | 1,
         results: Vec::new(),
     };
@@ -214,7 +217,7 @@ fn run_all(h: &mut Harness<'_>) -> Result<()> {
     let n = b * t;
     // Each group runs even when an earlier one failed, so one run reports every broken
     // kernel; an error (a launch or precondition failure) becomes a failed check.
-    let groups: [CheckGroup<'_>; 7] = [
+    let groups: [CheckGroup<'_>; 11] = [
         ("encoder", &|h| check_encoder(h, b, t, c, v)),
         ("layernorm", &|h| check_layernorm(h, n, c)),
         ("gelu_residual", &|h| check_gelu_residual(h, n * 4 * c)),
@@ -224,8 +227,25 @@ fn run_all(h: &mut Harness<'_>) -> Result<()> {
         }),
         ("crossentropy", &|h| check_crossentropy(h, n, v, vp)),
         ("casts_norm_adamw", &|h| check_casts_norm_adamw(h, 100_003)),
+        // Sizes that do not divide by the 16-byte pack (and a head size of 18): the element-wise
+        // fallbacks of the vectorized kernels, and row counts that leave partial blocks.
+        ("layernorm (odd)", &|h| check_layernorm(h, 37, 72)),
+        ("gelu_residual (odd)", &|h| check_gelu_residual(h, 1001)),
+        ("matmul (odd)", &|h| check_matmul(h, 37, 72, 100)),
+        ("attention (odd)", &|h| {
+            check_attention(
+                h,
+                AttentionShape {
+                    b: 1,
+                    t: 50,
+                    c: 72,
+                    nh: 4,
+                },
+            )
+        }),
     ];
-    for (group, run) in groups {
+    for (i, (group, run)) in groups.into_iter().enumerate() {
+        h.tag = if i >= 7 { " (odd)" } else { "" };
         if let Err(e) = run(h) {
             let tolerance = tolerance(h.precision, 1);
             h.results.push(CheckResult {
@@ -303,12 +323,19 @@ fn check_gelu_residual(h: &mut Harness<'_>, n: usize) -> Result<()> {
     let mut dinp = h.rand_x(n, 1.0);
     let (d_out, d_dinp) = (h.poisoned(h.gpu.x(), n)?, h.put_x(&dinp)?);
     h.gpu.gelu_forward(&d_out, &d_inp)?;
-    h.gpu.gelu_backward(&d_dinp, &d_inp, &d_dout)?;
+    h.gpu
+        .gelu_backward(&d_dinp, GradMode::Accumulate, &d_inp, &d_dout)?;
+    let d_dinp_new = h.poisoned(h.gpu.x(), n)?;
+    h.gpu
+        .gelu_backward(&d_dinp_new, GradMode::Overwrite, &d_inp, &d_dout)?;
     let mut out = vec![0.0; n];
     cpu::gelu_forward(&mut out, &inp);
     cpu::gelu_backward(&mut dinp, &inp, &dout);
+    let mut dinp_new = vec![0.0; n];
+    cpu::gelu_backward(&mut dinp_new, &inp, &dout);
     h.compare("gelu_forward/out", &d_out, &out, 1)?;
     h.compare("gelu_backward/dinp", &d_dinp, &dinp, 1)?;
+    h.compare("gelu_backward/dinp (overwrite)", &d_dinp_new, &dinp_new, 1)?;
 
     let d_sum = h.poisoned(h.gpu.x(), n)?;
     h.gpu.residual_forward(&d_sum, &d_inp, &d_dout)?;
@@ -338,8 +365,52 @@ fn check_matmul(h: &mut Harness<'_>, n: usize, c: usize, oc: usize) -> Result<()
     let (d_dout, d_dw, d_db) = (h.put_x(&dout)?, h.put_f32(&dw)?, h.put_f32(&db)?);
     let mut dinp = h.rand_x(n * c, 1.0);
     let d_dinp = h.put_x(&dinp)?;
-    h.gpu
-        .matmul_backward(&d_dinp, &d_dw, Some(&d_db), &d_dout, &d_inp, &d_w, n, c, oc)?;
+    h.gpu.matmul_backward(
+        &d_dinp,
+        GradMode::Accumulate,
+        &d_dw,
+        Some(&d_db),
+        &d_dout,
+        &d_inp,
+        &d_w,
+        n,
+        c,
+        oc,
+    )?;
+    // Overwrite mode: dinp alone (a fresh dweight/dbias pair takes the other products).
+    let d_dinp_new = h.poisoned(h.gpu.x(), n * c)?;
+    let (d_dw2, d_db2) = (h.put_f32(&vec![0.0; oc * c])?, h.put_f32(&vec![0.0; oc])?);
+    h.gpu.matmul_backward(
+        &d_dinp_new,
+        GradMode::Overwrite,
+        &d_dw2,
+        Some(&d_db2),
+        &d_dout,
+        &d_inp,
+        &d_w,
+        n,
+        c,
+        oc,
+    )?;
+    let mut dinp_new = vec![0.0; n * c];
+    let (mut dw2, mut db2) = (vec![0.0; oc * c], vec![0.0; oc]);
+    cpu::matmul_backward(
+        Some(&mut dinp_new),
+        &mut dw2,
+        Some(&mut db2),
+        &dout,
+        &inp,
+        &w,
+        n,
+        c,
+        oc,
+    );
+    h.compare(
+        "matmul_backward/dinp (overwrite)",
+        &d_dinp_new,
+        &dinp_new,
+        1,
+    )?;
     cpu::matmul_backward(
         Some(&mut dinp),
         &mut dw,
