@@ -326,7 +326,9 @@ impl GpuContext {
     ) -> Result<()> {
         let pack = self.pack();
         let hs = usize::try_from(dims[3]).unwrap_or(0);
-        let vec = hs % pack == 0 && n / pack <= 1 << 30 && ptrs.iter().all(|p| p % 16 == 0);
+        let vec = hs % pack == 0
+            && n / pack <= 1 << 30
+            && super::kernels::aligned16(ptrs.iter().copied());
         let (kernel, threads) = if vec { (name_vec, n / pack) } else { (name, n) };
         let cfg = super::kernels::elementwise_config(threads);
         self.launch_ptrs_ints(kernel, cfg, ptrs, &dims)

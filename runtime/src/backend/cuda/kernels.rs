@@ -151,10 +151,10 @@ pub(super) fn rows_config(num_rows: usize) -> Result<LaunchConfig> {
     })
 }
 
-/// True when every buffer starts on a 16-byte boundary (what the `_vec` kernels' 128-bit loads
-/// need; arena allocations are 256-byte aligned, slices may not be).
-pub(super) fn aligned16(bufs: &[&DeviceBuf]) -> bool {
-    bufs.iter().all(|b| b.ptr() % 16 == 0)
+/// True when every device pointer is on a 16-byte boundary (what the `_vec` kernels' 128-bit
+/// loads need; arena allocations are 256-byte aligned, slices may not be).
+pub(super) fn aligned16(ptrs: impl IntoIterator<Item = u64>) -> bool {
+    ptrs.into_iter().all(|p| p % 16 == 0)
 }
 
 /// Checks `buf` has `dtype` and exactly `numel` elements.
@@ -209,7 +209,7 @@ impl GpuContext {
         n: usize,
     ) -> Result<()> {
         let pack = self.pack();
-        let (kernel, count) = if n % pack == 0 && aligned16(bufs) {
+        let (kernel, count) = if n % pack == 0 && aligned16(bufs.iter().map(|b| b.ptr())) {
             (name_vec, n / pack)
         } else {
             (name, n)
@@ -504,7 +504,7 @@ impl GpuContext {
                 int(oc, op)?,
             ];
             let pack = self.pack();
-            if oc % pack == 0 && aligned16(&[out, bias]) {
+            if oc % pack == 0 && aligned16([out.ptr(), bias.ptr()]) {
                 // x: the packs of one row; y: rows (grid-stride beyond the grid's limit).
                 let packs = oc / pack;
                 let block = packs

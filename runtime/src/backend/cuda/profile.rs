@@ -48,13 +48,11 @@ impl GpuContext {
 
     /// Marks the end of operation `op` on the compute queue when a profile is open.
     pub(super) fn profile_mark(&self, op: &'static str) -> Result<()> {
-        if self.profile_slot().is_none() {
+        let mut slot = self.profile_slot();
+        let Some(profile) = slot.as_mut() else {
             return Ok(());
-        }
-        let event = self.timing_event()?;
-        if let Some(p) = self.profile_slot().as_mut() {
-            p.marks.push((op, event));
-        }
+        };
+        profile.marks.push((op, self.timing_event()?));
         Ok(())
     }
 

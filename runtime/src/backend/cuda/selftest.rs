@@ -209,47 +209,51 @@ pub fn run_kernel_checks(gpu: &GpuContext, seed: u64) -> Result<Vec<CheckResult>
     outcome.map(|()| h.results)
 }
 
-/// A named group of kernel checks.
-type CheckGroup<'f> = (&'static str, &'f dyn Fn(&mut Harness<'_>) -> Result<()>);
+/// A group of kernel checks: its name, the tag appended to its checks' names, and the checks.
+type CheckGroup<'f> = (
+    &'static str,
+    &'static str,
+    &'f dyn Fn(&mut Harness<'_>) -> Result<()>,
+);
+
+/// Sizes that do not divide by the 16-byte pack (and a head size of 18): the element-wise
+/// fallbacks of the vectorized kernels, and row counts that leave partial blocks.
+const ODD: &str = " (odd)";
 
 fn run_all(h: &mut Harness<'_>) -> Result<()> {
     let (b, t, c, nh, v, vp) = (2usize, 64usize, 128usize, 4usize, 1000usize, 1024usize);
     let n = b * t;
+    let odd_attention = AttentionShape {
+        b: 1,
+        t: 50,
+        c: 72,
+        nh: 4,
+    };
     // Each group runs even when an earlier one failed, so one run reports every broken
     // kernel; an error (a launch or precondition failure) becomes a failed check.
     let groups: [CheckGroup<'_>; 11] = [
-        ("encoder", &|h| check_encoder(h, b, t, c, v)),
-        ("layernorm", &|h| check_layernorm(h, n, c)),
-        ("gelu_residual", &|h| check_gelu_residual(h, n * 4 * c)),
-        ("matmul", &|h| check_matmul(h, n, c, 3 * c)),
-        ("attention", &|h| {
+        ("encoder", "", &|h| check_encoder(h, b, t, c, v)),
+        ("layernorm", "", &|h| check_layernorm(h, n, c)),
+        ("gelu_residual", "", &|h| check_gelu_residual(h, n * 4 * c)),
+        ("matmul", "", &|h| check_matmul(h, n, c, 3 * c)),
+        ("attention", "", &|h| {
             check_attention(h, AttentionShape { b, t, c, nh })
         }),
-        ("crossentropy", &|h| check_crossentropy(h, n, v, vp)),
-        ("casts_norm_adamw", &|h| check_casts_norm_adamw(h, 100_003)),
-        // Sizes that do not divide by the 16-byte pack (and a head size of 18): the element-wise
-        // fallbacks of the vectorized kernels, and row counts that leave partial blocks.
-        ("layernorm (odd)", &|h| check_layernorm(h, 37, 72)),
-        ("gelu_residual (odd)", &|h| check_gelu_residual(h, 1001)),
-        ("matmul (odd)", &|h| check_matmul(h, 37, 72, 100)),
-        ("attention (odd)", &|h| {
-            check_attention(
-                h,
-                AttentionShape {
-                    b: 1,
-                    t: 50,
-                    c: 72,
-                    nh: 4,
-                },
-            )
+        ("crossentropy", "", &|h| check_crossentropy(h, n, v, vp)),
+        ("casts_norm_adamw", "", &|h| {
+            check_casts_norm_adamw(h, 100_003)
         }),
+        ("layernorm", ODD, &|h| check_layernorm(h, 37, 72)),
+        ("gelu_residual", ODD, &|h| check_gelu_residual(h, 1001)),
+        ("matmul", ODD, &|h| check_matmul(h, 37, 72, 100)),
+        ("attention", ODD, &|h| check_attention(h, odd_attention)),
     ];
-    for (i, (group, run)) in groups.into_iter().enumerate() {
-        h.tag = if i >= 7 { " (odd)" } else { "" };
+    for (group, tag, run) in groups {
+        h.tag = tag;
         if let Err(e) = run(h) {
             let tolerance = tolerance(h.precision, 1);
             h.results.push(CheckResult {
-                name: format!("{group}: error: {e}"),
+                name: format!("{group}{tag}: error: {e}"),
                 max_rel_err: f32::NAN,
                 tolerance,
                 passed: false,
