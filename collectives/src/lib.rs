@@ -97,7 +97,8 @@ pub struct DistConfig {
     pub timeout: Duration,
     /// Whether the engine computes on GPUs (lets `auto` choose nccl).
     pub gpu: bool,
-    /// `dist.shm_slot_bytes`: per-rank staging slot of the shm backend (two sets of `world` slots).
+    /// `dist.shm_slot_bytes`: per-rank staging slot of the shm backend (three sets of `world`
+    /// slots; reductions step through at most 256 KiB of each).
     pub shm_slot_bytes: usize,
 }
 

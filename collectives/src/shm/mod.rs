@@ -1,12 +1,19 @@
 //! The `shm` backend: ranks on one host share one memory segment in /dev/shm.
 //!
 //! Layout: a header page (per-rank arrival counters and pids, a futex word, the culprit word),
-//! then two sets of `world` slots of `slot_bytes`. Each chunk of a collective alternates sets, so
-//! one barrier per phase suffices: a slot set is rewritten only after every rank has passed a
-//! barrier that follows its last read of that set.
+//! then `SETS` sets of `world` slots of `slot_bytes`. Successive chunks of the collectives rotate
+//! through the sets, and every chunk's reads of a set end before the reader arrives at the second
+//! barrier after the one that published it; so a set is rewritten only once every rank has passed
+//! a barrier that follows its last read of that set, and one barrier per chunk suffices.
 //!
-//! Waiters spin briefly when every rank can have a core of its own, and otherwise sleep on a futex
-//! at once (spinning on an oversubscribed host starves the rank being waited for).
+//! Reductions step through at most `REDUCE_STEP_BYTES_MAX` of each slot: small steps keep a step's
+//! slots in cache between the copy in, the reduction and the copy out, so memory traffic is close
+//! to one read and one write of the caller's buffer. Copies (all_gather, broadcast) use whole
+//! slots: fewer barriers, and a copy reads its source only once anyway.
+//!
+//! Waiters spin briefly when every rank can have a core of its own; otherwise they yield a few
+//! times (handing the core to a rank that still works) and then sleep on a futex (spinning on an
+//! oversubscribed host starves the rank being waited for).
 
 mod segment;
 
@@ -22,8 +29,15 @@ use crate::store::StoreClient;
 use crate::Backend;
 
 use segment::{futex_wait, futex_wake_all, header_bytes, pid_alive, Segment, MAGIC, PAGE};
-/// Spins before sleeping on the futex.
+/// Spins before sleeping on the futex, when every rank can have a core.
 const SPINS_MAX: u32 = 2000;
+/// Yields before sleeping on the futex, when ranks outnumber cores.
+const YIELDS_MAX: u32 = 8;
+/// Slot sets the chunks rotate through (three let all_reduce overlap one chunk's gather with the
+/// next chunk's reduction under a single barrier).
+const SETS: usize = 3;
+/// Largest step of the reductions, in bytes of one slot (a step's `world` slots stay in cache).
+const REDUCE_STEP_BYTES_MAX: usize = 256 << 10;
 /// Longest futex sleep between checks of the deadline and of peer liveness.
 const SLEEP_SLICE: Duration = Duration::from_millis(5);
 /// How often a waiter checks whether the ranks it waits for are still alive.
@@ -42,8 +56,12 @@ pub(crate) struct ShmComm {
     world: usize,
     timeout: Duration,
     slot_bytes: usize,
+    /// Bytes of each slot one step of a reduction uses: min(slot_bytes, REDUCE_STEP_BYTES_MAX).
+    reduce_step_bytes: usize,
     /// Spins before sleeping at a barrier: SPINS_MAX, or 0 when ranks outnumber cores.
     spins_max: u32,
+    /// Yields before sleeping at a barrier: 0, or YIELDS_MAX when ranks outnumber cores.
+    yields_max: u32,
     segment: Segment,
     state: Mutex<OpState>,
     pids: Vec<i32>,
@@ -62,7 +80,7 @@ impl ShmComm {
         slot_bytes: usize,
     ) -> Result<Self> {
         let slot_bytes = slot_bytes.max(PAGE).div_ceil(PAGE) * PAGE;
-        let len = header_bytes(world) + 2 * world * slot_bytes;
+        let len = header_bytes(world) + SETS * world * slot_bytes;
         let mut segment = if rank == 0 {
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -114,13 +132,19 @@ impl ShmComm {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        let spins_max = if world <= cores { SPINS_MAX } else { 0 };
+        let (spins_max, yields_max) = if world <= cores {
+            (SPINS_MAX, 0)
+        } else {
+            (0, YIELDS_MAX)
+        };
         Ok(Self {
             rank,
             world,
             timeout,
             slot_bytes,
+            reduce_step_bytes: REDUCE_STEP_BYTES_MAX.min(slot_bytes),
             spins_max,
+            yields_max,
             segment,
             state: Mutex::new(OpState { epoch: 0, set: 0 }),
             pids,
@@ -129,7 +153,7 @@ impl ShmComm {
     }
 
     fn slot(&self, set: usize, rank: usize) -> *mut u8 {
-        debug_assert!(set < 2 && rank < self.world);
+        debug_assert!(set < SETS && rank < self.world);
         // SAFETY: header_bytes + (set * world + rank + 1) * slot_bytes <= len by construction.
         unsafe {
             self.segment
@@ -138,35 +162,52 @@ impl ShmComm {
         }
     }
 
+    /// Whether some rank has not yet arrived at barrier `epoch`; the lowest such rank.
+    fn missing_at(&self, epoch: u64) -> Option<usize> {
+        (0..self.world).find(|&r| {
+            self.segment
+                .rank_line(r)
+                .arrived_epoch
+                .load(Ordering::SeqCst)
+                < epoch
+        })
+    }
+
     /// Arrives at barrier `epoch` and waits until every rank has; names the missing or dead rank.
+    ///
+    /// Only the arrival that completes the barrier wakes sleepers (one wake per barrier instead of
+    /// one per arrival). Every arrival stores its epoch before checking the others' (SeqCst), so
+    /// at least one of any simultaneous last arrivals sees the barrier complete.
     fn barrier_at(&self, epoch: u64, op: &'static str) -> Result<()> {
         let h = self.segment.header();
         self.segment
             .rank_line(self.rank)
             .arrived_epoch
             .store(epoch, Ordering::SeqCst);
-        h.futex.fetch_add(1, Ordering::SeqCst);
-        if h.sleepers.load(Ordering::SeqCst) > 0 {
-            futex_wake_all(&h.futex);
+        if self.missing_at(epoch).is_none() {
+            h.futex.fetch_add(1, Ordering::SeqCst);
+            if h.sleepers.load(Ordering::SeqCst) > 0 {
+                futex_wake_all(&h.futex);
+            }
+            return Ok(());
         }
         let start = Instant::now();
         let mut last_liveness = start;
         let mut spins = 0u32;
+        let mut yields = 0u32;
         loop {
             let seen = h.futex.load(Ordering::SeqCst);
-            let missing = (0..self.world).find(|&r| {
-                self.segment
-                    .rank_line(r)
-                    .arrived_epoch
-                    .load(Ordering::Acquire)
-                    < epoch
-            });
-            let Some(missing) = missing else {
+            let Some(missing) = self.missing_at(epoch) else {
                 return Ok(());
             };
             if spins < self.spins_max {
                 spins += 1;
                 std::hint::spin_loop();
+                continue;
+            }
+            if yields < self.yields_max {
+                yields += 1;
+                std::thread::yield_now();
                 continue;
             }
             if let Some(err) = self.culprit_error(op) {
@@ -257,7 +298,7 @@ impl ShmComm {
 impl OpState {
     /// The slot set for the next chunk.
     fn next_set(&mut self) -> usize {
-        self.set ^= 1;
+        self.set = (self.set + 1) % SETS;
         self.set
     }
     fn next_epoch(&mut self) -> u64 {
@@ -322,7 +363,7 @@ impl Communicator for ShmComm {
         let mut st = self.lock_state();
         let m = recv.len();
         let elem = dtype.size_bytes();
-        let chunk_max = (self.slot_bytes / self.world / elem).max(1) * elem;
+        let chunk_max = (self.reduce_step_bytes / self.world / elem).max(1) * elem;
         let mut srcs = vec![std::ptr::null::<u8>(); self.world];
         let mut off = 0;
         while off < m {
@@ -350,49 +391,81 @@ impl Communicator for ShmComm {
         Ok(())
     }
 
+    /// Pipelined over chunks of one slot: step k copies chunk k's portions that others reduce
+    /// into this rank's slot, passes one barrier, copies the reduced chunk k - 1 out of every
+    /// rank's slot, and reduces this rank's portion of chunk k into its slot (its own input
+    /// portion is read from `buf`, not staged).
     fn all_reduce_bytes(&self, dtype: DType, buf: &mut [u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
         let mut st = self.lock_state();
         let elem = dtype.size_bytes();
         let granule = PORTION_GRANULE.max(elem);
-        let chunk_max = self.slot_bytes / granule * granule;
+        let chunk_max = self.reduce_step_bytes / granule * granule;
+        let chunks = buf.len().div_ceil(chunk_max);
         let mut srcs = vec![std::ptr::null::<u8>(); self.world];
-        let mut off = 0;
-        while off < buf.len() {
-            let len = chunk_max.min(buf.len() - off);
-            let set = st.next_set();
-            // SAFETY: as in all_gather.
-            unsafe { copy(buf[off..].as_ptr(), self.slot(set, self.rank), len) };
-            self.barrier_at(st.next_epoch(), "all_reduce")?;
-            let mine = portion(len, self.world, self.rank, granule);
-            for (j, src) in srcs.iter_mut().enumerate() {
-                // SAFETY: mine.end <= len <= slot_bytes.
-                *src = unsafe { self.slot(set, j).add(mine.start) };
+        // (set, offset in buf, length) of the chunk reduced in the previous step.
+        let mut reduced: Option<(usize, usize, usize)> = None;
+        for k in 0..=chunks {
+            let current = (k < chunks).then(|| {
+                let off = k * chunk_max;
+                (st.next_set(), off, chunk_max.min(buf.len() - off))
+            });
+            if let Some((set, off, len)) = current {
+                for j in (0..self.world).filter(|&j| j != self.rank) {
+                    let part = portion(len, self.world, j, granule);
+                    // SAFETY: our own slot of `set` is only read by others after the barrier
+                    // below, and no rank still reads it (see the module comment); part.end <= len
+                    // <= slot_bytes.
+                    unsafe {
+                        copy(
+                            buf[off + part.start..].as_ptr(),
+                            self.slot(set, self.rank).add(part.start),
+                            part.len(),
+                        )
+                    };
+                }
             }
-            // SAFETY: between the two barriers only this rank touches portion `mine` of any slot
-            // of `set`; the destination (our slot's portion) is one of the sources, which
-            // sum_into_raw allows.
-            unsafe {
-                sum_into_raw(
-                    dtype,
-                    &srcs,
-                    self.slot(set, self.rank).add(mine.start),
-                    mine.len(),
-                )
-            };
             self.barrier_at(st.next_epoch(), "all_reduce")?;
-            for j in 0..self.world {
-                let part = portion(len, self.world, j, granule);
-                // SAFETY: after the second barrier the reduced portions are read-only until
-                // everyone passes a later barrier.
+            if let Some((set, off, len)) = reduced {
+                for j in 0..self.world {
+                    let part = portion(len, self.world, j, granule);
+                    // SAFETY: rank j wrote its reduced portion before arriving at the barrier
+                    // above, and nobody writes slots of `set` again before everyone has passed
+                    // the next barrier.
+                    unsafe {
+                        copy(
+                            self.slot(set, j).add(part.start),
+                            buf[off + part.start..].as_mut_ptr(),
+                            part.len(),
+                        )
+                    };
+                }
+            }
+            if let Some((set, off, len)) = current {
+                let mine = portion(len, self.world, self.rank, granule);
+                for (j, src) in srcs.iter_mut().enumerate() {
+                    *src = if j == self.rank {
+                        buf[off + mine.start..].as_ptr()
+                    } else {
+                        // SAFETY: mine.end <= len <= slot_bytes.
+                        unsafe { self.slot(set, j).add(mine.start) }
+                    };
+                }
+                // SAFETY: until the next barrier only this rank touches portion `mine` of any
+                // slot of `set` (others read it only after that barrier); the sources are
+                // published slots and our own buffer, none of which overlaps the destination.
                 unsafe {
-                    copy(
-                        self.slot(set, j).add(part.start),
-                        buf[off + part.start..].as_mut_ptr(),
-                        part.len(),
+                    sum_into_raw(
+                        dtype,
+                        &srcs,
+                        self.slot(set, self.rank).add(mine.start),
+                        mine.len(),
                     )
                 };
             }
-            off += len;
+            reduced = current;
         }
         Ok(())
     }
