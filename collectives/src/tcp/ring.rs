@@ -1,33 +1,37 @@
 //! The pipelined ring: a collective is a list of steps; at step t a rank sends chunk `send` to
 //! the next rank and receives chunk `recv` from the previous one, adding or copying it in. The
-//! chunk sent at step t+1 is the one received at step t, so each block is forwarded as soon as it
-//! has arrived. Large operations send and receive on two threads, so a slow reduction never
-//! stalls the outgoing stream; small ones run both directions on the caller's thread.
+//! chunk sent at step t+1 is the one received at step t.
+//!
+//! Every chunk is cut into the same number of rows, and the steps run row by row: row i's blocks
+//! go through all steps before row i+1's. A block is thus forwarded soon after it arrived, while
+//! it is still in cache, and a rank's working set is one row (world blocks) rather than its whole
+//! buffer.
+//!
+//! Both directions advance in one loop on the caller's thread over non-blocking sockets (tokio
+//! only sets the links up): no thread hand-offs, and the kernel's socket buffers keep the outgoing
+//! stream going while a block is being summed. With nothing to do the loop first yields the core
+//! a few times and only then sleeps in poll(2): when ranks outnumber cores a yield hands the core
+//! to a rank that has work, and a rank that does not sleep is not woken, so the kernel's wake-up
+//! affinity does not pull ring neighbours onto one core.
 
+use std::io::{ErrorKind, Read, Write};
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::runtime::Runtime;
-use tokio::sync::Notify;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
 
 use super::{Side, StepError};
 
-/// Bytes per block: the unit of forwarding.
-const BLOCK_BYTES: usize = 256 << 10;
+/// Largest block, in bytes: the unit of forwarding.
+const BLOCK_BYTES_MAX: usize = 256 << 10;
+/// Longest single poll(2) sleep (the deadline is checked in between).
+const POLL_SLICE: Duration = Duration::from_millis(100);
 
-/// Operations on at most this many bytes run both directions on the calling thread (no thread
-/// start-up on the latency path).
-const ONE_THREAD_BYTES_MAX: usize = 1 << 20;
-
-/// The two directions of a rank's place in the ring and the runtime whose I/O driver serves them
-/// (one worker thread; the futures themselves run on the caller's threads via `block_on`).
+/// The two directions of a rank's place in the ring, as non-blocking sockets.
 pub(super) struct Links {
     pub(super) next: TcpStream,
     pub(super) prev: TcpStream,
-    pub(super) runtime: Runtime,
 }
 
 /// What a received block does to the local chunk.
@@ -132,264 +136,335 @@ impl<T> BlockGuard<'_, T> {
     }
 }
 
-/// A buffer cut into chunks and the chunks into blocks.
+/// A buffer cut into chunks, and every chunk into `rows` near-equal blocks: block (row, chunk).
 pub(super) struct Blocks<'a, T> {
+    /// Row-major: block (row, chunk) at `row * chunks + chunk`.
     blocks: Vec<Block<T>>,
-    /// Index in `blocks` of each chunk's first block; one extra entry at the end.
-    first: Vec<usize>,
+    chunks: usize,
+    rows: usize,
     _buf: PhantomData<&'a mut [T]>,
 }
 
 impl<'a, T: bytemuck::Pod> Blocks<'a, T> {
-    /// `chunks` must be ascending, disjoint ranges of `buf`.
+    /// `chunks` must be disjoint ranges of `buf`. Rows: enough that no block exceeds
+    /// BLOCK_BYTES_MAX.
     pub(super) fn new(
         buf: &'a mut [T],
         chunks: impl Iterator<Item = std::ops::Range<usize>>,
     ) -> Self {
-        let block_elems = (BLOCK_BYTES / std::mem::size_of::<T>()).max(1);
-        let (mut blocks, mut first) = (Vec::new(), Vec::new());
+        let block_elems_max = (BLOCK_BYTES_MAX / std::mem::size_of::<T>()).max(1);
+        let chunks: Vec<_> = chunks.collect();
+        let rows = chunks
+            .iter()
+            .map(|c| c.len().div_ceil(block_elems_max))
+            .max()
+            .unwrap_or(0);
         let base = buf.as_mut_ptr();
-        for range in chunks {
-            assert!(
-                range.start <= range.end && range.end <= buf.len(),
-                "chunk outside the buffer"
-            );
-            first.push(blocks.len());
-            let mut at = range.start;
-            while at < range.end {
-                let len = block_elems.min(range.end - at);
-                // SAFETY: at + len <= buf.len(); the pieces of ascending disjoint chunks are disjoint.
+        let mut blocks = Vec::with_capacity(rows * chunks.len());
+        for row in 0..rows {
+            for range in &chunks {
+                assert!(
+                    range.start <= range.end && range.end <= buf.len(),
+                    "chunk outside the buffer"
+                );
+                let piece = super::chunk(range.len(), rows, row);
+                // SAFETY: range.start + piece.end <= range.end <= buf.len(); pieces of disjoint
+                // chunks are disjoint.
                 blocks.push(Block {
-                    ptr: unsafe { base.add(at) },
-                    len,
+                    ptr: unsafe { base.add(range.start + piece.start) },
+                    len: piece.len(),
                     state: AtomicU8::new(0),
                 });
-                at += len;
             }
         }
-        first.push(blocks.len());
         Self {
             blocks,
-            first,
+            chunks: chunks.len(),
+            rows,
             _buf: PhantomData,
         }
     }
 
-    fn count(&self, chunk: usize) -> usize {
-        self.first[chunk + 1] - self.first[chunk]
-    }
-
-    fn block(&self, chunk: usize, block: usize) -> &Block<T> {
-        &self.blocks[self.first[chunk] + block]
+    fn block(&self, row: usize, chunk: usize) -> &Block<T> {
+        &self.blocks[row * self.chunks + chunk]
     }
 }
 
-/// Progress shared by the two threads.
-struct Shared {
-    received: AtomicUsize,
-    arrived: Notify,
-    sent: AtomicUsize,
-    departed: Notify,
-    failed: AtomicBool,
-}
-
-impl Shared {
-    fn fail(&self) {
-        self.failed.store(true, Ordering::Release);
-        self.arrived.notify_one();
-        self.departed.notify_one();
-    }
-}
-
-/// Waits until `counter >= needed`; false when the other thread failed.
-async fn wait_for(
-    counter: &AtomicUsize,
-    notify: &Notify,
-    failed: &AtomicBool,
-    needed: usize,
-) -> bool {
-    loop {
-        if failed.load(Ordering::Acquire) {
-            return false;
-        }
-        if counter.load(Ordering::Acquire) >= needed {
-            return true;
-        }
-        notify.notified().await;
-    }
-}
-
-fn aborted(side: Side) -> StepError {
-    StepError {
-        side,
-        io: Some(std::io::Error::other("aborted: the other direction failed")),
-    }
-}
-
-fn overlap(side: Side, t: usize, chunk: usize, b: usize) -> StepError {
-    let msg = format!("ring schedule touched a block twice (step {t}, chunk {chunk}, block {b})");
+fn overlap(side: Side, t: usize, row: usize, chunk: usize) -> StepError {
+    let msg = format!("ring schedule touched a block twice (step {t}, row {row}, chunk {chunk})");
     StepError {
         side,
         io: Some(std::io::Error::other(msg)),
     }
 }
 
-async fn io_with_timeout<R>(
-    side: Side,
-    timeout: Duration,
-    io: impl std::future::Future<Output = std::io::Result<R>>,
-) -> Result<R, StepError> {
-    match tokio::time::timeout(timeout, io).await {
-        Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) => Err(StepError { side, io: Some(e) }),
-        Err(_) => Err(StepError { side, io: None }),
+/// One direction's place in the schedule: position `row * steps + t`, bytes of the current block
+/// done, and the claim on that block while it is in transfer.
+struct Cursor<'b, T> {
+    pos: usize,
+    done_bytes: usize,
+    guard: Option<BlockGuard<'b, T>>,
+}
+
+impl<T> Cursor<'_, T> {
+    fn new() -> Self {
+        Self {
+            pos: 0,
+            done_bytes: 0,
+            guard: None,
+        }
+    }
+
+    fn advance(&mut self) {
+        self.pos += 1;
+        self.done_bytes = 0;
+        self.guard = None;
     }
 }
 
-/// Runs `steps` over `blocks`; every wait for a peer is bounded by `timeout`.
-pub(super) fn run<T: bytemuck::Pod + Send + Sync>(
+/// What a direction is stuck on after trying to make progress.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stuck {
+    /// Finished, or waiting for the other direction.
+    NotOnSocket,
+    /// Waiting for the socket (send buffer full / nothing to read).
+    OnSocket,
+}
+
+/// Runs `steps` over `blocks`, row by row. Waits for a peer are bounded by `timeout` without any
+/// progress; `yields_max` yields precede every sleep.
+///
+/// Position of (row, step t) in either direction's sequence: `row * steps.len() + t`. The block
+/// sent at (row, t > 0) is the one received at (row, t - 1); the block received at (row, t) was
+/// last sent at (row, t + 1 - chunks), if that step exists, and must have left first.
+pub(super) fn run<T: bytemuck::Pod>(
     links: &mut Links,
     blocks: &Blocks<'_, T>,
     steps: &[Step],
     add: fn(&mut [T], &[T]),
     timeout: Duration,
+    yields_max: u32,
 ) -> Result<(), StepError> {
-    let n = blocks.first.len() - 1;
-    let (mut recv_start, mut send_start) = (
-        Vec::with_capacity(steps.len()),
-        Vec::with_capacity(steps.len()),
-    );
-    let (mut recv_total, mut send_total) = (0, 0);
-    for step in steps {
-        recv_start.push(recv_total);
-        send_start.push(send_total);
-        recv_total += blocks.count(step.recv);
-        send_total += blocks.count(step.send);
-    }
-    let shared = Shared {
-        received: AtomicUsize::new(0),
-        arrived: Notify::new(),
-        sent: AtomicUsize::new(0),
-        departed: Notify::new(),
-        failed: AtomicBool::new(false),
-    };
-    let Links {
-        next,
-        prev,
-        runtime,
-    } = links;
-    let handle = runtime.handle();
-    let op_bytes: usize =
-        blocks.blocks.iter().map(|b| b.len).sum::<usize>() * std::mem::size_of::<T>();
-    let sending = async {
-        for (t, step) in steps.iter().enumerate() {
-            for b in 0..blocks.count(step.send) {
-                // The chunk sent at step t was received at step t - 1: wait for its block b.
-                if t > 0
-                    && !wait_for(
-                        &shared.received,
-                        &shared.arrived,
-                        &shared.failed,
-                        recv_start[t - 1] + b + 1,
-                    )
-                    .await
-                {
-                    return Err(aborted(Side::Next));
-                }
-                let guard = blocks
-                    .block(step.send, b)
-                    .claim(1)
-                    .ok_or_else(|| overlap(Side::Next, t, step.send, b))?;
-                io_with_timeout(
-                    Side::Next,
-                    timeout,
-                    next.write_all(bytemuck::cast_slice(guard.slice())),
-                )
-                .await?;
-                drop(guard);
-                shared.sent.fetch_add(1, Ordering::AcqRel);
-                shared.departed.notify_one();
-            }
+    let steps_per_row = steps.len();
+    let total = blocks.rows * steps_per_row;
+    let mut send = Cursor::new();
+    let mut recv = Cursor::new();
+    let mut scratch: Vec<T> = Vec::new();
+    let mut last_progress = Instant::now();
+    let mut idle_rounds = 0u32;
+    loop {
+        let before = (send.pos, send.done_bytes, recv.pos, recv.done_bytes);
+        let send_stuck = send_some(&mut links.next, blocks, steps, &mut send, recv.pos, total)?;
+        let recv_stuck = recv_some(
+            &mut links.prev,
+            blocks,
+            steps,
+            &mut recv,
+            send.pos,
+            total,
+            &mut scratch,
+            add,
+        )?;
+        if send.pos == total && recv.pos == total {
+            return Ok(());
         }
-        Ok(())
-    };
-    let receiving = async {
-        let mut scratch: Vec<T> = Vec::new();
-        for (t, step) in steps.iter().enumerate() {
-            for b in 0..blocks.count(step.recv) {
-                let block = blocks.block(step.recv, b);
-                // Touch the block only once its previous trip out (at step t - n + 1, which sent
-                // the chunk received at t - n) has left; it is not sent again before it is
-                // complete here.
-                if let Some(earlier) = (t + 1).checked_sub(n) {
-                    let needed = send_start[earlier] + b + 1;
-                    if !wait_for(&shared.sent, &shared.departed, &shared.failed, needed).await {
-                        return Err(aborted(Side::Prev));
-                    }
-                }
-                match step.apply {
-                    Apply::Copy => {
-                        let mut guard = block
-                            .claim(2)
-                            .ok_or_else(|| overlap(Side::Prev, t, step.recv, b))?;
-                        io_with_timeout(
-                            Side::Prev,
-                            timeout,
-                            prev.read_exact(bytemuck::cast_slice_mut(guard.slice_mut())),
-                        )
-                        .await?;
-                    }
-                    Apply::Add => {
-                        scratch.resize(block.len, T::zeroed());
-                        io_with_timeout(
-                            Side::Prev,
-                            timeout,
-                            prev.read_exact(bytemuck::cast_slice_mut(&mut scratch[..])),
-                        )
-                        .await?;
-                        let mut guard = block
-                            .claim(2)
-                            .ok_or_else(|| overlap(Side::Prev, t, step.recv, b))?;
-                        add(guard.slice_mut(), &scratch);
-                    }
-                }
-                shared.received.fetch_add(1, Ordering::AcqRel);
-                shared.arrived.notify_one();
-            }
+        if (send.pos, send.done_bytes, recv.pos, recv.done_bytes) != before {
+            last_progress = Instant::now();
+            idle_rounds = 0;
+            continue;
         }
-        Ok(())
-    };
-    if op_bytes <= ONE_THREAD_BYTES_MAX {
-        return handle
-            .block_on(async { tokio::try_join!(sending, receiving) })
-            .map(|_| ());
-    }
-    let (sent, received) = std::thread::scope(|scope| {
-        let sender = scope.spawn(|| {
-            let result = handle.block_on(sending);
-            if result.is_err() {
-                shared.fail();
-            }
-            result
-        });
-        let received = handle.block_on(receiving);
-        if received.is_err() {
-            shared.fail();
+        let (want_write, want_read) =
+            (send_stuck == Stuck::OnSocket, recv_stuck == Stuck::OnSocket);
+        if !want_write && !want_read {
+            // Each direction waits for the other: the schedule is wrong.
+            let msg = format!(
+                "ring schedule stalled: each direction waits for the other (sent {}, received {})",
+                send.pos, recv.pos
+            );
+            return Err(StepError {
+                side: Side::Prev,
+                io: Some(std::io::Error::other(msg)),
+            });
         }
-        let sent = sender.join().unwrap_or_else(|_| Err(aborted(Side::Next)));
-        (sent, received)
-    });
-    // Report the direction that failed first, not the one that stopped because of it.
-    match (sent, received) {
-        (Ok(()), Ok(())) => Ok(()),
-        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
-        (Err(s), Err(r)) => Err(if is_abort(&s) { r } else { s }),
+        if idle_rounds < yields_max {
+            idle_rounds += 1;
+            std::thread::yield_now();
+            continue;
+        }
+        let waited = last_progress.elapsed();
+        if waited >= timeout {
+            let side = if want_read { Side::Prev } else { Side::Next };
+            return Err(StepError { side, io: None });
+        }
+        wait_ready(
+            links,
+            want_write,
+            want_read,
+            (timeout - waited).min(POLL_SLICE),
+        )?;
     }
 }
 
-fn is_abort(e: &StepError) -> bool {
-    e.io.as_ref()
-        .is_some_and(|io| io.to_string().starts_with("aborted:"))
+/// Sends as much as the socket takes; returns what it is stuck on.
+fn send_some<'b, T: bytemuck::Pod>(
+    next: &mut TcpStream,
+    blocks: &'b Blocks<'_, T>,
+    steps: &[Step],
+    send: &mut Cursor<'b, T>,
+    received: usize,
+    total: usize,
+) -> Result<Stuck, StepError> {
+    let steps_per_row = steps.len();
+    while send.pos < total {
+        let (row, t) = (send.pos / steps_per_row, send.pos % steps_per_row);
+        // The chunk sent at step t was received at step t - 1: wait for that block.
+        if t > 0 && received < send.pos {
+            return Ok(Stuck::NotOnSocket);
+        }
+        // A block stays claimed from its first byte out to its last.
+        let guard = match send.guard.take() {
+            Some(guard) => guard,
+            None => {
+                let chunk = steps[t].send;
+                blocks
+                    .block(row, chunk)
+                    .claim(1)
+                    .ok_or_else(|| overlap(Side::Next, t, row, chunk))?
+            }
+        };
+        let guard = send.guard.insert(guard);
+        let bytes: &[u8] = bytemuck::cast_slice(guard.slice());
+        if send.done_bytes == bytes.len() {
+            send.advance();
+            continue;
+        }
+        match next.write(&bytes[send.done_bytes..]) {
+            Ok(0) => {
+                return Err(StepError {
+                    side: Side::Next,
+                    io: Some(ErrorKind::WriteZero.into()),
+                })
+            }
+            Ok(n) => send.done_bytes += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Stuck::OnSocket),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(StepError {
+                    side: Side::Next,
+                    io: Some(e),
+                })
+            }
+        }
+    }
+    Ok(Stuck::NotOnSocket)
+}
+
+/// Receives what the socket has, adding or copying whole blocks in; returns what it is stuck on.
+#[allow(clippy::too_many_arguments)]
+fn recv_some<'b, T: bytemuck::Pod>(
+    prev: &mut TcpStream,
+    blocks: &'b Blocks<'_, T>,
+    steps: &[Step],
+    recv: &mut Cursor<'b, T>,
+    sent: usize,
+    total: usize,
+    scratch: &mut Vec<T>,
+    add: fn(&mut [T], &[T]),
+) -> Result<Stuck, StepError> {
+    let steps_per_row = steps.len();
+    while recv.pos < total {
+        let (row, t) = (recv.pos / steps_per_row, recv.pos % steps_per_row);
+        let step = steps[t];
+        // Touch the block only once its previous trip out has left.
+        if let Some(earlier) = (t + 1).checked_sub(blocks.chunks) {
+            if sent < row * steps_per_row + earlier + 1 {
+                return Ok(Stuck::NotOnSocket);
+            }
+        }
+        let block = blocks.block(row, step.recv);
+        let into: &mut [u8] = match step.apply {
+            Apply::Copy => {
+                let guard = match recv.guard.take() {
+                    Some(guard) => guard,
+                    None => block
+                        .claim(2)
+                        .ok_or_else(|| overlap(Side::Prev, t, row, step.recv))?,
+                };
+                let guard = recv.guard.insert(guard);
+                bytemuck::cast_slice_mut(guard.slice_mut())
+            }
+            Apply::Add => {
+                // Same length as the last block almost always: no reallocation, no fill.
+                scratch.resize(block.len, T::zeroed());
+                bytemuck::cast_slice_mut(&mut scratch[..])
+            }
+        };
+        if recv.done_bytes < into.len() {
+            match prev.read(&mut into[recv.done_bytes..]) {
+                Ok(0) => {
+                    return Err(StepError {
+                        side: Side::Prev,
+                        io: Some(ErrorKind::UnexpectedEof.into()),
+                    })
+                }
+                Ok(n) => recv.done_bytes += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Stuck::OnSocket),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(StepError {
+                        side: Side::Prev,
+                        io: Some(e),
+                    })
+                }
+            }
+            continue;
+        }
+        if step.apply == Apply::Add {
+            let mut guard = block
+                .claim(2)
+                .ok_or_else(|| overlap(Side::Prev, t, row, step.recv))?;
+            add(guard.slice_mut(), scratch);
+        }
+        recv.advance();
+    }
+    Ok(Stuck::NotOnSocket)
+}
+
+/// Sleeps until `next` can take data (`want_write`) or `prev` has some (`want_read`), an error
+/// shows on either, or `slice` passes.
+fn wait_ready(
+    links: &Links,
+    want_write: bool,
+    want_read: bool,
+    slice: Duration,
+) -> Result<(), StepError> {
+    let mut fds = [
+        libc::pollfd {
+            fd: links.next.as_raw_fd(),
+            events: if want_write { libc::POLLOUT } else { 0 },
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: links.prev.as_raw_fd(),
+            events: if want_read { libc::POLLIN } else { 0 },
+            revents: 0,
+        },
+    ];
+    let timeout_ms = libc::c_int::try_from(slice.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fds` is a valid array of two pollfd for the duration of the call, and both
+    // descriptors are open sockets owned by `links`.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if ready < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() != ErrorKind::Interrupted {
+            let side = if want_read { Side::Prev } else { Side::Next };
+            return Err(StepError {
+                side,
+                io: Some(err),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -419,15 +494,22 @@ mod tests {
 
     #[test]
     fn blocks_cover_the_chunks() {
-        let mut buf = vec![0u8; 3 * BLOCK_BYTES + 10];
+        let mut buf = vec![0u8; 3 * BLOCK_BYTES_MAX + 10];
         let len = buf.len();
-        let blocks = Blocks::new(
-            &mut buf,
-            [0..BLOCK_BYTES + 1, BLOCK_BYTES + 1..len].into_iter(),
+        let split = BLOCK_BYTES_MAX + 1;
+        let blocks = Blocks::new(&mut buf, [0..split, split..len, len..len].into_iter());
+        // The longer chunk needs 3 blocks, so every chunk is cut into 3 rows.
+        assert_eq!((blocks.rows, blocks.chunks), (3, 3));
+        for chunk in 0..3 {
+            let lens: Vec<_> = (0..3).map(|row| blocks.block(row, chunk).len).collect();
+            let total = [split, len - split, 0][chunk];
+            assert_eq!(lens.iter().sum::<usize>(), total);
+            assert!(lens.iter().all(|&l| l <= BLOCK_BYTES_MAX));
+        }
+        assert_eq!(
+            blocks.block(1, 1).ptr,
+            blocks.block(0, 1).ptr.wrapping_add(blocks.block(0, 1).len)
         );
-        assert_eq!((blocks.count(0), blocks.count(1)), (2, 3));
-        assert_eq!(blocks.block(0, 1).len, 1);
-        assert_eq!(blocks.block(1, 2).len, len - 3 * BLOCK_BYTES - 1);
         let reading = blocks.block(0, 0).claim(1);
         assert!(reading.is_some() && blocks.block(0, 0).claim(2).is_none());
         drop(reading);
