@@ -338,25 +338,32 @@ fn send_some<'b, T: bytemuck::Pod>(
             send.advance();
             continue;
         }
-        match next.write(&bytes[send.done_bytes..]) {
-            Ok(0) => {
-                return Err(StepError {
-                    side: Side::Next,
-                    io: Some(ErrorKind::WriteZero.into()),
-                })
-            }
-            Ok(n) => send.done_bytes += n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Stuck::OnSocket),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(StepError {
-                    side: Side::Next,
-                    io: Some(e),
-                })
-            }
+        match moved(next.write(&bytes[send.done_bytes..]), Side::Next)? {
+            Some(n) => send.done_bytes += n,
+            None => return Ok(Stuck::OnSocket),
         }
     }
     Ok(Stuck::NotOnSocket)
+}
+
+/// The outcome of one non-blocking read or write on the `side` socket: Some(bytes moved, 0 after
+/// EINTR), None when the socket would block; 0 bytes from a read is the peer's EOF, from a write a
+/// closed connection.
+fn moved(result: std::io::Result<usize>, side: Side) -> Result<Option<usize>, StepError> {
+    let eof = match side {
+        Side::Prev => ErrorKind::UnexpectedEof,
+        Side::Next => ErrorKind::WriteZero,
+    };
+    match result {
+        Ok(0) => Err(StepError {
+            side,
+            io: Some(eof.into()),
+        }),
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(None),
+        Err(e) if e.kind() == ErrorKind::Interrupted => Ok(Some(0)),
+        Err(e) => Err(StepError { side, io: Some(e) }),
+    }
 }
 
 /// Receives what the socket has, adding or copying whole blocks in; returns what it is stuck on.
@@ -400,22 +407,9 @@ fn recv_some<'b, T: bytemuck::Pod>(
             }
         };
         if recv.done_bytes < into.len() {
-            match prev.read(&mut into[recv.done_bytes..]) {
-                Ok(0) => {
-                    return Err(StepError {
-                        side: Side::Prev,
-                        io: Some(ErrorKind::UnexpectedEof.into()),
-                    })
-                }
-                Ok(n) => recv.done_bytes += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Stuck::OnSocket),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(StepError {
-                        side: Side::Prev,
-                        io: Some(e),
-                    })
-                }
+            match moved(prev.read(&mut into[recv.done_bytes..]), Side::Prev)? {
+                Some(n) => recv.done_bytes += n,
+                None => return Ok(Stuck::OnSocket),
             }
             continue;
         }
