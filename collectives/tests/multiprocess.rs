@@ -8,19 +8,17 @@ use std::time::Duration;
 
 use common::*;
 
-fn check_world(backend: &str, n: usize, extra: &[&str]) {
+fn check_world(backend: &str, n: usize, shm_slot_bytes: &str) {
     let tag = unique_tag();
-    // A small shm slot makes every size above 8 KiB take the chunked path.
-    let mut args = vec![
+    let args = [
         "--backend",
         backend,
         "--timeout-s",
         "20",
         "--shm-slot-bytes",
-        "8192",
+        shm_slot_bytes,
+        "check",
     ];
-    args.extend_from_slice(extra);
-    args.push("check");
     let (out, _) = run_bounded(launch_check(n, &args, &tag), Duration::from_secs(60));
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(
@@ -36,17 +34,27 @@ fn check_world(backend: &str, n: usize, extra: &[&str]) {
     assert_no_leftovers(&tag);
 }
 
+// A small shm slot makes every size above 8 KiB take the chunked path.
 #[test]
 fn shm_matches_closed_forms_for_world_sizes_1_to_4() {
     for n in 1..=4 {
-        check_world("shm", n, &[]);
+        check_world("shm", n, "8192");
+    }
+}
+
+/// The default 4 MiB slots: the check's back-to-back 4 MiB all_reduces take the pipelined
+/// 256 KiB steps over several slots, as training-sized buffers do.
+#[test]
+fn shm_with_default_slots_matches_closed_forms() {
+    for n in [2, 3] {
+        check_world("shm", n, "4194304");
     }
 }
 
 #[test]
 fn tcp_matches_closed_forms_for_world_sizes_1_to_4() {
     for n in 1..=4 {
-        check_world("tcp", n, &[]);
+        check_world("tcp", n, "8192");
     }
 }
 

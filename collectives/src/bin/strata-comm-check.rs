@@ -224,6 +224,17 @@ fn check(comm: &dyn Communicator) -> Result<(), String> {
         check_type::<f32>(comm, len)?;
         check_type::<bf16>(comm, len)?;
     }
+    // Large all_reduces one after another (4 MiB + 28 bytes, values shifted per call): with the
+    // default slots these span several slots and pipeline steps, and reuse the slot sets.
+    let tri = (n * (n + 1) / 2) as f32;
+    let l = (1 << 20) + 7;
+    for call in 0..4 {
+        let value = |k: usize| ((k + call) % 7 + 1) as f32;
+        let mut buf: Vec<f32> = (0..l).map(|k| (rank + 1) as f32 * value(k)).collect();
+        comm.all_reduce(&mut buf).map_err(|e| e.to_string())?;
+        let expected: Vec<f32> = (0..l).map(|k| tri * value(k)).collect();
+        compare(&format!("large all_reduce call {call}"), &buf, &expected)?;
+    }
     // bf16 sums accumulate in f32: 256 + 1 + ... stays 256 in bf16 arithmetic.
     let mut buf = vec![bf16::from_f32(if rank == 0 { 256.0 } else { 1.0 }); 3001];
     comm.all_reduce(&mut buf).map_err(|e| e.to_string())?;
