@@ -75,6 +75,17 @@ pub(crate) fn check_lengths(
     }
 }
 
+/// Checks that a broadcast's `root` is a rank of the world.
+fn check_root(root: usize, world: usize) -> Result<()> {
+    if root >= world {
+        return Err(CommError::InvalidArgument {
+            op: "broadcast",
+            detail: format!("root {root} is not a rank of a world of {world}"),
+        });
+    }
+    Ok(())
+}
+
 impl dyn Communicator + '_ {
     /// `recv = concat over ranks of send`; `recv.len() == world_size * send.len()`.
     pub fn all_gather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
@@ -418,15 +429,7 @@ impl Communicator for Queued {
         self.run_sync("all_reduce", |c| c.all_reduce_bytes(dtype, buf))
     }
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
-        if root >= self.world_size() {
-            return Err(CommError::InvalidArgument {
-                op: "broadcast",
-                detail: format!(
-                    "root {root} is not a rank of a world of {}",
-                    self.world_size()
-                ),
-            });
-        }
+        check_root(root, self.world_size())?;
         self.run_sync("broadcast", |c| c.broadcast_bytes(buf, root))
     }
     fn barrier(&self) -> Result<()> {
@@ -532,15 +535,7 @@ impl Communicator for Guarded<'_> {
         self.run("all_reduce", |c| c.all_reduce_bytes(dtype, buf))
     }
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
-        if root >= self.world_size() {
-            return Err(CommError::InvalidArgument {
-                op: "broadcast",
-                detail: format!(
-                    "root {root} is not a rank of a world of {}",
-                    self.world_size()
-                ),
-            });
-        }
+        check_root(root, self.world_size())?;
         self.run("broadcast", |c| c.broadcast_bytes(buf, root))
     }
     fn barrier(&self) -> Result<()> {

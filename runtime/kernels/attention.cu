@@ -7,17 +7,27 @@
 // exactly as llm.c's CPU attention_forward stores them, and dpreatt is the gradient with
 // respect to those scaled scores (the backward GEMMs for dq/dk use alpha = scale as well).
 
+// (b, h, t, d) of element idx of a (B,NH,T,HS) per-head tensor.
+struct HeadCoords {
+    int b, h, t, d;
+};
+__device__ __forceinline__ HeadCoords head_coords(size_t idx, int T, int NH, int HS) {
+    HeadCoords c;
+    c.d = (int)(idx % HS);
+    c.t = (int)((idx / HS) % T);
+    c.h = (int)((idx / ((size_t)HS * T)) % NH);
+    c.b = (int)(idx / ((size_t)HS * T * NH));
+    return c;
+}
+
 // qkv (B,T,3,NH,HS) floatX -> q,k,v each (B,NH,T,HS) floatX.
 extern "C" __global__ void attention_permute(floatX* q, floatX* k, floatX* v,
                                              const floatX* qkv, int B, int T, int NH, int HS) {
     const int C = NH * HS;
     const size_t n = (size_t)B * NH * T * HS;
     GRID_STRIDE_LOOP(idx, n) {
-        const int d = (int)(idx % HS);
-        const int t = (int)((idx / HS) % T);
-        const int h = (int)((idx / ((size_t)HS * T)) % NH);
-        const int b = (int)(idx / ((size_t)HS * T * NH));
-        const size_t src = (size_t)b * T * 3 * C + (size_t)t * 3 * C + (size_t)h * HS + d;
+        const HeadCoords c = head_coords(idx, T, NH, HS);
+        const size_t src = ((size_t)c.b * T + c.t) * 3 * C + (size_t)c.h * HS + c.d;
         q[idx] = qkv[src];
         k[idx] = qkv[src + C];
         v[idx] = qkv[src + 2 * C];
@@ -32,11 +42,8 @@ extern "C" __global__ void attention_permute_backward(floatX* dqkv, const floatX
     const int C = NH * HS;
     const size_t n = (size_t)B * NH * T * HS;
     GRID_STRIDE_LOOP(idx, n) {
-        const int d = (int)(idx % HS);
-        const int t = (int)((idx / HS) % T);
-        const int h = (int)((idx / ((size_t)HS * T)) % NH);
-        const int b = (int)(idx / ((size_t)HS * T * NH));
-        const size_t dst = (size_t)b * T * 3 * C + (size_t)t * 3 * C + (size_t)h * HS + d;
+        const HeadCoords c = head_coords(idx, T, NH, HS);
+        const size_t dst = ((size_t)c.b * T + c.t) * 3 * C + (size_t)c.h * HS + c.d;
         dqkv[dst] = from_float(to_float(dqkv[dst]) + to_float(dq[idx]));
         dqkv[dst + C] = from_float(to_float(dqkv[dst + C]) + to_float(dk[idx]));
         dqkv[dst + 2 * C] = from_float(to_float(dqkv[dst + 2 * C]) + to_float(dv[idx]));
@@ -48,11 +55,8 @@ extern "C" __global__ void attention_unpermute(floatX* out, const floatX* vaccum
                                                int NH, int HS) {
     const size_t n = (size_t)B * NH * T * HS;
     GRID_STRIDE_LOOP(idx, n) {
-        const int d = (int)(idx % HS);
-        const int t = (int)((idx / HS) % T);
-        const int h = (int)((idx / ((size_t)HS * T)) % NH);
-        const int b = (int)(idx / ((size_t)HS * T * NH));
-        out[(((size_t)b * T + t) * NH + h) * HS + d] = vaccum[idx];
+        const HeadCoords c = head_coords(idx, T, NH, HS);
+        out[(((size_t)c.b * T + c.t) * NH + c.h) * HS + c.d] = vaccum[idx];
     }
 }
 
@@ -61,11 +65,8 @@ extern "C" __global__ void attention_unpermute_backward(floatX* dvaccum, const f
                                                         int B, int T, int NH, int HS) {
     const size_t n = (size_t)B * NH * T * HS;
     GRID_STRIDE_LOOP(idx, n) {
-        const int d = (int)(idx % HS);
-        const int t = (int)((idx / HS) % T);
-        const int h = (int)((idx / ((size_t)HS * T)) % NH);
-        const int b = (int)(idx / ((size_t)HS * T * NH));
-        dvaccum[idx] = dout[(((size_t)b * T + t) * NH + h) * HS + d];
+        const HeadCoords c = head_coords(idx, T, NH, HS);
+        dvaccum[idx] = dout[(((size_t)c.b * T + c.t) * NH + c.h) * HS + c.d];
     }
 }
 

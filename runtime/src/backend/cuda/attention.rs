@@ -127,7 +127,8 @@ impl GpuContext {
             trans_a: false,
             trans_b: true,
         };
-        self.blas().matmul_strided_batched(
+        self.attention_gemm(
+            "gemm: attention_forward",
             &acts.att,
             &q,
             &k,
@@ -136,7 +137,6 @@ impl GpuContext {
             scale,
             0.0,
         )?;
-        self.profile_mark("gemm: attention_forward")?;
         self.launch_rows(
             "attention_softmax_forward",
             &[acts.att.ptr(), acts.att.ptr()],
@@ -151,7 +151,8 @@ impl GpuContext {
             trans_a: false,
             trans_b: false,
         };
-        self.blas().matmul_strided_batched(
+        self.attention_gemm(
+            "gemm: attention_forward",
             &acts.vaccum,
             &acts.att,
             &v,
@@ -160,7 +161,6 @@ impl GpuContext {
             1.0,
             0.0,
         )?;
-        self.profile_mark("gemm: attention_forward")?;
         self.launch_attention(
             ("attention_unpermute", "attention_unpermute_vec"),
             per_head,
@@ -218,7 +218,8 @@ impl GpuContext {
             trans_a: false,
             trans_b: true,
         };
-        self.blas().matmul_strided_batched(
+        self.attention_gemm(
+            "gemm: attention_backward",
             &scratch.datt,
             &scratch.dvaccum,
             &v,
@@ -227,7 +228,6 @@ impl GpuContext {
             1.0,
             0.0,
         )?;
-        self.profile_mark("gemm: attention_backward")?;
         // dv (T,HS) = att (T,T)ᵀ · dvaccum (T,HS)
         let g2 = GemmShape {
             m: t,
@@ -236,7 +236,8 @@ impl GpuContext {
             trans_a: true,
             trans_b: false,
         };
-        self.blas().matmul_strided_batched(
+        self.attention_gemm(
+            "gemm: attention_backward",
             &dv,
             &acts.att,
             &scratch.dvaccum,
@@ -245,7 +246,6 @@ impl GpuContext {
             1.0,
             0.0,
         )?;
-        self.profile_mark("gemm: attention_backward")?;
         // dpreatt = softmax backward, in place over datt.
         self.launch_rows(
             "attention_softmax_backward",
@@ -261,7 +261,8 @@ impl GpuContext {
             trans_a: false,
             trans_b: false,
         };
-        self.blas().matmul_strided_batched(
+        self.attention_gemm(
+            "gemm: attention_backward",
             &dq,
             &scratch.datt,
             &k,
@@ -270,7 +271,6 @@ impl GpuContext {
             scale,
             0.0,
         )?;
-        self.profile_mark("gemm: attention_backward")?;
         // dk (T,HS) = scale · dpreatt (T,T)ᵀ · q (T,HS)
         let g4 = GemmShape {
             m: t,
@@ -279,7 +279,8 @@ impl GpuContext {
             trans_a: true,
             trans_b: false,
         };
-        self.blas().matmul_strided_batched(
+        self.attention_gemm(
+            "gemm: attention_backward",
             &dk,
             &scratch.datt,
             &q,
@@ -288,7 +289,6 @@ impl GpuContext {
             scale,
             0.0,
         )?;
-        self.profile_mark("gemm: attention_backward")?;
         self.launch_attention(
             (
                 "attention_permute_backward",
@@ -332,6 +332,25 @@ impl GpuContext {
         let (kernel, threads) = if vec { (name_vec, n / pack) } else { (name, n) };
         let cfg = super::kernels::elementwise_config(threads);
         self.launch_ptrs_ints(kernel, cfg, ptrs, &dims)
+    }
+
+    /// One batched attention GEMM (see `Blas::matmul_strided_batched`), timed as `label` when a
+    /// profile is open.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_gemm(
+        &self,
+        label: &'static str,
+        c: &DeviceBuf,
+        a: &DeviceBuf,
+        b: &DeviceBuf,
+        shape: GemmShape,
+        batch: BatchStrides,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        self.blas()
+            .matmul_strided_batched(c, a, b, shape, batch, alpha, beta)?;
+        self.profile_mark(label)
     }
 
     /// Softmax kernels: pointers, then (rows, T) as int; one warp per row.

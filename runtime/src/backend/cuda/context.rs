@@ -271,48 +271,58 @@ impl GpuContext {
         Queue::ALL.iter().try_for_each(|&q| self.synchronize(q))
     }
 
-    /// Fills `buf` with the byte pattern `byte` on `queue` (zeroing, poisoning for tests).
-    pub fn memset(&self, queue: Queue, buf: &DeviceBuf, byte: u8) -> Result<()> {
+    /// Binds the context to this thread and runs one asynchronous driver call `op` on `queue`'s
+    /// stream (copies, memsets), mapping its status.
+    ///
+    /// # Safety
+    /// `call` must be a driver call whose pointers are valid for the sizes it passes, for as long
+    /// as the work it enqueues runs (the caller's contract).
+    unsafe fn enqueue(
+        &self,
+        op: &'static str,
+        queue: Queue,
+        call: impl FnOnce(cudarc::driver::sys::CUstream) -> cudarc::driver::sys::CUresult,
+    ) -> Result<()> {
         self.ctx
             .bind_to_thread()
             .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))?;
+        call(self.stream(queue).cu_stream())
+            .result()
+            .map_err(|e| CudaError::driver(op, e))
+    }
+
+    /// Fills `buf` with the byte pattern `byte` on `queue` (zeroing, poisoning for tests).
+    pub fn memset(&self, queue: Queue, buf: &DeviceBuf, byte: u8) -> Result<()> {
         // SAFETY: buf's range lies inside the live arena allocation (checked when the view
         // was made; the view holds the arena alive); the stream belongs to this context.
         unsafe {
-            cudarc::driver::sys::cuMemsetD8Async(
-                buf.ptr(),
-                byte,
-                buf.size_bytes(),
-                self.stream(queue).cu_stream(),
-            )
+            self.enqueue("cuMemsetD8Async", queue, |stream| {
+                cudarc::driver::sys::cuMemsetD8Async(buf.ptr(), byte, buf.size_bytes(), stream)
+            })
         }
-        .result()
-        .map_err(|e| CudaError::driver("cuMemsetD8Async", e))
     }
 
     /// Fills a 2-byte or 4-byte-element buffer with NaN (for poisoning outputs in tests).
     pub fn poison_nan(&self, queue: Queue, buf: &DeviceBuf) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))?;
-        let stream = self.stream(queue).cu_stream();
         // SAFETY: as in `memset`; element counts match the buffer's element size.
-        let status = unsafe {
-            match buf.dtype() {
-                DType::F32 | DType::I32 => {
-                    cudarc::driver::sys::cuMemsetD32Async(buf.ptr(), 0x7fc0_0000, buf.len(), stream)
+        unsafe {
+            self.enqueue("cuMemsetAsync (poison)", queue, |stream| {
+                match buf.dtype() {
+                    DType::F32 | DType::I32 => cudarc::driver::sys::cuMemsetD32Async(
+                        buf.ptr(),
+                        0x7fc0_0000,
+                        buf.len(),
+                        stream,
+                    ),
+                    DType::Bf16 => {
+                        cudarc::driver::sys::cuMemsetD16Async(buf.ptr(), 0x7fc0, buf.len(), stream)
+                    }
+                    DType::F16 => {
+                        cudarc::driver::sys::cuMemsetD16Async(buf.ptr(), 0x7e00, buf.len(), stream)
+                    }
                 }
-                DType::Bf16 => {
-                    cudarc::driver::sys::cuMemsetD16Async(buf.ptr(), 0x7fc0, buf.len(), stream)
-                }
-                DType::F16 => {
-                    cudarc::driver::sys::cuMemsetD16Async(buf.ptr(), 0x7e00, buf.len(), stream)
-                }
-            }
-        };
-        status
-            .result()
-            .map_err(|e| CudaError::driver("cuMemsetAsync (poison)", e))
+            })
+        }
     }
 
     /// Copies `src` into `dst` and waits for the copy (pageable memory is fine). For set-up,
@@ -361,21 +371,18 @@ impl GpuContext {
                 dst.size_bytes()
             )
         })?;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))?;
         // SAFETY: dst lies inside the live arena; src is valid for src.len() bytes and the
         // caller keeps it alive until completion (this function's contract).
         unsafe {
-            cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
-                dst.ptr(),
-                src.as_ptr().cast(),
-                src.len(),
-                self.stream(queue).cu_stream(),
-            )
+            self.enqueue("cuMemcpyHtoDAsync", queue, |stream| {
+                cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
+                    dst.ptr(),
+                    src.as_ptr().cast(),
+                    src.len(),
+                    stream,
+                )
+            })
         }
-        .result()
-        .map_err(|e| CudaError::driver("cuMemcpyHtoDAsync", e))
     }
 
     /// Starts an asynchronous device→host copy of `src` into `dst` on `queue`.
@@ -391,21 +398,18 @@ impl GpuContext {
                 src.size_bytes()
             )
         })?;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))?;
         // SAFETY: src lies inside the live arena; dst is valid for dst.len() bytes and the
         // caller does not touch it until completion (this function's contract).
         unsafe {
-            cudarc::driver::sys::cuMemcpyDtoHAsync_v2(
-                dst.as_mut_ptr().cast(),
-                src.ptr(),
-                dst.len(),
-                self.stream(queue).cu_stream(),
-            )
+            self.enqueue("cuMemcpyDtoHAsync", queue, |stream| {
+                cudarc::driver::sys::cuMemcpyDtoHAsync_v2(
+                    dst.as_mut_ptr().cast(),
+                    src.ptr(),
+                    dst.len(),
+                    stream,
+                )
+            })
         }
-        .result()
-        .map_err(|e| CudaError::driver("cuMemcpyDtoHAsync", e))
     }
 
     /// Device→device copy of equal-sized buffers on `queue`.
@@ -417,20 +421,17 @@ impl GpuContext {
                 src.size_bytes()
             )
         })?;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))?;
         // SAFETY: both ranges lie inside live arena allocations of this context.
         unsafe {
-            cudarc::driver::sys::cuMemcpyDtoDAsync_v2(
-                dst.ptr(),
-                src.ptr(),
-                src.size_bytes(),
-                self.stream(queue).cu_stream(),
-            )
+            self.enqueue("cuMemcpyDtoDAsync", queue, |stream| {
+                cudarc::driver::sys::cuMemcpyDtoDAsync_v2(
+                    dst.ptr(),
+                    src.ptr(),
+                    src.size_bytes(),
+                    stream,
+                )
+            })
         }
-        .result()
-        .map_err(|e| CudaError::driver("cuMemcpyDtoDAsync", e))
     }
 }
 
