@@ -2,6 +2,8 @@
 
 use half::bf16;
 
+use crate::stream::{copy_streaming_unfenced, fence, Stores};
+
 /// The element type of a buffer, for the object-safe byte-level entry points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DType {
@@ -88,16 +90,22 @@ pub(crate) fn sum_into(dtype: DType, srcs: &[&[u8]], dst: &mut [u8]) {
     let ptrs: Vec<*const u8> = srcs.iter().map(|s| s.as_ptr()).collect();
     // SAFETY: every source is a live slice of dst.len() bytes and `dst` is a unique borrow, so no
     // source overlaps it; the pointers are only read for that length.
-    unsafe { sum_into_raw(dtype, &ptrs, dst.as_mut_ptr(), dst.len()) }
+    unsafe { sum_into_raw(dtype, &ptrs, dst.as_mut_ptr(), dst.len(), Stores::Plain) }
 }
 
-/// Like `sum_into` on raw pointers; `dst` may be one of the sources (each block is read in full
-/// before it is written).
+/// Like `sum_into` on raw pointers, writing `dst` with `stores`; `dst` may be one of the sources
+/// (each block is read in full before it is written).
 ///
 /// # Safety
 /// Every source and `dst` must be valid for `len` bytes, and no other thread or process may write
 /// them (or read `dst`) during the call.
-pub(crate) unsafe fn sum_into_raw(dtype: DType, srcs: &[*const u8], dst: *mut u8, len: usize) {
+pub(crate) unsafe fn sum_into_raw(
+    dtype: DType,
+    srcs: &[*const u8],
+    dst: *mut u8,
+    len: usize,
+    stores: Stores,
+) {
     let elem = dtype.size_bytes();
     assert!(!srcs.is_empty(), "sum_into: no sources");
     assert_eq!(len % elem, 0, "sum_into: partial element");
@@ -123,13 +131,23 @@ pub(crate) unsafe fn sum_into_raw(dtype: DType, srcs: &[*const u8], dst: *mut u8
                     acc,
                 );
             }
-            store_f32(
-                dtype,
-                acc,
-                std::slice::from_raw_parts_mut(dst.add(offset), bytes),
-            );
+            match stores {
+                Stores::Plain => store_f32(
+                    dtype,
+                    acc,
+                    std::slice::from_raw_parts_mut(dst.add(offset), bytes),
+                ),
+                Stores::Streaming => {
+                    let mut out = [0u8; BLOCK_ELEMS * 4];
+                    store_f32(dtype, acc, &mut out[..bytes]);
+                    copy_streaming_unfenced(out.as_ptr(), dst.add(offset), bytes);
+                }
+            }
         }
         start += count;
+    }
+    if stores == Stores::Streaming {
+        fence();
     }
 }
 
@@ -190,6 +208,31 @@ mod tests {
         let mut out = [0u8; 2];
         sum_into(DType::Bf16, &srcs, &mut out);
         assert_eq!(bf16::from_bits(u16::from_ne_bytes(out)).to_f32(), 260.0);
+    }
+
+    #[test]
+    fn streaming_stores_write_the_same_sums() {
+        let n = BLOCK_ELEMS * 3 + 5;
+        for dtype in [DType::F32, DType::Bf16] {
+            let bytes = n * dtype.size_bytes();
+            let a: Vec<u8> = (0..bytes).map(|i| (i % 61) as u8).collect();
+            let b: Vec<u8> = (0..bytes).map(|i| (i % 37) as u8).collect();
+            let mut plain = vec![0u8; bytes];
+            sum_into(dtype, &[&a, &b], &mut plain);
+            // One byte in, so the streaming copy has an unaligned head and a tail.
+            let mut streamed = vec![0u8; bytes + 1];
+            // SAFETY: sources and destination are live, distinct vectors of at least `bytes`.
+            unsafe {
+                sum_into_raw(
+                    dtype,
+                    &[a.as_ptr(), b.as_ptr()],
+                    streamed[1..].as_mut_ptr(),
+                    bytes,
+                    Stores::Streaming,
+                )
+            };
+            assert_eq!(plain, streamed[1..], "{dtype:?}");
+        }
     }
 
     #[test]

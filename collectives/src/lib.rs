@@ -19,6 +19,7 @@ pub mod nccl;
 mod shm;
 mod single;
 pub mod store;
+mod stream;
 mod tcp;
 
 use std::sync::Arc;

@@ -225,7 +225,8 @@ fn check(comm: &dyn Communicator) -> Result<(), String> {
         check_type::<bf16>(comm, len)?;
     }
     // Large all_reduces one after another (4 MiB + 28 bytes, values shifted per call): with the
-    // default slots these span several slots and pipeline steps, and reuse the slot sets.
+    // default slots these span several slots and pipeline steps, and reuse the slot sets; on shm
+    // the second call publishes with the other kind of stores (see the backend's `publish`).
     let tri = (n * (n + 1) / 2) as f32;
     let l = (1 << 20) + 7;
     for call in 0..4 {
@@ -234,6 +235,22 @@ fn check(comm: &dyn Communicator) -> Result<(), String> {
         comm.all_reduce(&mut buf).map_err(|e| e.to_string())?;
         let expected: Vec<f32> = (0..l).map(|k| tri * value(k)).collect();
         compare(&format!("large all_reduce call {call}"), &buf, &expected)?;
+    }
+    // Large reduce_scatters likewise (the second call uses the other kind of stores, see the
+    // shm backend's `publish`).
+    let m = (1 << 20) / n + 3;
+    for call in 0..3 {
+        let value = |k: usize| ((k * 3 + call) % 11 + 1) as f32;
+        let send: Vec<f32> = (0..n * m).map(|k| (rank + 1) as f32 * value(k)).collect();
+        let mut recv = vec![0f32; m];
+        comm.reduce_scatter(&send, &mut recv)
+            .map_err(|e| e.to_string())?;
+        let expected: Vec<f32> = (0..m).map(|i| tri * value(rank * m + i)).collect();
+        compare(
+            &format!("large reduce_scatter call {call}"),
+            &recv,
+            &expected,
+        )?;
     }
     // bf16 sums accumulate in f32: 256 + 1 + ... stays 256 in bf16 arithmetic.
     let mut buf = vec![bf16::from_f32(if rank == 0 { 256.0 } else { 1.0 }); 3001];

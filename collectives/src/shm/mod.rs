@@ -11,10 +11,15 @@
 //! to one read and one write of the caller's buffer. Copies (all_gather, broadcast) use whole
 //! slots: fewer barriers, and a copy reads its source only once anyway.
 //!
+//! What a rank writes into its slots for the reductions goes in with plain or streaming stores,
+//! whichever rank 0's timing of recent calls found faster (see `publish`: which one wins depends
+//! on whether the ranks' cores share a cache).
+//!
 //! Waiters spin briefly when every rank can have a core of its own; otherwise they yield a few
 //! times (handing the core to a rank that still works) and then sleep on a futex (spinning on an
 //! oversubscribed host starves the rank being waited for).
 
+mod publish;
 mod segment;
 
 use std::ffi::CString;
@@ -26,8 +31,10 @@ use crate::comm::Communicator;
 use crate::elem::{sum_into_raw, DType};
 use crate::error::{CommError, Result};
 use crate::store::StoreClient;
+use crate::stream::Stores;
 use crate::Backend;
 
+use publish::StoreChooser;
 use segment::{futex_wait, futex_wake_all, header_bytes, pid_alive, Segment, MAGIC, PAGE};
 /// Spins before sleeping on the futex, when every rank can have a core.
 const SPINS_MAX: u32 = 2000;
@@ -48,6 +55,15 @@ const PORTION_GRANULE: usize = 64;
 struct OpState {
     epoch: u64,
     set: usize,
+    /// Rank 0 only: its timings of the reductions, which choose their stores.
+    choosers: [StoreChooser; 2],
+}
+
+/// The reductions whose stores rank 0 chooses; indexes `OpState::choosers` and `Header::stores`.
+#[derive(Clone, Copy)]
+enum Reduction {
+    AllReduce = 0,
+    ReduceScatter = 1,
 }
 
 /// One rank's view of the shared segment.
@@ -146,7 +162,11 @@ impl ShmComm {
             spins_max,
             yields_max,
             segment,
-            state: Mutex::new(OpState { epoch: 0, set: 0 }),
+            state: Mutex::new(OpState {
+                epoch: 0,
+                set: 0,
+                choosers: Default::default(),
+            }),
             pids,
             _store: store,
         })
@@ -293,6 +313,29 @@ impl ShmComm {
     fn lock_state(&self) -> std::sync::MutexGuard<'_, OpState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// The stores this rank publishes with in a call of `op`: rank 0's latest choice.
+    fn stores_for(&self, op: Reduction) -> Stores {
+        publish::decode(self.segment.header().stores[op as usize].load(Ordering::Relaxed))
+    }
+
+    /// On rank 0, for calls long enough to time: records the time from the call's first barrier
+    /// to its end and publishes the stores for the next call of `op`.
+    fn record_call(
+        &self,
+        st: &mut OpState,
+        op: Reduction,
+        used: Stores,
+        bytes: usize,
+        since: Option<Instant>,
+    ) {
+        let Some(since) = since else { return };
+        if self.rank != 0 || bytes < publish::TIMED_MIN_BYTES {
+            return;
+        }
+        let next = st.choosers[op as usize].record(used, bytes, since.elapsed());
+        self.segment.header().stores[op as usize].store(publish::encode(next), Ordering::Relaxed);
+    }
 }
 
 impl OpState {
@@ -365,6 +408,8 @@ impl Communicator for ShmComm {
         let elem = dtype.size_bytes();
         let chunk_max = (self.reduce_step_bytes / self.world / elem).max(1) * elem;
         let mut srcs = vec![std::ptr::null::<u8>(); self.world];
+        let stores = self.stores_for(Reduction::ReduceScatter);
+        let mut timed_since = None;
         let mut off = 0;
         while off < m {
             let len = chunk_max.min(m - off);
@@ -372,7 +417,7 @@ impl Communicator for ShmComm {
             for j in 0..self.world {
                 // SAFETY: see all_gather; j * len + len <= world * chunk_max <= slot_bytes.
                 unsafe {
-                    copy(
+                    stores.copy(
                         send[j * m + off..].as_ptr(),
                         self.slot(set, self.rank).add(j * len),
                         len,
@@ -380,14 +425,31 @@ impl Communicator for ShmComm {
                 };
             }
             self.barrier_at(st.next_epoch(), "reduce_scatter")?;
+            timed_since.get_or_insert_with(Instant::now);
             for (j, src) in srcs.iter_mut().enumerate() {
                 // SAFETY: rank * len + len <= slot_bytes.
                 *src = unsafe { self.slot(set, j).add(self.rank * len) };
             }
             // SAFETY: slots of `set` are read-only until the next barrier; `recv` is our own buffer.
-            unsafe { sum_into_raw(dtype, &srcs, recv[off..off + len].as_mut_ptr(), len) };
+            unsafe {
+                sum_into_raw(
+                    dtype,
+                    &srcs,
+                    recv[off..off + len].as_mut_ptr(),
+                    len,
+                    Stores::Plain,
+                )
+            };
             off += len;
         }
+        let bytes = send.len();
+        self.record_call(
+            &mut st,
+            Reduction::ReduceScatter,
+            stores,
+            bytes,
+            timed_since,
+        );
         Ok(())
     }
 
@@ -405,6 +467,8 @@ impl Communicator for ShmComm {
         let chunk_max = self.reduce_step_bytes / granule * granule;
         let chunks = buf.len().div_ceil(chunk_max);
         let mut srcs = vec![std::ptr::null::<u8>(); self.world];
+        let stores = self.stores_for(Reduction::AllReduce);
+        let mut timed_since = None;
         // (set, offset in buf, length) of the chunk reduced in the previous step.
         let mut reduced: Option<(usize, usize, usize)> = None;
         for k in 0..=chunks {
@@ -419,7 +483,7 @@ impl Communicator for ShmComm {
                     // below, and no rank still reads it (see the module comment); part.end <= len
                     // <= slot_bytes.
                     unsafe {
-                        copy(
+                        stores.copy(
                             buf[off + part.start..].as_ptr(),
                             self.slot(set, self.rank).add(part.start),
                             part.len(),
@@ -428,6 +492,7 @@ impl Communicator for ShmComm {
                 }
             }
             self.barrier_at(st.next_epoch(), "all_reduce")?;
+            timed_since.get_or_insert_with(Instant::now);
             if let Some((set, off, len)) = reduced {
                 for j in 0..self.world {
                     let part = portion(len, self.world, j, granule);
@@ -462,11 +527,14 @@ impl Communicator for ShmComm {
                         &srcs,
                         self.slot(set, self.rank).add(mine.start),
                         mine.len(),
+                        stores,
                     )
                 };
             }
             reduced = current;
         }
+        let bytes = buf.len();
+        self.record_call(&mut st, Reduction::AllReduce, stores, bytes, timed_since);
         Ok(())
     }
 

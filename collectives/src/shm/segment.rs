@@ -25,7 +25,12 @@ pub(super) struct Header {
     pub(super) culprit: AtomicU64,
     /// 1 = gone, 2 = timed out.
     pub(super) culprit_kind: AtomicU64,
+    /// Rank 0's choice of stores for the next all_reduce and reduce_scatter (see `publish`).
+    pub(super) stores: [AtomicU32; 2],
 }
+
+// The rank lines start at byte 256.
+const _: () = assert!(std::mem::size_of::<Header>() <= 256);
 
 #[repr(C)]
 pub(super) struct RankLine {
@@ -101,13 +106,15 @@ impl Segment {
                 });
             }
         }
-        // SAFETY: mapping a file we opened read-write; the kernel picks the address.
+        // SAFETY: mapping a file we opened read-write; the kernel picks the address. Populated
+        // up front, so the first collectives do not pay the page faults (and rank 0's timing of
+        // them, see `publish`, is not skewed by them).
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
                 fd.as_raw_fd(),
                 0,
             )
