@@ -414,7 +414,8 @@ impl Communicator for ShmComm {
         while off < m {
             let len = chunk_max.min(m - off);
             let set = st.next_set();
-            for j in 0..self.world {
+            // Our own portion is read from `send` below, not staged.
+            for j in (0..self.world).filter(|&j| j != self.rank) {
                 // SAFETY: see all_gather; j * len + len <= world * chunk_max <= slot_bytes.
                 unsafe {
                     stores.copy(
@@ -427,10 +428,15 @@ impl Communicator for ShmComm {
             self.barrier_at(st.next_epoch(), "reduce_scatter")?;
             timed_since.get_or_insert_with(Instant::now);
             for (j, src) in srcs.iter_mut().enumerate() {
-                // SAFETY: rank * len + len <= slot_bytes.
-                *src = unsafe { self.slot(set, j).add(self.rank * len) };
+                *src = if j == self.rank {
+                    send[self.rank * m + off..].as_ptr()
+                } else {
+                    // SAFETY: rank * len + len <= slot_bytes.
+                    unsafe { self.slot(set, j).add(self.rank * len) }
+                };
             }
-            // SAFETY: slots of `set` are read-only until the next barrier; `recv` is our own buffer.
+            // SAFETY: slots of `set` are read-only until the next barrier; `send` is the caller's
+            // and `recv` our own buffer, which overlap neither each other nor the segment.
             unsafe {
                 sum_into_raw(
                     dtype,
