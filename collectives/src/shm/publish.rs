@@ -10,10 +10,11 @@
 //! without one plain 1.5 and streaming 2.8 (4 ranks), 1.5 and 3.5 (2 ranks). The hypervisor moves
 //! vCPUs between those placements within seconds, and real hosts put ranks on different chiplets,
 //! so neither can be fixed. Timing a rank's own copies does not tell them apart (the cost lands
-//! on the readers), so rank 0 times whole calls: it keeps the recent speed of each kind, publishes
-//! the faster for the next call in the segment header, and now and then tries the slower one
-//! again (every 8 calls after a change, backing off to every 64). The choice changes only speed (the bytes in the slots are the same either
-//! way), so a rank that reads it a call late is harmless.
+//! on the readers), so rank 0 times whole calls: it keeps the recent speed of each kind,
+//! publishes the faster for the next call in the segment header, and now and then tries the
+//! slower one again (every 8 calls after a change, backing off to every 64). The choice changes
+//! only speed (the bytes in the slots are the same either way), so a rank that reads it a call
+//! late is harmless.
 
 use std::time::Duration;
 
