@@ -10,6 +10,7 @@
 //! ```
 
 pub mod bench;
+mod choose;
 mod comm;
 mod elem;
 pub mod env;

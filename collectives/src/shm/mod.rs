@@ -34,7 +34,7 @@ use crate::store::StoreClient;
 use crate::stream::Stores;
 use crate::Backend;
 
-use publish::StoreChooser;
+use crate::choose::{Chooser, Reduction, CHOSEN_MIN_BYTES};
 use segment::{futex_wait, futex_wake_all, header_bytes, pid_alive, Segment, MAGIC, PAGE};
 /// Spins before sleeping on the futex, when every rank can have a core.
 const SPINS_MAX: u32 = 2000;
@@ -56,14 +56,7 @@ struct OpState {
     epoch: u64,
     set: usize,
     /// Rank 0 only: its timings of the reductions, which choose their stores.
-    choosers: [StoreChooser; 2],
-}
-
-/// The reductions whose stores rank 0 chooses; indexes `OpState::choosers` and `Header::stores`.
-#[derive(Clone, Copy)]
-enum Reduction {
-    AllReduce = 0,
-    ReduceScatter = 1,
+    choosers: [Chooser<Stores>; 2],
 }
 
 /// One rank's view of the shared segment.
@@ -165,7 +158,7 @@ impl ShmComm {
             state: Mutex::new(OpState {
                 epoch: 0,
                 set: 0,
-                choosers: Default::default(),
+                choosers: [publish::chooser(), publish::chooser()],
             }),
             pids,
             _store: store,
@@ -330,7 +323,7 @@ impl ShmComm {
         since: Option<Instant>,
     ) {
         let Some(since) = since else { return };
-        if self.rank != 0 || bytes < publish::TIMED_MIN_BYTES {
+        if self.rank != 0 || bytes < CHOSEN_MIN_BYTES {
             return;
         }
         let next = st.choosers[op as usize].record(used, bytes, since.elapsed());

@@ -4,17 +4,27 @@
 //!
 //! Rank r writes to rank r+1 and reads from rank r-1. Sums travel as f32 partials (bf16 inputs
 //! are widened first), so bf16 accumulates in f32; gathers move the raw element bytes.
+//!
+//! Block size of the long reductions when ranks outnumber their host's cores: 256 KiB blocks are
+//! forwarded while still in cache, which wins when the cores share a cache (4 ranks on the 2-vCPU
+//! dev VM: 1.2–1.4 GB/s busbw against 0.9–1.0 with 4 MiB blocks); where they share none every
+//! block crosses between caches anyway, and the fewer hand-offs of 4 MiB blocks win (0.85–1.0
+//! against 0.65). Which holds can change while a job runs, so rank 0 times the calls and chooses
+//! (`crate::choose`); every rank must cut the buffer the same way, so rank 0 sends its choice down
+//! the ring before each such call (4 bytes, world - 1 hops). With a core per rank 256 KiB won in
+//! both placements, so nothing is chosen and nothing is sent.
 
 mod ring;
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ring::Links;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use crate::choose::{Chooser, Reduction, CHOSEN_MIN_BYTES};
 use crate::comm::Communicator;
 use crate::elem::{add_assign_f32, narrow_to_bf16, widen_bf16, DType};
 use crate::error::{CommError, Result};
@@ -28,6 +38,47 @@ const SOCKET_BUFFER_BYTES: u32 = 4 << 20;
 const YIELDS_OVERSUBSCRIBED_MAX: u32 = 32;
 /// How long survivors wait for rank 0's store to report who closed, after a link failed.
 const DIAGNOSE_GRACE: Duration = Duration::from_millis(500);
+
+/// Rank 0's timing of the long reductions, and the block size each one's next call uses (other
+/// ranks only read the block size sent by rank 0).
+struct BlockChoice {
+    choosers: [Chooser<usize>; 2],
+    next: [usize; 2],
+}
+
+impl BlockChoice {
+    fn new() -> Self {
+        let chooser = || Chooser::new(ring::BLOCK_BYTES, ring::BLOCK_BYTES_LARGE);
+        Self {
+            choosers: [chooser(), chooser()],
+            next: [ring::BLOCK_BYTES; 2],
+        }
+    }
+}
+
+/// What a rank publishes at start-up: where it listens, and how many cores it may run on.
+struct Peer {
+    addr: std::net::SocketAddr,
+    cores: usize,
+}
+
+impl Peer {
+    /// Reads `ip:port cores`.
+    fn parse(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let (addr, cores) = text.split_once(' ')?;
+        Some(Self {
+            addr: addr.parse().ok()?,
+            cores: cores.parse().ok()?,
+        })
+    }
+
+    /// Whether rank `r`'s host has more ranks (those with its address) than `r` has cores.
+    fn oversubscribed(peers: &[Peer], r: usize) -> bool {
+        let ip = peers[r].addr.ip();
+        peers.iter().filter(|p| p.addr.ip() == ip).count() > peers[r].cores
+    }
+}
 
 struct Scratch {
     /// The f32 working copy for sums.
@@ -45,6 +96,8 @@ pub(crate) struct TcpComm {
     store: Arc<StoreClient>,
     /// Yields before a wait for a peer sleeps (more when ranks outnumber cores).
     yields_max: u32,
+    /// Some when some host has more ranks than cores: long reductions then choose their blocks.
+    block_choice: Option<Mutex<BlockChoice>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,6 +143,7 @@ impl TcpComm {
                 scratch,
                 store,
                 yields_max: 0,
+                block_choice: None,
             });
         }
         let (next_rank, prev_rank) = ((rank + 1) % world, (rank + world - 1) % world);
@@ -118,14 +172,23 @@ impl TcpComm {
             .local_addr()
             .map_err(io(prev_rank, "listen"))?
             .port();
-        let addrs = store.all_gather("tcp/addr", world, format!("{local_ip}:{port}").as_bytes())?;
-        let next_addr: std::net::SocketAddr = String::from_utf8_lossy(&addrs[next_rank])
-            .parse()
-            .map_err(|_| CommError::Store {
-                rank,
-                addr: "store".into(),
-                detail: format!("rank {next_rank} published a bad address"),
-            })?;
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let published = format!("{local_ip}:{port} {cores}");
+        let peers = store
+            .all_gather("tcp/addr", world, published.as_bytes())?
+            .iter()
+            .enumerate()
+            .map(|(r, bytes)| {
+                Peer::parse(bytes).ok_or_else(|| CommError::Store {
+                    rank,
+                    addr: "store".into(),
+                    detail: format!("rank {r} published a bad address and core count"),
+                })
+            })
+            .collect::<Result<Vec<Peer>>>()?;
+        let next_addr = peers[next_rank].addr;
         let connect_timeout = |peer: usize| {
             move |_| CommError::Timeout {
                 rank,
@@ -188,14 +251,14 @@ impl TcpComm {
             })
         })?;
         drop(runtime);
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        let yields_max = if world <= cores {
-            0
-        } else {
+        let yields_max = if Peer::oversubscribed(&peers, rank) {
             YIELDS_OVERSUBSCRIBED_MAX
+        } else {
+            0
         };
+        let block_choice = (0..world)
+            .any(|r| Peer::oversubscribed(&peers, r))
+            .then(|| Mutex::new(BlockChoice::new()));
         Ok(Self {
             rank,
             world,
@@ -204,6 +267,7 @@ impl TcpComm {
             scratch,
             store,
             yields_max,
+            block_choice,
         })
     }
 
@@ -265,15 +329,12 @@ impl TcpComm {
         }
     }
 
-    /// Runs the ring `steps` over `buf` cut into `chunks`; on failure drops the links (the
-    /// neighbours see EOF) and names the culprit.
-    fn pipeline<T: bytemuck::Pod>(
+    /// Runs `f` on the ring's links; on failure drops them (the neighbours see EOF) and names the
+    /// culprit.
+    fn with_links(
         &self,
         op: &'static str,
-        buf: &mut [T],
-        chunks: impl Iterator<Item = Range<usize>>,
-        steps: &[ring::Step],
-        add: fn(&mut [T], &[T]),
+        f: impl FnOnce(&mut Links) -> std::result::Result<(), StepError>,
     ) -> Result<()> {
         let mut guard = lock(&self.links);
         let Some(links) = guard.as_mut() else {
@@ -283,8 +344,7 @@ impl TcpComm {
                 cause: "the ring links were closed by an earlier failure".into(),
             });
         };
-        let blocks = ring::Blocks::new(buf, chunks);
-        match ring::run(links, &blocks, steps, add, self.timeout, self.yields_max) {
+        match f(links) {
             Ok(()) => Ok(()),
             Err(e) => {
                 *guard = None;
@@ -292,6 +352,81 @@ impl TcpComm {
                 Err(self.step_error(op, e))
             }
         }
+    }
+
+    /// Runs the ring `steps` over `buf` cut into `chunks`, in blocks of at most `block_bytes`.
+    fn run_ring<T: bytemuck::Pod>(
+        &self,
+        links: &mut Links,
+        buf: &mut [T],
+        chunks: impl Iterator<Item = Range<usize>>,
+        steps: &[ring::Step],
+        add: fn(&mut [T], &[T]),
+        block_bytes: usize,
+    ) -> std::result::Result<(), StepError> {
+        let blocks = ring::Blocks::new(buf, chunks, block_bytes);
+        ring::run(links, &blocks, steps, add, self.timeout, self.yields_max)
+    }
+
+    /// Runs the ring `steps` over `buf` cut into `chunks`.
+    fn pipeline<T: bytemuck::Pod>(
+        &self,
+        op: &'static str,
+        buf: &mut [T],
+        chunks: impl Iterator<Item = Range<usize>>,
+        steps: &[ring::Step],
+        add: fn(&mut [T], &[T]),
+    ) -> Result<()> {
+        self.with_links(op, |links| {
+            self.run_ring(links, buf, chunks, steps, add, ring::BLOCK_BYTES)
+        })
+    }
+
+    /// `pipeline` for a reduction: a long one first receives rank 0's block size down the ring,
+    /// and rank 0 times it to choose the next.
+    fn reduction(
+        &self,
+        which: Reduction,
+        op: &'static str,
+        buf: &mut [f32],
+        chunks: impl Iterator<Item = Range<usize>>,
+        steps: &[ring::Step],
+    ) -> Result<()> {
+        let bytes = std::mem::size_of_val(buf);
+        let Some(block_choice) = self
+            .block_choice
+            .as_ref()
+            .filter(|_| bytes >= CHOSEN_MIN_BYTES)
+        else {
+            return self.pipeline(op, buf, chunks, steps, add_assign_f32);
+        };
+        self.with_links(op, |links| {
+            let mut word = [0u32];
+            if self.rank == 0 {
+                word[0] = lock(block_choice).next[which as usize] as u32;
+            }
+            let chain = ring::broadcast_steps(self.rank, 0, self.world);
+            self.run_ring(
+                links,
+                &mut word,
+                [0..1, 1..1].into_iter(),
+                &chain,
+                |_, _| {},
+                4,
+            )?;
+            let block = match word[0] as usize {
+                ring::BLOCK_BYTES_LARGE => ring::BLOCK_BYTES_LARGE,
+                _ => ring::BLOCK_BYTES,
+            };
+            let start = Instant::now();
+            self.run_ring(links, buf, chunks, steps, add_assign_f32, block)?;
+            if self.rank == 0 {
+                let mut choice = lock(block_choice);
+                let next = choice.choosers[which as usize].record(block, bytes, start.elapsed());
+                choice.next[which as usize] = next;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -333,7 +468,13 @@ impl Communicator for TcpComm {
         if self.world > 1 && m > 0 {
             let steps: Vec<_> = ring::reduce_scatter_steps(self.rank, self.world).collect();
             let chunks = (0..self.world).map(|k| k * m..(k + 1) * m);
-            self.pipeline("reduce_scatter", work, chunks, &steps, add_assign_f32)?;
+            self.reduction(
+                Reduction::ReduceScatter,
+                "reduce_scatter",
+                work,
+                chunks,
+                &steps,
+            )?;
         }
         let mine = &work[self.rank * m..(self.rank + 1) * m];
         match dtype {
@@ -355,12 +496,12 @@ impl Communicator for TcpComm {
             .collect();
         let chunks = |k: usize| chunk(len, n, k);
         if let (DType::F32, Ok(in_place)) = (dtype, bytemuck::try_cast_slice_mut::<u8, f32>(buf)) {
-            return self.pipeline(
+            return self.reduction(
+                Reduction::AllReduce,
                 "all_reduce",
                 in_place,
                 (0..n).map(chunks),
                 &steps,
-                add_assign_f32,
             );
         }
         // bf16 (or an unaligned f32 buffer): sum in an f32 copy, so bf16 accumulates in f32.
@@ -371,12 +512,12 @@ impl Communicator for TcpComm {
             DType::F32 => bytemuck::cast_slice_mut(&mut work[..]).copy_from_slice(buf),
             DType::Bf16 => widen_bf16(buf, work),
         }
-        self.pipeline(
+        self.reduction(
+            Reduction::AllReduce,
             "all_reduce",
             work,
             (0..n).map(chunks),
             &steps,
-            add_assign_f32,
         )?;
         match dtype {
             DType::F32 => buf.copy_from_slice(bytemuck::cast_slice(&work[..])),
@@ -422,5 +563,41 @@ mod tests {
             assert_eq!((parts[0].start, parts[n - 1].end), (0, len));
             assert!(parts.windows(2).all(|w| w[0].end == w[1].start));
         }
+    }
+
+    #[test]
+    fn peers_parse_and_count_ranks_per_host() {
+        let peers = |v: &[&str]| -> Vec<Peer> {
+            v.iter()
+                .map(|s| Peer::parse(s.as_bytes()).expect("valid"))
+                .collect()
+        };
+        for bad in ["127.0.0.1:5000", "127.0.0.1 2", "127.0.0.1:5000 two", ""] {
+            assert!(Peer::parse(bad.as_bytes()).is_none(), "{bad:?}");
+        }
+        // Four ranks on a 2-core host.
+        let one_host = peers(&[
+            "127.0.0.1:1 2",
+            "127.0.0.1:2 2",
+            "127.0.0.1:3 2",
+            "127.0.0.1:4 2",
+        ]);
+        assert!((0..4).all(|r| Peer::oversubscribed(&one_host, r)));
+        // Two ranks on each of two 2-core hosts.
+        let two_hosts = peers(&[
+            "10.0.0.1:1 2",
+            "10.0.0.1:2 2",
+            "10.0.0.2:1 2",
+            "10.0.0.2:2 2",
+        ]);
+        assert!((0..4).all(|r| !Peer::oversubscribed(&two_hosts, r)));
+        // Three ranks on a 2-core host beside one on a 64-core host.
+        let mixed = peers(&[
+            "10.0.0.1:1 2",
+            "10.0.0.1:2 2",
+            "10.0.0.1:3 2",
+            "10.0.0.2:1 64",
+        ]);
+        assert!(Peer::oversubscribed(&mixed, 0) && !Peer::oversubscribed(&mixed, 3));
     }
 }

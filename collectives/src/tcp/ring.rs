@@ -23,8 +23,10 @@ use std::time::{Duration, Instant};
 
 use super::{Side, StepError};
 
-/// Largest block, in bytes: the unit of forwarding.
-const BLOCK_BYTES_MAX: usize = 256 << 10;
+/// Largest block, in bytes (the unit of forwarding), unless a call chooses otherwise.
+pub(super) const BLOCK_BYTES: usize = 256 << 10;
+/// The larger block a long reduction may choose instead (see `TcpComm`'s block choice).
+pub(super) const BLOCK_BYTES_LARGE: usize = 4 << 20;
 /// Longest single poll(2) sleep (the deadline is checked in between).
 const POLL_SLICE: Duration = Duration::from_millis(100);
 
@@ -147,12 +149,13 @@ pub(super) struct Blocks<'a, T> {
 
 impl<'a, T: bytemuck::Pod> Blocks<'a, T> {
     /// `chunks` must be disjoint ranges of `buf`. Rows: enough that no block exceeds
-    /// BLOCK_BYTES_MAX.
+    /// `block_bytes_max`.
     pub(super) fn new(
         buf: &'a mut [T],
         chunks: impl Iterator<Item = std::ops::Range<usize>>,
+        block_bytes_max: usize,
     ) -> Self {
-        let block_elems_max = (BLOCK_BYTES_MAX / std::mem::size_of::<T>()).max(1);
+        let block_elems_max = (block_bytes_max / std::mem::size_of::<T>()).max(1);
         let chunks: Vec<_> = chunks.collect();
         let rows = chunks
             .iter()
@@ -488,17 +491,18 @@ mod tests {
 
     #[test]
     fn blocks_cover_the_chunks() {
-        let mut buf = vec![0u8; 3 * BLOCK_BYTES_MAX + 10];
+        let mut buf = vec![0u8; 3 * BLOCK_BYTES + 10];
         let len = buf.len();
-        let split = BLOCK_BYTES_MAX + 1;
-        let blocks = Blocks::new(&mut buf, [0..split, split..len, len..len].into_iter());
+        let split = BLOCK_BYTES + 1;
+        let chunks = [0..split, split..len, len..len];
+        let blocks = Blocks::new(&mut buf, chunks.into_iter(), BLOCK_BYTES);
         // The longer chunk needs 3 blocks, so every chunk is cut into 3 rows.
         assert_eq!((blocks.rows, blocks.chunks), (3, 3));
         for chunk in 0..3 {
             let lens: Vec<_> = (0..3).map(|row| blocks.block(row, chunk).len).collect();
             let total = [split, len - split, 0][chunk];
             assert_eq!(lens.iter().sum::<usize>(), total);
-            assert!(lens.iter().all(|&l| l <= BLOCK_BYTES_MAX));
+            assert!(lens.iter().all(|&l| l <= BLOCK_BYTES));
         }
         assert_eq!(
             blocks.block(1, 1).ptr,
