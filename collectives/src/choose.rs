@@ -20,7 +20,8 @@ const PROBE_MAX: u32 = 64;
 /// something else (a preemption, the caller's other threads) does not flip the choice.
 const WINDOW: usize = 3;
 
-/// The reductions whose way is chosen; each has its own chooser.
+/// The reductions whose way is chosen; each has its own chooser (the value indexes a backend's
+/// per-reduction state: choosers, shm's header words).
 #[derive(Clone, Copy)]
 pub(crate) enum Reduction {
     AllReduce = 0,

@@ -9,8 +9,8 @@
 //! Reductions step through at most `REDUCE_STEP_BYTES_MAX` (reduce_scatter:
 //! `SCATTER_STEP_BYTES_MAX`) of each slot: small steps keep a step's slots in cache between the
 //! copy in, the reduction and the copy out, so memory traffic is close to one read and one write
-//! of the caller's buffer. Copies (all_gather, broadcast) use whole
-//! slots: fewer barriers, and a copy reads its source only once anyway.
+//! of the caller's buffer. Copies (all_gather, broadcast) use whole slots: fewer barriers, and a
+//! copy reads its source only once anyway.
 //!
 //! What a rank writes into its slots for the reductions goes in with plain or streaming stores,
 //! whichever rank 0's timing of recent calls found faster (see `publish`: which one wins depends
