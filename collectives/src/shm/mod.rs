@@ -50,7 +50,8 @@ const REDUCE_STEP_BYTES_MAX: usize = 256 << 10;
 /// all_reduce step (each rank sums `1/world` of it and copies nothing out), so it takes a larger
 /// one. Against 256 KiB, 64 MiB at 4 ranks, alternating call by call in one job: +10% (2.50 -> 2.75
 /// GB/s busbw, cores sharing a cache) and +15% (2.32 -> 2.68, not), at 2 ranks +2-4%; 1 MiB was no
-/// better; in separate `strata-bench` runs +4% (medians of 10). all_reduce was no different.
+/// better. In separate `strata-bench` runs, alternating with the old binary (medians of 10 pairs):
+/// +5% (2.81 vs 2.68) sharing a cache, +4-9% not. all_reduce was no different.
 const SCATTER_STEP_BYTES_MAX: usize = 512 << 10;
 /// Longest futex sleep between checks of the deadline and of peer liveness.
 const SLEEP_SLICE: Duration = Duration::from_millis(5);
