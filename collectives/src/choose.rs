@@ -61,6 +61,8 @@ pub(crate) struct Chooser<K> {
     /// Calls between tries of the slower way, and calls left until the next try.
     interval: u32,
     until_try: u32,
+    /// The way for the next call, as of the last `record`.
+    next: K,
 }
 
 impl<K: Copy + PartialEq> Chooser<K> {
@@ -72,7 +74,13 @@ impl<K: Copy + PartialEq> Chooser<K> {
             faster: 0,
             interval: PROBE_MIN,
             until_try: PROBE_MIN,
+            next: first,
         }
+    }
+
+    /// The way for the next call: the last `record`'s answer (`first` before any).
+    pub(crate) fn next(&self) -> K {
+        self.next
     }
 
     /// Records a call of `bytes` that took `elapsed` with `used`, and returns the way for the
@@ -86,7 +94,8 @@ impl<K: Copy + PartialEq> Chooser<K> {
         self.speeds[used].push(speed);
         let (Some(first), Some(second)) = (self.speeds[0].estimate(), self.speeds[1].estimate())
         else {
-            return self.ways[1 - used];
+            self.next = self.ways[1 - used];
+            return self.next;
         };
         let faster = if first >= second { 0 } else { 1 };
         if used != self.faster {
@@ -104,11 +113,12 @@ impl<K: Copy + PartialEq> Chooser<K> {
         }
         self.faster = faster;
         self.until_try = self.until_try.saturating_sub(1);
-        if self.until_try == 0 {
+        self.next = if self.until_try == 0 {
             self.ways[1 - faster]
         } else {
             self.ways[faster]
-        }
+        };
+        self.next
     }
 }
 
@@ -157,6 +167,7 @@ mod tests {
         // And back, once two tries have seen 'a' fast again.
         let used = run(&mut c, &mut next, [6.7e9, 3.5e9], 3 * PROBE_MIN as usize);
         assert_eq!(next, 'a');
+        assert_eq!(c.next(), next);
         assert_eq!(used.last(), Some(&'a'));
     }
 

@@ -39,23 +39,6 @@ const YIELDS_OVERSUBSCRIBED_MAX: u32 = 32;
 /// How long survivors wait for rank 0's store to report who closed, after a link failed.
 const DIAGNOSE_GRACE: Duration = Duration::from_millis(500);
 
-/// Rank 0's timing of the long reductions, and the block size each one's next call uses (other
-/// ranks only read the block size sent by rank 0).
-struct BlockChoice {
-    choosers: [Chooser<usize>; 2],
-    next: [usize; 2],
-}
-
-impl BlockChoice {
-    fn new() -> Self {
-        let chooser = || Chooser::new(ring::BLOCK_BYTES, ring::BLOCK_BYTES_LARGE);
-        Self {
-            choosers: [chooser(), chooser()],
-            next: [ring::BLOCK_BYTES; 2],
-        }
-    }
-}
-
 /// What a rank publishes at start-up: where it listens, and how many cores it may run on.
 struct Peer {
     addr: std::net::SocketAddr,
@@ -97,7 +80,8 @@ pub(crate) struct TcpComm {
     /// Yields before a wait for a peer sleeps (more when ranks outnumber cores).
     yields_max: u32,
     /// Some when some host has more ranks than cores: long reductions then choose their blocks.
-    block_choice: Option<Mutex<BlockChoice>>,
+    /// Rank 0 times the calls (one chooser per `Reduction`); other ranks use the block size it sends.
+    block_choice: Option<Mutex<[Chooser<usize>; 2]>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -258,7 +242,10 @@ impl TcpComm {
         };
         let block_choice = (0..world)
             .any(|r| Peer::oversubscribed(&peers, r))
-            .then(|| Mutex::new(BlockChoice::new()));
+            .then(|| {
+                let chooser = || Chooser::new(ring::BLOCK_BYTES, ring::BLOCK_BYTES_LARGE);
+                Mutex::new([chooser(), chooser()])
+            });
         Ok(Self {
             rank,
             world,
@@ -403,7 +390,7 @@ impl TcpComm {
         self.with_links(op, |links| {
             let mut word = [0u32];
             if self.rank == 0 {
-                word[0] = lock(block_choice).next[which as usize] as u32;
+                word[0] = lock(block_choice)[which as usize].next() as u32;
             }
             let chain = ring::broadcast_steps(self.rank, 0, self.world);
             self.run_ring(
@@ -421,9 +408,7 @@ impl TcpComm {
             let start = Instant::now();
             self.run_ring(links, buf, chunks, steps, add_assign_f32, block)?;
             if self.rank == 0 {
-                let mut choice = lock(block_choice);
-                let next = choice.choosers[which as usize].record(block, bytes, start.elapsed());
-                choice.next[which as usize] = next;
+                lock(block_choice)[which as usize].record(block, bytes, start.elapsed());
             }
             Ok(())
         })
