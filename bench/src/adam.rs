@@ -2,7 +2,8 @@
 //! per second, against its memory floor: each parameter reads p, g, m, v and writes p, m, v (28 bytes in fp32).
 
 use std::time::Instant;
-use strata::optim::{adamw_update, AdamWParams};
+use strata::backend::AdamWHyper;
+use strata::optim::adamw_update;
 
 #[derive(clap::Args)]
 pub struct AdamArgs {
@@ -28,20 +29,20 @@ pub fn run(args: AdamArgs) -> anyhow::Result<()> {
     let mut p: Vec<f32> = (0..n).map(|i| ((i % 1000) as f32 - 500.0) * 1e-3).collect();
     let g: Vec<f32> = (0..n).map(|i| ((i % 777) as f32 - 388.0) * 1e-4).collect();
     let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
-    let mut h = AdamWParams {
+    let mut h = AdamWHyper {
         lr: 1e-3,
         beta1: 0.9,
         beta2: 0.95,
         eps: 1e-8,
         weight_decay: 0.1,
-        t: 1,
+        step: 1,
         grad_scale: 1.0,
     };
-    pool.install(|| adamw_update(&mut p, &g, &mut m, &mut v, &h, true));
+    pool.install(|| adamw_update(&mut p, &g, &mut m, &mut v, &h));
     let start = Instant::now();
     for step in 0..args.steps {
-        h.t = step as u32 + 2;
-        pool.install(|| adamw_update(&mut p, &g, &mut m, &mut v, &h, true));
+        h.step = step as u32 + 2;
+        pool.install(|| adamw_update(&mut p, &g, &mut m, &mut v, &h));
     }
     let secs = start.elapsed().as_secs_f64() / args.steps.max(1) as f64;
     let params_per_s = n as f64 / secs;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use strata::config::Config;
 use strata::data::Loader;
-use strata::train::build_trainer;
+use strata::Engine;
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -30,8 +30,9 @@ pub struct TrainArgs {
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
-    /// After the timed steps, one more step with every GPU operation timed (GPU trainer only):
-    /// a table of time per kernel/GEMM, or a "profile" array in the JSON.
+    /// After the timed steps, one more step with every device operation timed (GPU time per
+    /// kernel and GEMM on CUDA, wall time per operation on the CPU): a table, or a "profile"
+    /// array in the JSON.
     #[arg(long)]
     profile: bool,
 }
@@ -40,16 +41,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut overrides = args.set.clone();
     overrides.push(format!("train.steps={}", args.warmup + args.steps));
     let config = Config::load(args.config.as_deref(), &overrides)?;
-    let device = strata::train::resolve_device(config.train.device);
-    if args.profile && device != strata::config::DeviceKind::Cuda {
-        anyhow::bail!(
-            "--profile times GPU operations: it needs a GPU (train.device = \"cuda\", or \"auto\" where a GPU is present)"
-        );
-    }
     let (d, m) = (&config.data, &config.model);
     let mut loader = Loader::from_config(&config).context("opening the training data")?;
     let build = Instant::now();
-    let mut engine = build_trainer(&config)?;
+    let mut engine = Engine::from_config(config.clone())?;
     let init_s = build.elapsed().as_secs_f64();
     let mut batches: Vec<_> = (0..d.grad_accum_steps)
         .map(|_| engine.new_batch())
@@ -86,7 +81,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "seq_len": m.seq_len,
         "params": engine.num_params(),
         "tokens_per_step": tokens / timed.len().max(1),
-        "device": format!("{device:?}").to_lowercase(),
+        "device": engine.device().name(),
+        "backend": engine.device().backend().name(),
         "precision": format!("{:?}", config.train.precision).to_lowercase(),
         "activation_checkpointing": config.train.activation_checkpointing,
         "threads": if config.train.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { config.train.threads },

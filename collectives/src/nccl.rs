@@ -235,6 +235,38 @@ impl NcclCommunicator {
         )
     }
 
+    /// Enqueues an in-place sum all-reduce of `count` elements at device address `ptr` on
+    /// `stream` (the caller's stream, e.g. an engine's communication queue), so the caller orders
+    /// it against its own work with events. bf16 is summed by NCCL in bf16.
+    ///
+    /// # Safety
+    /// `ptr` must be a device allocation of at least `count` elements of `dtype` in this
+    /// communicator's device (primary context), live until the work enqueued on `stream`
+    /// completes; `stream` must be a live stream of that context.
+    pub unsafe fn all_reduce_on_stream(
+        &self,
+        ptr: u64,
+        count: usize,
+        dtype: DType,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<()> {
+        let _g = self.guard();
+        // SAFETY: the caller's contract: a live allocation of `count` elements, a live stream.
+        unsafe {
+            nccl::all_reduce(
+                ptr as *const std::ffi::c_void,
+                ptr as *mut std::ffi::c_void,
+                count,
+                nccl_dtype(dtype),
+                nccl_sys::ncclRedOp_t::ncclSum,
+                self.comm.0,
+                stream as _,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| self.error("all_reduce", nccl_code(&e)))
+    }
+
     fn raw_all_gather<T>(
         &self,
         send: &CudaSlice<T>,

@@ -1,7 +1,8 @@
 //! strata: a ZeRO-Infinity style training runtime.
 //!
-//! Library use: build a [`Config`] (from TOML or in code), an [`Engine`] for GPT-2 or any [`model::Model`],
-//! feed it micro-batches from a [`data::Loader`] (or your own), and read [`StepStats`].
+//! Library use: build a [`Config`] (from TOML or in code), an [`Engine`] for GPT-2 or any [`model::Model`]
+//! (on the CPU or a GPU: `train.device`), feed it micro-batches from a [`data::Loader`] (or your own), and
+//! read [`StepStats`].
 //! See `examples/` for a training loop and a custom model.
 
 pub mod backend;
@@ -17,5 +18,5 @@ pub mod train;
 pub mod weights;
 
 pub use config::Config;
-pub use engine::{Engine, EngineError, StepStats, Trainer};
+pub use engine::{Engine, EngineError, StepStats};
 pub use model::{Batch, Model};

@@ -11,10 +11,11 @@
 //! 3. pinned host↔device bandwidth;
 //! 4. a one-rank NCCL all_reduce through strata-collectives with a closed-form check.
 
-use crate::backend::cuda::{self, GpuGpt2Trainer, Precision};
+use crate::backend::cuda;
+use crate::backend::Precision;
 use crate::config::{Config, DeviceKind};
 use crate::data::Loader;
-use crate::engine::{Engine, Trainer};
+use crate::engine::Engine;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -137,21 +138,21 @@ fn small_config(
     c
 }
 
-/// Per-step losses of `steps` steps of `trainer` on the synthetic data of `config`.
+/// Per-step losses of `steps` steps of `engine` on the synthetic data of `config`.
 fn losses(
-    trainer: &mut dyn Trainer,
+    engine: &mut Engine,
     config: &Config,
     steps: usize,
 ) -> Result<Vec<f32>, Box<dyn std::error::Error>> {
     let d = &config.data;
     let mut loader = Loader::from_config(config)?;
     let mut batches: Vec<_> = (0..d.grad_accum_steps)
-        .map(|_| trainer.new_batch())
+        .map(|_| engine.new_batch())
         .collect();
     let mut out = Vec::with_capacity(steps);
     for _ in 0..steps {
         batches.iter_mut().for_each(|b| loader.fill(b));
-        out.push(trainer.train_step(&batches)?.loss);
+        out.push(engine.train_step(&batches)?.loss);
     }
     Ok(out)
 }
@@ -262,12 +263,14 @@ fn gradient_parity(report: &mut Report, precision: Precision) {
         loader.fill(&mut batch);
         let batches = [batch];
         let cpu_loss = engine.forward_backward(&batches)?;
-        let mut gpu = GpuGpt2Trainer::new(&gpu_config)?;
-        let (gpu_loss, gpu_grads) = gpu.compute_gradients(&batches)?;
+        let cpu_grads = engine.grads()?;
+        let mut gpu = Engine::from_config(gpu_config.clone())?;
+        let gpu_loss = gpu.forward_backward(&batches)?;
+        let gpu_grads = gpu.grads()?;
         let mut per_tensor = Vec::new();
-        for (unit, grads) in engine.units().iter().zip(&gpu_grads) {
-            for (t, r) in unit.spec.tensors.iter().zip(unit.spec.ranges()) {
-                let (want, got) = (&unit.grads[r.clone()], grads.get(r).unwrap_or(&[]));
+        for ((unit, want), got) in engine.units().iter().zip(&cpu_grads).zip(&gpu_grads) {
+            for (t, r) in unit.tensors.iter().zip(unit.ranges()) {
+                let (want, got) = (&want[r.clone()], got.get(r).unwrap_or(&[]));
                 per_tensor.push((t.name.clone(), rel_err(got, want)));
             }
         }
@@ -329,8 +332,8 @@ fn training_parity(report: &mut Report, precision: Precision, checkpointing: boo
     let run = || -> Result<(Vec<f32>, Vec<f32>), Box<dyn std::error::Error>> {
         let mut engine = Engine::from_config(cpu_config.clone())?;
         let cpu = losses(&mut engine, &cpu_config, PARITY_STEPS)?;
-        let mut gpu_trainer = GpuGpt2Trainer::new(&gpu_config)?;
-        let gpu = losses(&mut gpu_trainer, &gpu_config, PARITY_STEPS)?;
+        let mut gpu_engine = Engine::from_config(gpu_config.clone())?;
+        let gpu = losses(&mut gpu_engine, &gpu_config, PARITY_STEPS)?;
         Ok((cpu, gpu))
     };
     let (cpu, gpu) = match run() {

@@ -1,8 +1,8 @@
 //! The training driver behind `strata train`: data, engine, logging, metrics file, export.
 
-use crate::config::{Config, DeviceKind, Precision};
+use crate::config::Config;
 use crate::data::{DataError, Loader};
-use crate::engine::{Engine, EngineError, StepStats, Trainer};
+use crate::engine::{Engine, EngineError, StepStats};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
@@ -104,35 +104,9 @@ fn format_step(s: &StepStats, total: usize) -> String {
     )
 }
 
-/// The device `train.device` resolves to: `auto` takes the GPU when a CUDA driver reports one.
-pub fn resolve_device(device: DeviceKind) -> DeviceKind {
-    match device {
-        DeviceKind::Auto if crate::backend::cuda::gpu_available() => DeviceKind::Cuda,
-        DeviceKind::Auto => DeviceKind::Cpu,
-        other => other,
-    }
-}
-
-/// The trainer for the configured device: the CPU [`Engine`], or the GPU trainer.
-pub fn build_trainer(config: &Config) -> Result<Box<dyn Trainer>, EngineError> {
-    match resolve_device(config.train.device) {
-        // precision = "auto" is bf16 on the GPU (backend::cuda::trainer::gpu_precision).
-        DeviceKind::Cuda => Ok(Box::new(crate::backend::cuda::GpuGpt2Trainer::new(config)?)),
-        _ => {
-            if !matches!(config.train.precision, Precision::Auto | Precision::Fp32) {
-                return Err(EngineError::Batch(format!(
-                    "train.precision = {:?} needs a GPU, and train.device resolved to the CPU",
-                    config.train.precision
-                )));
-            }
-            Ok(Box::new(Engine::from_config(config.clone())?))
-        }
-    }
-}
-
 /// Trains as `config` says and returns the summary.
 pub fn run(config: Config) -> Result<Summary, TrainError> {
-    let mut engine = build_trainer(&config)?;
+    let mut engine = Engine::from_config(config.clone())?;
     // Rank 0 speaks for the group: it logs, writes metrics and exports; every rank trains.
     let (rank, world) = (engine.rank(), engine.world_size());
     let lead = rank == 0;
@@ -153,9 +127,9 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
         tracing::info!("effective config:\n{}", config.to_toml());
         tracing::info!("data: {} ({} tokens)", loader.origin(), loader.num_tokens());
         tracing::info!(
-            "model: GPT-2, {} params on {:?}, {world} rank(s); {} tokens per step",
+            "model: GPT-2, {} params on {}, {world} rank(s); {} tokens per step",
             engine.num_params(),
-            resolve_device(config.train.device),
+            engine.device().name(),
             d.micro_batch_size * m.seq_len * d.grad_accum_steps * world
         );
     }

@@ -143,8 +143,9 @@ pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<
         if spec.stored_transposed {
             data = transpose(&data, expected[0], expected[1]);
         }
-        let range = units[u].ranges()[i].clone();
-        params[u][range].copy_from_slice(&data);
+        // The tensor's rows come first in its range; padding rows after them stay zero.
+        let start = units[u].ranges()[i].start;
+        params[u][start..start + data.len()].copy_from_slice(&data);
         seen.insert(key);
     }
     let mut missing: Vec<&str> = wanted
@@ -161,8 +162,8 @@ pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<
     }
     if let Some(head) = head {
         let (u, i) = wanted["wte.weight"];
-        let range = units[u].ranges()[i].clone();
-        if head != params[u][range] {
+        let start = units[u].ranges()[i].start;
+        if params[u].get(start..start + head.len()) != Some(head.as_slice()) {
             return Err(WeightsError::UntiedHead { path: path.into() });
         }
     }
@@ -178,7 +179,8 @@ pub fn save<'a>(
     let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (unit, data) in units {
         for (spec, range) in unit.tensors.iter().zip(unit.ranges()) {
-            let values = &data[range];
+            // Padding rows (after the tensor's own rows) are not part of the file.
+            let values = &data[range.start..range.start + spec.numel()];
             let (shape, values) = if spec.stored_transposed {
                 (
                     vec![spec.shape[1], spec.shape[0]],

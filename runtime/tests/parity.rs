@@ -4,10 +4,9 @@
 
 use safetensors::SafeTensors;
 use std::path::PathBuf;
+use strata::config::{ByteSize, SizeOrAuto};
 use strata::data::Loader;
-use strata::model::gpt2::{Gpt2, Gpt2Shape};
-use strata::model::Model;
-use strata::{Config, Engine};
+use strata::{Config, Engine, EngineError};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -128,16 +127,13 @@ device = "cpu"
     Config::from_toml_str(&text).expect("parity config")
 }
 
-/// The engine's buffer for a tensor in the reference's (Hugging Face) layout.
-fn hf_layout(engine: &Engine, name: &str, grads: bool) -> Vec<f32> {
-    for unit in engine.units() {
-        for (spec, range) in unit.spec.tensors.iter().zip(unit.spec.ranges()) {
+/// A tensor of per-unit flat buffers (`Engine::params` / `Engine::grads`) in the reference's
+/// (Hugging Face) layout: padding rows dropped, Conv1D weights transposed.
+fn hf_layout(engine: &Engine, units: &[Vec<f32>], name: &str) -> Vec<f32> {
+    for (unit, data) in engine.units().iter().zip(units) {
+        for (spec, range) in unit.tensors.iter().zip(unit.ranges()) {
             if spec.name == name {
-                let data = if grads {
-                    &unit.grads[range]
-                } else {
-                    &unit.params[range]
-                };
+                let data = &data[range.start..range.start + spec.numel()];
                 if !spec.stored_transposed {
                     return data.to_vec();
                 }
@@ -159,7 +155,7 @@ fn param_names(engine: &Engine) -> Vec<String> {
     engine
         .units()
         .iter()
-        .flat_map(|u| u.spec.tensors.iter().map(|t| t.name.clone()))
+        .flat_map(|u| u.tensors.iter().map(|t| t.name.clone()))
         .collect()
 }
 
@@ -173,27 +169,20 @@ fn gpt2_matches_pytorch_logits_loss_and_gradients() {
     let mut batch = engine.new_batch();
     loader.fill(&mut batch);
 
-    // Logits through a second model instance that shares the engine's weights.
-    let head_input = engine.head_input(&batch).expect("forward");
-    let mut gpt2 = Gpt2::new(Gpt2Shape::from_config(&cfg.model));
-    gpt2.prepare(b, t, true);
-    let head_units = &gpt2.stages().last().expect("stages").units.clone();
-    let params: Vec<&[f32]> = head_units
-        .iter()
-        .map(|&u| engine.units()[u].params.as_slice())
-        .collect();
-    let logits = gpt2.logits(&params, &head_input, b, t);
+    let logits = engine.logits(&batch).expect("logits");
+    assert_eq!(logits.len(), b * t * cfg.model.vocab_size);
     assert!(rel_diff("logits", &logits, &reference.f32s("logits")) <= 1e-5);
 
     let loss = engine
         .forward_backward(std::slice::from_ref(&batch))
         .expect("backward");
     assert!(rel_diff("loss", &[loss], &reference.f32s("loss")) <= 1e-5);
+    let grads = engine.grads().expect("grads");
     let mut worst = 0.0f64;
     for name in param_names(&engine) {
         let rel = rel_diff(
             &format!("grad {name}"),
-            &hf_layout(&engine, &name, true),
+            &hf_layout(&engine, &grads, &name),
             &reference.f32s(&format!("grad.{name}")),
         );
         worst = worst.max(rel);
@@ -202,6 +191,16 @@ fn gpt2_matches_pytorch_logits_loss_and_gradients() {
         worst <= 1e-4,
         "worst gradient relative difference {worst:.3e} exceeds 1e-4"
     );
+    // The token embedding is padded to 128 rows (vocab 101): the padding gets no gradient.
+    let embed = &engine.units()[0];
+    let (wte, range) = (&embed.tensors[0], embed.ranges()[0].clone());
+    assert!(
+        wte.pad_rows > 0,
+        "the fixture's vocabulary is not a multiple of 128"
+    );
+    assert!(grads[0][range.start + wte.numel()..range.end]
+        .iter()
+        .all(|&g| g == 0.0));
 }
 
 #[test]
@@ -243,10 +242,11 @@ fn gpt2_matches_pytorch_over_five_adamw_steps() {
     }
     let c = cfg.model.n_embd;
     let lr_sum: f32 = want_lr.iter().sum();
+    let params = engine.params().expect("params");
     let mut worst = 0.0f64;
     for name in param_names(&engine) {
         let (mut got, mut want) = (
-            hf_layout(&engine, &name, false),
+            hf_layout(&engine, &params, &name),
             reference.f32s(&format!("final.{name}")),
         );
         if name.ends_with("attn.c_attn.bias") {
@@ -272,4 +272,52 @@ fn gpt2_matches_pytorch_over_five_adamw_steps() {
         worst = worst.max(rel);
     }
     assert!(worst <= 1e-4, "final weights differ by {worst:.3e}");
+}
+
+/// Losses and final weights of the parity run under `cfg`.
+fn train(cfg: &Config, reference: &Reference) -> Result<(Vec<f32>, Vec<Vec<f32>>), EngineError> {
+    let (b, t) = (cfg.data.micro_batch_size, cfg.model.seq_len);
+    let mut loader = Loader::from_vec(reference.tokens(), b, t, 0, false).expect("loader");
+    let mut engine = Engine::from_config(cfg.clone())?;
+    let mut batches = vec![engine.new_batch(); cfg.data.grad_accum_steps];
+    let mut losses = Vec::new();
+    for _ in 0..cfg.train.steps {
+        batches.iter_mut().for_each(|mb| loader.fill(mb));
+        losses.push(engine.train_step(&batches)?.loss);
+    }
+    Ok((losses, engine.params()?))
+}
+
+#[test]
+fn a_device_memory_budget_just_above_the_plan_trains_the_same_and_just_below_is_refused() {
+    let reference = Reference::load();
+    let cfg = config(&reference);
+    let needed = Engine::from_config(cfg.clone())
+        .expect("engine")
+        .device()
+        .arena()
+        .peak_bytes();
+    let unlimited = train(&cfg, &reference).expect("unlimited run");
+
+    let mut tight = cfg.clone();
+    tight.train.device_memory = SizeOrAuto::Size(ByteSize(needed as u64));
+    let bounded = train(&tight, &reference).expect("run within a budget of exactly the plan");
+    assert_eq!(bounded.0, unlimited.0, "losses differ bitwise");
+    assert_eq!(bounded.1, unlimited.1, "final weights differ bitwise");
+
+    let mut short = cfg;
+    short.train.device_memory = SizeOrAuto::Size(ByteSize(needed as u64 - 1));
+    let err = train(&short, &reference).expect_err("one byte short of the plan");
+    let message = err.to_string();
+    println!("{message}");
+    assert!(matches!(err, EngineError::DoesNotFit(_)), "{message}");
+    for part in [
+        "does not fit in cpu device memory",
+        "train.device_memory",
+        "data.micro_batch_size (now 4)",
+        "block activations",
+        "master params",
+    ] {
+        assert!(message.contains(part), "missing `{part}` in: {message}");
+    }
 }

@@ -7,7 +7,7 @@ mod overrides;
 mod size;
 
 pub use overrides::apply_override;
-pub use size::ByteSize;
+pub use size::{ByteSize, SizeOrAuto};
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -225,6 +225,9 @@ pub struct TrainConfig {
     pub activation_checkpointing: bool,
     /// CPU threads for compute; 0 uses every core.
     pub threads: usize,
+    /// Device memory the engine may use: `"auto"` (no limit on the CPU, the card's free memory
+    /// on a GPU) or a size. The CPU backend enforces it exactly as a GPU's memory.
+    pub device_memory: SizeOrAuto,
     /// One JSON object per step is appended here.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_file: Option<PathBuf>,
@@ -242,6 +245,7 @@ impl Default for TrainConfig {
             device: DeviceKind::Auto,
             activation_checkpointing: true,
             threads: 0,
+            device_memory: SizeOrAuto::Auto,
             metrics_file: None,
             export_to: None,
         }

@@ -123,3 +123,49 @@ mod tests {
         assert_eq!(ByteSize(1000).to_string(), "1000B");
     }
 }
+
+/// A size, or `"auto"` (the setting's documented default behaviour).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SizeOrAuto {
+    #[default]
+    Auto,
+    Size(ByteSize),
+}
+
+impl SizeOrAuto {
+    /// The size in bytes, or None for `auto`.
+    pub fn bytes(self) -> Option<u64> {
+        match self {
+            SizeOrAuto::Auto => None,
+            SizeOrAuto::Size(s) => Some(s.bytes()),
+        }
+    }
+}
+
+impl Serialize for SizeOrAuto {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            SizeOrAuto::Auto => s.serialize_str("auto"),
+            SizeOrAuto::Size(size) => size.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SizeOrAuto {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(SizeOrAuto::Size(ByteSize(n))),
+            Raw::Text(t) if t.trim().eq_ignore_ascii_case("auto") => Ok(SizeOrAuto::Auto),
+            Raw::Text(t) => t
+                .parse::<ByteSize>()
+                .map(SizeOrAuto::Size)
+                .map_err(|e| serde::de::Error::custom(format!("{e}, or \"auto\""))),
+        }
+    }
+}

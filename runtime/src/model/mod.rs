@@ -1,16 +1,22 @@
-//! The `Model` trait: how a model describes its parameters (in units) and computes, stage by stage.
+//! The `Model` trait: how a model describes its parameters (in units) and computes, stage by
+//! stage, against the device seam — so one model runs on the CPU and the GPU alike.
 //!
-//! A **unit** is the granularity of fetch and release: its parameters are one flat buffer, the tensors laid out
-//! one after another in the order of [`UnitSpec::tensors`]. A **stage** is one step of the forward pass; it
-//! uses one or more units (GPT-2's head uses the final LayerNorm and, tied, the token embedding). The engine
-//! owns all parameter, gradient and optimizer memory and hands each stage views of the units it uses, so the
-//! ZeRO engine can gather, offload and release units without the model knowing.
+//! A **unit** is the granularity of fetch and release: its parameters are one flat buffer, the
+//! tensors laid out one after another in the order of [`UnitSpec::tensors`] (a tensor may carry
+//! zero padding rows at its end, see [`TensorSpec::pad_rows`]). A **stage** is one step of the
+//! forward pass; it uses one or more units (GPT-2's head uses the final LayerNorm and, tied, the
+//! token embedding). The engine owns all parameter, gradient and optimizer memory and hands each
+//! stage views of the units it uses, so it can gather, offload and release units without the
+//! model knowing. Activations and workspaces come from the engine's arena ([`Model::prepare`]),
+//! so the engine's dry run counts them.
 
 pub mod gpt2;
 
 use std::ops::Range;
 
 use rayon::prelude::*;
+
+use crate::backend::{Arena, Buf, DType, Device, DeviceError};
 
 /// How a tensor is initialised.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -24,18 +30,31 @@ pub enum Init {
 pub struct TensorSpec {
     /// The name used in weight files (Hugging Face names for GPT-2).
     pub name: String,
-    /// Shape as the model computes with it (row-major).
+    /// Shape as the model computes with it (row-major), without padding.
     pub shape: Vec<usize>,
     /// Whether AdamW's decoupled weight decay applies (matmul weights and embeddings).
     pub decay: bool,
     pub init: Init,
     /// Weight files store this 2-D tensor transposed (Hugging Face's Conv1D layout `[in, out]`).
     pub stored_transposed: bool,
+    /// Zero rows stored after the tensor's rows (GPT-2 pads the token embedding to a multiple of
+    /// 128 rows, so the LM head's GEMMs have tensor-core friendly sizes). They stay zero in
+    /// training and are not part of weight files or parameter counts.
+    pub pad_rows: usize,
 }
 
 impl TensorSpec {
+    /// Elements of the tensor itself (what weight files hold).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// Elements the tensor takes in its unit's buffer, padding rows included.
+    pub fn stored_numel(&self) -> usize {
+        match self.shape.split_first() {
+            Some((rows, rest)) => (rows + self.pad_rows) * rest.iter().product::<usize>(),
+            None => 1,
+        }
     }
 }
 
@@ -46,20 +65,28 @@ pub struct UnitSpec {
 }
 
 impl UnitSpec {
+    /// Elements of the unit's flat buffer (padding included).
     pub fn numel(&self) -> usize {
+        self.tensors.iter().map(TensorSpec::stored_numel).sum()
+    }
+
+    /// Parameters of the unit (padding excluded).
+    pub fn num_params(&self) -> usize {
         self.tensors.iter().map(TensorSpec::numel).sum()
     }
-    /// Initial parameters of the unit at `index`: one random stream per tensor drawn from `seed`, so the values
-    /// do not depend on how units are partitioned or on which device they live.
+
+    /// Initial parameters of the unit at `index` in its flat layout: one random stream per
+    /// tensor drawn from `seed`, so the values do not depend on how units are partitioned or on
+    /// which device they live; padding rows are zero.
     pub fn init_params(&self, seed: u64, index: usize) -> Vec<f32> {
         let mut params = vec![0.0; self.numel()];
-        // One slice per tensor, filled in parallel: each tensor has its own stream, so the values
-        // do not depend on the thread count (a 1.3B model initialises in seconds, not a minute).
+        // One slice per tensor, filled in parallel: each tensor has its own stream, so the
+        // values do not depend on the thread count.
         let mut slices = Vec::with_capacity(self.tensors.len());
         let mut rest = params.as_mut_slice();
         for t in &self.tensors {
-            let (dst, tail) = rest.split_at_mut(t.numel());
-            slices.push(dst);
+            let (dst, tail) = rest.split_at_mut(t.stored_numel());
+            slices.push(&mut dst[..t.numel()]);
             rest = tail;
         }
         slices
@@ -76,16 +103,24 @@ impl UnitSpec {
         params
     }
 
-    /// The range of each tensor inside the unit's flat buffer.
+    /// The range of each tensor (padding included) inside the unit's flat buffer.
     pub fn ranges(&self) -> Vec<Range<usize>> {
         let mut offset = 0;
         self.tensors
             .iter()
             .map(|t| {
-                let r = offset..offset + t.numel();
+                let r = offset..offset + t.stored_numel();
                 offset = r.end;
                 r
             })
+            .collect()
+    }
+
+    /// Views of each tensor (padding included) of a buffer laid out as this unit.
+    pub fn views(&self, unit: &Buf) -> Result<Vec<Buf>, DeviceError> {
+        self.ranges()
+            .into_iter()
+            .map(|r| unit.slice(r.start, r.len()))
             .collect()
     }
 }
@@ -93,11 +128,12 @@ impl UnitSpec {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StageSpec {
     pub name: String,
-    /// Indices of the units this stage reads (and, in backward, writes gradients for), in argument order.
+    /// Indices of the units this stage reads (and, in backward, writes gradients for), in
+    /// argument order.
     pub units: Vec<usize>,
 }
 
-/// One micro-batch: `inputs` and `targets` are (B, T) token ids.
+/// One micro-batch on the host: `inputs` and `targets` are (B, T) token ids.
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
     pub inputs: Vec<u32>,
@@ -120,57 +156,110 @@ impl Batch {
     }
 }
 
+/// One micro-batch on the device: `inputs` and `targets` are (B, T) i32 buffers.
+#[derive(Clone, Debug)]
+pub struct Tokens {
+    pub inputs: Buf,
+    pub targets: Buf,
+    pub b: usize,
+    pub t: usize,
+}
+
+impl Tokens {
+    pub fn count(&self) -> usize {
+        self.b * self.t
+    }
+}
+
 /// Gradient outputs of the last stage's backward pass.
-pub struct HeadGrads<'a, 'g> {
-    /// Gradient buffers of the stage's units, in `StageSpec::units` order (accumulated into).
-    pub grads: &'a mut [&'g mut [f32]],
-    /// ∂L/∂input of the stage (overwritten).
-    pub dinput: &'a mut [f32],
-    /// ∂L/∂(mean token loss of this micro-batch): 1/grad_accum_steps, times any loss scale.
+pub struct HeadGrads<'a> {
+    /// f32 gradient buffers of the stage's units, in `StageSpec::units` order (accumulated into).
+    pub grads: &'a [Buf],
+    /// ∂L/∂input of the stage (X), overwritten.
+    pub dres: &'a Buf,
+    /// ∂L/∂(mean token loss of this micro-batch): 1/(micro-batches · ranks) times any loss scale.
     pub dloss: f32,
 }
 
-/// A model strata can train. The last stage computes the loss; the others map activations to activations.
-/// Backward functions accumulate (`+=`) into parameter gradients and overwrite `dinput`.
+/// The sizes a model is prepared for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prepare {
+    /// Micro-batch size B and sequence length T.
+    pub b: usize,
+    pub t: usize,
+    /// Compute type X of activations and compute weights.
+    pub x: DType,
+    /// Keep no intermediate activations; `backward` recomputes the stage's forward.
+    pub checkpointing: bool,
+}
+
+/// A model strata can train. The last stage computes the loss; the others map activations to
+/// activations. Every method enqueues work on the device's compute queue and returns; buffers
+/// are X (activations, compute weights) or f32 (gradients, losses).
+///
+/// Backward: parameter gradients accumulate (`+=`, the engine zeroes them once per step), and
+/// the gradient flowing between stages is one buffer `dres`, updated in place: on entry
+/// ∂L/∂(stage output), on exit ∂L/∂(stage input).
 pub trait Model: Send {
     fn units(&self) -> &[UnitSpec];
     /// Forward order; the backward pass walks them in reverse.
     fn stages(&self) -> &[StageSpec];
     /// Elements of the activation flowing between stages for a micro-batch of `b × t` tokens.
     fn activation_len(&self, b: usize, t: usize) -> usize;
-    /// Allocates working memory for micro-batches of `b × t` tokens, once, before training.
-    /// With `checkpointing`, stages keep no intermediate activations and `backward` recomputes them.
-    fn prepare(&mut self, b: usize, t: usize, checkpointing: bool);
-    /// Forward of a stage other than the last. Stage 0 reads `batch.inputs`; its `input` is empty.
+    /// Allocates the model's activations and workspaces from `arena`, once before training.
+    /// The engine calls it twice: on a counting arena (the dry run that sizes the device
+    /// memory), then on the device's arena; the second call replaces the first's views.
+    fn prepare(&mut self, arena: &Arena, shape: Prepare) -> Result<(), DeviceError>;
+    /// Forward of a stage other than the last. Stage 0 reads `tokens.inputs`; its `input` is
+    /// not used.
     fn forward(
         &mut self,
+        dev: &dyn Device,
         stage: usize,
-        params: &[&[f32]],
-        batch: &Batch,
-        input: &[f32],
-        output: &mut [f32],
-    );
-    /// Forward of the last stage: returns the mean loss over the micro-batch's tokens, and with `grads`
-    /// runs its backward pass at once (the loss is the end of the graph).
+        params: &[Buf],
+        tokens: &Tokens,
+        input: &Buf,
+        output: &Buf,
+    ) -> Result<(), DeviceError>;
+    /// Forward of the last stage: writes each token's loss to `losses` (B·T f32) and, with
+    /// `grads`, runs its backward pass at once (the loss is the end of the graph).
     fn head(
         &mut self,
-        params: &[&[f32]],
-        batch: &Batch,
-        input: &[f32],
-        grads: Option<HeadGrads<'_, '_>>,
-    ) -> f32;
-    /// Backward of a stage other than the last.
+        dev: &dyn Device,
+        params: &[Buf],
+        tokens: &Tokens,
+        input: &Buf,
+        losses: &Buf,
+        grads: Option<HeadGrads<'_>>,
+    ) -> Result<(), DeviceError>;
+    /// Backward of a stage other than the last: accumulates into `grads` and turns `dres` from
+    /// ∂L/∂output into ∂L/∂input (stage 0 leaves it as it is).
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &mut self,
+        dev: &dyn Device,
         stage: usize,
-        params: &[&[f32]],
-        grads: &mut [&mut [f32]],
-        batch: &Batch,
-        input: &[f32],
-        dout: &[f32],
-        dinput: &mut [f32],
-    );
-    /// Training FLOPs per token (forward + backward, without recompute), for TFLOP/s and MFU figures.
+        params: &[Buf],
+        grads: &[Buf],
+        tokens: &Tokens,
+        input: &Buf,
+        dres: &Buf,
+    ) -> Result<(), DeviceError>;
+    /// Logits of rows `[row0, row0 + n)` of the head for `input`, in a view the model owns:
+    /// returns (view of n × Vp, n, Vp) with n ≥ 1 as large as the model's logits buffer allows.
+    /// For evaluation and tests; models without logits say so.
+    fn logits_chunk(
+        &mut self,
+        _dev: &dyn Device,
+        _params: &[Buf],
+        _input: &Buf,
+        _row0: usize,
+    ) -> Result<(Buf, usize, usize), DeviceError> {
+        Err(DeviceError::op(
+            "logits_chunk",
+            "this model does not expose its logits",
+        ))
+    }
+    /// Training FLOPs per token (forward + backward, without recompute), for TFLOP/s and MFU.
     fn flops_per_token(&self, t: usize) -> f64;
 }

@@ -1,43 +1,25 @@
 //! AdamW as `torch.optim.AdamW`: bias-corrected moments, eps outside the square root, decoupled decay.
 
 use crate::backend::cpu::fastmath::multiversion;
+use crate::backend::AdamWHyper;
 use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
 
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWParams {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    /// Applied only to tensors with `decay`.
-    pub weight_decay: f32,
-    /// 1-based step count for bias correction.
-    pub t: u32,
-    /// Multiplies every gradient first (clipping, loss-scale removal).
-    pub grad_scale: f32,
-}
-
-/// One AdamW step over a contiguous slice of parameters with the same decay setting.
+/// One AdamW step over a contiguous slice of parameters (`h.weight_decay` applies to all of them).
 pub fn adamw_update(
     params: &mut [f32],
     grads: &[f32],
     m: &mut [f32],
     v: &mut [f32],
-    h: &AdamWParams,
-    decay: bool,
+    h: &AdamWHyper,
 ) {
     assert!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
-    let bc1 = 1.0 - (h.beta1 as f64).powi(h.t as i32);
-    let bc2 = 1.0 - (h.beta2 as f64).powi(h.t as i32);
+    let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
+    let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
     let step_size = (h.lr as f64 / bc1) as f32;
     let bc2_sqrt = bc2.sqrt() as f32;
-    let decay_factor = if decay {
-        1.0 - h.lr * h.weight_decay
-    } else {
-        1.0
-    };
+    let decay_factor = 1.0 - h.lr * h.weight_decay;
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))
@@ -47,7 +29,7 @@ pub fn adamw_update(
 
 multiversion! {
     #[allow(clippy::too_many_arguments)]
-    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWParams, decay_factor: f32, step_size: f32, bc2_sqrt: f32) {
+    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWHyper, decay_factor: f32, step_size: f32, bc2_sqrt: f32) {
         for i in 0..p.len() {
             let g = g[i] * h.grad_scale;
             m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * g;
@@ -58,11 +40,13 @@ multiversion! {
     }
 }
 
-/// Σ x² in f64.
+/// Σ x² in f64, summed in chunk order (the same bits whatever the thread scheduling).
 pub fn sum_of_squares(x: &[f32]) -> f64 {
-    x.par_chunks(CHUNK)
+    let partials: Vec<f64> = x
+        .par_chunks(CHUNK)
         .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>())
-        .sum()
+        .collect();
+    partials.iter().sum()
 }
 
 /// The factor `torch.nn.utils.clip_grad_norm_` applies: min(1, max_norm / (norm + 1e-6)); 1 when off.
@@ -81,18 +65,18 @@ mod tests {
     fn matches_closed_form_of_first_two_steps() {
         // With constant gradient g, m̂ = g and v̂ = g² at every step, so each step moves by lr·g/(|g| + eps)
         // after decay.
-        let h = AdamWParams {
+        let h = AdamWHyper {
             lr: 0.1,
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.5,
-            t: 1,
+            step: 1,
             grad_scale: 1.0,
         };
         let (mut p, g) = (vec![1.0f32, -2.0], vec![0.5f32, -3.0]);
         let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
-        adamw_update(&mut p, &g, &mut m, &mut v, &h, true);
+        adamw_update(&mut p, &g, &mut m, &mut v, &h);
         let want: Vec<f32> = [1.0f32, -2.0]
             .iter()
             .zip(&g)
@@ -108,8 +92,11 @@ mod tests {
             &g,
             &mut m,
             &mut v,
-            &AdamWParams { t: 2, ..h },
-            false,
+            &AdamWHyper {
+                step: 2,
+                weight_decay: 0.0,
+                ..h
+            },
         );
         for i in 0..2 {
             let want = before[i] - 0.1 * g[i] / (g[i].abs() + 1e-8);

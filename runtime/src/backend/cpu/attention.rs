@@ -1,190 +1,205 @@
-//! Causal multi-head self-attention on the CPU.
+//! Causal multi-head self-attention on the CPU, the same algorithm as the CUDA backend's (and
+//! its reference): q, k, v are permuted into per-head layout `qkvr (3, B, NH, T, HS)`, the
+//! scores and probabilities of each (batch, head) are materialized in `att (B, NH, T, T)`,
+//! att·V goes to per-head scratch and is permuted back.
 //!
-//! The two products of each (batch, head) run as GEMMs over blocks of `BLOCK` query rows, each block touching
-//! only the keys it may see, so the causal mask saves about half of the FLOPs. Heads are read in place from
-//! `qkv (B, T, 3C)`; results go to head-major scratch and are scattered back in one parallel pass.
+//! The two products of each (batch, head) run as GEMMs over blocks of `BLOCK` query rows, each
+//! block touching only the keys it may see, so the causal mask saves about half of the FLOPs.
 
 use super::fastmath::{self, multiversion};
 use super::matmul::{gemm, Layout, Threads};
+use crate::backend::AttentionShape;
 use rayon::prelude::*;
 
 const BLOCK: usize = 128;
 
-/// Shapes of one attention call.
-#[derive(Clone, Copy, Debug)]
-pub struct AttnShape {
-    pub b: usize,
-    pub t: usize,
-    pub c: usize,
-    pub n_head: usize,
+/// The per-head (T, HS) matrix of `rows` rows, contiguous.
+fn head(rows: usize, hs: usize) -> Layout {
+    Layout::row_major(rows, hs)
 }
 
-impl AttnShape {
-    fn hs(&self) -> usize {
-        self.c / self.n_head
-    }
-    /// Elements of the probabilities buffer `att (B, NH, T, T)` (and of the backward's `datt`).
-    pub fn att_len(&self) -> usize {
-        self.b * self.n_head * self.t * self.t
-    }
-    fn view(&self, b: usize, h: usize, part: usize, rows: usize) -> (usize, Layout) {
-        let offset = b * self.t * 3 * self.c + part * self.c + h * self.hs();
-        (
-            offset,
-            Layout {
-                rows,
-                cols: self.hs(),
-                row_stride: 3 * self.c,
-                col_stride: 1,
-            },
-        )
+/// The (rows × cols) block of a (T, T) score matrix starting at its row 0.
+fn scores(rows: usize, cols: usize, t: usize) -> Layout {
+    Layout {
+        rows,
+        cols,
+        row_stride: t,
+        col_stride: 1,
     }
 }
 
-/// out (B, T, C) = softmax(mask(Q·Kᵀ/√hs))·V; saves att (B, NH, T, T); `y_hm` is (B, NH, T, hs) scratch.
+/// qkvr[part][b][h][t][d] = qkv[b][t][part·C + h·HS + d].
+fn permute_qkv(qkvr: &mut [f32], qkv: &[f32], s: &AttentionShape) {
+    let (t, c, hs) = (s.t, s.c, s.head_size());
+    qkvr.par_chunks_mut(t * hs)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            let (part, bh) = (i / (s.b * s.nh), i % (s.b * s.nh));
+            let (b, h) = (bh / s.nh, bh % s.nh);
+            for (ti, row) in dst.chunks_exact_mut(hs).enumerate() {
+                let src = (b * t + ti) * 3 * c + part * c + h * hs;
+                row.copy_from_slice(&qkv[src..src + hs]);
+            }
+        });
+}
+
+/// out[b][t][h·HS + d] = heads[b][h][t][d].
+fn unpermute(out: &mut [f32], heads: &[f32], s: &AttentionShape) {
+    let (t, hs) = (s.t, s.head_size());
+    out.par_chunks_mut(s.c).enumerate().for_each(|(bt, row)| {
+        let (b, ti) = (bt / t, bt % t);
+        for h in 0..s.nh {
+            let src = &heads[((b * s.nh + h) * t + ti) * hs..][..hs];
+            row[h * hs..(h + 1) * hs].copy_from_slice(src);
+        }
+    });
+}
+
+/// out (B, T, C) = softmax(mask(Q·Kᵀ/√hs))·V; fills qkvr, att (probabilities) and vaccum.
 pub fn attention_forward(
     out: &mut [f32],
+    qkvr: &mut [f32],
     att: &mut [f32],
-    y_hm: &mut [f32],
+    vaccum: &mut [f32],
     qkv: &[f32],
-    s: AttnShape,
+    s: AttentionShape,
 ) {
-    let (t, hs, c) = (s.t, s.hs(), s.c);
-    assert!(c % s.n_head == 0 && qkv.len() == s.b * t * 3 * c && out.len() == s.b * t * c);
-    assert!(att.len() == s.att_len() && y_hm.len() == s.b * t * c);
+    let (t, hs, c) = (s.t, s.head_size(), s.c);
+    assert!(c % s.nh == 0 && qkv.len() == s.b * t * 3 * c && out.len() == s.b * t * c);
+    assert!(qkvr.len() == s.qkvr_len() && att.len() == s.scores_len() && vaccum.len() == out.len());
+    permute_qkv(qkvr, qkv, &s);
+    let per_head = s.b * s.nh * t * hs;
+    let (q_all, kv) = qkvr.split_at(per_head);
+    let (k_all, v_all) = kv.split_at(per_head);
     let scale = 1.0 / (hs as f32).sqrt();
     att.par_chunks_mut(t * t)
-        .zip(y_hm.par_chunks_mut(t * hs))
+        .zip(vaccum.par_chunks_mut(t * hs))
         .enumerate()
         .for_each(|(bh, (att, y))| {
-            let (b, h) = (bh / s.n_head, bh % s.n_head);
+            let range = bh * t * hs..(bh + 1) * t * hs;
+            let (q, k, v) = (&q_all[range.clone()], &k_all[range.clone()], &v_all[range]);
             for i0 in (0..t).step_by(BLOCK) {
                 let i1 = (i0 + BLOCK).min(t);
                 let rows = i1 - i0;
-                let (q_off, q) = s.view(b, h, 0, rows);
-                let (k_off, k) = s.view(b, h, 1, i1);
-                let (v_off, v) = s.view(b, h, 2, i1);
-                let block = Layout {
-                    rows,
-                    cols: i1,
-                    row_stride: t,
-                    col_stride: 1,
-                };
-                let q_off = q_off + i0 * 3 * c;
                 let att_block = &mut att[i0 * t..];
                 gemm(
                     att_block,
-                    block,
-                    &qkv[q_off..],
-                    q,
-                    &qkv[k_off..],
-                    k.t(),
+                    scores(rows, i1, t),
+                    &q[i0 * hs..],
+                    head(rows, hs),
+                    k,
+                    head(i1, hs).t(),
                     scale,
                     false,
                     Threads::One,
                 );
                 for r in 0..rows {
                     let i = i0 + r;
-                    let row = &mut att_block[r * t..r * t + i1];
-                    let (visible, masked) = row.split_at_mut(i + 1);
+                    let (visible, masked) = att_block[r * t..(r + 1) * t].split_at_mut(i + 1);
                     softmax_in_place(visible);
                     masked.fill(0.0);
                 }
-                let y_block = &mut y[i0 * hs..i1 * hs];
                 gemm(
-                    y_block,
-                    Layout::row_major(rows, hs),
+                    &mut y[i0 * hs..i1 * hs],
+                    head(rows, hs),
                     att_block,
-                    block,
-                    &qkv[v_off..],
+                    scores(rows, i1, t),
                     v,
+                    head(i1, hs),
                     1.0,
                     false,
                     Threads::One,
                 );
             }
         });
-    // Scatter head-major rows back to (B, T, C).
-    out.par_chunks_mut(c).enumerate().for_each(|(bt, row)| {
-        let (b, ti) = (bt / t, bt % t);
-        for h in 0..s.n_head {
-            let src = &y_hm[((b * s.n_head + h) * t + ti) * hs..][..hs];
-            row[h * hs..(h + 1) * hs].copy_from_slice(src);
-        }
-    });
+    unpermute(out, vaccum, &s);
 }
 
-/// dqkv (B, T, 3C) += ∂L/∂qkv given dout (B, T, C) and the forward's att.
-/// Scratch: `datt` (B, NH, T, T) and `dhm` (B, NH, 3, T, hs).
+/// dqkv (B, T, 3C) += ∂L/∂qkv given dout (B, T, C) and the forward's qkvr and att.
+/// Scratch (overwritten): dqkvr (3, B, NH, T, HS), datt (B, NH, T, T), dvaccum (B, NH, T, HS).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dqkv: &mut [f32],
-    datt: &mut [f32],
-    dhm: &mut [f32],
     dout: &[f32],
-    qkv: &[f32],
+    qkvr: &[f32],
     att: &[f32],
-    s: AttnShape,
+    dqkvr: &mut [f32],
+    datt: &mut [f32],
+    dvaccum: &mut [f32],
+    s: AttentionShape,
 ) {
-    let (t, hs, c) = (s.t, s.hs(), s.c);
-    assert!(dqkv.len() == qkv.len() && dout.len() == s.b * t * c && att.len() == s.att_len());
-    assert!(datt.len() == s.att_len() && dhm.len() == 3 * s.b * t * c);
-    let scale = 1.0 / (hs as f32).sqrt();
-    datt.par_chunks_mut(t * t)
-        .zip(dhm.par_chunks_mut(3 * t * hs))
+    let (t, hs, c) = (s.t, s.head_size(), s.c);
+    assert!(dqkv.len() == 3 * s.b * t * c && dout.len() == s.b * t * c);
+    assert!(qkvr.len() == s.qkvr_len() && att.len() == s.scores_len());
+    assert!(dqkvr.len() == s.qkvr_len() && datt.len() == s.scores_len());
+    assert!(dvaccum.len() == dout.len());
+    // dvaccum[b][h][t][d] = dout[b][t][h·HS + d]
+    dvaccum
+        .par_chunks_mut(t * hs)
         .enumerate()
-        .for_each(|(bh, (datt, d))| {
-            let (b, h) = (bh / s.n_head, bh % s.n_head);
+        .for_each(|(bh, dst)| {
+            let (b, h) = (bh / s.nh, bh % s.nh);
+            for (ti, row) in dst.chunks_exact_mut(hs).enumerate() {
+                let src = (b * t + ti) * c + h * hs;
+                row.copy_from_slice(&dout[src..src + hs]);
+            }
+        });
+    let per_head = s.b * s.nh * t * hs;
+    let (q_all, kv) = qkvr.split_at(per_head);
+    let (k_all, v_all) = kv.split_at(per_head);
+    let (dq_all, dkv) = dqkvr.split_at_mut(per_head);
+    let (dk_all, dv_all) = dkv.split_at_mut(per_head);
+    let scale = 1.0 / (hs as f32).sqrt();
+    let dvaccum: &[f32] = dvaccum;
+    datt.par_chunks_mut(t * t)
+        .zip(dq_all.par_chunks_mut(t * hs))
+        .zip(
+            dk_all
+                .par_chunks_mut(t * hs)
+                .zip(dv_all.par_chunks_mut(t * hs)),
+        )
+        .enumerate()
+        .for_each(|(bh, ((datt, dq), (dk, dv)))| {
+            let range = bh * t * hs..(bh + 1) * t * hs;
+            let (q, k, v) = (
+                &q_all[range.clone()],
+                &k_all[range.clone()],
+                &v_all[range.clone()],
+            );
+            let dy = &dvaccum[range];
             let att = &att[bh * t * t..(bh + 1) * t * t];
-            d.iter_mut().for_each(|x| *x = 0.0);
-            let (dq, dkv) = d.split_at_mut(t * hs);
-            let (dk, dv) = dkv.split_at_mut(t * hs);
+            dk.fill(0.0);
+            dv.fill(0.0);
             for i0 in (0..t).step_by(BLOCK) {
                 let i1 = (i0 + BLOCK).min(t);
                 let rows = i1 - i0;
-                let (q_off, q) = s.view(b, h, 0, rows);
-                let q_off = q_off + i0 * 3 * c;
-                let (k_off, k) = s.view(b, h, 1, i1);
-                let (v_off, v) = s.view(b, h, 2, i1);
-                let dout_off = (b * t + i0) * c + h * hs;
-                let dout_view = Layout {
-                    rows,
-                    cols: hs,
-                    row_stride: c,
-                    col_stride: 1,
-                };
-                let block = Layout {
-                    rows,
-                    cols: i1,
-                    row_stride: t,
-                    col_stride: 1,
-                };
+                let block = scores(rows, i1, t);
                 let att_block = &att[i0 * t..];
                 let datt_block = &mut datt[i0 * t..];
-                // datt = dout · Vᵀ ; dV += attᵀ · dout
+                // datt = dy · Vᵀ ; dV += attᵀ · dy
                 gemm(
                     datt_block,
                     block,
-                    &dout[dout_off..],
-                    dout_view,
-                    &qkv[v_off..],
-                    v.t(),
+                    &dy[i0 * hs..],
+                    head(rows, hs),
+                    v,
+                    head(i1, hs).t(),
                     1.0,
                     false,
                     Threads::One,
                 );
                 gemm(
                     &mut dv[..i1 * hs],
-                    Layout::row_major(i1, hs),
+                    head(i1, hs),
                     att_block,
                     block.t(),
-                    &dout[dout_off..],
-                    dout_view,
+                    &dy[i0 * hs..],
+                    head(rows, hs),
                     1.0,
                     true,
                     Threads::One,
                 );
-                // Softmax backward in place: dpre = att ⊙ (datt − Σ att·datt) · scale.
+                // Softmax backward in place: dscores = att ⊙ (datt − Σ att·datt) · scale.
                 for r in 0..rows {
                     let i = i0 + r;
                     let a = &att_block[r * t..r * t + i + 1];
@@ -192,40 +207,41 @@ pub fn attention_backward(
                     softmax_backward_in_place(visible, a, scale);
                     masked.fill(0.0);
                 }
-                // dQ = dpre · K ; dK += dpreᵀ · Q
-                let dpre = &datt[i0 * t..];
+                // dQ = dscores · K ; dK += dscoresᵀ · Q
+                let dscores = &datt[i0 * t..];
                 gemm(
                     &mut dq[i0 * hs..i1 * hs],
-                    Layout::row_major(rows, hs),
-                    dpre,
+                    head(rows, hs),
+                    dscores,
                     block,
-                    &qkv[k_off..],
                     k,
+                    head(i1, hs),
                     1.0,
                     false,
                     Threads::One,
                 );
                 gemm(
                     &mut dk[..i1 * hs],
-                    Layout::row_major(i1, hs),
-                    dpre,
+                    head(i1, hs),
+                    dscores,
                     block.t(),
-                    &qkv[q_off..],
-                    q,
+                    &q[i0 * hs..],
+                    head(rows, hs),
                     1.0,
                     true,
                     Threads::One,
                 );
             }
         });
+    // dqkv[b][t][part·C + h·HS + d] += dqkvr[part][b][h][t][d]
+    let dqkvr: &[f32] = dqkvr;
     dqkv.par_chunks_mut(3 * c)
         .enumerate()
         .for_each(|(bt, row)| {
             let (b, ti) = (bt / t, bt % t);
-            for h in 0..s.n_head {
-                let base = (b * s.n_head + h) * 3 * t * hs;
-                for part in 0..3 {
-                    let src = &dhm[base + part * t * hs + ti * hs..][..hs];
+            for part in 0..3 {
+                for h in 0..s.nh {
+                    let src = &dqkvr[part * per_head + ((b * s.nh + h) * t + ti) * hs..][..hs];
                     let dst = &mut row[part * c + h * hs..part * c + (h + 1) * hs];
                     dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
                 }

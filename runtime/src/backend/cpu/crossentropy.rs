@@ -3,26 +3,34 @@
 use super::fastmath::{self, multiversion};
 use rayon::prelude::*;
 
-/// For each row of `logits (N, V)`: `losses[n] = −log softmax(logits[n])[target[n]]`. The rows are consumed:
-/// with `dloss = Some(d)` each is overwritten by its gradient `(softmax − onehot(target))·d`, with `None`
-/// by zeros.
+/// For each row of `logits (N, Vp)`, over its first `v` columns (the rest is vocabulary padding):
+/// `losses[n] = −log softmax(logits[n])[target[n]]`. With `dloss = Some(d)` each row is
+/// overwritten by its gradient `(softmax − onehot(target))·d`, 0 in the padding; with `None`
+/// the logits are left as they are.
 pub fn softmax_crossentropy(
     logits: &mut [f32],
     targets: &[u32],
     losses: &mut [f32],
     dloss: Option<f32>,
     v: usize,
+    vp: usize,
 ) {
-    assert!(logits.len() == targets.len() * v && losses.len() == targets.len());
+    assert!(v <= vp && logits.len() == targets.len() * vp && losses.len() == targets.len());
     logits
-        .par_chunks_mut(v)
+        .par_chunks_mut(vp)
         .zip(targets.par_iter().zip(losses.par_iter_mut()))
         .for_each(|(row, (&tgt, loss))| {
             let tgt = tgt as usize;
             assert!(tgt < v, "target {tgt} outside the vocabulary of {v}");
-            let scale = dloss.unwrap_or(0.0);
-            *loss = softmax_row(row, tgt, scale);
-            row[tgt] -= scale;
+            let (real, padding) = row.split_at_mut(v);
+            match dloss {
+                Some(scale) => {
+                    *loss = softmax_row(real, tgt, scale);
+                    real[tgt] -= scale;
+                    padding.fill(0.0);
+                }
+                None => *loss = log_sum_exp(real) - real[tgt],
+            }
         });
 }
 
@@ -40,5 +48,21 @@ multiversion! {
             *x *= k;
         }
         sum.ln() - shifted_target
+    }
+}
+
+multiversion! {
+    /// log Σ exp(row), leaving `row` as it is.
+    fn log_sum_exp(row: &[f32]) -> f32 {
+        let max = fastmath::max(row);
+        let mut lanes = [0.0f32; 16];
+        let chunks = row.chunks_exact(16);
+        let tail: f32 = chunks.remainder().iter().map(|&x| fastmath::exp(x - max)).sum();
+        for chunk in chunks {
+            for i in 0..16 {
+                lanes[i] += fastmath::exp(chunk[i] - max);
+            }
+        }
+        (lanes.iter().sum::<f32>() + tail).ln() + max
     }
 }

@@ -11,24 +11,38 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
     assert_eq!(out.len(), inp.len());
     out.par_chunks_mut(CHUNK)
         .zip(inp.par_chunks(CHUNK))
-        .for_each(|(o, x)| gelu_forward_chunk(o, x));
+        .for_each(|(o, x)| {
+            o.copy_from_slice(x);
+            gelu_chunk(o)
+        });
+}
+
+/// x = gelu(x).
+pub fn gelu_in_place(x: &mut [f32]) {
+    x.par_chunks_mut(CHUNK).for_each(gelu_chunk);
 }
 
 multiversion! {
-    fn gelu_forward_chunk(out: &mut [f32], inp: &[f32]) {
-        for (o, &x) in out.iter_mut().zip(inp) {
+    fn gelu_chunk(xs: &mut [f32]) {
+        for v in xs.iter_mut() {
+            let x = *v;
             let cube = 0.044715 * x * x * x;
-            *o = 0.5 * x * (1.0 + fastmath::tanh(GELU_SCALE * (x + cube)));
+            *v = 0.5 * x * (1.0 + fastmath::tanh(GELU_SCALE * (x + cube)));
         }
     }
 }
 
-/// dinp += gelu'(x) · dout.
-pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+/// dinp = gelu'(x) · dout (`+=` with `accumulate`).
+pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], accumulate: bool) {
     assert!(dinp.len() == inp.len() && dout.len() == inp.len());
     dinp.par_chunks_mut(CHUNK)
         .zip(inp.par_chunks(CHUNK).zip(dout.par_chunks(CHUNK)))
-        .for_each(|(dx, (x, dy))| gelu_backward_chunk(dx, x, dy));
+        .for_each(|(dx, (x, dy))| {
+            if !accumulate {
+                dx.fill(0.0);
+            }
+            gelu_backward_chunk(dx, x, dy)
+        });
 }
 
 multiversion! {

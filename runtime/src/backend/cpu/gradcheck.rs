@@ -2,6 +2,7 @@
 //! The scalar is L = Σ probe ⊙ forward(x) for a random probe, so ∂L/∂out = probe.
 
 use super::*;
+use crate::backend::AttentionShape;
 use crate::rng::Rng;
 
 /// Compares `analytic` with central differences of `loss` at `x`, in f64 for the difference quotient.
@@ -62,39 +63,50 @@ fn gelu_backward_matches_finite_differences() {
         out
     };
     let mut dx = vec![0.0; 64];
-    gelu_backward(&mut dx, &x, &probe);
+    gelu_backward(&mut dx, &x, &probe, true);
     assert_close_to_fd("gelu", &x, &dx, |x| dot(&fwd(x), &probe));
 }
 
 #[test]
 fn attention_backward_matches_finite_differences() {
     // T = 150 spans two row blocks of 128, so the block boundary is exercised.
-    let s = AttnShape {
+    let s = AttentionShape {
         b: 2,
         t: 150,
         c: 8,
-        n_head: 2,
+        nh: 2,
     };
     let mut rng = Rng::new(3);
     let qkv = rng.normal_vec(s.b * s.t * 3 * s.c, 1.0);
     let probe = rng.normal_vec(s.b * s.t * s.c, 1.0);
+    let btc = s.b * s.t * s.c;
     let fwd = |qkv: &[f32]| {
-        let (mut out, mut att, mut y) = (
-            vec![0.0; s.b * s.t * s.c],
-            vec![0.0; s.att_len()],
-            vec![0.0; s.b * s.t * s.c],
-        );
-        attention_forward(&mut out, &mut att, &mut y, qkv, s);
-        (out, att)
+        let (mut out, mut att) = (vec![0.0; btc], vec![0.0; s.scores_len()]);
+        let (mut qkvr, mut vaccum) = (vec![0.0; s.qkvr_len()], vec![0.0; btc]);
+        attention_forward(&mut out, &mut qkvr, &mut att, &mut vaccum, qkv, s);
+        (out, qkvr, att)
     };
-    let (out, att) = fwd(&qkv);
+    let (out, qkvr, att) = fwd(&qkv);
     // Causality: the output at t = 0 of head 0 equals v at t = 0.
-    for d in 0..s.c / s.n_head {
+    for d in 0..s.c / s.nh {
         assert!((out[d] - qkv[2 * s.c + d]).abs() < 1e-6);
     }
-    let mut dqkv = vec![0.0; qkv.len()];
-    let (mut datt, mut dhm) = (vec![0.0; s.att_len()], vec![0.0; 3 * s.b * s.t * s.c]);
-    attention_backward(&mut dqkv, &mut datt, &mut dhm, &probe, &qkv, &att, s);
+    // The backward accumulates: start from a known gradient and subtract it afterwards.
+    let base: Vec<f32> = (0..qkv.len()).map(|i| (i % 7) as f32).collect();
+    let mut dqkv = base.clone();
+    let (mut datt, mut dqkvr) = (vec![f32::NAN; s.scores_len()], vec![f32::NAN; s.qkvr_len()]);
+    let mut dvaccum = vec![f32::NAN; btc];
+    attention_backward(
+        &mut dqkv,
+        &probe,
+        &qkvr,
+        &att,
+        &mut dqkvr,
+        &mut datt,
+        &mut dvaccum,
+        s,
+    );
+    dqkv.iter_mut().zip(&base).for_each(|(d, b)| *d -= b);
     // Finite differences on a subset of elements (every 37th) keep the test fast.
     let picks: Vec<usize> = (0..qkv.len()).step_by(37).collect();
     let eps = 1e-2f32;
@@ -147,15 +159,39 @@ fn crossentropy_backward_matches_finite_differences_and_closed_form() {
     let mean_loss = |x: &[f32]| {
         let mut l = x.to_vec();
         let mut losses = vec![0.0; n];
-        softmax_crossentropy(&mut l, &targets, &mut losses, None, v);
+        softmax_crossentropy(&mut l, &targets, &mut losses, None, v, v);
+        assert_eq!(l, x, "without dloss the logits stay as they are");
         losses.iter().map(|&x| x as f64).sum::<f64>() / n as f64
     };
     let mut grad = logits.clone();
     let mut losses = vec![0.0; n];
-    softmax_crossentropy(&mut grad, &targets, &mut losses, Some(1.0 / n as f32), v);
+    softmax_crossentropy(&mut grad, &targets, &mut losses, Some(1.0 / n as f32), v, v);
     // Closed form for row 0: log Σ exp − x[target].
     let row = &logits[..v];
     let lse = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
     assert!((losses[0] as f64 - (lse - row[0] as f64)).abs() < 1e-5);
     assert_close_to_fd("crossentropy dlogits", &logits, &grad, mean_loss);
+}
+
+#[test]
+fn crossentropy_ignores_vocabulary_padding() {
+    // Rows of Vp = 9 with V = 6 real columns: the padding holds garbage that must not count,
+    // and comes back as zero gradient.
+    let (n, v, vp) = (3, 6, 9);
+    let targets = [5u32, 0, 2];
+    let mut rng = Rng::new(6);
+    let real = rng.normal_vec(n * v, 2.0);
+    let mut padded = vec![1e4f32; n * vp];
+    for (dst, src) in padded.chunks_exact_mut(vp).zip(real.chunks_exact(v)) {
+        dst[..v].copy_from_slice(src);
+    }
+    let (mut want, mut want_losses) = (real.clone(), vec![0.0; n]);
+    softmax_crossentropy(&mut want, &targets, &mut want_losses, Some(0.5), v, v);
+    let mut losses = vec![0.0; n];
+    softmax_crossentropy(&mut padded, &targets, &mut losses, Some(0.5), v, vp);
+    assert_eq!(losses, want_losses);
+    for (row, want) in padded.chunks_exact(vp).zip(want.chunks_exact(v)) {
+        assert_eq!(&row[..v], want);
+        assert!(row[v..].iter().all(|&x| x == 0.0));
+    }
 }

@@ -66,7 +66,7 @@ pub fn layernorm_backward(
     let n = inp.len() / c;
     assert!(dinp.len() == n * c && dout.len() == n * c && mean.len() == n && rstd.len() == n);
     let rows_per_task = n.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
-    let (dw, db) = dinp
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dinp
         .par_chunks_mut(rows_per_task * c)
         .enumerate()
         .map(|(task, dinp_rows)| {
@@ -88,16 +88,12 @@ pub fn layernorm_backward(
             }
             (dw, db)
         })
-        .reduce(
-            || (vec![0.0f32; c], vec![0.0f32; c]),
-            |(mut aw, mut ab), (bw, bb)| {
-                aw.iter_mut().zip(&bw).for_each(|(a, b)| *a += b);
-                ab.iter_mut().zip(&bb).for_each(|(a, b)| *a += b);
-                (aw, ab)
-            },
-        );
-    dweight.iter_mut().zip(&dw).for_each(|(a, b)| *a += b);
-    dbias.iter_mut().zip(&db).for_each(|(a, b)| *a += b);
+        .collect();
+    // Partials are added in task order, so the result does not depend on thread scheduling.
+    for (dw, db) in &partials {
+        dweight.iter_mut().zip(dw).for_each(|(a, b)| *a += b);
+        dbias.iter_mut().zip(db).for_each(|(a, b)| *a += b);
+    }
 }
 
 multiversion! {

@@ -154,10 +154,12 @@ pub fn matmul_forward(
     );
 }
 
-/// Backward of [`matmul_forward`]: dinp (N, C) += dout · weight; dweight (OC, C) += doutᵀ · inp; dbias += Σ dout.
+/// Backward of [`matmul_forward`]: dinp (N, C) = dout · weight (`+=` with `dinp_accumulate`);
+/// dweight (OC, C) += doutᵀ · inp; dbias += Σ dout.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward(
     dinp: Option<&mut [f32]>,
+    dinp_accumulate: bool,
     dweight: &mut [f32],
     dbias: Option<&mut [f32]>,
     dout: &[f32],
@@ -178,7 +180,7 @@ pub fn matmul_backward(
             weight,
             Layout::row_major(oc, c),
             1.0,
-            true,
+            dinp_accumulate,
             Threads::All,
         );
     }
@@ -214,14 +216,11 @@ pub fn column_sums_into(acc: &mut [f32], x: &[f32], cols: usize) {
             }
             sums
         })
-        .reduce(
-            || vec![0.0f32; cols],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        );
-    acc.iter_mut().zip(&partial).for_each(|(a, p)| *a += p);
+        .collect::<Vec<_>>();
+    // Partials are added in chunk order, so the result does not depend on thread scheduling.
+    for sums in &partial {
+        acc.iter_mut().zip(sums).for_each(|(a, p)| *a += p);
+    }
 }
 
 #[cfg(test)]
@@ -261,6 +260,7 @@ mod tests {
         let mut db = vec![0.5; oc];
         matmul_backward(
             Some(&mut dinp),
+            true,
             &mut dw,
             Some(&mut db),
             &dout,

@@ -1,18 +1,20 @@
-//! The CPU backend: fp32 kernels, GEMMs through the `gemm` crate, rayon for the rest.
-//! It is the numerical reference for every GPU kernel. Each layer is a forward/backward function pair over
-//! plain slices, in the manner of llm.c; backward functions accumulate (`+=`) into their gradient outputs.
+//! The CPU backend: fp32 kernels, GEMMs through the `gemm` crate, rayon for the rest, behind the
+//! device seam as [`CpuDevice`]. It is the numerical reference for every GPU kernel. Each layer
+//! is a forward/backward function pair over plain slices, in the manner of llm.c.
 
 pub mod attention;
 pub mod crossentropy;
+mod device;
 pub mod elementwise;
 pub mod encoder;
 pub mod fastmath;
 pub mod layernorm;
 pub mod matmul;
 
-pub use attention::{attention_backward, attention_forward, AttnShape};
+pub use attention::{attention_backward, attention_forward};
 pub use crossentropy::softmax_crossentropy;
-pub use elementwise::{add_into, gelu_backward, gelu_forward, residual_forward};
+pub use device::{CpuDevice, CpuOptions};
+pub use elementwise::{add_into, gelu_backward, gelu_forward, gelu_in_place, residual_forward};
 pub use encoder::{encoder_backward, encoder_forward};
 pub use layernorm::{layernorm_backward, layernorm_forward};
 pub use matmul::{matmul_backward, matmul_forward};

@@ -3,79 +3,26 @@
 //! unpermute. The score matrices are materialized (B,NH,T,T); a fused flash-attention
 //! kernel is the obvious next step for throughput.
 
-use super::arena::DeviceBuf;
 use super::context::GpuContext;
 use super::error::{ensure, Result};
 use super::gemm::{BatchStrides, GemmShape};
+use crate::backend::{AttentionActs, AttentionScratch, AttentionShape, Buf};
 
-/// Sizes of one attention call: B sequences of T tokens, C = NH·HS channels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttentionShape {
-    pub b: usize,
-    pub t: usize,
-    pub c: usize,
-    pub nh: usize,
+fn check_shape(s: &AttentionShape) -> Result<()> {
+    ensure(
+        s.nh > 0 && s.c % s.nh == 0 && s.b > 0 && s.t > 0,
+        "attention",
+        || format!("C = {} must be a positive multiple of NH = {}", s.c, s.nh),
+    )
 }
 
-impl AttentionShape {
-    pub fn head_size(&self) -> usize {
-        self.c / self.nh
+fn batch(s: &AttentionShape, stride_a: usize, stride_b: usize, stride_c: usize) -> BatchStrides {
+    BatchStrides {
+        count: s.b * s.nh,
+        stride_a,
+        stride_b,
+        stride_c,
     }
-
-    /// Elements of one (B,NH,T,T) score tensor.
-    pub fn scores_len(&self) -> usize {
-        self.b * self.nh * self.t * self.t
-    }
-
-    /// Elements of q, k, v together in per-head layout (3·B·T·C).
-    pub fn qkvr_len(&self) -> usize {
-        3 * self.b * self.t * self.c
-    }
-
-    fn check(&self) -> Result<()> {
-        ensure(
-            self.nh > 0 && self.c % self.nh == 0 && self.b > 0 && self.t > 0,
-            "attention",
-            || {
-                format!(
-                    "C = {} must be a positive multiple of NH = {}",
-                    self.c, self.nh
-                )
-            },
-        )
-    }
-
-    fn batch(&self, stride_a: usize, stride_b: usize, stride_c: usize) -> BatchStrides {
-        BatchStrides {
-            count: self.b * self.nh,
-            stride_a,
-            stride_b,
-            stride_c,
-        }
-    }
-}
-
-/// What the forward pass writes and the backward pass reads (all floatX).
-#[derive(Debug, Clone)]
-pub struct AttentionActivations {
-    /// q, k, v in per-head layout, each (B,NH,T,HS), back to back: 3·B·T·C.
-    pub qkvr: DeviceBuf,
-    /// Softmax probabilities (B,NH,T,T), zero above the diagonal. Holds the scaled scores
-    /// (llm.c's `preatt`) between the Q·Kᵀ GEMM and the in-place softmax.
-    pub att: DeviceBuf,
-    /// att·V in per-head layout (B,NH,T,HS) = B·T·C; scratch, not needed by backward.
-    pub vaccum: DeviceBuf,
-}
-
-/// Scratch of the backward pass (all floatX); can be shared by every layer.
-#[derive(Debug, Clone)]
-pub struct AttentionGradScratch {
-    /// dq, dk, dv in per-head layout: 3·B·T·C.
-    pub dqkvr: DeviceBuf,
-    /// d(att) then, in place, d(preatt): (B,NH,T,T).
-    pub datt: DeviceBuf,
-    /// dout in per-head layout: B·T·C.
-    pub dvaccum: DeviceBuf,
 }
 
 impl GpuContext {
@@ -93,12 +40,12 @@ impl GpuContext {
     /// fills `acts` for the backward pass.
     pub fn attention_forward(
         &self,
-        out: &DeviceBuf,
-        acts: &AttentionActivations,
-        qkv: &DeviceBuf,
+        out: &Buf,
+        acts: &AttentionActs,
+        qkv: &Buf,
         s: AttentionShape,
     ) -> Result<()> {
-        s.check()?;
+        check_shape(&s)?;
         let (b, t, c) = (s.b, s.t, s.c);
         let hs = s.head_size();
         let per_head = b * s.nh * t * hs;
@@ -133,7 +80,7 @@ impl GpuContext {
             &q,
             &k,
             qk,
-            s.batch(t * hs, t * hs, t * t),
+            batch(&s, t * hs, t * hs, t * t),
             scale,
             0.0,
         )?;
@@ -157,7 +104,7 @@ impl GpuContext {
             &acts.att,
             &v,
             av,
-            s.batch(t * t, t * hs, t * hs),
+            batch(&s, t * t, t * hs, t * hs),
             1.0,
             0.0,
         )?;
@@ -173,13 +120,13 @@ impl GpuContext {
     /// from the forward's `acts`; `scratch` is overwritten.
     pub fn attention_backward(
         &self,
-        dqkv: &DeviceBuf,
-        dout: &DeviceBuf,
-        acts: &AttentionActivations,
-        scratch: &AttentionGradScratch,
+        dqkv: &Buf,
+        dout: &Buf,
+        acts: &AttentionActs,
+        scratch: &AttentionScratch,
         s: AttentionShape,
     ) -> Result<()> {
-        s.check()?;
+        check_shape(&s)?;
         let (b, t, c) = (s.b, s.t, s.c);
         let hs = s.head_size();
         let per_head = b * s.nh * t * hs;
@@ -224,7 +171,7 @@ impl GpuContext {
             &scratch.dvaccum,
             &v,
             g1,
-            s.batch(th, th, tt),
+            batch(&s, th, th, tt),
             1.0,
             0.0,
         )?;
@@ -242,7 +189,7 @@ impl GpuContext {
             &acts.att,
             &scratch.dvaccum,
             g2,
-            s.batch(tt, th, th),
+            batch(&s, tt, th, th),
             1.0,
             0.0,
         )?;
@@ -267,7 +214,7 @@ impl GpuContext {
             &scratch.datt,
             &k,
             g3,
-            s.batch(tt, th, th),
+            batch(&s, tt, th, th),
             scale,
             0.0,
         )?;
@@ -285,7 +232,7 @@ impl GpuContext {
             &scratch.datt,
             &q,
             g4,
-            s.batch(tt, th, th),
+            batch(&s, tt, th, th),
             scale,
             0.0,
         )?;
@@ -301,7 +248,7 @@ impl GpuContext {
     }
 }
 
-fn check_x(gpu: &GpuContext, name: &str, buf: &DeviceBuf, numel: usize) -> Result<()> {
+fn check_x(gpu: &GpuContext, name: &str, buf: &Buf, numel: usize) -> Result<()> {
     let x = gpu.x();
     ensure(buf.dtype() == x && buf.len() == numel, "attention", || {
         format!(
@@ -340,9 +287,9 @@ impl GpuContext {
     fn attention_gemm(
         &self,
         label: &'static str,
-        c: &DeviceBuf,
-        a: &DeviceBuf,
-        b: &DeviceBuf,
+        c: &Buf,
+        a: &Buf,
+        b: &Buf,
         shape: GemmShape,
         batch: BatchStrides,
         alpha: f32,

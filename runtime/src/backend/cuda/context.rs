@@ -4,18 +4,20 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
-use super::arena::{DeviceArena, DeviceBuf};
+use super::arena::device_memory;
 use super::error::{ensure, CudaError, Result};
 use super::gemm::Blas;
 use super::kernels::Kernels;
 use super::loader::{self, CudaLibrary};
 use super::profile::Profile;
 use super::{DType, Precision};
+use crate::backend::arena::Location;
+use crate::backend::{Arena, Buf};
 
 /// The engine's queues. Each is one non-blocking CUDA stream; work on different queues runs
 /// concurrently unless ordered with events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Queue {
+pub enum Stream {
     /// Kernels and cuBLAS.
     Compute,
     /// Host → device copies (prefetch of parameter shards).
@@ -26,15 +28,15 @@ pub enum Queue {
     Comm,
 }
 
-impl Queue {
-    pub const ALL: [Queue; 4] = [Queue::Compute, Queue::H2d, Queue::D2h, Queue::Comm];
+impl Stream {
+    pub const ALL: [Stream; 4] = [Stream::Compute, Stream::H2d, Stream::D2h, Stream::Comm];
 
     pub fn name(self) -> &'static str {
         match self {
-            Queue::Compute => "compute",
-            Queue::H2d => "h2d",
-            Queue::D2h => "d2h",
-            Queue::Comm => "comm",
+            Stream::Compute => "compute",
+            Stream::H2d => "h2d",
+            Stream::D2h => "d2h",
+            Stream::Comm => "comm",
         }
     }
 }
@@ -73,7 +75,7 @@ pub struct GpuContext {
     precision: Precision,
     arch: String,
     name: String,
-    arena: DeviceArena,
+    arena: Arena,
     blas: Blas,
     kernels: Kernels,
     /// Open per-operation profile (`profile_start`), if any.
@@ -154,7 +156,7 @@ impl GpuContext {
         };
         let streams = [new_stream()?, new_stream()?, new_stream()?, new_stream()?];
 
-        let arena = DeviceArena::new(&ctx, opts.arena_bytes)?;
+        let arena = Arena::new(device_memory(&ctx, opts.arena_bytes)?);
         let workspace = arena.alloc(
             "cublas workspace",
             DType::I32,
@@ -186,7 +188,7 @@ impl GpuContext {
         &self.ctx
     }
 
-    pub fn stream(&self, queue: Queue) -> &Arc<CudaStream> {
+    pub fn stream(&self, queue: Stream) -> &Arc<CudaStream> {
         &self.streams[queue as usize]
     }
 
@@ -203,7 +205,7 @@ impl GpuContext {
         &self.name
     }
 
-    pub fn arena(&self) -> &DeviceArena {
+    pub fn arena(&self) -> &Arena {
         &self.arena
     }
 
@@ -231,12 +233,12 @@ impl GpuContext {
             .map_err(|e| CudaError::driver("cuEventCreate", e))?;
         Ok(GpuEvent {
             event,
-            queue: Queue::Compute,
+            queue: Stream::Compute,
         })
     }
 
     /// Records an existing event on `queue` (re-recording moves it to the new point).
-    pub fn record_into(&self, queue: Queue, event: &mut GpuEvent) -> Result<()> {
+    pub fn record_into(&self, queue: Stream, event: &mut GpuEvent) -> Result<()> {
         event
             .event
             .record(self.stream(queue))
@@ -246,21 +248,21 @@ impl GpuContext {
     }
 
     /// Records a new event on `queue` marking all work submitted to it so far.
-    pub fn record(&self, queue: Queue) -> Result<GpuEvent> {
+    pub fn record(&self, queue: Stream) -> Result<GpuEvent> {
         let mut event = self.new_event(false)?;
         self.record_into(queue, &mut event)?;
         Ok(event)
     }
 
     /// Makes later work on `queue` wait for `event` (no host blocking).
-    pub fn wait(&self, queue: Queue, event: &GpuEvent) -> Result<()> {
+    pub fn wait(&self, queue: Stream, event: &GpuEvent) -> Result<()> {
         self.stream(queue)
             .wait(&event.event)
             .map_err(|e| CudaError::driver("cuStreamWaitEvent", e))
     }
 
     /// Blocks the host until everything submitted to `queue` has finished.
-    pub fn synchronize(&self, queue: Queue) -> Result<()> {
+    pub fn synchronize(&self, queue: Stream) -> Result<()> {
         self.stream(queue)
             .synchronize()
             .map_err(|e| CudaError::driver("cuStreamSynchronize", e))
@@ -268,7 +270,7 @@ impl GpuContext {
 
     /// Blocks the host until all four queues are idle.
     pub fn synchronize_all(&self) -> Result<()> {
-        Queue::ALL.iter().try_for_each(|&q| self.synchronize(q))
+        Stream::ALL.iter().try_for_each(|&q| self.synchronize(q))
     }
 
     /// Binds the context to this thread and runs one asynchronous driver call `op` on `queue`'s
@@ -280,7 +282,7 @@ impl GpuContext {
     unsafe fn enqueue(
         &self,
         op: &'static str,
-        queue: Queue,
+        queue: Stream,
         call: impl FnOnce(cudarc::driver::sys::CUstream) -> cudarc::driver::sys::CUresult,
     ) -> Result<()> {
         self.ctx
@@ -292,7 +294,8 @@ impl GpuContext {
     }
 
     /// Fills `buf` with the byte pattern `byte` on `queue` (zeroing, poisoning for tests).
-    pub fn memset(&self, queue: Queue, buf: &DeviceBuf, byte: u8) -> Result<()> {
+    pub fn memset(&self, queue: Stream, buf: &Buf, byte: u8) -> Result<()> {
+        buf.check_live("memset", Location::Cuda)?;
         // SAFETY: buf's range lies inside the live arena allocation (checked when the view
         // was made; the view holds the arena alive); the stream belongs to this context.
         unsafe {
@@ -303,7 +306,8 @@ impl GpuContext {
     }
 
     /// Fills a 2-byte or 4-byte-element buffer with NaN (for poisoning outputs in tests).
-    pub fn poison_nan(&self, queue: Queue, buf: &DeviceBuf) -> Result<()> {
+    pub fn poison_nan(&self, queue: Stream, buf: &Buf) -> Result<()> {
+        buf.check_live("poison_nan", Location::Cuda)?;
         // SAFETY: as in `memset`; element counts match the buffer's element size.
         unsafe {
             self.enqueue("cuMemsetAsync (poison)", queue, |stream| {
@@ -327,7 +331,7 @@ impl GpuContext {
 
     /// Copies `src` into `dst` and waits for the copy (pageable memory is fine). For set-up,
     /// tests and checkpoints, not for the step: use `copy_h2d` with pinned memory there.
-    pub fn upload<T: bytemuck::Pod>(&self, dst: &DeviceBuf, src: &[T]) -> Result<()> {
+    pub fn upload<T: bytemuck::Pod>(&self, dst: &Buf, src: &[T]) -> Result<()> {
         let bytes: &[u8] = bytemuck::cast_slice(src);
         ensure(bytes.len() == dst.size_bytes(), "upload", || {
             format!(
@@ -337,12 +341,12 @@ impl GpuContext {
             )
         })?;
         // SAFETY: the stream is synchronized below before `src` can be dropped or mutated.
-        unsafe { self.copy_h2d(Queue::H2d, dst, bytes)? };
-        self.synchronize(Queue::H2d)
+        unsafe { self.copy_h2d(Stream::H2d, dst, bytes)? };
+        self.synchronize(Stream::H2d)
     }
 
     /// Copies `src` to a new host vector and waits for the copy.
-    pub fn download<T: bytemuck::Pod + Default>(&self, src: &DeviceBuf) -> Result<Vec<T>> {
+    pub fn download<T: bytemuck::Pod + Default>(&self, src: &Buf) -> Result<Vec<T>> {
         let elem = std::mem::size_of::<T>();
         ensure(elem > 0 && src.size_bytes() % elem == 0, "download", || {
             format!(
@@ -352,8 +356,8 @@ impl GpuContext {
         })?;
         let mut out = vec![T::default(); src.size_bytes() / elem];
         // SAFETY: the stream is synchronized below before `out` is returned or dropped.
-        unsafe { self.copy_d2h(Queue::D2h, bytemuck::cast_slice_mut(&mut out), src)? };
-        self.synchronize(Queue::D2h)?;
+        unsafe { self.copy_d2h(Stream::D2h, bytemuck::cast_slice_mut(&mut out), src)? };
+        self.synchronize(Stream::D2h)?;
         Ok(out)
     }
 
@@ -363,7 +367,8 @@ impl GpuContext {
     /// `src` must stay allocated and unmodified until the copy completes (observe it with an
     /// event recorded on `queue` after this call, or a synchronize). For DMA speed and true
     /// asynchrony `src` should lie in a `PinnedRegion`; pageable memory is staged by the driver.
-    pub unsafe fn copy_h2d(&self, queue: Queue, dst: &DeviceBuf, src: &[u8]) -> Result<()> {
+    pub unsafe fn copy_h2d(&self, queue: Stream, dst: &Buf, src: &[u8]) -> Result<()> {
+        dst.check_live("copy_h2d", Location::Cuda)?;
         ensure(src.len() == dst.size_bytes(), "copy_h2d", || {
             format!(
                 "host {} bytes, device buffer {} bytes",
@@ -390,7 +395,8 @@ impl GpuContext {
     /// # Safety
     /// `dst` must stay allocated and must not be read or written by the host until the copy
     /// completes (observe it with an event recorded on `queue` after this call).
-    pub unsafe fn copy_d2h(&self, queue: Queue, dst: &mut [u8], src: &DeviceBuf) -> Result<()> {
+    pub unsafe fn copy_d2h(&self, queue: Stream, dst: &mut [u8], src: &Buf) -> Result<()> {
+        src.check_live("copy_d2h", Location::Cuda)?;
         ensure(dst.len() == src.size_bytes(), "copy_d2h", || {
             format!(
                 "host {} bytes, device buffer {} bytes",
@@ -413,7 +419,9 @@ impl GpuContext {
     }
 
     /// Device→device copy of equal-sized buffers on `queue`.
-    pub fn copy_d2d(&self, queue: Queue, dst: &DeviceBuf, src: &DeviceBuf) -> Result<()> {
+    pub fn copy_d2d(&self, queue: Stream, dst: &Buf, src: &Buf) -> Result<()> {
+        dst.check_live("copy_d2d", Location::Cuda)?;
+        src.check_live("copy_d2d", Location::Cuda)?;
         ensure(dst.size_bytes() == src.size_bytes(), "copy_d2d", || {
             format!(
                 "dst {} bytes, src {} bytes",
@@ -439,11 +447,11 @@ impl GpuContext {
 #[derive(Debug)]
 pub struct GpuEvent {
     event: CudaEvent,
-    queue: Queue,
+    queue: Stream,
 }
 
 impl GpuEvent {
-    pub fn queue(&self) -> Queue {
+    pub fn queue(&self) -> Stream {
         self.queue
     }
 

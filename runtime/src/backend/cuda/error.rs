@@ -48,17 +48,6 @@ pub enum CudaError {
     Precondition { op: &'static str, message: String },
 
     #[error(
-        "device arena exhausted allocating {requested_bytes} bytes for {what}: \
-         {used_bytes} of {capacity_bytes} bytes in use; size the arena larger at start-up"
-    )]
-    ArenaExhausted {
-        what: &'static str,
-        requested_bytes: usize,
-        used_bytes: usize,
-        capacity_bytes: usize,
-    },
-
-    #[error(
         "out of device memory: the arena needs {requested_bytes} bytes, {free_bytes} of \
          {total_bytes} bytes are free on the device"
     )]
@@ -67,6 +56,10 @@ pub enum CudaError {
         free_bytes: usize,
         total_bytes: usize,
     },
+
+    /// A failure of the shared device layer (arena bounds, a dry-run view).
+    #[error(transparent)]
+    Device(Box<crate::backend::DeviceError>),
 
     #[error(
         "kernel {kernel} is not in the loaded module (the .cu sources and launchers disagree)"
@@ -152,5 +145,44 @@ pub fn ensure(cond: bool, op: &'static str, message: impl FnOnce() -> String) ->
         Ok(())
     } else {
         Err(CudaError::precondition(op, message()))
+    }
+}
+
+impl From<crate::backend::DeviceError> for CudaError {
+    fn from(e: crate::backend::DeviceError) -> Self {
+        CudaError::Device(Box::new(e))
+    }
+}
+
+/// The seam's error for a CUDA failure: no CUDA type crosses into the engine's API.
+impl From<CudaError> for crate::backend::DeviceError {
+    fn from(e: CudaError) -> Self {
+        use crate::backend::DeviceError;
+        match e {
+            CudaError::Device(inner) => *inner,
+            CudaError::DeviceOutOfMemory {
+                requested_bytes,
+                free_bytes,
+                total_bytes,
+            } => DeviceError::OutOfMemory {
+                backend: "cuda",
+                requested_bytes,
+                available_bytes: free_bytes,
+                limit: format!("free memory of the GPU ({total_bytes} bytes in all)"),
+            },
+            e @ (CudaError::NoDriver { .. }
+            | CudaError::NoDevice { .. }
+            | CudaError::LibraryNotFound { .. }
+            | CudaError::Nvrtc { .. }
+            | CudaError::Compile { .. }) => DeviceError::Unavailable {
+                backend: "cuda",
+                message: e.to_string(),
+            },
+            CudaError::Precondition { op, message } => DeviceError::Op { op, message },
+            other => DeviceError::Op {
+                op: "cuda",
+                message: other.to_string(),
+            },
+        }
     }
 }

@@ -17,9 +17,9 @@ use cudarc::cublas::sys::{self as blas_sys, cublasComputeType_t, cublasOperation
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaStream;
 
-use super::arena::DeviceBuf;
 use super::error::{ensure, CudaError, Result};
 use super::{DType, Precision};
+use crate::backend::Buf;
 
 /// Shape of one row-major product (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +80,7 @@ impl ColumnMajor {
 pub struct Blas {
     blas: CudaBlas,
     stream: Arc<CudaStream>,
-    _workspace: DeviceBuf,
+    _workspace: Buf,
     compute_type: cublasComputeType_t,
     precision: Precision,
 }
@@ -121,7 +121,7 @@ impl Blas {
     /// never allocates during the step.
     pub fn new(
         stream: &Arc<CudaStream>,
-        workspace: DeviceBuf,
+        workspace: Buf,
         precision: Precision,
         allow_tf32: bool,
     ) -> Result<Self> {
@@ -151,7 +151,7 @@ impl Blas {
         })
     }
 
-    fn check_operands(&self, c: &DeviceBuf, a: &DeviceBuf, b: &DeviceBuf) -> Result<()> {
+    fn check_operands(&self, c: &Buf, a: &Buf, b: &Buf) -> Result<()> {
         let x = self.precision.dtype();
         ensure(a.dtype() == x && b.dtype() == x, "gemm", || {
             format!(
@@ -173,9 +173,9 @@ impl Blas {
     /// C = α·op(A)·op(B) + β·C, row-major (see module docs). Runs on the compute queue.
     pub fn matmul(
         &self,
-        c: &DeviceBuf,
-        a: &DeviceBuf,
-        b: &DeviceBuf,
+        c: &Buf,
+        a: &Buf,
+        b: &Buf,
         shape: GemmShape,
         alpha: f32,
         beta: f32,
@@ -194,9 +194,9 @@ impl Blas {
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_strided_batched(
         &self,
-        c: &DeviceBuf,
-        a: &DeviceBuf,
-        b: &DeviceBuf,
+        c: &Buf,
+        a: &Buf,
+        b: &Buf,
         shape: GemmShape,
         batch: BatchStrides,
         alpha: f32,

@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
 
-use super::arena::DeviceBuf;
-use super::context::{GpuContext, Queue};
+use super::context::{GpuContext, Stream};
 use super::error::{ensure, CudaError, Result};
 use super::gemm::GemmShape;
 use super::nvrtc;
 use super::{DType, Precision};
+use crate::backend::arena::Location;
+use crate::backend::{AdamWHyper, Buf, GradMode, NORM_PARTIALS_MAX};
 
 /// Threads per block of the element-wise kernels.
 const ELEMENTWISE_BLOCK: u32 = 256;
@@ -23,42 +24,10 @@ const GRID_MAX_BLOCKS: usize = 65_536;
 const ROW_BLOCK: u32 = 256;
 /// Must match NORM_BLOCK_SIZE in norm.cu.
 const NORM_BLOCK: u32 = 512;
-/// Partial sums of the grad-norm's first stage (size of the `partials` buffer).
-pub const NORM_PARTIALS_MAX: usize = 1024;
 /// Rows per block in bias_backward's row split.
 const BIAS_ROWS_PER_CHUNK: usize = 256;
 /// Default dynamic shared memory limit per block without opting in (48 KiB).
 const SHARED_DEFAULT_MAX_BYTES: usize = 48 * 1024;
-
-/// Whether a backward launcher adds the input gradient it computes to its buffer (the CPU
-/// backend's convention) or overwrites it (saves zeroing the buffer first).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GradMode {
-    Accumulate,
-    Overwrite,
-}
-
-/// AdamW hyperparameters (torch.optim.AdamW semantics, decoupled weight decay).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWHyper {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-}
-
-impl Default for AdamWHyper {
-    fn default() -> Self {
-        AdamWHyper {
-            lr: 3e-4,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
-    }
-}
 
 /// Kernel functions of one context, by entry-point name.
 pub struct Kernels {
@@ -158,7 +127,8 @@ pub(super) fn aligned16(ptrs: impl IntoIterator<Item = u64>) -> bool {
 }
 
 /// Checks `buf` has `dtype` and exactly `numel` elements.
-fn check(op: &'static str, name: &str, buf: &DeviceBuf, dtype: DType, numel: usize) -> Result<()> {
+fn check(op: &'static str, name: &str, buf: &Buf, dtype: DType, numel: usize) -> Result<()> {
+    buf.check_live(op, Location::Cuda)?;
     ensure(buf.dtype() == dtype && buf.len() == numel, op, || {
         format!(
             "{name} must be {numel} x {}, got {} x {}",
@@ -170,13 +140,8 @@ fn check(op: &'static str, name: &str, buf: &DeviceBuf, dtype: DType, numel: usi
 }
 
 /// Checks `buf` has `dtype` and at least `numel` elements (tables sized by maxT, partials).
-fn check_min(
-    op: &'static str,
-    name: &str,
-    buf: &DeviceBuf,
-    dtype: DType,
-    numel: usize,
-) -> Result<()> {
+fn check_min(op: &'static str, name: &str, buf: &Buf, dtype: DType, numel: usize) -> Result<()> {
+    buf.check_live(op, Location::Cuda)?;
     ensure(buf.dtype() == dtype && buf.len() >= numel, op, || {
         format!(
             "{name} must be at least {numel} x {}, got {} x {}",
@@ -204,7 +169,7 @@ impl GpuContext {
         &self,
         name: &'static str,
         name_vec: &'static str,
-        bufs: &[&DeviceBuf],
+        bufs: &[&Buf],
         extra: &[Arg],
         n: usize,
     ) -> Result<()> {
@@ -225,7 +190,7 @@ impl GpuContext {
 
     fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         let func = self.kernels().get(name)?;
-        let stream = self.stream(Queue::Compute);
+        let stream = self.stream(Stream::Compute);
         let mut builder = stream.launch_builder(func);
         for arg in args {
             match arg {
@@ -261,10 +226,10 @@ impl GpuContext {
     #[allow(clippy::too_many_arguments)]
     pub fn encoder_forward(
         &self,
-        out: &DeviceBuf,
-        inp: &DeviceBuf,
-        wte: &DeviceBuf,
-        wpe: &DeviceBuf,
+        out: &Buf,
+        inp: &Buf,
+        wte: &Buf,
+        wpe: &Buf,
         b: usize,
         t: usize,
         c: usize,
@@ -293,10 +258,10 @@ impl GpuContext {
     #[allow(clippy::too_many_arguments)]
     pub fn encoder_backward(
         &self,
-        dwte: &DeviceBuf,
-        dwpe: &DeviceBuf,
-        dout: &DeviceBuf,
-        inp: &DeviceBuf,
+        dwte: &Buf,
+        dwpe: &Buf,
+        dout: &Buf,
+        inp: &Buf,
         b: usize,
         t: usize,
         c: usize,
@@ -333,12 +298,12 @@ impl GpuContext {
     #[allow(clippy::too_many_arguments)]
     pub fn layernorm_forward(
         &self,
-        out: &DeviceBuf,
-        mean: &DeviceBuf,
-        rstd: &DeviceBuf,
-        inp: &DeviceBuf,
-        weight: &DeviceBuf,
-        bias: &DeviceBuf,
+        out: &Buf,
+        mean: &Buf,
+        rstd: &Buf,
+        inp: &Buf,
+        weight: &Buf,
+        bias: &Buf,
         n: usize,
         c: usize,
     ) -> Result<()> {
@@ -368,14 +333,14 @@ impl GpuContext {
     #[allow(clippy::too_many_arguments)]
     pub fn layernorm_backward(
         &self,
-        dinp: &DeviceBuf,
-        dweight: &DeviceBuf,
-        dbias: &DeviceBuf,
-        dout: &DeviceBuf,
-        inp: &DeviceBuf,
-        weight: &DeviceBuf,
-        mean: &DeviceBuf,
-        rstd: &DeviceBuf,
+        dinp: &Buf,
+        dweight: &Buf,
+        dbias: &Buf,
+        dout: &Buf,
+        inp: &Buf,
+        weight: &Buf,
+        mean: &Buf,
+        rstd: &Buf,
         n: usize,
         c: usize,
     ) -> Result<()> {
@@ -417,7 +382,7 @@ impl GpuContext {
     }
 
     /// out (N) X = gelu(inp (N) X); out may be inp.
-    pub fn gelu_forward(&self, out: &DeviceBuf, inp: &DeviceBuf) -> Result<()> {
+    pub fn gelu_forward(&self, out: &Buf, inp: &Buf) -> Result<()> {
         let op = "gelu_forward";
         check(op, "out", out, self.x(), inp.len())?;
         check(op, "inp", inp, self.x(), out.len())?;
@@ -426,13 +391,7 @@ impl GpuContext {
 
     /// dinp (N) X += gelu'(inp) · dout (`GradMode::Accumulate`, like the CPU backend), or =
     /// (`Overwrite`); dinp must not alias inp or dout.
-    pub fn gelu_backward(
-        &self,
-        dinp: &DeviceBuf,
-        mode: GradMode,
-        inp: &DeviceBuf,
-        dout: &DeviceBuf,
-    ) -> Result<()> {
+    pub fn gelu_backward(&self, dinp: &Buf, mode: GradMode, inp: &Buf, dout: &Buf) -> Result<()> {
         let op = "gelu_backward";
         let n = inp.len();
         check(op, "dinp", dinp, self.x(), n)?;
@@ -452,7 +411,7 @@ impl GpuContext {
     }
 
     /// out (N) X = a + b; out may be a or b.
-    pub fn residual_forward(&self, out: &DeviceBuf, a: &DeviceBuf, b: &DeviceBuf) -> Result<()> {
+    pub fn residual_forward(&self, out: &Buf, a: &Buf, b: &Buf) -> Result<()> {
         let op = "residual_forward";
         let n = out.len();
         check(op, "out", out, self.x(), n)?;
@@ -462,7 +421,7 @@ impl GpuContext {
     }
 
     /// dst (N) X += src (N) X (residual backward).
-    pub fn accumulate(&self, dst: &DeviceBuf, src: &DeviceBuf) -> Result<()> {
+    pub fn accumulate(&self, dst: &Buf, src: &Buf) -> Result<()> {
         let op = "accumulate";
         check(op, "dst", dst, self.x(), src.len())?;
         check(op, "src", src, self.x(), dst.len())?;
@@ -473,10 +432,10 @@ impl GpuContext {
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_forward(
         &self,
-        out: &DeviceBuf,
-        inp: &DeviceBuf,
-        weight: &DeviceBuf,
-        bias: Option<&DeviceBuf>,
+        out: &Buf,
+        inp: &Buf,
+        weight: &Buf,
+        bias: Option<&Buf>,
         n: usize,
         c: usize,
         oc: usize,
@@ -528,13 +487,13 @@ impl GpuContext {
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_backward(
         &self,
-        dinp: &DeviceBuf,
+        dinp: &Buf,
         dinp_mode: GradMode,
-        dweight: &DeviceBuf,
-        dbias: Option<&DeviceBuf>,
-        dout: &DeviceBuf,
-        inp: &DeviceBuf,
-        weight: &DeviceBuf,
+        dweight: &Buf,
+        dbias: Option<&Buf>,
+        dout: &Buf,
+        inp: &Buf,
+        weight: &Buf,
         n: usize,
         c: usize,
         oc: usize,
@@ -597,9 +556,9 @@ impl GpuContext {
     #[allow(clippy::too_many_arguments)]
     pub fn crossentropy_forward_backward(
         &self,
-        logits: &DeviceBuf,
-        losses: &DeviceBuf,
-        targets: &DeviceBuf,
+        logits: &Buf,
+        losses: &Buf,
+        targets: &Buf,
         r: usize,
         v: usize,
         vp: usize,
@@ -631,7 +590,7 @@ impl GpuContext {
     }
 
     /// out (N) X = inp (N) f32, round to nearest.
-    pub fn cast_f32_to_x(&self, out: &DeviceBuf, inp: &DeviceBuf) -> Result<()> {
+    pub fn cast_f32_to_x(&self, out: &Buf, inp: &Buf) -> Result<()> {
         let op = "cast_f32_to_x";
         check(op, "out", out, self.x(), inp.len())?;
         check(op, "inp", inp, DType::F32, out.len())?;
@@ -644,7 +603,7 @@ impl GpuContext {
     }
 
     /// out (N) f32 = inp (N) X.
-    pub fn cast_x_to_f32(&self, out: &DeviceBuf, inp: &DeviceBuf) -> Result<()> {
+    pub fn cast_x_to_f32(&self, out: &Buf, inp: &Buf) -> Result<()> {
         let op = "cast_x_to_f32";
         check(op, "out", out, DType::F32, inp.len())?;
         check(op, "inp", inp, self.x(), out.len())?;
@@ -657,7 +616,7 @@ impl GpuContext {
     }
 
     /// out (N) f32 += scale · inp (N) X.
-    pub fn accumulate_x_to_f32(&self, out: &DeviceBuf, inp: &DeviceBuf, scale: f32) -> Result<()> {
+    pub fn accumulate_x_to_f32(&self, out: &Buf, inp: &Buf, scale: f32) -> Result<()> {
         let op = "accumulate_x_to_f32";
         check(op, "out", out, DType::F32, inp.len())?;
         check(op, "inp", inp, self.x(), out.len())?;
@@ -671,7 +630,7 @@ impl GpuContext {
     }
 
     /// x (N) f32 *= scale.
-    pub fn scale_f32(&self, x: &DeviceBuf, scale: f32) -> Result<()> {
+    pub fn scale_f32(&self, x: &Buf, scale: f32) -> Result<()> {
         let op = "scale_f32";
         check(op, "x", x, DType::F32, x.len())?;
         let args = [
@@ -686,9 +645,9 @@ impl GpuContext {
     /// ≥ NORM_PARTIALS_MAX f32. Deterministic for a given length. Inf/NaN means overflow.
     pub fn grad_norm_squared(
         &self,
-        out: &DeviceBuf,
-        partials: &DeviceBuf,
-        grads: &DeviceBuf,
+        out: &Buf,
+        partials: &Buf,
+        grads: &Buf,
         accumulate: bool,
     ) -> Result<()> {
         let op = "grad_norm_squared";
@@ -736,23 +695,21 @@ impl GpuContext {
         self.launch("norm_squared_finalize", cfg, &args)
     }
 
-    /// One AdamW step (`step` ≥ 1 is the bias-correction t) on fp32 params/grads/m/v (N);
-    /// writes the updated params also to `params_x` (N) X when given. grads are multiplied by
-    /// `grad_scale` first (clip factor / loss scale).
-    #[allow(clippy::too_many_arguments)]
+    /// One AdamW step (`hyper.step` ≥ 1 is the bias-correction t) on fp32 params/grads/m/v
+    /// (N); writes the updated params also to `params_x` (N) X when given. grads are multiplied
+    /// by `hyper.grad_scale` first (clip factor / loss scale).
     pub fn adamw(
         &self,
-        params: &DeviceBuf,
-        params_x: Option<&DeviceBuf>,
-        grads: &DeviceBuf,
-        m: &DeviceBuf,
-        v: &DeviceBuf,
+        params: &Buf,
+        params_x: Option<&Buf>,
+        grads: &Buf,
+        m: &Buf,
+        v: &Buf,
         hyper: &AdamWHyper,
-        step: u32,
-        grad_scale: f32,
     ) -> Result<()> {
         let op = "adamw";
         let n = params.len();
+        let step = hyper.step;
         ensure(step >= 1, op, || "step counts from 1".into())?;
         for (name, buf) in [("params", params), ("grads", grads), ("m", m), ("v", v)] {
             check(op, name, buf, DType::F32, n)?;
@@ -778,7 +735,7 @@ impl GpuContext {
             Arg::Float(beta2_correction),
             Arg::Float(hyper.eps),
             Arg::Float(hyper.weight_decay),
-            Arg::Float(grad_scale),
+            Arg::Float(hyper.grad_scale),
         ];
         self.launch("adamw_update", elementwise_config(n), &args)
     }

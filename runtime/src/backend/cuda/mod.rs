@@ -18,10 +18,10 @@
 //!   blocks the host except `GpuEvent::synchronize` where the engine must observe completion
 //!   (e.g. before reusing a pinned buffer or handing it to io_uring). cudarc's automatic event
 //!   tracking is disabled: the engine, not cudarc, owns the ordering.
-//! - Device memory comes from one `DeviceArena` sized at start-up from the `PlacementPlan`
-//!   (params, grads, optimizer shards, prefetch buffers, activations, scratch, the cuBLAS
-//!   workspace). Allocation is a bump pointer with marks; nothing is allocated inside a step.
-//!   `DeviceBuf` is a typed view (offset, element count, dtype) that keeps the arena alive.
+//! - Device memory comes from one `Arena` (backend/arena.rs) sized at start-up by the engine's
+//!   dry run (params, grads, optimizer states, activations, scratch) plus the cuBLAS
+//!   workspace. Allocation is a bump pointer with marks; nothing is allocated inside a step.
+//!   `Buf` is a typed view (offset, element count, dtype) that keeps the arena alive.
 //! - Host memory for transfers is the offload crate's 4 KiB-aligned pool, page-locked in place
 //!   with `cuMemHostRegister` (`PinnedRegion`, not write-combined), so DMA runs at full speed
 //!   and the very same buffers are registered with io_uring for O_DIRECT.
@@ -42,32 +42,27 @@
 pub mod arena;
 pub mod attention;
 pub mod context;
+mod device;
 pub mod error;
 pub mod gemm;
-pub mod gpt2_memory;
-pub mod gpt2_pass;
 pub mod kernels;
 pub mod loader;
-pub mod loss_scale;
 pub mod nvrtc;
 pub mod pinned;
 pub mod profile;
 pub mod selftest;
-pub mod trainer;
 
-pub use arena::{DeviceArena, DeviceBuf};
-pub use attention::{AttentionActivations, AttentionGradScratch, AttentionShape};
-pub use context::{GpuContext, GpuEvent, GpuOptions, Queue};
+pub use context::{GpuContext, GpuEvent, GpuOptions, Stream};
+pub use device::{CudaDevice, CudaOptions};
 pub use error::{CudaError, Result};
 pub use gemm::{BatchStrides, Blas, GemmShape};
-pub use kernels::{AdamWHyper, GradMode, Kernels};
-pub use loss_scale::{LossScaler, StepDecision};
+pub use kernels::Kernels;
 pub use pinned::{AlignedHostBuffer, PinnedRegion};
-pub use profile::OpTime;
 pub use selftest::{
     bandwidth_selftest, kernel_selftest, pinned_bandwidth, run_kernel_checks, CheckResult,
 };
-pub use trainer::GpuGpt2Trainer;
+
+pub use crate::backend::{DType, Precision};
 
 /// True when a CUDA driver is loadable and reports at least one device (`device = "auto"`).
 /// Never panics; says nothing about NVRTC/cuBLAS (GpuContext::new checks those).
@@ -75,67 +70,11 @@ pub fn gpu_available() -> bool {
     context::device_count().is_ok_and(|n| n > 0)
 }
 
-/// Element type of a device buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DType {
-    F32,
-    Bf16,
-    F16,
-    I32,
-}
-
-impl DType {
-    pub fn size_bytes(self) -> usize {
-        match self {
-            DType::F32 | DType::I32 => 4,
-            DType::Bf16 | DType::F16 => 2,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::Bf16 => "bf16",
-            DType::F16 => "f16",
-            DType::I32 => "i32",
-        }
-    }
-}
-
-/// The compute type `floatX` the kernels are compiled for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Precision {
-    #[default]
-    Bf16,
-    Fp16,
-    Fp32,
-}
-
-impl Precision {
-    pub const ALL: [Precision; 3] = [Precision::Bf16, Precision::Fp16, Precision::Fp32];
-
-    pub fn dtype(self) -> DType {
-        match self {
-            Precision::Bf16 => DType::Bf16,
-            Precision::Fp16 => DType::F16,
-            Precision::Fp32 => DType::F32,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Bf16 => "bf16",
-            Precision::Fp16 => "fp16",
-            Precision::Fp32 => "fp32",
-        }
-    }
-
-    /// The macro that selects `floatX` in common.cuh.
-    pub fn nvrtc_define(self) -> &'static str {
-        match self {
-            Precision::Bf16 => "STRATA_FLOATX_BF16",
-            Precision::Fp16 => "STRATA_FLOATX_FP16",
-            Precision::Fp32 => "STRATA_FLOATX_FP32",
-        }
+/// The macro that selects `floatX` in common.cuh.
+pub fn nvrtc_define(precision: Precision) -> &'static str {
+    match precision {
+        Precision::Bf16 => "STRATA_FLOATX_BF16",
+        Precision::Fp16 => "STRATA_FLOATX_FP16",
+        Precision::Fp32 => "STRATA_FLOATX_FP32",
     }
 }

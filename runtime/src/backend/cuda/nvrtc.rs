@@ -107,7 +107,7 @@ pub const KERNEL_FILES: &[(&str, &str, &[&str])] = &[
 pub fn translation_unit(file_name: &str, file_source: &str, precision: Precision) -> String {
     format!(
         "#define {}\n#line 1 \"common.cuh\"\n{COMMON_SOURCE}\n#line 1 \"{file_name}\"\n{file_source}\n",
-        precision.nvrtc_define()
+        super::nvrtc_define(precision)
     )
 }
 

@@ -5,18 +5,9 @@
 
 use cudarc::driver::CudaEvent;
 
-use super::context::{GpuContext, Queue};
+use super::context::{GpuContext, Stream};
 use super::error::{CudaError, Result};
-
-/// Time spent in one kind of operation during a profile.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OpTime {
-    /// Kernel name, or "gemm: <caller>" for cuBLAS products.
-    pub op: &'static str,
-    pub calls: usize,
-    /// Milliseconds of compute-queue time between the previous operation's end and this one's.
-    pub ms: f64,
-}
+use crate::backend::{charge, OpTime};
 
 /// The open profile: the start event and one event per operation, in submission order.
 pub(super) struct Profile {
@@ -31,7 +22,7 @@ impl GpuContext {
             .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(|e| CudaError::driver("cuEventCreate", e))?;
         event
-            .record(self.stream(Queue::Compute))
+            .record(self.stream(Stream::Compute))
             .map_err(|e| CudaError::driver("cuEventRecord", e))?;
         Ok(event)
     }
@@ -73,13 +64,7 @@ impl GpuContext {
                 prev.elapsed_ms(event)
                     .map_err(|e| CudaError::driver("cuEventElapsedTime", e))?,
             );
-            match out.iter_mut().find(|t| t.op == *op) {
-                Some(t) => {
-                    t.calls += 1;
-                    t.ms += ms;
-                }
-                None => out.push(OpTime { op, calls: 1, ms }),
-            }
+            charge(&mut out, op, ms);
             prev = event;
         }
         out.sort_by(|a, b| b.ms.total_cmp(&a.ms));

@@ -7,15 +7,16 @@
 
 use std::time::Instant;
 
-use super::arena::DeviceBuf;
-use super::attention::{AttentionActivations, AttentionGradScratch, AttentionShape};
-use super::context::{GpuContext, Queue};
+use super::context::{GpuContext, Stream};
 use super::error::Result;
-use super::kernels::{AdamWHyper, GradMode, NORM_PARTIALS_MAX};
 use super::pinned::{AlignedHostBuffer, PinnedRegion};
 use super::{DType, Precision};
-use crate::backend::cpu::{self, AttnShape};
-use crate::optim::{adamw_update, sum_of_squares, AdamWParams};
+use crate::backend::cpu;
+use crate::backend::Buf;
+use crate::backend::{
+    AdamWHyper, AttentionActs, AttentionScratch, AttentionShape, GradMode, NORM_PARTIALS_MAX,
+};
+use crate::optim::{adamw_update, sum_of_squares};
 
 /// One compared tensor.
 #[derive(Debug, Clone)]
@@ -86,38 +87,38 @@ impl<'a> Harness<'a> {
             .collect()
     }
 
-    fn alloc(&self, dtype: DType, n: usize) -> Result<DeviceBuf> {
-        self.gpu.arena().alloc("selftest", dtype, n)
+    fn alloc(&self, dtype: DType, n: usize) -> Result<Buf> {
+        Ok(self.gpu.arena().alloc("selftest", dtype, n)?)
     }
 
-    fn put_x(&self, v: &[f32]) -> Result<DeviceBuf> {
+    fn put_x(&self, v: &[f32]) -> Result<Buf> {
         let buf = self.alloc(self.gpu.x(), v.len())?;
         self.gpu.upload::<u8>(&buf, &encode_x(v, self.precision))?;
         Ok(buf)
     }
 
-    fn put_f32(&self, v: &[f32]) -> Result<DeviceBuf> {
+    fn put_f32(&self, v: &[f32]) -> Result<Buf> {
         let buf = self.alloc(DType::F32, v.len())?;
         self.gpu.upload(&buf, v)?;
         Ok(buf)
     }
 
-    fn put_i32(&self, v: &[i32]) -> Result<DeviceBuf> {
+    fn put_i32(&self, v: &[i32]) -> Result<Buf> {
         let buf = self.alloc(DType::I32, v.len())?;
         self.gpu.upload(&buf, v)?;
         Ok(buf)
     }
 
     /// A buffer filled with NaN on the compute queue (ordered before the kernel under test).
-    fn poisoned(&self, dtype: DType, n: usize) -> Result<DeviceBuf> {
+    fn poisoned(&self, dtype: DType, n: usize) -> Result<Buf> {
         let buf = self.alloc(dtype, n)?;
-        self.gpu.poison_nan(Queue::Compute, &buf)?;
+        self.gpu.poison_nan(Stream::Compute, &buf)?;
         Ok(buf)
     }
 
     /// Reads a buffer after the compute queue has finished.
-    fn get(&self, buf: &DeviceBuf) -> Result<Vec<f32>> {
-        self.gpu.synchronize(Queue::Compute)?;
+    fn get(&self, buf: &Buf) -> Result<Vec<f32>> {
+        self.gpu.synchronize(Stream::Compute)?;
         match buf.dtype() {
             DType::F32 => self.gpu.download::<f32>(buf),
             DType::I32 => Ok(self
@@ -130,7 +131,7 @@ impl<'a> Harness<'a> {
         }
     }
 
-    fn compare(&mut self, name: &str, buf: &DeviceBuf, want: &[f32], stages: u32) -> Result<()> {
+    fn compare(&mut self, name: &str, buf: &Buf, want: &[f32], stages: u32) -> Result<()> {
         let got = self.get(buf)?;
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
         let mut max_err = 0.0f32;
@@ -334,9 +335,9 @@ fn check_gelu_residual(h: &mut Harness<'_>, n: usize) -> Result<()> {
         .gelu_backward(&d_dinp_new, GradMode::Overwrite, &d_inp, &d_dout)?;
     let mut out = vec![0.0; n];
     cpu::gelu_forward(&mut out, &inp);
-    cpu::gelu_backward(&mut dinp, &inp, &dout);
-    let mut dinp_new = vec![0.0; n];
-    cpu::gelu_backward(&mut dinp_new, &inp, &dout);
+    cpu::gelu_backward(&mut dinp, &inp, &dout, true);
+    let mut dinp_new = vec![f32::NAN; n];
+    cpu::gelu_backward(&mut dinp_new, &inp, &dout, false);
     h.compare("gelu_forward/out", &d_out, &out, 1)?;
     h.compare("gelu_backward/dinp", &d_dinp, &dinp, 1)?;
     h.compare("gelu_backward/dinp (overwrite)", &d_dinp_new, &dinp_new, 1)?;
@@ -396,10 +397,11 @@ fn check_matmul(h: &mut Harness<'_>, n: usize, c: usize, oc: usize) -> Result<()
         c,
         oc,
     )?;
-    let mut dinp_new = vec![0.0; n * c];
+    let mut dinp_new = vec![f32::NAN; n * c];
     let (mut dw2, mut db2) = (vec![0.0; oc * c], vec![0.0; oc]);
     cpu::matmul_backward(
         Some(&mut dinp_new),
+        false,
         &mut dw2,
         Some(&mut db2),
         &dout,
@@ -417,6 +419,7 @@ fn check_matmul(h: &mut Harness<'_>, n: usize, c: usize, oc: usize) -> Result<()
     )?;
     cpu::matmul_backward(
         Some(&mut dinp),
+        true,
         &mut dw,
         Some(&mut db),
         &dout,
@@ -433,31 +436,25 @@ fn check_matmul(h: &mut Harness<'_>, n: usize, c: usize, oc: usize) -> Result<()
 
 fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
     let x = h.gpu.x();
-    let (b, t, c, nh) = (s.b, s.t, s.c, s.nh);
+    let (b, t, c) = (s.b, s.t, s.c);
     let qkv = h.rand_x(b * t * 3 * c, 1.0);
     let d_qkv = h.put_x(&qkv)?;
-    let acts = AttentionActivations {
+    let acts = AttentionActs {
         qkvr: h.poisoned(x, s.qkvr_len())?,
         att: h.poisoned(x, s.scores_len())?,
         vaccum: h.poisoned(x, b * t * c)?,
     };
     let d_out = h.poisoned(x, b * t * c)?;
     h.gpu.attention_forward(&d_out, &acts, &d_qkv, s)?;
-    let cpu_shape = AttnShape {
-        b,
-        t,
-        c,
-        n_head: nh,
-    };
     let (mut out, mut att) = (vec![0.0; b * t * c], vec![0.0; s.scores_len()]);
-    let mut y_hm = vec![0.0; b * t * c];
-    cpu::attention_forward(&mut out, &mut att, &mut y_hm, &qkv, cpu_shape);
+    let (mut qkvr, mut vaccum) = (vec![0.0; s.qkvr_len()], vec![0.0; b * t * c]);
+    cpu::attention_forward(&mut out, &mut qkvr, &mut att, &mut vaccum, &qkv, s);
     h.compare("attention_forward/out", &d_out, &out, 2)?;
     h.compare("attention_forward/att", &acts.att, &att, 1)?;
 
     let dout = h.rand_x(b * t * c, 1.0);
     let d_dout = h.put_x(&dout)?;
-    let scratch = AttentionGradScratch {
+    let scratch = AttentionScratch {
         dqkvr: h.poisoned(x, s.qkvr_len())?,
         datt: h.poisoned(x, s.scores_len())?,
         dvaccum: h.poisoned(x, b * t * c)?,
@@ -469,9 +466,17 @@ fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
     // The reference uses the GPU's (rounded) att so only the backward's own error is measured.
     let att_x = h.get(&acts.att)?;
 
-    let (mut datt, mut dhm) = (vec![0.0; s.scores_len()], vec![0.0; 3 * b * t * c]);
+    let (mut datt, mut dqkvr) = (vec![0.0; s.scores_len()], vec![0.0; s.qkvr_len()]);
+    let mut dvaccum = vec![0.0; b * t * c];
     cpu::attention_backward(
-        &mut dqkv, &mut datt, &mut dhm, &dout, &qkv, &att_x, cpu_shape,
+        &mut dqkv,
+        &dout,
+        &qkvr,
+        &att_x,
+        &mut dqkvr,
+        &mut datt,
+        &mut dvaccum,
+        s,
     );
     h.compare("attention_backward/dqkv", &d_dqkv, &dqkv, 3)
 }
@@ -484,18 +489,10 @@ fn check_crossentropy(h: &mut Harness<'_>, r: usize, v: usize, vp: usize) -> Res
     let dloss = 1.0 / r as f32;
     h.gpu
         .crossentropy_forward_backward(&d_logits, &d_losses, &d_targets, r, v, vp, Some(dloss))?;
-    // The CPU backend has no padding: run it on the first V columns, expect 0 in the padding.
-    let mut real: Vec<f32> = logits
-        .chunks_exact(vp)
-        .flat_map(|row| row[..v].iter().copied())
-        .collect();
     let tokens: Vec<u32> = targets.iter().map(|&x| x as u32).collect();
     let mut losses = vec![0.0; r];
-    cpu::softmax_crossentropy(&mut real, &tokens, &mut losses, Some(dloss), v);
-    let mut dlogits = vec![0.0; r * vp];
-    for (dst, src) in dlogits.chunks_exact_mut(vp).zip(real.chunks_exact(v)) {
-        dst[..v].copy_from_slice(src);
-    }
+    let mut dlogits = logits.clone();
+    cpu::softmax_crossentropy(&mut dlogits, &tokens, &mut losses, Some(dloss), v, vp);
     h.compare("crossentropy/losses", &d_losses, &losses, 1)?;
     h.compare("crossentropy/dlogits", &d_logits, &dlogits, 1)
 }
@@ -538,29 +535,13 @@ fn check_casts_norm_adamw(h: &mut Harness<'_>, n: usize) -> Result<()> {
         beta2: 0.95,
         eps: 1e-8,
         weight_decay: 0.1,
+        step: 3,
+        grad_scale: 0.5,
     };
-    let (step, grad_scale) = (3u32, 0.5f32);
-    h.gpu.adamw(
-        &d_master,
-        Some(&d_px),
-        &d_grads,
-        &d_m,
-        &d_v,
-        &hyper,
-        step,
-        grad_scale,
-    )?;
+    h.gpu
+        .adamw(&d_master, Some(&d_px), &d_grads, &d_m, &d_v, &hyper)?;
     let mut params = master.clone();
-    let cpu_hyper = AdamWParams {
-        lr: hyper.lr,
-        beta1: hyper.beta1,
-        beta2: hyper.beta2,
-        eps: hyper.eps,
-        weight_decay: hyper.weight_decay,
-        t: step,
-        grad_scale,
-    };
-    adamw_update(&mut params, &grads, &mut m, &mut v, &cpu_hyper, true);
+    adamw_update(&mut params, &grads, &mut m, &mut v, &hyper);
     // The update is ~1e-3 of the parameter: compare the update itself, not the parameter.
     let got = h.get(&d_master)?;
     let got_delta: Vec<f32> = got.iter().zip(&master).map(|(p, m0)| p - m0).collect();
@@ -607,7 +588,7 @@ pub fn pinned_bandwidth(gpu: &GpuContext, bytes: usize, reps: usize) -> Result<(
     // (region is dropped first, at the end of this function, in reverse declaration order).
     let region = unsafe { PinnedRegion::register(gpu.cuda(), host.as_mut_ptr(), len)? };
     let dev = gpu.arena().alloc("bandwidth test", DType::I32, len / 4)?;
-    let time = |f: &dyn Fn() -> Result<()>, queue: Queue| -> Result<f64> {
+    let time = |f: &dyn Fn() -> Result<()>, queue: Stream| -> Result<f64> {
         let mut best = f64::INFINITY;
         for _ in 0..reps.max(1) {
             let start = Instant::now();
@@ -621,8 +602,8 @@ pub fn pinned_bandwidth(gpu: &GpuContext, bytes: usize, reps: usize) -> Result<(
     debug_assert!(region.contains(src));
     // SAFETY: `src` stays alive and unmodified until the H2D queue is synchronized in `time`.
     let h2d = time(
-        &|| unsafe { gpu.copy_h2d(Queue::H2d, &dev, src) },
-        Queue::H2d,
+        &|| unsafe { gpu.copy_h2d(Stream::H2d, &dev, src) },
+        Stream::H2d,
     )?;
     let dst_ptr = host.as_mut_ptr();
     // SAFETY: the host buffer is not otherwise accessed while the D2H copies run; each copy is
@@ -630,12 +611,12 @@ pub fn pinned_bandwidth(gpu: &GpuContext, bytes: usize, reps: usize) -> Result<(
     let d2h = time(
         &|| unsafe {
             gpu.copy_d2h(
-                Queue::D2h,
+                Stream::D2h,
                 std::slice::from_raw_parts_mut(dst_ptr, len),
                 &dev,
             )
         },
-        Queue::D2h,
+        Stream::D2h,
     )?;
     drop(region);
     drop(host);

@@ -1,11 +1,33 @@
-//! One transformer block: x → x + attn(ln_1(x)) → … + mlp(ln_2(…)).
+//! One transformer block: x → x + attn(ln_1(x)) → … + mlp(ln_2(…)), forward and backward, as a
+//! sequence of device operations on the compute queue (in order, so no event is needed inside).
 
-use super::{split, split_mut, Gpt2Shape};
-use crate::backend::cpu::{self, AttnShape};
+use super::Gpt2Shape;
+use crate::backend::{
+    Arena, AttentionActs, AttentionScratch, AttentionShape, Buf, DType, Device, DeviceError,
+    GradMode, Queue,
+};
+use crate::model::Prepare;
 
-/// The lengths of the block's tensors in unit order (see `build_units`).
-fn tensor_lens(c: usize) -> [usize; 12] {
-    [
+/// Index of each tensor in a block unit (the order of `build_units`).
+const LN1_W: usize = 0;
+const LN1_B: usize = 1;
+const QKV_W: usize = 2;
+const QKV_B: usize = 3;
+const ATTPROJ_W: usize = 4;
+const ATTPROJ_B: usize = 5;
+const LN2_W: usize = 6;
+const LN2_B: usize = 7;
+const FC_W: usize = 8;
+const FC_B: usize = 9;
+const FCPROJ_W: usize = 10;
+const FCPROJ_B: usize = 11;
+/// Tensors per block unit.
+const BLOCK_TENSORS: usize = 12;
+
+/// Views of a block unit's twelve tensors (weights or their gradients).
+pub(super) fn weights(unit: &Buf, s: &Gpt2Shape) -> Result<[Buf; BLOCK_TENSORS], DeviceError> {
+    let c = s.n_embd;
+    let lens = [
         c,
         c,
         3 * c * c,
@@ -18,244 +40,277 @@ fn tensor_lens(c: usize) -> [usize; 12] {
         4 * c,
         4 * c * c,
         c,
-    ]
+    ];
+    let mut offset = 0;
+    let mut views = Vec::with_capacity(BLOCK_TENSORS);
+    for len in lens {
+        views.push(unit.slice(offset, len)?);
+        offset += len;
+    }
+    views
+        .try_into()
+        .map_err(|_| DeviceError::op("gpt2 block", "twelve tensors"))
 }
 
-/// Activations a block's backward pass needs (llm.c's `ActivationTensors` for one layer).
-pub(super) struct BlockWorkspace {
-    ln1: Vec<f32>,       // (B, T, C)
-    ln1_mean: Vec<f32>,  // (B, T)
-    ln1_rstd: Vec<f32>,  // (B, T)
-    qkv: Vec<f32>,       // (B, T, 3C)
-    atty: Vec<f32>,      // (B, T, C)
-    att: Vec<f32>,       // (B, NH, T, T)
-    residual2: Vec<f32>, // (B, T, C)
-    ln2: Vec<f32>,       // (B, T, C)
-    ln2_mean: Vec<f32>,  // (B, T)
-    ln2_rstd: Vec<f32>,  // (B, T)
-    fch: Vec<f32>,       // (B, T, 4C)
-    fch_gelu: Vec<f32>,  // (B, T, 4C)
-    attn: AttnShape,
+/// What a block's forward keeps for its backward (llm.c's ActivationTensors, one layer).
+pub(super) struct Block {
+    ln1: Buf,      // (B,T,C) X
+    ln1_mean: Buf, // (B,T) f32
+    ln1_rstd: Buf, // (B,T) f32
+    qkv: Buf,      // (B,T,3C) X
+    atty: Buf,     // (B,T,C) X
+    attention: AttentionActs,
+    residual2: Buf, // (B,T,C) X
+    ln2: Buf,       // (B,T,C) X
+    ln2_mean: Buf,  // (B,T) f32
+    ln2_rstd: Buf,  // (B,T) f32
+    fch: Buf,       // (B,T,4C) X
+    fch_gelu: Buf,  // (B,T,4C) X
+    shape: AttentionShape,
 }
 
-/// Buffers used only transiently, shared by all blocks.
+/// Buffers used only transiently, shared by all blocks (and the head's dlnf).
 pub(super) struct BlockScratch {
-    y_hm: Vec<f32>,       // (B, NH, T, hs) attention output, head-major
-    dresidual2: Vec<f32>, // (B, T, C)
-    dln: Vec<f32>,        // (B, T, C)
-    datty: Vec<f32>,      // (B, T, C)
-    dfch: Vec<f32>,       // (B, T, 4C)
-    dfch_gelu: Vec<f32>,  // (B, T, 4C)
-    dqkv: Vec<f32>,       // (B, T, 3C)
-    datt: Vec<f32>,       // (B, NH, T, T)
-    dhm: Vec<f32>,        // (B, NH, 3, T, hs)
-    /// Where a recomputed forward writes its (unused) output.
-    pub(super) recompute_out: Vec<f32>, // (B, T, C)
+    proj_out: Buf, // (B,T,C) X, each projection before its residual add
+    /// ∂L/∂(a LayerNorm output) (B,T,C) X; also the head's ∂L/∂lnf.
+    pub(super) dln: Buf,
+    datty: Buf,     // (B,T,C) X
+    dqkv: Buf,      // (B,T,3C) X
+    dfch: Buf,      // (B,T,4C) X
+    dfch_gelu: Buf, // (B,T,4C) X
+    attention: AttentionScratch,
+    /// Where a recomputed forward writes its output (nothing reads it); checkpointing only.
+    pub(super) recompute_out: Option<Buf>, // (B,T,C) X
 }
 
-impl BlockWorkspace {
-    pub(super) fn new(s: &Gpt2Shape, b: usize, t: usize) -> BlockWorkspace {
-        let (bt, c) = (b * t, s.n_embd);
-        let attn = AttnShape {
-            b,
-            t,
+const ACTS: &str = "block activations";
+const SCORES: &str = "attention scores";
+const SCRATCH: &str = "block scratch";
+
+impl Block {
+    pub(super) fn new(arena: &Arena, s: &Gpt2Shape, p: &Prepare) -> Result<Block, DeviceError> {
+        let (bt, c, x) = (p.b * p.t, s.n_embd, p.x);
+        let shape = AttentionShape {
+            b: p.b,
+            t: p.t,
             c,
-            n_head: s.n_head,
+            nh: s.n_head,
         };
-        BlockWorkspace {
-            ln1: vec![0.0; bt * c],
-            ln1_mean: vec![0.0; bt],
-            ln1_rstd: vec![0.0; bt],
-            qkv: vec![0.0; bt * 3 * c],
-            atty: vec![0.0; bt * c],
-            att: vec![0.0; attn.att_len()],
-            residual2: vec![0.0; bt * c],
-            ln2: vec![0.0; bt * c],
-            ln2_mean: vec![0.0; bt],
-            ln2_rstd: vec![0.0; bt],
-            fch: vec![0.0; bt * 4 * c],
-            fch_gelu: vec![0.0; bt * 4 * c],
-            attn,
-        }
+        Ok(Block {
+            ln1: arena.alloc(ACTS, x, bt * c)?,
+            ln1_mean: arena.alloc(ACTS, DType::F32, bt)?,
+            ln1_rstd: arena.alloc(ACTS, DType::F32, bt)?,
+            qkv: arena.alloc(ACTS, x, bt * 3 * c)?,
+            atty: arena.alloc(ACTS, x, bt * c)?,
+            attention: AttentionActs {
+                qkvr: arena.alloc(ACTS, x, shape.qkvr_len())?,
+                att: arena.alloc(SCORES, x, shape.scores_len())?,
+                vaccum: arena.alloc(ACTS, x, bt * c)?,
+            },
+            residual2: arena.alloc(ACTS, x, bt * c)?,
+            ln2: arena.alloc(ACTS, x, bt * c)?,
+            ln2_mean: arena.alloc(ACTS, DType::F32, bt)?,
+            ln2_rstd: arena.alloc(ACTS, DType::F32, bt)?,
+            fch: arena.alloc(ACTS, x, bt * 4 * c)?,
+            fch_gelu: arena.alloc(ACTS, x, bt * 4 * c)?,
+            shape,
+        })
     }
 
+    /// output = input + attn(ln_1(input)) + mlp(ln_2(…)).
     pub(super) fn forward(
-        &mut self,
-        s: &Gpt2Shape,
-        sc: &mut BlockScratch,
-        params: &[f32],
-        input: &[f32],
-        output: &mut [f32],
-    ) {
-        let c = s.n_embd;
-        let bt = input.len() / c;
-        let p = split(params, &tensor_lens(c));
-        cpu::layernorm_forward(
-            &mut self.ln1,
-            &mut self.ln1_mean,
-            &mut self.ln1_rstd,
-            input,
-            p[0],
-            p[1],
-            c,
-        );
-        cpu::matmul_forward(&mut self.qkv, &self.ln1, p[2], Some(p[3]), bt, c, 3 * c);
-        cpu::attention_forward(
-            &mut self.atty,
-            &mut self.att,
-            &mut sc.y_hm,
-            &self.qkv,
-            self.attn,
-        );
-        // `output` holds each projection before its residual add.
-        cpu::matmul_forward(output, &self.atty, p[4], Some(p[5]), bt, c, c);
-        cpu::residual_forward(&mut self.residual2, input, output);
-        cpu::layernorm_forward(
-            &mut self.ln2,
-            &mut self.ln2_mean,
-            &mut self.ln2_rstd,
-            &self.residual2,
-            p[6],
-            p[7],
-            c,
-        );
-        cpu::matmul_forward(&mut self.fch, &self.ln2, p[8], Some(p[9]), bt, c, 4 * c);
-        cpu::gelu_forward(&mut self.fch_gelu, &self.fch);
-        cpu::matmul_forward(output, &self.fch_gelu, p[10], Some(p[11]), bt, 4 * c, c);
-        cpu::add_into(output, &self.residual2);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn backward(
-        &mut self,
-        s: &Gpt2Shape,
-        sc: &mut BlockScratch,
-        params: &[f32],
-        grads: &mut [f32],
-        input: &[f32],
-        dout: &[f32],
-        dinput: &mut [f32],
-    ) {
-        let c = s.n_embd;
-        let bt = input.len() / c;
-        let p = split(params, &tensor_lens(c));
-        let mut g = split_mut(grads, &tensor_lens(c)).into_iter();
-        let mut next = || g.next().expect("twelve block tensors");
-        let (dln1w, dln1b, dqkvw, dqkvb, dattw, dattb) =
-            (next(), next(), next(), next(), next(), next());
-        let (dln2w, dln2b, dfcw, dfcb, dprojw, dprojb) =
-            (next(), next(), next(), next(), next(), next());
-
-        // MLP: out = residual2 + fc_proj(gelu(fc(ln_2(residual2)))).
-        sc.dresidual2.copy_from_slice(dout);
-        sc.dfch_gelu.fill(0.0);
-        cpu::matmul_backward(
-            Some(&mut sc.dfch_gelu),
-            dprojw,
-            Some(dprojb),
-            dout,
-            &self.fch_gelu,
-            p[10],
-            bt,
-            4 * c,
-            c,
-        );
-        sc.dfch.fill(0.0);
-        cpu::gelu_backward(&mut sc.dfch, &self.fch, &sc.dfch_gelu);
-        sc.dln.fill(0.0);
-        cpu::matmul_backward(
-            Some(&mut sc.dln),
-            dfcw,
-            Some(dfcb),
-            &sc.dfch,
-            &self.ln2,
-            p[8],
-            bt,
-            c,
-            4 * c,
-        );
-        cpu::layernorm_backward(
-            &mut sc.dresidual2,
-            dln2w,
-            dln2b,
-            &sc.dln,
-            &self.residual2,
-            p[6],
-            &self.ln2_mean,
-            &self.ln2_rstd,
-            c,
-        );
-        // Attention: residual2 = input + attn_proj(attention(qkv(ln_1(input)))).
-        dinput.copy_from_slice(&sc.dresidual2);
-        sc.datty.fill(0.0);
-        cpu::matmul_backward(
-            Some(&mut sc.datty),
-            dattw,
-            Some(dattb),
-            &sc.dresidual2,
-            &self.atty,
-            p[4],
-            bt,
-            c,
-            c,
-        );
-        sc.dqkv.fill(0.0);
-        cpu::attention_backward(
-            &mut sc.dqkv,
-            &mut sc.datt,
-            &mut sc.dhm,
-            &sc.datty,
-            &self.qkv,
-            &self.att,
-            self.attn,
-        );
-        sc.dln.fill(0.0);
-        cpu::matmul_backward(
-            Some(&mut sc.dln),
-            dqkvw,
-            Some(dqkvb),
-            &sc.dqkv,
+        &self,
+        dev: &dyn Device,
+        sc: &BlockScratch,
+        w: &[Buf; BLOCK_TENSORS],
+        input: &Buf,
+        output: &Buf,
+    ) -> Result<(), DeviceError> {
+        let (n, c) = (self.shape.b * self.shape.t, self.shape.c);
+        dev.layernorm_forward(
             &self.ln1,
-            p[2],
-            bt,
-            c,
-            3 * c,
-        );
-        cpu::layernorm_backward(
-            dinput,
-            dln1w,
-            dln1b,
-            &sc.dln,
-            input,
-            p[0],
             &self.ln1_mean,
             &self.ln1_rstd,
+            input,
+            &w[LN1_W],
+            &w[LN1_B],
+            n,
             c,
-        );
+        )?;
+        dev.matmul_forward(
+            &self.qkv,
+            &self.ln1,
+            &w[QKV_W],
+            Some(&w[QKV_B]),
+            n,
+            c,
+            3 * c,
+        )?;
+        dev.attention_forward(&self.atty, &self.attention, &self.qkv, self.shape)?;
+        dev.matmul_forward(
+            &sc.proj_out,
+            &self.atty,
+            &w[ATTPROJ_W],
+            Some(&w[ATTPROJ_B]),
+            n,
+            c,
+            c,
+        )?;
+        dev.residual_forward(&self.residual2, input, &sc.proj_out)?;
+        dev.layernorm_forward(
+            &self.ln2,
+            &self.ln2_mean,
+            &self.ln2_rstd,
+            &self.residual2,
+            &w[LN2_W],
+            &w[LN2_B],
+            n,
+            c,
+        )?;
+        dev.matmul_forward(&self.fch, &self.ln2, &w[FC_W], Some(&w[FC_B]), n, c, 4 * c)?;
+        dev.gelu_forward(&self.fch_gelu, &self.fch)?;
+        dev.matmul_forward(
+            &sc.proj_out,
+            &self.fch_gelu,
+            &w[FCPROJ_W],
+            Some(&w[FCPROJ_B]),
+            n,
+            4 * c,
+            c,
+        )?;
+        dev.residual_forward(output, &self.residual2, &sc.proj_out)
+    }
+
+    /// Accumulates the block's weight gradients into `dw`; `dres` goes from ∂L/∂output to
+    /// ∂L/∂input in place (the residual path carries it; each LayerNorm backward adds to it).
+    pub(super) fn backward(
+        &self,
+        dev: &dyn Device,
+        sc: &BlockScratch,
+        w: &[Buf; BLOCK_TENSORS],
+        dw: &[Buf; BLOCK_TENSORS],
+        input: &Buf,
+        dres: &Buf,
+    ) -> Result<(), DeviceError> {
+        let (n, c) = (self.shape.b * self.shape.t, self.shape.c);
+        // MLP: out = residual2 + fc_proj(gelu(fc(ln_2(residual2)))).
+        dev.matmul_backward(
+            &sc.dfch_gelu,
+            GradMode::Overwrite,
+            &dw[FCPROJ_W],
+            Some(&dw[FCPROJ_B]),
+            dres,
+            &self.fch_gelu,
+            &w[FCPROJ_W],
+            n,
+            4 * c,
+            c,
+        )?;
+        dev.gelu_backward(&sc.dfch, GradMode::Overwrite, &self.fch, &sc.dfch_gelu)?;
+        dev.matmul_backward(
+            &sc.dln,
+            GradMode::Overwrite,
+            &dw[FC_W],
+            Some(&dw[FC_B]),
+            &sc.dfch,
+            &self.ln2,
+            &w[FC_W],
+            n,
+            c,
+            4 * c,
+        )?;
+        // dres += LayerNorm backward: now ∂L/∂residual2.
+        dev.layernorm_backward(
+            dres,
+            &dw[LN2_W],
+            &dw[LN2_B],
+            &sc.dln,
+            &self.residual2,
+            &w[LN2_W],
+            &self.ln2_mean,
+            &self.ln2_rstd,
+            n,
+            c,
+        )?;
+        // Attention: residual2 = input + attn_proj(attention(qkv(ln_1(input)))).
+        dev.matmul_backward(
+            &sc.datty,
+            GradMode::Overwrite,
+            &dw[ATTPROJ_W],
+            Some(&dw[ATTPROJ_B]),
+            dres,
+            &self.atty,
+            &w[ATTPROJ_W],
+            n,
+            c,
+            c,
+        )?;
+        dev.memset(Queue::Compute, &sc.dqkv, 0)?;
+        dev.attention_backward(
+            &sc.dqkv,
+            &sc.datty,
+            &self.attention,
+            &sc.attention,
+            self.shape,
+        )?;
+        dev.matmul_backward(
+            &sc.dln,
+            GradMode::Overwrite,
+            &dw[QKV_W],
+            Some(&dw[QKV_B]),
+            &sc.dqkv,
+            &self.ln1,
+            &w[QKV_W],
+            n,
+            c,
+            3 * c,
+        )?;
+        // dres += LayerNorm backward: now ∂L/∂input.
+        dev.layernorm_backward(
+            dres,
+            &dw[LN1_W],
+            &dw[LN1_B],
+            &sc.dln,
+            input,
+            &w[LN1_W],
+            &self.ln1_mean,
+            &self.ln1_rstd,
+            n,
+            c,
+        )
     }
 }
 
 impl BlockScratch {
-    pub(super) fn new(s: &Gpt2Shape, b: usize, t: usize) -> BlockScratch {
-        let (bt, c) = (b * t, s.n_embd);
-        let att = AttnShape {
-            b,
-            t,
+    pub(super) fn new(
+        arena: &Arena,
+        s: &Gpt2Shape,
+        p: &Prepare,
+    ) -> Result<BlockScratch, DeviceError> {
+        let (bt, c, x) = (p.b * p.t, s.n_embd, p.x);
+        let shape = AttentionShape {
+            b: p.b,
+            t: p.t,
             c,
-            n_head: s.n_head,
-        }
-        .att_len();
-        BlockScratch {
-            y_hm: vec![0.0; bt * c],
-            dresidual2: vec![0.0; bt * c],
-            dln: vec![0.0; bt * c],
-            datty: vec![0.0; bt * c],
-            dfch: vec![0.0; bt * 4 * c],
-            dfch_gelu: vec![0.0; bt * 4 * c],
-            dqkv: vec![0.0; bt * 3 * c],
-            datt: vec![0.0; att],
-            dhm: vec![0.0; 3 * bt * c],
-            recompute_out: vec![0.0; bt * c],
-        }
+            nh: s.n_head,
+        };
+        Ok(BlockScratch {
+            proj_out: arena.alloc(SCRATCH, x, bt * c)?,
+            dln: arena.alloc(SCRATCH, x, bt * c)?,
+            datty: arena.alloc(SCRATCH, x, bt * c)?,
+            dqkv: arena.alloc(SCRATCH, x, bt * 3 * c)?,
+            dfch: arena.alloc(SCRATCH, x, bt * 4 * c)?,
+            dfch_gelu: arena.alloc(SCRATCH, x, bt * 4 * c)?,
+            attention: AttentionScratch {
+                dqkvr: arena.alloc(SCRATCH, x, shape.qkvr_len())?,
+                datt: arena.alloc(SCORES, x, shape.scores_len())?,
+                dvaccum: arena.alloc(SCRATCH, x, bt * c)?,
+            },
+            recompute_out: if p.checkpointing {
+                Some(arena.alloc(SCRATCH, x, bt * c)?)
+            } else {
+                None
+            },
+        })
     }
 }

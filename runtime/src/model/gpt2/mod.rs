@@ -1,17 +1,23 @@
-//! GPT-2 (Radford et al. 2019; Hugging Face `GPT2LMHeadModel`): learned position embeddings, pre-LayerNorm
-//! blocks, causal multi-head attention, tanh GELU, 4× MLP, final LayerNorm, LM head tied to the token
-//! embedding, biases everywhere, no dropout.
+//! GPT-2 (Radford et al. 2019; Hugging Face `GPT2LMHeadModel`): learned position embeddings,
+//! pre-LayerNorm blocks, causal multi-head attention, tanh GELU, 4× MLP, final LayerNorm, LM
+//! head tied to the token embedding, biases everywhere, no dropout. Written once against the
+//! device seam: the same code runs on the CPU and the GPU.
 //!
-//! Units: `embed` (wte, wpe), `h.{i}` for each block, `ln_f`. Stages: `embed` → `h.0` … `h.{L-1}` → `head`
-//! (which uses `ln_f` and, for the tied LM head, `embed`).
+//! Units: `embed` (wte, wpe), `h.{i}` for each block, `ln_f`. Stages: `embed` → `h.0` …
+//! `h.{L-1}` → `head` (which uses `ln_f` and, for the tied LM head, `embed`). The token
+//! embedding carries zero padding rows up to a multiple of [`VOCAB_PAD`], so the LM head's
+//! GEMMs have tensor-core friendly sizes; the padding never leaves the model.
 
 mod block;
 mod head;
 
-use super::{Batch, HeadGrads, Init, Model, StageSpec, TensorSpec, UnitSpec};
-use crate::backend::cpu;
-use block::{BlockScratch, BlockWorkspace};
-use head::HeadWorkspace;
+use super::{HeadGrads, Init, Model, Prepare, StageSpec, TensorSpec, Tokens, UnitSpec};
+use crate::backend::{Arena, Buf, Device, DeviceError};
+use block::{Block, BlockScratch};
+use head::{Head, HeadGradViews, HeadParams};
+
+/// The token embedding is padded to a multiple of this many rows.
+pub const VOCAB_PAD: usize = 128;
 
 /// The hyper-parameters that fix GPT-2's shapes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,51 +41,54 @@ impl Gpt2Shape {
         }
     }
 
+    /// Parameters (padding excluded).
     pub fn num_params(&self) -> usize {
-        build_units(self).iter().map(UnitSpec::numel).sum()
+        build_units(self).iter().map(UnitSpec::num_params).sum()
+    }
+
+    /// The padded vocabulary Vp: rows of the stored token embedding, columns of the logits.
+    pub fn padded_vocab(&self) -> usize {
+        self.vocab_size.div_ceil(VOCAB_PAD) * VOCAB_PAD
     }
 }
 
-fn tensor(
-    name: String,
-    shape: &[usize],
-    decay: bool,
-    init: Init,
-    stored_transposed: bool,
-) -> TensorSpec {
+fn tensor(name: String, shape: &[usize], decay: bool, init: Init, transposed: bool) -> TensorSpec {
     TensorSpec {
         name,
         shape: shape.to_vec(),
         decay,
         init,
-        stored_transposed,
+        stored_transposed: transposed,
+        pad_rows: 0,
     }
 }
 
-/// Units with Hugging Face tensor names; matmul weights in `nn.Linear` layout `(out, in)`, stored transposed
-/// on disk as Hugging Face's Conv1D does.
+/// Units with Hugging Face tensor names; matmul weights in `nn.Linear` layout `(out, in)`,
+/// stored transposed on disk as Hugging Face's Conv1D does.
 fn build_units(s: &Gpt2Shape) -> Vec<UnitSpec> {
     let (c, v, l) = (s.n_embd, s.vocab_size, s.n_layer);
-    let std = 0.02;
-    let proj_std = 0.02 / (2.0 * l as f32).sqrt();
+    let normal = Init::Normal { std: 0.02 };
+    let proj = Init::Normal {
+        std: 0.02 / (2.0 * l as f32).sqrt(),
+    };
+    let mut wte = tensor(
+        "transformer.wte.weight".into(),
+        &[v, c],
+        true,
+        normal,
+        false,
+    );
+    wte.pad_rows = s.padded_vocab() - v;
+    let wpe = tensor(
+        "transformer.wpe.weight".into(),
+        &[s.max_seq_len, c],
+        true,
+        normal,
+        false,
+    );
     let mut units = vec![UnitSpec {
         name: "embed".into(),
-        tensors: vec![
-            tensor(
-                "transformer.wte.weight".into(),
-                &[v, c],
-                true,
-                Init::Normal { std },
-                false,
-            ),
-            tensor(
-                "transformer.wpe.weight".into(),
-                &[s.max_seq_len, c],
-                true,
-                Init::Normal { std },
-                false,
-            ),
-        ],
+        tensors: vec![wte, wpe],
     }];
     for i in 0..l {
         let p = |n: &str| format!("transformer.h.{i}.{n}");
@@ -88,39 +97,15 @@ fn build_units(s: &Gpt2Shape) -> Vec<UnitSpec> {
             tensors: vec![
                 tensor(p("ln_1.weight"), &[c], false, Init::Ones, false),
                 tensor(p("ln_1.bias"), &[c], false, Init::Zeros, false),
-                tensor(
-                    p("attn.c_attn.weight"),
-                    &[3 * c, c],
-                    true,
-                    Init::Normal { std },
-                    true,
-                ),
+                tensor(p("attn.c_attn.weight"), &[3 * c, c], true, normal, true),
                 tensor(p("attn.c_attn.bias"), &[3 * c], false, Init::Zeros, false),
-                tensor(
-                    p("attn.c_proj.weight"),
-                    &[c, c],
-                    true,
-                    Init::Normal { std: proj_std },
-                    true,
-                ),
+                tensor(p("attn.c_proj.weight"), &[c, c], true, proj, true),
                 tensor(p("attn.c_proj.bias"), &[c], false, Init::Zeros, false),
                 tensor(p("ln_2.weight"), &[c], false, Init::Ones, false),
                 tensor(p("ln_2.bias"), &[c], false, Init::Zeros, false),
-                tensor(
-                    p("mlp.c_fc.weight"),
-                    &[4 * c, c],
-                    true,
-                    Init::Normal { std },
-                    true,
-                ),
+                tensor(p("mlp.c_fc.weight"), &[4 * c, c], true, normal, true),
                 tensor(p("mlp.c_fc.bias"), &[4 * c], false, Init::Zeros, false),
-                tensor(
-                    p("mlp.c_proj.weight"),
-                    &[c, 4 * c],
-                    true,
-                    Init::Normal { std: proj_std },
-                    true,
-                ),
+                tensor(p("mlp.c_proj.weight"), &[c, 4 * c], true, proj, true),
                 tensor(p("mlp.c_proj.bias"), &[c], false, Init::Zeros, false),
             ],
         });
@@ -147,41 +132,20 @@ fn build_units(s: &Gpt2Shape) -> Vec<UnitSpec> {
     units
 }
 
-/// Splits a flat buffer into consecutive pieces of the given lengths.
-pub(crate) fn split<'a>(buf: &'a [f32], lens: &[usize]) -> Vec<&'a [f32]> {
-    let mut rest = buf;
-    lens.iter()
-        .map(|&n| {
-            let (head, tail) = rest.split_at(n);
-            rest = tail;
-            head
-        })
-        .collect()
-}
-
-/// Mutable version of [`split`].
-pub(crate) fn split_mut<'a>(buf: &'a mut [f32], lens: &[usize]) -> Vec<&'a mut [f32]> {
-    let mut rest = buf;
-    lens.iter()
-        .map(|&n| {
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
-            rest = tail;
-            head
-        })
-        .collect()
+/// Workspaces allocated by `prepare`.
+struct Workspaces {
+    shape: Prepare,
+    /// One per block, or one shared by all blocks with checkpointing.
+    blocks: Vec<Block>,
+    scratch: BlockScratch,
+    head: Head,
 }
 
 pub struct Gpt2 {
     shape: Gpt2Shape,
     units: Vec<UnitSpec>,
     stages: Vec<StageSpec>,
-    /// (B, T) the workspaces were sized for.
-    batch_shape: (usize, usize),
-    checkpointing: bool,
-    /// One workspace per block, or a single shared one with checkpointing.
-    blocks: Vec<BlockWorkspace>,
-    scratch: Option<BlockScratch>,
-    head: Option<HeadWorkspace>,
+    ws: Option<Workspaces>,
 }
 
 impl Gpt2 {
@@ -204,11 +168,7 @@ impl Gpt2 {
             shape,
             units,
             stages,
-            batch_shape: (0, 0),
-            checkpointing: true,
-            blocks: Vec::new(),
-            scratch: None,
-            head: None,
+            ws: None,
         }
     }
 
@@ -216,15 +176,24 @@ impl Gpt2 {
         &self.shape
     }
 
-    fn block_workspace(&mut self, block: usize) -> &mut BlockWorkspace {
-        let i = if self.checkpointing { 0 } else { block };
-        &mut self.blocks[i]
-    }
-
-    /// Full logits (B, T, V) of the head for `input` (the last block's output); for tests and evaluation.
-    pub fn logits(&mut self, params: &[&[f32]], input: &[f32], b: usize, t: usize) -> Vec<f32> {
-        let ws = self.head.as_mut().expect("prepare() first");
-        ws.logits(&self.shape, params, input, b, t)
+    fn workspaces(&mut self, tokens: Option<&Tokens>) -> Result<&mut Workspaces, DeviceError> {
+        let ws = self
+            .ws
+            .as_mut()
+            .ok_or_else(|| DeviceError::op("gpt2", "prepare() first"))?;
+        if let Some(tokens) = tokens {
+            let (b, t) = (ws.shape.b, ws.shape.t);
+            if (tokens.b, tokens.t) != (b, t) {
+                return Err(DeviceError::op(
+                    "gpt2",
+                    format!(
+                        "micro-batch {}x{} differs from the prepared {b}x{t}",
+                        tokens.b, tokens.t
+                    ),
+                ));
+            }
+        }
+        Ok(ws)
     }
 }
 
@@ -241,106 +210,143 @@ impl Model for Gpt2 {
         b * t * self.shape.n_embd
     }
 
-    fn prepare(&mut self, b: usize, t: usize, checkpointing: bool) {
-        assert!(
-            t <= self.shape.max_seq_len,
-            "sequence length {t} exceeds the model's {}",
-            self.shape.max_seq_len
-        );
-        self.batch_shape = (b, t);
-        self.checkpointing = checkpointing;
-        let count = if checkpointing { 1 } else { self.shape.n_layer };
-        self.blocks = (0..count)
-            .map(|_| BlockWorkspace::new(&self.shape, b, t))
-            .collect();
-        self.scratch = Some(BlockScratch::new(&self.shape, b, t));
-        self.head = Some(HeadWorkspace::new(&self.shape, b, t));
+    fn prepare(&mut self, arena: &Arena, p: Prepare) -> Result<(), DeviceError> {
+        if p.t > self.shape.max_seq_len {
+            return Err(DeviceError::op(
+                "gpt2 prepare",
+                format!(
+                    "sequence length {} exceeds the model's {}",
+                    p.t, self.shape.max_seq_len
+                ),
+            ));
+        }
+        let count = if p.checkpointing {
+            1
+        } else {
+            self.shape.n_layer
+        };
+        let blocks = (0..count)
+            .map(|_| Block::new(arena, &self.shape, &p))
+            .collect::<Result<_, _>>()?;
+        self.ws = Some(Workspaces {
+            shape: p,
+            blocks,
+            scratch: BlockScratch::new(arena, &self.shape, &p)?,
+            head: Head::new(arena, &self.shape, &p)?,
+        });
+        Ok(())
     }
 
     fn forward(
         &mut self,
+        dev: &dyn Device,
         stage: usize,
-        params: &[&[f32]],
-        batch: &Batch,
-        input: &[f32],
-        output: &mut [f32],
-    ) {
-        assert_eq!(
-            (batch.b, batch.t),
-            self.batch_shape,
-            "micro-batch shape differs from prepare()"
-        );
-        let c = self.shape.n_embd;
-        if stage == 0 {
-            let embed = split(
-                params[0],
-                &[self.shape.vocab_size * c, self.shape.max_seq_len * c],
-            );
-            cpu::encoder_forward(output, &batch.inputs, embed[0], embed[1], batch.t, c);
-            return;
-        }
+        params: &[Buf],
+        tokens: &Tokens,
+        input: &Buf,
+        output: &Buf,
+    ) -> Result<(), DeviceError> {
         let shape = self.shape;
-        let mut scratch = self.scratch.take().expect("prepare() first");
-        self.block_workspace(stage - 1)
-            .forward(&shape, &mut scratch, params[0], input, output);
-        self.scratch = Some(scratch);
+        let embed = self.units[0].views(&params[0])?;
+        let ws = self.workspaces(Some(tokens))?;
+        let (b, t, c) = (tokens.b, tokens.t, shape.n_embd);
+        if stage == 0 {
+            return dev.encoder_forward(output, &tokens.inputs, &embed[0], &embed[1], b, t, c);
+        }
+        let i = if ws.shape.checkpointing { 0 } else { stage - 1 };
+        let weights = block::weights(&params[0], &shape)?;
+        ws.blocks[i].forward(dev, &ws.scratch, &weights, input, output)
     }
 
     fn head(
         &mut self,
-        params: &[&[f32]],
-        batch: &Batch,
-        input: &[f32],
-        grads: Option<HeadGrads<'_, '_>>,
-    ) -> f32 {
-        assert_eq!(
-            (batch.b, batch.t),
-            self.batch_shape,
-            "micro-batch shape differs from prepare()"
-        );
-        let ws = self.head.as_mut().expect("prepare() first");
-        ws.run(&self.shape, params, batch, input, grads)
+        dev: &dyn Device,
+        params: &[Buf],
+        tokens: &Tokens,
+        input: &Buf,
+        losses: &Buf,
+        grads: Option<HeadGrads<'_>>,
+    ) -> Result<(), DeviceError> {
+        let shape = self.shape;
+        let lnf = self.units[shape.n_layer + 1].views(&params[0])?;
+        let wte = self.units[0].views(&params[1])?.swap_remove(0);
+        let grads = match grads {
+            Some(g) => Some(HeadGradViews {
+                dlnf: self.units[shape.n_layer + 1].views(&g.grads[0])?,
+                dwte: self.units[0].views(&g.grads[1])?.swap_remove(0),
+                dres: g.dres.clone(),
+                dloss: g.dloss,
+            }),
+            None => None,
+        };
+        let ws = self.workspaces(Some(tokens))?;
+        let p = HeadParams {
+            lnf: &lnf,
+            wte: &wte,
+        };
+        ws.head.run(
+            dev,
+            &shape,
+            &p,
+            tokens,
+            input,
+            losses,
+            grads.as_ref(),
+            &ws.scratch.dln,
+        )
     }
 
     fn backward(
         &mut self,
+        dev: &dyn Device,
         stage: usize,
-        params: &[&[f32]],
-        grads: &mut [&mut [f32]],
-        batch: &Batch,
-        input: &[f32],
-        dout: &[f32],
-        dinput: &mut [f32],
-    ) {
-        let c = self.shape.n_embd;
-        if stage == 0 {
-            let g = split_mut(
-                grads[0],
-                &[self.shape.vocab_size * c, self.shape.max_seq_len * c],
-            );
-            let [dwte, dwpe]: [&mut [f32]; 2] = g.try_into().expect("two embedding tensors");
-            cpu::encoder_backward(dwte, dwpe, dout, &batch.inputs, batch.t, c);
-            return;
-        }
+        params: &[Buf],
+        grads: &[Buf],
+        tokens: &Tokens,
+        input: &Buf,
+        dres: &Buf,
+    ) -> Result<(), DeviceError> {
         let shape = self.shape;
-        let checkpointing = self.checkpointing;
-        let mut scratch = self.scratch.take().expect("prepare() first");
-        let ws = self.block_workspace(stage - 1);
-        if checkpointing {
-            let mut output = std::mem::take(&mut scratch.recompute_out);
-            ws.forward(&shape, &mut scratch, params[0], input, &mut output);
-            scratch.recompute_out = output;
+        let c = shape.n_embd;
+        if stage == 0 {
+            let dembed = self.units[0].views(&grads[0])?;
+            self.workspaces(Some(tokens))?;
+            return dev.encoder_backward(
+                &dembed[0],
+                &dembed[1],
+                dres,
+                &tokens.inputs,
+                tokens.b,
+                tokens.t,
+                c,
+            );
         }
-        ws.backward(
-            &shape,
-            &mut scratch,
-            params[0],
-            grads[0],
-            input,
-            dout,
-            dinput,
-        );
-        self.scratch = Some(scratch);
+        let weights = block::weights(&params[0], &shape)?;
+        let dweights = block::weights(&grads[0], &shape)?;
+        let ws = self.workspaces(Some(tokens))?;
+        let block = &ws.blocks[if ws.shape.checkpointing { 0 } else { stage - 1 }];
+        if let Some(out) = &ws.scratch.recompute_out {
+            block.forward(dev, &ws.scratch, &weights, input, out)?;
+        }
+        block.backward(dev, &ws.scratch, &weights, &dweights, input, dres)
+    }
+
+    fn logits_chunk(
+        &mut self,
+        dev: &dyn Device,
+        params: &[Buf],
+        input: &Buf,
+        row0: usize,
+    ) -> Result<(Buf, usize, usize), DeviceError> {
+        let shape = self.shape;
+        let lnf = self.units[shape.n_layer + 1].views(&params[0])?;
+        let wte = self.units[0].views(&params[1])?.swap_remove(0);
+        let ws = self.workspaces(None)?;
+        let p = HeadParams {
+            lnf: &lnf,
+            wte: &wte,
+        };
+        ws.head.logits(dev, &shape, &p, input, row0)
     }
 
     fn flops_per_token(&self, t: usize) -> f64 {

@@ -6,7 +6,7 @@
 //! tells whether any gradient overflowed: then the step is skipped and the scale halved.
 //! bf16 and fp32 need no scaling: `LossScaler::for_precision` returns a fixed scale of 1.
 
-use super::Precision;
+use crate::backend::Precision;
 
 /// What to do with the step after looking at the gradients.
 #[derive(Debug, Clone, Copy, PartialEq)]

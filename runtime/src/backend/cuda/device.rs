@@ -1,0 +1,402 @@
+//! `CudaDevice`: the CUDA backend behind the device seam. The compute, host→device,
+//! device→host and communication queues are the `GpuContext`'s four streams; the NVMe I/O queue
+//! is a host thread (io_uring is driven by the host). Layer operations are the context's NVRTC
+//! kernels and cuBLAS GEMMs on the compute stream.
+//!
+//! Ordering between the host I/O queue and a stream: a stream that must wait for host work
+//! waits on the host (the calling thread blocks until the host ticket completes, then enqueues
+//! what follows); the I/O queue waits for a CUDA event by synchronizing it. Both are correct;
+//! neither blocks the GPU.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_collectives::Communicator;
+
+use super::context::{GpuContext, GpuOptions, Stream};
+use crate::backend::host_queue::HostQueue;
+use crate::backend::{
+    AdamWHyper, Arena, AttentionActs, AttentionScratch, AttentionShape, Backend, Buf, DType,
+    Device, DeviceError, Event, EventKind, GradMode, OpTime, Precision, Queue, Result,
+};
+
+/// cuBLAS workspace carved from the arena.
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+/// Slack on top of the planned bytes (alignment of the workspace, rounding).
+const ARENA_SLACK_BYTES: usize = 4 << 20;
+
+/// Start-up options of a [`CudaDevice`].
+#[derive(Debug, Clone)]
+pub struct CudaOptions {
+    /// CUDA device ordinal (the local rank on a multi-GPU node).
+    pub ordinal: usize,
+    pub precision: Precision,
+    /// Bytes the engine's dry run counted (the cuBLAS workspace is added here).
+    pub arena_bytes: usize,
+    /// `train.device_memory`: the most the arena may take (None: the card's free memory).
+    pub budget_bytes: Option<usize>,
+    /// Let fp32 GEMMs use TF32 tensor cores (off for reference runs).
+    pub allow_tf32: bool,
+    /// Bound on waits for the host I/O queue.
+    pub stall_timeout: Duration,
+}
+
+/// The CUDA backend.
+pub struct CudaDevice {
+    io: HostQueue,
+    gpu: GpuContext,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("gpu", &self.gpu)
+            .finish()
+    }
+}
+
+/// The stream of a queue; None for the host I/O queue.
+fn stream(queue: Queue) -> Option<Stream> {
+    match queue {
+        Queue::Compute => Some(Stream::Compute),
+        Queue::H2d => Some(Stream::H2d),
+        Queue::D2h => Some(Stream::D2h),
+        Queue::Comm => Some(Stream::Comm),
+        Queue::Io => None,
+    }
+}
+
+fn device_stream(queue: Queue, op: &'static str) -> Result<Stream> {
+    stream(queue).ok_or_else(|| {
+        DeviceError::op(
+            op,
+            "the io queue is a host thread; it does not touch device memory",
+        )
+    })
+}
+
+impl CudaDevice {
+    /// Opens GPU `opts.ordinal` with an arena of `opts.arena_bytes` (plus the cuBLAS workspace).
+    pub fn new(opts: &CudaOptions) -> Result<CudaDevice> {
+        let arena_bytes = opts
+            .arena_bytes
+            .checked_add(BLAS_WORKSPACE_BYTES + ARENA_SLACK_BYTES)
+            .ok_or_else(|| DeviceError::op("CudaDevice::new", "arena size overflows"))?;
+        if let Some(budget) = opts.budget_bytes.filter(|&b| arena_bytes > b) {
+            return Err(DeviceError::OutOfMemory {
+                backend: "cuda",
+                requested_bytes: arena_bytes,
+                available_bytes: budget,
+                limit: "train.device_memory".into(),
+            });
+        }
+        let gpu = GpuContext::new(&GpuOptions {
+            ordinal: opts.ordinal,
+            precision: opts.precision,
+            arena_bytes,
+            blas_workspace_bytes: BLAS_WORKSPACE_BYTES,
+            allow_tf32: opts.allow_tf32,
+        })?;
+        Ok(CudaDevice {
+            io: HostQueue::new(Queue::Io.name(), opts.stall_timeout)?,
+            gpu,
+        })
+    }
+
+    /// The context (streams, kernels, cuBLAS), for the backend's own checks.
+    pub fn gpu(&self) -> &GpuContext {
+        &self.gpu
+    }
+}
+
+impl Device for CudaDevice {
+    fn backend(&self) -> Backend {
+        Backend::Cuda
+    }
+
+    fn name(&self) -> String {
+        format!("{} ({})", self.gpu.device_name(), self.gpu.arch())
+    }
+
+    fn precision(&self) -> Precision {
+        self.gpu.precision()
+    }
+
+    fn arena(&self) -> &Arena {
+        self.gpu.arena()
+    }
+
+    fn record(&self, queue: Queue) -> Result<Event> {
+        Ok(Event(match stream(queue) {
+            Some(s) => EventKind::Cuda(self.gpu.record(s)?),
+            None => EventKind::Host(self.io.record()),
+        }))
+    }
+
+    fn wait(&self, queue: Queue, event: &Event) -> Result<()> {
+        match (stream(queue), &event.0) {
+            (Some(s), EventKind::Cuda(e)) => Ok(self.gpu.wait(s, e)?),
+            (Some(_), EventKind::Host(ticket)) => ticket.wait(),
+            (None, EventKind::Host(ticket)) => self.io.wait_for(ticket.clone()),
+            (None, EventKind::Cuda(e)) => Ok(e.synchronize()?),
+        }
+    }
+
+    fn synchronize(&self, queue: Queue) -> Result<()> {
+        match stream(queue) {
+            Some(s) => Ok(self.gpu.synchronize(s)?),
+            None => self.io.synchronize(),
+        }
+    }
+
+    fn memset(&self, queue: Queue, buf: &Buf, byte: u8) -> Result<()> {
+        Ok(self
+            .gpu
+            .memset(device_stream(queue, "memset")?, buf, byte)?)
+    }
+
+    fn poison_nan(&self, queue: Queue, buf: &Buf) -> Result<()> {
+        Ok(self
+            .gpu
+            .poison_nan(device_stream(queue, "poison_nan")?, buf)?)
+    }
+
+    unsafe fn copy_h2d(&self, queue: Queue, dst: &Buf, src: &[u8]) -> Result<()> {
+        let s = device_stream(queue, "copy_h2d")?;
+        // SAFETY: the caller upholds copy_h2d's contract (src lives until the copy completes).
+        unsafe { self.gpu.copy_h2d(s, dst, src) }.map_err(Into::into)
+    }
+
+    unsafe fn copy_d2h(&self, queue: Queue, dst: &mut [u8], src: &Buf) -> Result<()> {
+        let s = device_stream(queue, "copy_d2h")?;
+        // SAFETY: the caller upholds copy_d2h's contract (dst untouched until completion).
+        unsafe { self.gpu.copy_d2h(s, dst, src) }.map_err(Into::into)
+    }
+
+    fn copy_d2d(&self, queue: Queue, dst: &Buf, src: &Buf) -> Result<()> {
+        Ok(self
+            .gpu
+            .copy_d2d(device_stream(queue, "copy_d2d")?, dst, src)?)
+    }
+
+    fn all_reduce(&self, comm: &Arc<dyn Communicator>, buf: &Buf) -> Result<()> {
+        if comm.world_size() == 1 {
+            return Ok(());
+        }
+        let nccl = comm.as_nccl().ok_or_else(|| {
+            DeviceError::op(
+                "all_reduce",
+                format!(
+                    "GPU buffers are reduced with NCCL; this rank's communicator is {} (set dist.backend = \"nccl\" or \"auto\")",
+                    comm.backend()
+                ),
+            )
+        })?;
+        buf.check_live("all_reduce", crate::backend::arena::Location::Cuda)?;
+        let dtype = match buf.dtype() {
+            DType::F32 => strata_collectives::DType::F32,
+            DType::Bf16 => strata_collectives::DType::Bf16,
+            other => {
+                return Err(DeviceError::op(
+                    "all_reduce",
+                    format!("{} buffers are not reduced over NCCL here", other.name()),
+                ))
+            }
+        };
+        let stream = self.gpu.stream(Stream::Comm).cu_stream();
+        // SAFETY: buf is a live view of this device's arena (checked), which outlives the
+        // enqueued work (the arena synchronizes the context before it frees); the stream is
+        // this context's communication stream, and NCCL binds the same device's primary context.
+        unsafe { nccl.all_reduce_on_stream(buf.ptr(), buf.len(), dtype, stream) }.map_err(
+            |source| DeviceError::Comm {
+                queue: "comm",
+                source,
+            },
+        )
+    }
+
+    fn profile_start(&self) -> Result<()> {
+        Ok(self.gpu.profile_start()?)
+    }
+
+    fn profile_finish(&self) -> Result<Vec<OpTime>> {
+        Ok(self.gpu.profile_finish()?)
+    }
+
+    fn encoder_forward(
+        &self,
+        out: &Buf,
+        inp: &Buf,
+        wte: &Buf,
+        wpe: &Buf,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        Ok(self.gpu.encoder_forward(out, inp, wte, wpe, b, t, c)?)
+    }
+
+    fn encoder_backward(
+        &self,
+        dwte: &Buf,
+        dwpe: &Buf,
+        dout: &Buf,
+        inp: &Buf,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        Ok(self.gpu.encoder_backward(dwte, dwpe, dout, inp, b, t, c)?)
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &Buf,
+        mean: &Buf,
+        rstd: &Buf,
+        inp: &Buf,
+        weight: &Buf,
+        bias: &Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        Ok(self
+            .gpu
+            .layernorm_forward(out, mean, rstd, inp, weight, bias, n, c)?)
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &Buf,
+        dweight: &Buf,
+        dbias: &Buf,
+        dout: &Buf,
+        inp: &Buf,
+        weight: &Buf,
+        mean: &Buf,
+        rstd: &Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        Ok(self
+            .gpu
+            .layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c)?)
+    }
+
+    fn matmul_forward(
+        &self,
+        out: &Buf,
+        inp: &Buf,
+        weight: &Buf,
+        bias: Option<&Buf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        Ok(self.gpu.matmul_forward(out, inp, weight, bias, n, c, oc)?)
+    }
+
+    fn matmul_backward(
+        &self,
+        dinp: &Buf,
+        dinp_mode: GradMode,
+        dweight: &Buf,
+        dbias: Option<&Buf>,
+        dout: &Buf,
+        inp: &Buf,
+        weight: &Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        Ok(self
+            .gpu
+            .matmul_backward(dinp, dinp_mode, dweight, dbias, dout, inp, weight, n, c, oc)?)
+    }
+
+    fn attention_forward(
+        &self,
+        out: &Buf,
+        acts: &AttentionActs,
+        qkv: &Buf,
+        shape: AttentionShape,
+    ) -> Result<()> {
+        Ok(self.gpu.attention_forward(out, acts, qkv, shape)?)
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &Buf,
+        dout: &Buf,
+        acts: &AttentionActs,
+        scratch: &AttentionScratch,
+        shape: AttentionShape,
+    ) -> Result<()> {
+        Ok(self
+            .gpu
+            .attention_backward(dqkv, dout, acts, scratch, shape)?)
+    }
+
+    fn gelu_forward(&self, out: &Buf, inp: &Buf) -> Result<()> {
+        Ok(self.gpu.gelu_forward(out, inp)?)
+    }
+
+    fn gelu_backward(&self, dinp: &Buf, mode: GradMode, inp: &Buf, dout: &Buf) -> Result<()> {
+        Ok(self.gpu.gelu_backward(dinp, mode, inp, dout)?)
+    }
+
+    fn residual_forward(&self, out: &Buf, a: &Buf, b: &Buf) -> Result<()> {
+        Ok(self.gpu.residual_forward(out, a, b)?)
+    }
+
+    fn accumulate(&self, dst: &Buf, src: &Buf) -> Result<()> {
+        Ok(self.gpu.accumulate(dst, src)?)
+    }
+
+    fn crossentropy_forward_backward(
+        &self,
+        logits: &Buf,
+        losses: &Buf,
+        targets: &Buf,
+        r: usize,
+        v: usize,
+        vp: usize,
+        dloss: Option<f32>,
+    ) -> Result<()> {
+        Ok(self
+            .gpu
+            .crossentropy_forward_backward(logits, losses, targets, r, v, vp, dloss)?)
+    }
+
+    fn cast_f32_to_x(&self, out: &Buf, inp: &Buf) -> Result<()> {
+        Ok(self.gpu.cast_f32_to_x(out, inp)?)
+    }
+
+    fn cast_x_to_f32(&self, out: &Buf, inp: &Buf) -> Result<()> {
+        Ok(self.gpu.cast_x_to_f32(out, inp)?)
+    }
+
+    fn grad_norm_squared(
+        &self,
+        out: &Buf,
+        partials: &Buf,
+        grads: &Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        Ok(self
+            .gpu
+            .grad_norm_squared(out, partials, grads, accumulate)?)
+    }
+
+    fn adamw(
+        &self,
+        params: &Buf,
+        params_x: Option<&Buf>,
+        grads: &Buf,
+        m: &Buf,
+        v: &Buf,
+        hyper: &AdamWHyper,
+    ) -> Result<()> {
+        Ok(self.gpu.adamw(params, params_x, grads, m, v, hyper)?)
+    }
+}

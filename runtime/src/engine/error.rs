@@ -1,0 +1,58 @@
+//! `EngineError`: every failure of the engine, by what failed. No backend type appears here:
+//! device failures arrive as the seam's `DeviceError`.
+
+use crate::backend::DeviceError;
+use crate::weights::WeightsError;
+use strata_collectives::CommError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The device failed or refused an operation (no GPU, a failed kernel, a stalled queue).
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The plan does not fit in device memory; the message says what takes it and what to change.
+    #[error("{0}")]
+    DoesNotFit(String),
+    /// A micro-batch the engine cannot train on.
+    #[error(transparent)]
+    Data(#[from] BatchError),
+    /// A collective between ranks failed.
+    #[error(transparent)]
+    Collective(#[from] CommError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("step {step}: {what} is not finite ({value}); the update was skipped and the weights are unchanged")]
+    NonFinite {
+        step: usize,
+        what: &'static str,
+        value: f32,
+    },
+    /// A setting the engine cannot honour; names the key.
+    #[error("{key}: {message}")]
+    Setting { key: &'static str, message: String },
+}
+
+/// What is wrong with the micro-batches handed to a step.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("a step needs at least one micro-batch")]
+    Empty,
+    #[error("a step got {got} micro-batches; the engine was built for 1 to {max} (data.grad_accum_steps)")]
+    TooMany { got: usize, max: usize },
+    #[error("micro-batch {index} is {b}x{t} ({inputs} inputs, {targets} targets); the engine was built for {want_b}x{want_t}")]
+    Shape {
+        index: usize,
+        b: usize,
+        t: usize,
+        inputs: usize,
+        targets: usize,
+        want_b: usize,
+        want_t: usize,
+    },
+    #[error("micro-batch {index}: token {token} is not below model.vocab_size = {vocab}")]
+    Token {
+        index: usize,
+        token: u32,
+        vocab: usize,
+    },
+}

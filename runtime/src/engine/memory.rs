@@ -1,0 +1,234 @@
+//! The engine's device memory: every unit's states and the step's buffers, allocated by one
+//! function that runs twice — on a counting arena (the dry run that sizes the device), then on
+//! the device's arena. Each unit's states sit in one record, [`UnitState`], so partitioning and
+//! offload can replace its buffers by shards with a residency without the stage walk changing.
+
+use crate::backend::{Arena, Buf, DType, DeviceError, NORM_PARTIALS_MAX};
+use crate::model::{Tokens, UnitSpec};
+
+/// All states of one unit: flat buffers laid out as its [`UnitSpec`].
+pub struct UnitState {
+    /// Compute weights (X); the master buffer itself when X is f32.
+    pub params: Buf,
+    /// Gradients (f32), accumulated over the micro-batches of a step.
+    pub grads: Buf,
+    /// fp32 master weights, AdamW's first and second moments.
+    pub master: Buf,
+    pub adam_m: Buf,
+    pub adam_v: Buf,
+}
+
+impl UnitState {
+    /// Whether the compute weights are a separate copy of the master weights.
+    pub fn has_compute_copy(&self) -> bool {
+        !self.params.same_range(&self.master)
+    }
+}
+
+/// Buffers of a step besides the units' states.
+pub struct StepBuffers {
+    /// acts[s] is the input of stage s ≥ 1 (X); acts[0] is the token buffer (stage 0 reads
+    /// tokens).
+    pub acts: Vec<Buf>,
+    /// ∂L/∂(activation) flowing backward through the stages (X), updated in place.
+    pub dres: Buf,
+    /// (2, micro_max, B, T) i32: every micro-batch's inputs, then every micro-batch's targets.
+    pub tokens: Buf,
+    /// (micro_max, B, T) f32: each token's loss.
+    pub losses: Buf,
+    /// (1) f32: the squared global gradient norm; and its first stage's partial sums.
+    pub norm: Buf,
+    pub norm_partials: Buf,
+}
+
+/// The sizes the engine's memory is planned for.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    /// Micro-batch size B and sequence length T.
+    pub b: usize,
+    pub t: usize,
+    /// Most micro-batches one step may take (`data.grad_accum_steps`).
+    pub micro_max: usize,
+    /// Stages of the model and elements of the activation between two of them.
+    pub stages: usize,
+    pub act_len: usize,
+    /// Compute type X.
+    pub x: DType,
+}
+
+impl Sizes {
+    pub fn bt(&self) -> usize {
+        self.b * self.t
+    }
+}
+
+/// Allocates (or, on a counting arena, counts) every state of `units` and every step buffer.
+pub fn allocate(
+    arena: &Arena,
+    units: &[UnitSpec],
+    sizes: &Sizes,
+) -> Result<(Vec<UnitState>, StepBuffers), DeviceError> {
+    let states = units
+        .iter()
+        .map(|u| {
+            let n = u.numel();
+            let master = arena.alloc("master params (f32)", DType::F32, n)?;
+            let params = if sizes.x == DType::F32 {
+                master.clone()
+            } else {
+                arena.alloc("compute params", sizes.x, n)?
+            };
+            Ok(UnitState {
+                params,
+                grads: arena.alloc("gradients (f32)", DType::F32, n)?,
+                master,
+                adam_m: arena.alloc("adam m", DType::F32, n)?,
+                adam_v: arena.alloc("adam v", DType::F32, n)?,
+            })
+        })
+        .collect::<Result<Vec<_>, DeviceError>>()?;
+    let (bt, x) = (sizes.bt(), sizes.x);
+    let tokens = arena.alloc("tokens", DType::I32, 2 * sizes.micro_max * bt)?;
+    let mut acts = vec![tokens.clone()];
+    for _ in 1..sizes.stages {
+        acts.push(arena.alloc("stage inputs", x, sizes.act_len)?);
+    }
+    let buffers = StepBuffers {
+        acts,
+        dres: arena.alloc("activation gradient", x, sizes.act_len)?,
+        tokens,
+        losses: arena.alloc("losses", DType::F32, sizes.micro_max * bt)?,
+        norm: arena.alloc("gradient norm", DType::F32, 1)?,
+        norm_partials: arena.alloc("gradient norm", DType::F32, NORM_PARTIALS_MAX)?,
+    };
+    Ok((states, buffers))
+}
+
+impl StepBuffers {
+    /// The device tokens of micro-batch `k`.
+    pub fn tokens_of(&self, k: usize, sizes: &Sizes) -> Result<Tokens, DeviceError> {
+        let bt = sizes.bt();
+        Ok(Tokens {
+            inputs: self.tokens.slice(k * bt, bt)?,
+            targets: self.tokens.slice((sizes.micro_max + k) * bt, bt)?,
+            b: sizes.b,
+            t: sizes.t,
+        })
+    }
+}
+
+/// A run of tensors in one unit that AdamW updates with one call: contiguous, same decay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdamSegment {
+    pub offset: usize,
+    pub len: usize,
+    pub decay: bool,
+}
+
+/// The AdamW segments of a unit (padding rows ride with their tensor: they stay zero).
+pub fn adam_segments(unit: &UnitSpec) -> Vec<AdamSegment> {
+    let mut segments: Vec<AdamSegment> = Vec::new();
+    for (t, r) in unit.tensors.iter().zip(unit.ranges()) {
+        match segments.last_mut() {
+            Some(last) if last.decay == t.decay => last.len += r.len(),
+            _ => segments.push(AdamSegment {
+                offset: r.start,
+                len: r.len(),
+                decay: t.decay,
+            }),
+        }
+    }
+    segments
+}
+
+/// "1.2 GiB" style.
+pub fn human_bytes(bytes: usize) -> String {
+    const UNITS: [(&str, f64); 4] = [
+        ("GiB", (1u64 << 30) as f64),
+        ("MiB", (1u64 << 20) as f64),
+        ("KiB", 1024.0),
+        ("B", 1.0),
+    ];
+    let b = bytes as f64;
+    let (name, size) = UNITS
+        .iter()
+        .find(|(_, s)| b >= *s)
+        .copied()
+        .unwrap_or(("B", 1.0));
+    if size == 1.0 {
+        format!("{bytes} B")
+    } else {
+        format!("{:.1} {name}", b / size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gpt2::{Gpt2, Gpt2Shape};
+    use crate::model::Model;
+
+    #[test]
+    fn segments_cover_each_unit_and_split_on_decay() {
+        let model = Gpt2::new(Gpt2Shape {
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 8,
+            vocab_size: 100,
+            max_seq_len: 4,
+        });
+        for unit in model.units() {
+            let segments = adam_segments(unit);
+            assert_eq!(segments.iter().map(|s| s.len).sum::<usize>(), unit.numel());
+            assert!(segments.windows(2).all(|w| w[0].decay != w[1].decay));
+        }
+        // The block: ln_1 (no decay), c_attn.weight (decay), c_attn.bias (no), ...
+        let block = adam_segments(&model.units()[1]);
+        assert_eq!(
+            block[0],
+            AdamSegment {
+                offset: 0,
+                len: 16,
+                decay: false
+            }
+        );
+        // The embedding's padding rows (100 → 128) are part of its one decay segment.
+        assert_eq!(adam_segments(&model.units()[0])[0].len, 128 * 8 + 4 * 8);
+    }
+
+    #[test]
+    fn fp32_compute_weights_are_the_master_weights() {
+        let units = Gpt2::new(Gpt2Shape {
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 8,
+            vocab_size: 100,
+            max_seq_len: 4,
+        })
+        .units()
+        .to_vec();
+        let sizes = Sizes {
+            b: 2,
+            t: 4,
+            micro_max: 1,
+            stages: 3,
+            act_len: 64,
+            x: DType::F32,
+        };
+        let arena = Arena::counting();
+        let (states, _) = allocate(&arena, &units, &sizes).unwrap();
+        assert!(!states[0].has_compute_copy());
+        let bf16 = Arena::counting();
+        let (states, _) = allocate(
+            &bf16,
+            &units,
+            &Sizes {
+                x: DType::Bf16,
+                ..sizes
+            },
+        )
+        .unwrap();
+        assert!(states[0].has_compute_copy());
+        assert!(bf16.peak_bytes() > arena.peak_bytes());
+    }
+}

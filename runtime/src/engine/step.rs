@@ -1,0 +1,357 @@
+//! The step: tokens to the device, the stage walk forward and backward over micro-batches,
+//! gradients averaged across ranks, the global norm, clipping and AdamW. Every operation is
+//! enqueued on the device's queues; the host waits twice per step (for the loss and the norm,
+//! which are host decisions, and at the end, so `StepStats` times the device's work).
+
+use std::time::Instant;
+
+use super::{BatchError, Engine, EngineError, StepStats};
+use crate::backend::{AdamWHyper, Buf, OpTime, Precision, Queue};
+use crate::model::{Batch, HeadGrads, Tokens};
+use crate::optim::{clip_scale, lr_at, StepDecision};
+
+impl Engine {
+    /// Checks that there are 1 to `data.grad_accum_steps` micro-batches, each `B × T` with
+    /// tokens below the vocabulary.
+    fn check_batches(&self, batches: &[Batch]) -> Result<(), BatchError> {
+        let (b, t) = (self.sizes.b, self.sizes.t);
+        let vocab = self.config.model.vocab_size;
+        if batches.is_empty() {
+            return Err(BatchError::Empty);
+        }
+        if batches.len() > self.sizes.micro_max {
+            return Err(BatchError::TooMany {
+                got: batches.len(),
+                max: self.sizes.micro_max,
+            });
+        }
+        for (index, mb) in batches.iter().enumerate() {
+            if mb.b != b || mb.t != t || mb.inputs.len() != b * t || mb.targets.len() != b * t {
+                return Err(BatchError::Shape {
+                    index,
+                    b: mb.b,
+                    t: mb.t,
+                    inputs: mb.inputs.len(),
+                    targets: mb.targets.len(),
+                    want_b: b,
+                    want_t: t,
+                });
+            }
+            // Kernels index embeddings by token: an out-of-range token would read out of bounds.
+            if let Some(&token) = mb
+                .inputs
+                .iter()
+                .chain(&mb.targets)
+                .find(|&&x| x as usize >= vocab)
+            {
+                return Err(BatchError::Token {
+                    index,
+                    token,
+                    vocab,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies every micro-batch's tokens to the device (H2D queue) and orders compute after it.
+    fn upload_tokens(&mut self, batches: &[Batch]) -> Result<(), EngineError> {
+        let (bt, micro_max) = (self.sizes.bt(), self.sizes.micro_max);
+        // The previous copy must be done before the staging buffer is rewritten.
+        if let Some(copied) = self.tokens_copied.take() {
+            copied.synchronize()?;
+        }
+        let (inputs, targets) = self.tokens_host.split_at_mut(micro_max * bt);
+        for (k, mb) in batches.iter().enumerate() {
+            let range = k * bt..(k + 1) * bt;
+            for (dst, &src) in inputs[range.clone()].iter_mut().zip(&mb.inputs) {
+                *dst = src as i32;
+            }
+            for (dst, &src) in targets[range].iter_mut().zip(&mb.targets) {
+                *dst = src as i32;
+            }
+        }
+        let dev = &*self.dev;
+        // The device tokens are rewritten only after compute has finished reading them.
+        dev.wait(Queue::H2d, &dev.record(Queue::Compute)?)?;
+        let bytes: &[u8] = bytemuck::cast_slice(&self.tokens_host);
+        // SAFETY: `tokens_host` is owned by the engine and not written again before
+        // `tokens_copied` (recorded right after the copy) has completed: the next upload
+        // synchronizes it first, and Drop synchronizes every queue.
+        unsafe { dev.copy_h2d(Queue::H2d, &self.bufs.tokens, bytes)? };
+        let copied = dev.record(Queue::H2d)?;
+        dev.wait(Queue::Compute, &copied)?;
+        self.tokens_copied = Some(copied);
+        Ok(())
+    }
+
+    fn stage_params(&self, stage: usize) -> Vec<Buf> {
+        self.stage_units[stage]
+            .iter()
+            .map(|&u| self.states[u].params.clone())
+            .collect()
+    }
+
+    fn stage_grads(&self, stage: usize) -> Vec<Buf> {
+        self.stage_units[stage]
+            .iter()
+            .map(|&u| self.states[u].grads.clone())
+            .collect()
+    }
+
+    /// Runs every stage forward up to the head for micro-batch `k`.
+    fn forward_stages(&mut self, k: usize) -> Result<Tokens, EngineError> {
+        let tokens = self.bufs.tokens_of(k, &self.sizes)?;
+        let last = self.stage_units.len() - 1;
+        for s in 0..last {
+            let params = self.stage_params(s);
+            let (input, output) = (&self.bufs.acts[s], &self.bufs.acts[s + 1]);
+            self.model
+                .forward(&*self.dev, s, &params, &tokens, input, output)?;
+        }
+        Ok(tokens)
+    }
+
+    /// The head with its backward, then every stage backward, for micro-batch `k`.
+    fn backward_stages(
+        &mut self,
+        k: usize,
+        tokens: &Tokens,
+        dloss: f32,
+    ) -> Result<(), EngineError> {
+        let last = self.stage_units.len() - 1;
+        let losses = self
+            .bufs
+            .losses
+            .slice(k * self.sizes.bt(), self.sizes.bt())?;
+        let (params, grads) = (self.stage_params(last), self.stage_grads(last));
+        let head = HeadGrads {
+            grads: &grads,
+            dres: &self.bufs.dres,
+            dloss,
+        };
+        let input = &self.bufs.acts[last];
+        self.model
+            .head(&*self.dev, &params, tokens, input, &losses, Some(head))?;
+        for s in (0..last).rev() {
+            let (params, grads) = (self.stage_params(s), self.stage_grads(s));
+            let (input, dres) = (&self.bufs.acts[s], &self.bufs.dres);
+            self.model
+                .backward(&*self.dev, s, &params, &grads, tokens, input, dres)?;
+        }
+        Ok(())
+    }
+
+    /// Mean of the first `micro` micro-batches' token losses (waits for the compute queue).
+    fn mean_loss(&self, micro: usize) -> Result<f32, EngineError> {
+        let losses = self.bufs.losses.slice(0, micro * self.sizes.bt())?;
+        let values = self.device().read_f32(&losses)?;
+        let sum: f64 = values.iter().map(|&l| f64::from(l)).sum();
+        Ok((sum / values.len().max(1) as f64) as f32)
+    }
+
+    /// Zeroes the gradients, then accumulates ∂(mean loss over `batches`)/∂params, averaged over
+    /// the data-parallel ranks (each passes its own micro-batches). Returns the mean loss over
+    /// all of them. The gradients stay on the device ([`Engine::grads`] reads them).
+    pub fn forward_backward(&mut self, batches: &[Batch]) -> Result<f32, EngineError> {
+        self.check_batches(batches)?;
+        self.upload_tokens(batches)?;
+        let world = self.comm.world_size();
+        let dloss = self.scaler.scale() / (batches.len() * world) as f32;
+        for state in &self.states {
+            self.dev.memset(Queue::Compute, &state.grads, 0)?;
+        }
+        for k in 0..batches.len() {
+            let tokens = self.forward_stages(k)?;
+            self.backward_stages(k, &tokens, dloss)?;
+        }
+        if world > 1 {
+            // Each rank's gradients carry 1/world (see dloss), so the sum is the mean.
+            let dev = &*self.dev;
+            dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
+            for state in &self.states {
+                dev.all_reduce(&self.comm, &state.grads)?;
+            }
+            dev.wait(Queue::Compute, &dev.record(Queue::Comm)?)?;
+        }
+        let local = self.mean_loss(batches.len())?;
+        if world == 1 {
+            return Ok(local);
+        }
+        // No collective of the comm queue may be in flight during the host's own.
+        self.dev.synchronize(Queue::Comm)?;
+        let mut loss = [local / world as f32];
+        self.comm.all_reduce(&mut loss)?;
+        Ok(loss[0])
+    }
+
+    /// Global gradient norm, clipping, and one AdamW step with the scheduled learning rate.
+    /// Returns (grad_norm before clipping, lr). A non-finite norm skips the update (fp16:
+    /// the loss scale backs off and the norm is reported as infinite).
+    pub fn optimizer_step(&mut self) -> Result<(f32, f32), EngineError> {
+        let dev = &*self.dev;
+        for (u, state) in self.states.iter().enumerate() {
+            dev.grad_norm_squared(
+                &self.bufs.norm,
+                &self.bufs.norm_partials,
+                &state.grads,
+                u > 0,
+            )?;
+        }
+        let norm_sq = dev
+            .read_f32(&self.bufs.norm)?
+            .first()
+            .copied()
+            .unwrap_or(f32::NAN);
+        let o = &self.config.optim;
+        let lr = lr_at(o, self.step, self.config.train.steps);
+        let loss_scale = self.scaler.scale();
+        // Only fp16 recovers from overflow (skip and rescale).
+        if !norm_sq.is_finite() && dev.precision() != Precision::Fp16 {
+            return Err(EngineError::NonFinite {
+                step: self.step,
+                what: "gradient norm",
+                value: norm_sq.sqrt(),
+            });
+        }
+        let grad_norm = match self.scaler.update(norm_sq, o.grad_clip) {
+            StepDecision::Skip { new_scale } => {
+                tracing::warn!(
+                    step = self.step + 1,
+                    loss_scale,
+                    new_scale,
+                    "fp16 gradients overflowed: update skipped, loss scale reduced"
+                );
+                return Ok((f32::INFINITY, lr));
+            }
+            StepDecision::Apply { grad_norm, .. } => grad_norm,
+        };
+        if !grad_norm.is_finite() {
+            return Err(EngineError::NonFinite {
+                step: self.step,
+                what: "gradient norm",
+                value: grad_norm,
+            });
+        }
+        // torch's clip factor (with its +1e-6), then the loss scale removed.
+        let grad_scale = clip_scale(grad_norm, o.grad_clip) / loss_scale;
+        let step = u32::try_from(self.step + 1).unwrap_or(u32::MAX);
+        for (state, segments) in self.states.iter().zip(&self.segments) {
+            for seg in segments {
+                let view = |b: &Buf| b.slice(seg.offset, seg.len);
+                let copy = if state.has_compute_copy() {
+                    Some(view(&state.params)?)
+                } else {
+                    None
+                };
+                let hyper = AdamWHyper {
+                    lr,
+                    beta1: o.betas[0],
+                    beta2: o.betas[1],
+                    eps: o.eps,
+                    weight_decay: if seg.decay { o.weight_decay } else { 0.0 },
+                    step,
+                    grad_scale,
+                };
+                dev.adamw(
+                    &view(&state.master)?,
+                    copy.as_ref(),
+                    &view(&state.grads)?,
+                    &view(&state.adam_m)?,
+                    &view(&state.adam_v)?,
+                    &hyper,
+                )?;
+            }
+        }
+        self.step += 1;
+        Ok((grad_norm, lr))
+    }
+
+    /// One optimizer step over `batches` (the micro-batches of gradient accumulation).
+    pub fn train_step(&mut self, batches: &[Batch]) -> Result<StepStats, EngineError> {
+        let start = Instant::now();
+        let step = self.step;
+        let loss = self.forward_backward(batches)?;
+        if !loss.is_finite() {
+            return Err(EngineError::NonFinite {
+                step,
+                what: "loss",
+                value: loss,
+            });
+        }
+        let (grad_norm, lr) = self.optimizer_step()?;
+        self.dev.synchronize(Queue::Compute)?;
+        let tokens = batches.iter().map(Batch::tokens).sum::<usize>() * self.comm.world_size();
+        let flops = self.model.flops_per_token(self.sizes.t) * tokens as f64;
+        Ok(StepStats::new(
+            step,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            flops,
+            start.elapsed(),
+        ))
+    }
+
+    /// `train_step` with the device time of every operation (`strata-bench train --profile`):
+    /// the compute queue's time per operation, largest first (GPU time on CUDA, wall time per
+    /// operation on the CPU).
+    pub fn train_step_profiled(
+        &mut self,
+        batches: &[Batch],
+    ) -> Result<(StepStats, Vec<OpTime>), EngineError> {
+        self.dev.profile_start()?;
+        let stats = self.train_step(batches);
+        // Closed whatever the step returned, so a failed step leaves no profile open.
+        let ops = self.dev.profile_finish()?;
+        Ok((stats?, ops))
+    }
+
+    /// Mean loss of one micro-batch without touching gradients or weights.
+    pub fn eval_loss(&mut self, batch: &Batch) -> Result<f32, EngineError> {
+        self.check_batches(std::slice::from_ref(batch))?;
+        self.upload_tokens(std::slice::from_ref(batch))?;
+        let tokens = self.forward_stages(0)?;
+        let last = self.stage_units.len() - 1;
+        let params = self.stage_params(last);
+        let losses = self.bufs.losses.slice(0, self.sizes.bt())?;
+        let input = &self.bufs.acts[last];
+        self.model
+            .head(&*self.dev, &params, &tokens, input, &losses, None)?;
+        self.mean_loss(1)
+    }
+
+    /// The logits (B·T, model.vocab_size) of one micro-batch, for evaluation and tests.
+    pub fn logits(&mut self, batch: &Batch) -> Result<Vec<f32>, EngineError> {
+        self.check_batches(std::slice::from_ref(batch))?;
+        self.upload_tokens(std::slice::from_ref(batch))?;
+        self.forward_stages(0)?;
+        let last = self.stage_units.len() - 1;
+        let params = self.stage_params(last);
+        let v = self.config.model.vocab_size;
+        let rows = self.sizes.bt();
+        let mut out = Vec::with_capacity(rows * v);
+        let mut row0 = 0;
+        while row0 < rows {
+            let input = &self.bufs.acts[last];
+            let (chunk, n, vp) = self.model.logits_chunk(&*self.dev, &params, input, row0)?;
+            let values = self.device().read_f32(&chunk)?;
+            for row in values.chunks_exact(vp).take(n) {
+                out.extend_from_slice(&row[..v]);
+            }
+            row0 += n;
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // `tokens_host` is freed with the engine: a copy still reading it (after an error
+        // mid-step) must finish first. Drop never panics: a failure is only logged.
+        if let Err(e) = self.dev.synchronize_all() {
+            tracing::warn!(error = %e, "engine: synchronize before drop failed");
+        }
+    }
+}
