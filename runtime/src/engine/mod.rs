@@ -68,6 +68,12 @@ pub trait Trainer {
     fn world_size(&self) -> usize {
         1
     }
+    /// Mean loss of one micro-batch without touching gradients or weights.
+    fn eval_loss(&mut self, batch: &Batch) -> Result<f32, EngineError>;
+    /// The data-parallel group (for the validation loss's sum over ranks, and its backend); `None` for one rank.
+    fn communicator(&self) -> Option<&dyn Communicator> {
+        None
+    }
 }
 
 impl Trainer for Engine {
@@ -88,6 +94,12 @@ impl Trainer for Engine {
     }
     fn world_size(&self) -> usize {
         self.comm.world_size()
+    }
+    fn eval_loss(&mut self, batch: &Batch) -> Result<f32, EngineError> {
+        Engine::eval_loss(self, batch)
+    }
+    fn communicator(&self) -> Option<&dyn Communicator> {
+        Some(self.comm.as_ref())
     }
 }
 
@@ -159,7 +171,7 @@ impl Engine {
     /// `model.init_from` when set.
     pub fn new(config: Config, mut model: Box<dyn Model>) -> Result<Engine, EngineError> {
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(config.train.threads)
+            .num_threads(crate::threads::compute_threads(config.train.threads))
             .thread_name(|i| format!("strata-compute-{i}"))
             .build()
             .map(Arc::new)

@@ -578,6 +578,9 @@ impl Trainer for GpuGpt2Trainer {
     fn save_weights(&self, path: &Path) -> Result<(), EngineError> {
         GpuGpt2Trainer::save_weights(self, path)
     }
+    fn eval_loss(&mut self, batch: &Batch) -> Result<f32, EngineError> {
+        GpuGpt2Trainer::eval_loss(self, batch)
+    }
     fn train_step_profiled(
         &mut self,
         batches: &[Batch],
