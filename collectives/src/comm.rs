@@ -301,7 +301,14 @@ impl QueueShared {
             ) {
                 let mut poisoned = lock(&self.poisoned);
                 if poisoned.is_none() {
-                    *poisoned = Some(err.to_string());
+                    // The message with its causes: an OS error is the error's source, not in its message.
+                    let mut cause = err.to_string();
+                    let mut source = std::error::Error::source(err);
+                    while let Some(s) = source {
+                        cause = format!("{cause}: {s}");
+                        source = s.source();
+                    }
+                    *poisoned = Some(cause);
                     report_blame(rank, err);
                 }
             }

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-/// Everything that can go wrong in a collective, the rendezvous or the launcher.
+/// Everything that can go wrong in a collective, the rendezvous or the launcher. An OS error is a variant's
+/// `source()`, not repeated in its message: print the chain (`{:#}` with anyhow) to see it once.
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
     /// A wait for a peer ran past `dist.timeout`.
@@ -22,7 +23,7 @@ pub enum CommError {
         detail: String,
     },
     /// An I/O error on the link to a peer that is not (yet) known to be gone.
-    #[error("rank {rank}: {op}: I/O error on the link to rank {peer}: {source}")]
+    #[error("rank {rank}: {op}: I/O error on the link to rank {peer}")]
     PeerIo {
         rank: usize,
         peer: usize,
@@ -66,7 +67,7 @@ pub enum CommError {
         timeout: Duration,
     },
     /// Shared-memory segment setup (create, map, size).
-    #[error("rank {rank}: shared memory {what}: {source}")]
+    #[error("rank {rank}: shared memory {what}")]
     Shm {
         rank: usize,
         what: String,

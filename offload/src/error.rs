@@ -29,11 +29,12 @@ impl std::fmt::Display for IoOp {
     }
 }
 
-/// Errors of the offload crate. I/O failures are values with key, path and offset, never panics.
+/// Errors of the offload crate. I/O failures are values with key, path and offset, never panics. An OS error
+/// is a variant's `source()`, not repeated in its message: print the chain (`{:#}` with anyhow) to see it once.
 #[derive(Debug, thiserror::Error)]
 pub enum OffloadError {
     /// An OS error (ENOSPC, EIO, EFBIG, ...) on a swap file; `source.raw_os_error()` gives the errno.
-    #[error("{op} failed for key {key:?} on {path} at offset {offset} ({len} bytes): {source}")]
+    #[error("{op} failed for key {key:?} on {path} at offset {offset} ({len} bytes)")]
     Io {
         key: String,
         op: IoOp,
@@ -105,7 +106,7 @@ pub enum OffloadError {
     },
     #[error("invalid config `{key}`: {message}")]
     Config { key: &'static str, message: String },
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed")]
     Os {
         what: String,
         #[source]

@@ -14,6 +14,7 @@ pub mod model;
 pub mod optim;
 pub mod rng;
 pub mod selftest;
+pub mod threads;
 pub mod train;
 pub mod weights;
 

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use strata::config::Config;
@@ -64,14 +65,21 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_target(false)
+        .with_ansi(colour_wanted())
         .init();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
+            // `{:#}` prints the chain: each error's message once, then its cause (an OS error last).
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Colour only on a terminal, and not when `NO_COLOR` is set to anything but "" (no-color.org).
+fn colour_wanted() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -112,9 +120,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             tokenizer,
         } => {
-            let n = prepare(&input, &output, tokenizer).with_context(|| {
-                format!("preparing {} -> {}", input.display(), output.display())
-            })?;
+            // The error names the file and what failed (reading the text, creating the directory, writing).
+            let n = prepare(&input, &output, tokenizer)?;
             println!(
                 "wrote {n} tokens to {} ({tokenizer:?}, vocab {})",
                 output.display(),
@@ -122,9 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Launch(args) => {
-            strata_collectives::launch::run(args).map_err(|e| anyhow::anyhow!("{e}"))
-        }
+        Command::Launch(args) => Ok(strata_collectives::launch::run(args)?),
         Command::Doctor { paths } => {
             let report = strata::doctor::collect(&paths);
             println!("{report}");
@@ -170,5 +175,5 @@ fn relaunch(
         grace_s: 5.0,
         command,
     };
-    strata_collectives::launch::run(args).map_err(|e| anyhow::anyhow!("{e}"))
+    Ok(strata_collectives::launch::run(args)?)
 }

@@ -1,12 +1,17 @@
-//! The training driver behind `strata train`: data, engine, logging, metrics file, export.
+//! The training driver behind `strata train`: data, engine, validation, logging, metrics file, export.
+//!
+//! Steps are numbered from 1 in the log, the metrics file and the summary (as llm.c): step 1 is the first
+//! optimizer step.
 
 use crate::config::Config;
 use crate::data::{DataError, Loader};
 use crate::engine::{Engine, EngineError, StepStats};
+use crate::model::Batch;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
+use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -14,8 +19,10 @@ pub enum TrainError {
     Data(#[from] DataError),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("train.metrics_file {path}: {source}")]
+    /// The OS error is the source, not repeated in the message.
+    #[error("cannot {what} train.metrics_file {path}")]
     Metrics {
+        what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
@@ -29,6 +36,8 @@ pub struct Summary {
     pub first_loss: f32,
     /// Mean loss of the last (up to) 10 steps.
     pub final_loss: f32,
+    /// The last validation loss (after the last step), when `data.val` is set.
+    pub val_loss: Option<f32>,
     pub tokens: usize,
     pub seconds: f64,
     /// Mean over steps after the first (which includes warm-up effects).
@@ -42,9 +51,49 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "done: {} steps, {} params, loss {:.4} -> {:.4} (mean of last 10), {} tokens in {:.1}s, {:.0} tokens/s, {:.3} TFLOP/s",
-            self.steps, self.params, self.first_loss, self.final_loss, self.tokens, self.seconds, self.tokens_per_s, self.tflops
+            "done: {} steps, {} params, loss {:.4} -> {:.4} (mean of last 10), ",
+            self.steps, self.params, self.first_loss, self.final_loss
+        )?;
+        if let Some(v) = self.val_loss {
+            write!(f, "val loss {v:.4}, ")?;
+        }
+        write!(
+            f,
+            "{} tokens in {:.1}s, {:.0} tokens/s, {:.3} TFLOP/s",
+            self.tokens, self.seconds, self.tokens_per_s, self.tflops
         )
+    }
+}
+
+/// One line of `train.metrics_file`: the step's statistics, numbered from 1, and the validation loss on the
+/// steps where it was computed.
+#[derive(serde::Serialize)]
+struct MetricsLine {
+    step: usize,
+    loss: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_loss: Option<f32>,
+    lr: f32,
+    grad_norm: f32,
+    tokens: usize,
+    step_ms: f64,
+    tokens_per_s: f64,
+    tflops: f64,
+}
+
+impl MetricsLine {
+    fn new(s: &StepStats, val_loss: Option<f32>) -> MetricsLine {
+        MetricsLine {
+            step: s.step + 1,
+            loss: s.loss,
+            val_loss,
+            lr: s.lr,
+            grad_norm: s.grad_norm,
+            tokens: s.tokens,
+            step_ms: s.step_ms,
+            tokens_per_s: s.tokens_per_s,
+            tflops: s.tflops,
+        }
     }
 }
 
@@ -53,6 +102,8 @@ struct Reporter {
     bar: Option<ProgressBar>,
     /// Only rank 0 reports.
     enabled: bool,
+    steps: usize,
+    started: Instant,
 }
 
 impl Reporter {
@@ -66,7 +117,12 @@ impl Reporter {
             }
             bar
         });
-        Reporter { bar, enabled }
+        Reporter {
+            bar,
+            enabled,
+            steps,
+            started: Instant::now(),
+        }
     }
 
     fn line(&self, text: String) {
@@ -75,6 +131,18 @@ impl Reporter {
             None if self.enabled => tracing::info!("{text}"),
             None => {}
         }
+    }
+
+    /// `"12.3s elapsed, ETA 45.6s"` after `done` of the run's steps.
+    fn progress(&self, done: usize) -> String {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let left = self.steps.saturating_sub(done);
+        let eta = elapsed / done.max(1) as f64 * left as f64;
+        format!(
+            "{} elapsed, ETA {}",
+            format_seconds(elapsed),
+            format_seconds(eta)
+        )
     }
 
     fn tick(&self, s: &StepStats) {
@@ -91,6 +159,18 @@ impl Reporter {
     }
 }
 
+/// `9.8s`, `4m05s`, `2h03m`.
+fn format_seconds(s: f64) -> String {
+    let whole = s.max(0.0).round() as u64;
+    if s < 60.0 {
+        format!("{:.1}s", s.max(0.0))
+    } else if whole < 3600 {
+        format!("{}m{:02}s", whole / 60, whole % 60)
+    } else {
+        format!("{}h{:02}m", whole / 3600, whole % 3600 / 60)
+    }
+}
+
 fn format_step(s: &StepStats, total: usize) -> String {
     format!(
         "step {:>5}/{total} | loss {:.4} | lr {:.3e} | grad norm {:.4} | {:.0} tokens/s | {:.1} ms/step | {:.3} TFLOP/s",
@@ -104,19 +184,120 @@ fn format_step(s: &StepStats, total: usize) -> String {
     )
 }
 
+/// The run in one line: model size, device, precision, ranks and their backend, ZeRO stage and placement.
+fn describe_run(config: &Config, engine: &Engine) -> String {
+    let dev = engine.device();
+    let device = match dev.backend() {
+        crate::backend::Backend::Cpu => {
+            let n = crate::threads::compute_threads(config.train.threads);
+            format!("cpu, fp32, {n} thread{}", if n == 1 { "" } else { "s" })
+        }
+        crate::backend::Backend::Cuda => format!("{}, {}", dev.name(), dev.precision().name()),
+    };
+    let world = engine.world_size();
+    let ranks = match world {
+        1 => "1 rank".to_string(),
+        _ => format!(
+            "{world} ranks over {}",
+            engine.communicator().backend().name()
+        ),
+    };
+    let tokens_per_step =
+        config.data.micro_batch_size * config.model.seq_len * config.data.grad_accum_steps * world;
+    format!(
+        "GPT-2, {} params | {device} | {ranks} | stage 0 (data parallel): all states on the \
+         device | {tokens_per_step} tokens per step",
+        format_count(engine.num_params())
+    )
+}
+
+/// `838,272` as `0.84M`, `124,439,808` as `124.4M`, `1.3B`.
+fn format_count(n: usize) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2}B", n / 1e9)
+    } else if n >= 1e8 {
+        format!("{:.1}M", n / 1e6)
+    } else {
+        format!("{:.2}M", n / 1e6)
+    }
+}
+
+/// The held-out set and this rank's share of each evaluation: micro-batches `j < eval_batches` with
+/// `j ≡ rank (mod world)`, read from the start of `data.val` every time, so evaluations are comparable.
+struct Validation {
+    loader: Loader,
+    batch: Batch,
+    /// Micro-batches this rank evaluates.
+    local_batches: usize,
+    rank: u64,
+}
+
+impl Validation {
+    fn new(config: &Config, engine: &Engine) -> Result<Option<Validation>, TrainError> {
+        let Some(loader) = Loader::val_from_config(config)? else {
+            return Ok(None);
+        };
+        let (rank, world) = (engine.rank(), engine.world_size());
+        let total = config.train.eval_batches;
+        let local_batches = total / world + usize::from(rank < total % world);
+        Ok(Some(Validation {
+            loader: loader.shard(rank, world),
+            batch: engine.new_batch(),
+            local_batches,
+            rank: rank as u64,
+        }))
+    }
+
+    /// The mean loss over the `eval_batches` micro-batches of every rank together.
+    fn loss(&mut self, engine: &mut Engine) -> Result<f32, TrainError> {
+        self.loader.seek(self.rank);
+        let mut sum = 0.0f64;
+        for _ in 0..self.local_batches {
+            self.loader.fill(&mut self.batch);
+            sum += f64::from(engine.eval_loss(&self.batch)?);
+        }
+        // [sum of losses, micro-batches], summed over ranks: ranks may hold one micro-batch more than others.
+        let mut totals = [sum as f32, self.local_batches as f32];
+        if engine.world_size() > 1 {
+            engine
+                .communicator()
+                .all_reduce(&mut totals)
+                .map_err(|e| TrainError::Engine(e.into()))?;
+        }
+        Ok(totals[0] / totals[1].max(1.0))
+    }
+}
+
+/// Warnings about a config that runs but probably not as meant.
+fn warn_about(config: &Config) {
+    let (warmup, steps) = (config.optim.warmup_steps, config.train.steps);
+    if warmup > steps {
+        tracing::warn!(
+            "optim.warmup_steps = {warmup} is longer than the run (train.steps = {steps}): the learning rate \
+             rises to only {:.0}% of optim.lr = {} and never decays",
+            100.0 * steps as f64 / warmup as f64,
+            config.optim.lr
+        );
+    }
+}
+
 /// Trains as `config` says and returns the summary.
 pub fn run(config: Config) -> Result<Summary, TrainError> {
+    // The data is opened (and checked) before the device's memory is allocated.
+    let loader = Loader::from_config(&config)?;
     let mut engine = Engine::from_config(config.clone())?;
     // Rank 0 speaks for the group: it logs, writes metrics and exports; every rank trains.
     let (rank, world) = (engine.rank(), engine.world_size());
     let lead = rank == 0;
     let d = &config.data;
-    let m = &config.model;
-    let mut loader = Loader::from_config(&config)?.shard(rank, world);
+    let mut loader = loader.shard(rank, world);
+    let mut validation = Validation::new(&config, &engine)?;
     let mut metrics = match (&config.train.metrics_file, lead) {
         (Some(path), true) => Some((
             path.clone(),
             BufWriter::new(File::create(path).map_err(|source| TrainError::Metrics {
+                what: "create",
                 path: path.clone(),
                 source,
             })?),
@@ -124,36 +305,65 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
         _ => None,
     };
     if lead {
-        tracing::info!("effective config:\n{}", config.to_toml());
+        tracing::debug!("effective config:\n{}", config.to_toml());
+        tracing::info!("{}", describe_run(&config, &engine));
         tracing::info!("data: {} ({} tokens)", loader.origin(), loader.num_tokens());
-        tracing::info!(
-            "model: GPT-2, {} params on {}, {world} rank(s); {} tokens per step",
-            engine.num_params(),
-            engine.device().name(),
-            d.micro_batch_size * m.seq_len * d.grad_accum_steps * world
-        );
+        if let Some(v) = &validation {
+            let fit = (v.loader.num_tokens() - 1) / (d.micro_batch_size * config.model.seq_len);
+            tracing::info!(
+                "validation: {} ({} tokens), {} micro-batches every {} steps",
+                v.loader.origin(),
+                v.loader.num_tokens(),
+                config.train.eval_batches,
+                config.train.eval_every
+            );
+            if config.train.eval_batches > fit {
+                tracing::warn!(
+                    "train.eval_batches = {} but data.val holds only {fit} micro-batches: some are counted twice",
+                    config.train.eval_batches
+                );
+            }
+        }
+        warn_about(&config);
     }
     let steps = config.train.steps;
-    let log_every = config.train.log_every;
+    let (log_every, eval_every) = (config.train.log_every, config.train.eval_every);
     let mut batches: Vec<_> = (0..d.grad_accum_steps)
         .map(|_| engine.new_batch())
         .collect();
     let reporter = Reporter::new(if lead { steps } else { 0 }, lead);
     let mut history = Vec::with_capacity(steps);
-    for step in 0..steps {
+    let mut last_val = None;
+    for step in 1..=steps {
         batches.iter_mut().for_each(|b| loader.fill(b));
         let stats = engine.train_step(&batches)?;
+        let val_loss = match validation.as_mut() {
+            Some(v) if step == steps || (eval_every > 0 && step % eval_every == 0) => {
+                Some(v.loss(&mut engine)?)
+            }
+            _ => None,
+        };
         if let Some((path, w)) = metrics.as_mut() {
-            let line = serde_json::to_string(&stats).unwrap_or_default();
+            let line =
+                serde_json::to_string(&MetricsLine::new(&stats, val_loss)).unwrap_or_default();
             writeln!(w, "{line}")
                 .and_then(|_| w.flush())
                 .map_err(|source| TrainError::Metrics {
+                    what: "write",
                     path: path.clone(),
                     source,
                 })?;
         }
-        if (step + 1) % log_every == 0 || step == 0 || step + 1 == steps {
-            reporter.line(format_step(&stats, steps));
+        if step % log_every == 0 || step == 1 || step == steps {
+            reporter.line(format!(
+                "{} | {}",
+                format_step(&stats, steps),
+                reporter.progress(step)
+            ));
+        }
+        if let Some(v) = val_loss {
+            reporter.line(format!("step {step:>5}/{steps} | val loss {v:.4}"));
+            last_val = Some(v);
         }
         reporter.tick(&stats);
         history.push(stats);
@@ -163,7 +373,9 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
         engine.save_weights(path)?;
         tracing::info!("weights written to {}", path.display());
     }
-    Ok(summarize(&history, engine.num_params(), rank))
+    let mut summary = summarize(&history, engine.num_params(), rank);
+    summary.val_loss = last_val;
+    Ok(summary)
 }
 
 fn summarize(history: &[StepStats], params: usize, rank: usize) -> Summary {
@@ -181,10 +393,48 @@ fn summarize(history: &[StepStats], params: usize, rank: usize) -> Summary {
         params,
         first_loss: history.first().map_or(f32::NAN, |s| s.loss),
         final_loss: tail.iter().map(|s| s.loss).sum::<f32>() / tail.len().max(1) as f32,
+        val_loss: None,
         tokens: history.iter().map(|s| s.tokens).sum(),
         seconds: history.iter().map(|s| s.step_ms / 1e3).sum(),
         tokens_per_s: tokens_timed as f64 / seconds_timed.max(1e-9),
         tflops: flops_timed / seconds_timed.max(1e-9),
         rank,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_counts_read_naturally() {
+        assert_eq!(format_seconds(9.84), "9.8s");
+        assert_eq!(format_seconds(245.0), "4m05s");
+        assert_eq!(format_seconds(7380.0), "2h03m");
+        assert_eq!(format_count(838_272), "0.84M");
+        assert_eq!(format_count(124_439_808), "124.4M");
+        assert_eq!(format_count(1_313_000_000), "1.31B");
+    }
+
+    #[test]
+    fn metrics_lines_count_steps_from_one_and_carry_val_loss_only_when_computed() {
+        let s = StepStats::new(
+            0,
+            5.5,
+            1e-3,
+            2.0,
+            1024,
+            1e9,
+            std::time::Duration::from_millis(10),
+        );
+        let plain = serde_json::to_value(MetricsLine::new(&s, None)).unwrap();
+        assert_eq!(plain["step"], 1);
+        assert!(plain.get("val_loss").is_none(), "{plain}");
+        let with_val = serde_json::to_value(MetricsLine::new(&s, Some(4.25))).unwrap();
+        assert_eq!(with_val["val_loss"], 4.25);
+        assert_eq!(
+            format_step(&s, 300).split('|').next(),
+            Some("step     1/300 ")
+        );
     }
 }

@@ -3,8 +3,9 @@
 //! libnvrtc and the CUDA headers, not a GPU: `scripts/install-nvrtc.sh` installs both from pip
 //! into .venv-nvrtc, which this test finds by itself.
 //!
-//! Skips with a message when libnvrtc cannot be loaded, unless STRATA_REQUIRE_NVRTC=1 (CI),
-//! where that is a failure.
+//! The compile test is `#[ignore]`d, so a plain `cargo test` on a machine without NVRTC reports it as
+//! ignored rather than passed; `.ci/run` installs NVRTC and runs it with `--include-ignored`, where a
+//! missing NVRTC is a failure. The other tests here read the sources only and always run.
 
 use std::path::{Path, PathBuf};
 
@@ -38,32 +39,22 @@ fn use_repo_venv_if_present() {
     }
 }
 
-fn nvrtc_required() -> bool {
-    std::env::var("STRATA_REQUIRE_NVRTC").is_ok_and(|v| v == "1")
-}
-
-/// True when NVRTC can be used; otherwise prints why and returns false (or panics in CI).
-fn nvrtc_available() -> bool {
+/// Panics, saying how to install it, when NVRTC cannot be loaded.
+fn require_nvrtc() {
     use_repo_venv_if_present();
     match loader::require(CudaLibrary::Nvrtc) {
         Ok(path) if loader::cudarc_can_load(CudaLibrary::Nvrtc) => {
             eprintln!("nvrtc_compile: using {}", path.display());
-            true
         }
-        Ok(path) => {
-            let msg = format!("libnvrtc at {} is not loadable by name", path.display());
-            assert!(!nvrtc_required(), "{msg} (STRATA_REQUIRE_NVRTC=1)");
-            eprintln!("nvrtc_compile: SKIPPED: {msg}");
-            false
-        }
-        Err(e) => {
-            assert!(!nvrtc_required(), "NVRTC required but unavailable: {e}");
-            eprintln!(
-                "nvrtc_compile: SKIPPED: {e}\n  run scripts/install-nvrtc.sh (pip wheels), or set \
-                 STRATA_REQUIRE_NVRTC=1 to make this a failure"
-            );
-            false
-        }
+        Ok(path) => panic!(
+            "libnvrtc at {} is not loadable by name: put its directory on LD_LIBRARY_PATH \
+             (eval \"$(scripts/install-nvrtc.sh --env)\")",
+            path.display()
+        ),
+        Err(e) => panic!(
+            "NVRTC is needed for this test: {e}\n  run `eval \"$(scripts/install-nvrtc.sh --env)\"` \
+             (pip wheels, no GPU needed), then run it again"
+        ),
     }
 }
 
@@ -85,10 +76,9 @@ fn every_kernel_file_is_embedded() {
 }
 
 #[test]
+#[ignore = "needs NVRTC: eval \"$(scripts/install-nvrtc.sh --env)\", then cargo test -p strata --test nvrtc_compile -- --include-ignored (.ci/run does)"]
 fn every_kernel_compiles_for_sm90_in_every_precision() {
-    if !nvrtc_available() {
-        return;
-    }
+    require_nvrtc();
     let mut failures = Vec::new();
     for precision in Precision::ALL {
         for (file, _, entries) in KERNEL_FILES {

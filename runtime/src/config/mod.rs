@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// A configuration error; the message names the key (`optim.lr`) or the file it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -118,6 +118,10 @@ pub struct DataConfig {
     pub seed: u64,
     /// false: read the file in order, as llm.c does; true: windows at random offsets drawn from `seed`.
     pub shuffle: bool,
+    /// Held-out data for the validation loss: a token file, or `"synthetic"` (a stream of the synthetic set's
+    /// Markov chain from another seed). Unset: no validation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val: Option<String>,
 }
 
 impl Default for DataConfig {
@@ -128,6 +132,7 @@ impl Default for DataConfig {
             grad_accum_steps: 1,
             seed: 1337,
             shuffle: false,
+            val: None,
         }
     }
 }
@@ -223,11 +228,15 @@ pub struct TrainConfig {
     pub device: DeviceKind,
     /// Keep only each unit's input in the forward pass and recompute the unit in the backward pass.
     pub activation_checkpointing: bool,
-    /// CPU threads for compute; 0 uses every core.
+    /// CPU threads for compute per rank; 0 shares this host's cores among its local ranks.
     pub threads: usize,
     /// Device memory the engine may use: `"auto"` (no limit on the CPU, the card's free memory
     /// on a GPU) or a size. The CPU backend enforces it exactly as a GPU's memory.
     pub device_memory: SizeOrAuto,
+    /// With `data.val` set: the validation loss every this many steps and after the last; 0: after the last only.
+    pub eval_every: usize,
+    /// Micro-batches of `data.val` per validation loss, over all ranks together.
+    pub eval_batches: usize,
     /// One JSON object per step is appended here.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_file: Option<PathBuf>,
@@ -246,6 +255,8 @@ impl Default for TrainConfig {
             activation_checkpointing: true,
             threads: 0,
             device_memory: SizeOrAuto::Auto,
+            eval_every: 100,
+            eval_batches: 20,
             metrics_file: None,
             export_to: None,
         }
@@ -274,9 +285,9 @@ impl Config {
         for arg in overrides {
             apply_override(&mut table, arg)?;
         }
-        let config = Config::from_table(table, &origin)?;
-        config.validate()?;
-        Ok(config)
+        Config::from_table(table, &origin)
+            .and_then(|config| config.validate().map(|()| config))
+            .map_err(|err| overrides::blame_override(err, overrides))
     }
 
     /// Parses a TOML string (used by tests and the library API).
@@ -294,6 +305,11 @@ impl Config {
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
             let message = e.into_inner().to_string();
+            // toml ends its message with "\nin `key`": the key is named once, before the message.
+            let message = match message.find("\nin `") {
+                Some(end) => message[..end].to_string(),
+                None => message.trim_end().to_string(),
+            };
             ConfigError::Key {
                 origin: origin.to_string(),
                 key,
@@ -320,6 +336,7 @@ impl Config {
             ("data.grad_accum_steps", self.data.grad_accum_steps),
             ("train.steps", self.train.steps),
             ("train.log_every", self.train.log_every),
+            ("train.eval_batches", self.train.eval_batches),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -379,6 +396,17 @@ impl Config {
             return Err(invalid(
                 "data.train",
                 "must be \"synthetic\" or the path of a token file",
+            ));
+        }
+        if self
+            .data
+            .val
+            .as_deref()
+            .is_some_and(|v| v.trim().is_empty())
+        {
+            return Err(invalid(
+                "data.val",
+                "must be \"synthetic\" or the path of a token file (leave it out for no validation)",
             ));
         }
         Ok(())

@@ -32,6 +32,44 @@ pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigEr
     Ok(())
 }
 
+/// Attributes a config error to the `--set` that caused it: an error about a key that an override set (or about
+/// a key under it, or one whose message names it) names that `--set` instead of the file or the embedded default.
+/// The last override of a key is the one in effect, so it is the one named.
+pub(super) fn blame_override(err: ConfigError, overrides: &[String]) -> ConfigError {
+    let (key, message) = match &err {
+        ConfigError::Key { key, message, .. } => (key.as_str(), message.as_str()),
+        ConfigError::Invalid { key, message } => (*key, message.as_str()),
+        _ => return err,
+    };
+    let caused = |arg: &&String| {
+        let Some((set, _)) = arg.split_once('=') else {
+            return false;
+        };
+        let set = set.trim();
+        set == key
+            // An unknown key below a known section: the error is about the section and names the key.
+            || under(key, set).is_some_and(|rest| message.contains(rest.split('.').next().unwrap_or(rest)))
+            || under(set, key).is_some()
+            // A cross-field rule: the message names the other key.
+            || message.contains(set)
+    };
+    match overrides.iter().rev().find(caused) {
+        Some(arg) => ConfigError::Key {
+            origin: format!("--set {arg}"),
+            key: key.to_string(),
+            message: message.to_string(),
+        },
+        None => err,
+    }
+}
+
+/// The rest of `inner` below the section `outer` (`under("optim", "optim.lr") == Some("lr")`).
+fn under<'a>(outer: &str, inner: &'a str) -> Option<&'a str> {
+    inner
+        .strip_prefix(outer)
+        .and_then(|rest| rest.strip_prefix('.'))
+}
+
 fn parse_value(raw: &str) -> toml::Value {
     toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
@@ -54,5 +92,53 @@ mod tests {
         assert_eq!(t["data"]["shuffle"].as_bool(), Some(true));
         assert!(apply_override(&mut t, "data.train.x=1").is_err());
         assert!(apply_override(&mut t, ".x=1").is_err());
+    }
+
+    fn load_err(path: Option<&std::path::Path>, sets: &[&str]) -> String {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        crate::config::Config::load(path, &sets)
+            .expect_err("an error")
+            .to_string()
+    }
+
+    #[test]
+    fn errors_from_a_set_name_it() {
+        assert_eq!(
+            load_err(None, &["model.n_layer=twelve"]),
+            "--set model.n_layer=twelve: key `model.n_layer`: invalid type: string \"twelve\", expected usize"
+        );
+        let e = load_err(None, &["optim.lr=1e-3", "optim.learning_rate=1"]);
+        assert!(
+            e.starts_with("--set optim.learning_rate=1: key `optim.learning_rate`: unknown field"),
+            "{e}"
+        );
+        // Reported on another key, but caused by this --set.
+        assert_eq!(
+            load_err(None, &["data.seed=3", "model.n_head=3"]),
+            "--set model.n_head=3: key `model.n_embd`: 128 must be a multiple of model.n_head (3)"
+        );
+        // A rule on the key itself: the last --set of it.
+        let e = load_err(None, &["data.seed=3", "optim.lr=1e-3", "optim.min_lr=1e-2"]);
+        assert!(
+            e.starts_with("--set optim.min_lr=1e-2: key `optim.min_lr`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn errors_from_the_file_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[optim]\nlearning_rate = 1\n[model]\nn_layer = 2\n").unwrap();
+        let e = load_err(Some(&path), &["optim.lr=1e-3", "model.n_layer=3"]);
+        assert!(
+            e.starts_with(&format!("{}: key `optim.learning_rate`", path.display())),
+            "{e}"
+        );
+        std::fs::write(&path, "[model]\nn_head = 3\n").unwrap();
+        assert_eq!(
+            load_err(Some(&path), &["optim.lr=1e-3"]),
+            "config key `model.n_embd`: 128 must be a multiple of model.n_head (3)"
+        );
     }
 }

@@ -15,17 +15,61 @@ use crate::rng::Rng;
 use std::path::{Path, PathBuf};
 use tokens::TokenFile;
 
+/// A data error; it names the file (and byte offset) it is about. An OS error is the variant's `source()`, not
+/// repeated in its message.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A token file that is not there; `key` is the config key that names it, when known.
+    #[error(
+        "{}token file {path} does not exist; make it from a text file with `strata prepare TEXT_FILE -o FILE` \
+         (or use {}\"synthetic\")",
+        key_prefix(*.key),
+        key_equals(*.key)
+    )]
+    NotFound {
+        key: Option<&'static str>,
+        path: PathBuf,
     },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+}
+
+fn key_prefix(key: Option<&'static str>) -> String {
+    key.map(|k| format!("{k}: ")).unwrap_or_default()
+}
+
+fn key_equals(key: Option<&'static str>) -> String {
+    key.map(|k| format!("{k} = ")).unwrap_or_default()
+}
+
+impl DataError {
+    /// Names the config key (`data.train`, `data.val`) in a missing-file error.
+    fn for_key(self, key: &'static str) -> DataError {
+        match self {
+            DataError::NotFound { path, .. } => DataError::NotFound {
+                key: Some(key),
+                path,
+            },
+            other => other,
+        }
+    }
 }
 
 enum Tokens {
@@ -45,6 +89,31 @@ impl Tokens {
             Tokens::File(f) => f.token(i),
             Tokens::Memory(v) => v[i],
         }
+    }
+}
+
+fn check_synthetic_vocab(vocab_size: usize) -> Result<(), DataError> {
+    if vocab_size > 1 << 16 {
+        return Err(DataError::Format {
+            path: PathBuf::from("synthetic"),
+            message: format!("model.vocab_size = {vocab_size} exceeds the uint16 token range"),
+        });
+    }
+    Ok(())
+}
+
+/// Opens a token file; a file that is not there is [`DataError::NotFound`], which says how to make one.
+fn open_token_file(source: &str, vocab_size: usize) -> Result<Tokens, DataError> {
+    let path = Path::new(source);
+    match TokenFile::open(path, vocab_size) {
+        Ok(file) => Ok(Tokens::File(file)),
+        Err(DataError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(DataError::NotFound {
+                key: None,
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -73,24 +142,13 @@ impl Loader {
         shuffle: bool,
     ) -> Result<Loader, DataError> {
         let (tokens, origin) = if source == "synthetic" {
-            if vocab_size > 1 << 16 {
-                return Err(DataError::Format {
-                    path: PathBuf::from("synthetic"),
-                    message: format!(
-                        "model.vocab_size = {vocab_size} exceeds the uint16 token range"
-                    ),
-                });
-            }
+            check_synthetic_vocab(vocab_size)?;
             (
                 Tokens::Memory(synthetic::synthetic_tokens(vocab_size, seed)),
                 "synthetic".to_string(),
             )
         } else {
-            let path = Path::new(source);
-            (
-                Tokens::File(TokenFile::open(path, vocab_size)?),
-                path.display().to_string(),
-            )
+            (open_token_file(source, vocab_size)?, source.to_string())
         };
         Loader::from_tokens(tokens, origin, b, t, seed, shuffle)
     }
@@ -106,6 +164,30 @@ impl Loader {
             d.seed,
             d.shuffle,
         )
+        .map_err(|e| e.for_key("data.train"))
+    }
+
+    /// The validation loader `config` describes, if `data.val` is set: the token file read in order from its
+    /// start, or for `"synthetic"` a stream of the training set's Markov chain from another seed
+    /// ([`synthetic::synthetic_val_tokens`]), so that it is held out but has the same best loss.
+    pub fn val_from_config(config: &crate::config::Config) -> Result<Option<Loader>, DataError> {
+        let (d, m) = (&config.data, &config.model);
+        let Some(source) = d.val.as_deref() else {
+            return Ok(None);
+        };
+        let (b, t) = (d.micro_batch_size, m.seq_len);
+        let (tokens, origin) = if source == "synthetic" {
+            check_synthetic_vocab(m.vocab_size)?;
+            (
+                Tokens::Memory(synthetic::synthetic_val_tokens(m.vocab_size, d.seed)),
+                "synthetic, held-out stream".to_string(),
+            )
+        } else {
+            let tokens =
+                open_token_file(source, m.vocab_size).map_err(|e| e.for_key("data.val"))?;
+            (tokens, source.to_string())
+        };
+        Loader::from_tokens(tokens, origin, b, t, d.seed, false).map(Some)
     }
 
     /// A loader over tokens in memory (tests, the library API).

@@ -20,7 +20,7 @@ impl Tokenizer {
     }
 }
 
-/// Tokenizes `input` and writes `output`; returns the number of tokens.
+/// Tokenizes `input` and writes `output`, creating its directory if needed; returns the number of tokens.
 pub fn prepare(input: &Path, output: &Path, tokenizer: Tokenizer) -> Result<usize, DataError> {
     let text = std::fs::read_to_string(input).map_err(|source| DataError::Io {
         path: input.to_path_buf(),
@@ -39,6 +39,12 @@ pub fn prepare(input: &Path, output: &Path, tokenizer: Tokenizer) -> Result<usiz
                 .collect::<Result<_, _>>()?
         }
     };
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| DataError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
     write_token_file(output, &tokens)?;
     Ok(tokens.len())
 }

@@ -10,6 +10,20 @@ pub const SYNTHETIC_ENTROPY_NATS: f64 = 0.897_945;
 
 /// The token stream for a vocabulary of `vocab_size` (at most 65,536), determined by `seed`.
 pub fn synthetic_tokens(vocab_size: usize, seed: u64) -> Vec<u16> {
+    let (successors, mut rng) = markov_chain(vocab_size, seed);
+    walk(&successors, &mut rng)
+}
+
+/// A held-out stream for validation: the same Markov chain as [`synthetic_tokens`] with `seed` (so the same
+/// best loss), walked by a generator from another seed, so it is not a copy of the training stream.
+pub fn synthetic_val_tokens(vocab_size: usize, seed: u64) -> Vec<u16> {
+    let (successors, _) = markov_chain(vocab_size, seed);
+    walk(&successors, &mut Rng::derive(seed, 0x76_616c, 0))
+}
+
+/// Three successors for every token, drawn from `seed`; returns the generator in the state the training stream
+/// continues from.
+fn markov_chain(vocab_size: usize, seed: u64) -> (Vec<[u16; 3]>, Rng) {
     assert!((1..=1 << 16).contains(&vocab_size));
     let mut rng = Rng::derive(seed, 0x5157, 0);
     let v = vocab_size as u64;
@@ -22,8 +36,14 @@ pub fn synthetic_tokens(vocab_size: usize, seed: u64) -> Vec<u16> {
             ]
         })
         .collect();
+    (successors, rng)
+}
+
+/// `SYNTHETIC_TOKENS` tokens from a random start, each followed by one of its successors with probabilities
+/// 0.6, 0.3 and 0.1.
+fn walk(successors: &[[u16; 3]], rng: &mut Rng) -> Vec<u16> {
     let mut tokens = Vec::with_capacity(SYNTHETIC_TOKENS);
-    let mut cur = rng.below(v) as u16;
+    let mut cur = rng.below(successors.len() as u64) as u16;
     for _ in 0..SYNTHETIC_TOKENS {
         tokens.push(cur);
         let u = rng.uniform();

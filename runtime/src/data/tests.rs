@@ -131,3 +131,55 @@ fn prepare_writes_bytes_and_gpt2_tokens() {
     // GPT-2 BPE: "Hello" = 15496, " world" = 995.
     assert_eq!((f.token(0), f.token(1)), (15496, 995));
 }
+
+#[test]
+fn synthetic_validation_stream_is_held_out_from_the_same_chain() {
+    let (vocab, seed) = (64, 1337);
+    let train = synthetic::synthetic_tokens(vocab, seed);
+    let val = synthetic::synthetic_val_tokens(vocab, seed);
+    assert_eq!(val, synthetic::synthetic_val_tokens(vocab, seed));
+    assert_eq!(val.len(), train.len());
+    // Another walk: the streams differ from the start…
+    assert_ne!(train[..1000], val[..1000]);
+    // …over the same chain: every transition of the validation stream is one of the training stream's
+    // (each token has 3 successors; a million training tokens show every one of them).
+    let mut seen = vec![false; vocab * vocab];
+    train
+        .windows(2)
+        .for_each(|w| seen[w[0] as usize * vocab + w[1] as usize] = true);
+    assert!(val
+        .windows(2)
+        .all(|w| seen[w[0] as usize * vocab + w[1] as usize]));
+    assert!(seen.iter().filter(|&&s| s).count() <= 3 * vocab);
+    // A different seed is a different chain: its transitions are not all in this one.
+    let other = synthetic::synthetic_val_tokens(vocab, seed + 1);
+    assert!(!other
+        .windows(2)
+        .all(|w| seen[w[0] as usize * vocab + w[1] as usize]));
+}
+
+#[test]
+fn a_missing_token_file_names_the_key_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.bin");
+    let mut config = crate::config::Config::default();
+    config.data.train = path.display().to_string();
+    let e = Loader::from_config(&config).err().unwrap().to_string();
+    assert!(
+        e.starts_with(&format!(
+            "data.train: token file {} does not exist",
+            path.display()
+        )) && e.contains("strata prepare"),
+        "{e}"
+    );
+    config.data.train = "synthetic".into();
+    config.data.val = Some(path.display().to_string());
+    let e = Loader::val_from_config(&config).err().unwrap().to_string();
+    assert!(e.starts_with("data.val: "), "{e}");
+    // Loader::new knows no key.
+    let e = Loader::new(&path.display().to_string(), 256, 1, 8, 0, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.starts_with("token file "), "{e}");
+}

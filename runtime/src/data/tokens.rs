@@ -101,7 +101,7 @@ impl TokenFile {
 
 /// Writes `tokens` as an llm.c token file.
 pub fn write_token_file(path: &Path, tokens: &[u16]) -> Result<(), DataError> {
-    let io = |source| DataError::Io {
+    let io = |source| DataError::Write {
         path: path.to_path_buf(),
         source,
     };

@@ -150,7 +150,7 @@ impl Engine {
                 .device_memory
                 .bytes()
                 .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
-            threads: config.train.threads,
+            threads: crate::threads::compute_threads(config.train.threads),
             ordinal: strata_collectives::RankInfo::from_env().map_or(0, |info| info.local_rank),
             stall_timeout: Duration::from_secs(config.dist.timeout_s.saturating_add(60)),
         })
@@ -176,7 +176,7 @@ impl Engine {
             dev,
         };
         engine.init_params()?;
-        tracing::info!(
+        tracing::debug!(
             device = %engine.dev.name(),
             precision = precision.name(),
             params = engine.num_params(),
@@ -254,6 +254,11 @@ impl Engine {
 
     pub fn world_size(&self) -> usize {
         self.comm.world_size()
+    }
+
+    /// The data-parallel group (for sums over ranks outside the step, and its backend).
+    pub fn communicator(&self) -> &dyn Communicator {
+        self.comm.as_ref()
     }
 
     /// An empty micro-batch of the configured shape, to fill and pass to [`Engine::train_step`].
