@@ -83,6 +83,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "tokens_per_step": tokens / timed.len().max(1),
         "device": engine.device().name(),
         "backend": engine.device().backend().name(),
+        "zero_stage": engine.zero_stage(),
+        "world_size": engine.world_size(),
+        "device_bytes_per_rank": engine.memory_ledger().iter().map(|(_, b)| b).sum::<usize>(),
+        "bytes_per_rank": engine
+            .memory_ledger()
+            .iter()
+            .map(|(what, bytes)| ((*what).to_string(), serde_json::json!(bytes)))
+            .collect::<serde_json::Map<_, _>>(),
+        "peak_rss_bytes": strata::train::peak_rss_bytes(),
         "precision": format!("{:?}", config.train.precision).to_lowercase(),
         "activation_checkpointing": config.train.activation_checkpointing,
         "threads": if config.train.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { config.train.threads },

@@ -265,9 +265,13 @@ impl<B> Work<B> {
 pub(crate) struct Queued {
     core: Arc<dyn Communicator>,
     shared: Arc<QueueShared>,
-    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    tx: Mutex<Option<mpsc::SyncSender<Job>>>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
+
+/// Most asynchronous collectives waiting on one communicator's comm thread; `submit` waits
+/// (bounded by the handle timeout) for room beyond that.
+pub const QUEUED_JOBS_MAX: usize = 1024;
 
 struct QueueShared {
     /// Jobs submitted and not yet finished.
@@ -340,7 +344,7 @@ impl Queued {
             idle: Condvar::new(),
             poisoned: Mutex::new(None),
         });
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::sync_channel::<Job>(QUEUED_JOBS_MAX);
         let worker_core = Arc::clone(&core);
         let worker_shared = Arc::clone(&shared);
         let rank = core.rank();
@@ -463,15 +467,35 @@ impl Communicator for Queued {
             job(&guarded);
         });
         *lock(&self.shared.pending) += 1;
-        tx.send(wrapped).map_err(|_| {
+        let unsubmit = |cause: String| {
             let mut pending = lock(&self.shared.pending);
             *pending = pending.saturating_sub(1);
             CommError::Poisoned {
                 rank,
                 op: "submit",
-                cause: "the comm thread has stopped".into(),
+                cause,
             }
-        })
+        };
+        let bound = handle_bound(self.core.timeout());
+        let deadline = Instant::now() + bound;
+        let mut job = wrapped;
+        loop {
+            match tx.try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::TrySendError::Disconnected(_)) => {
+                    return Err(unsubmit("the comm thread has stopped".into()))
+                }
+                Err(mpsc::TrySendError::Full(back)) => {
+                    if Instant::now() >= deadline {
+                        return Err(unsubmit(format!(
+                            "{QUEUED_JOBS_MAX} collectives queued and none finished within {bound:?}"
+                        )));
+                    }
+                    job = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
     }
     fn as_dyn(&self) -> &dyn Communicator {
         self

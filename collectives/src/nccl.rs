@@ -267,6 +267,66 @@ impl NcclCommunicator {
         .map_err(|e| self.error("all_reduce", nccl_code(&e)))
     }
 
+    /// Enqueues `recv (world·count) = concat over ranks of send (count)` on `stream`.
+    ///
+    /// # Safety
+    /// As [`Self::all_reduce_on_stream`], for `send` (count elements) and `recv` (world·count
+    /// elements), which must not overlap except as NCCL's in-place layout allows.
+    pub unsafe fn all_gather_on_stream(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: DType,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<()> {
+        let _g = self.guard();
+        // SAFETY: the caller's contract: live allocations of the sizes above, a live stream.
+        unsafe {
+            nccl::all_gather(
+                send as *const std::ffi::c_void,
+                recv as *mut std::ffi::c_void,
+                count,
+                nccl_dtype(dtype),
+                self.comm.0,
+                stream as _,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| self.error("all_gather", nccl_code(&e)))
+    }
+
+    /// Enqueues a sum `recv (count) = (Σ over ranks of send (world·count))[rank·count..]` on
+    /// `stream`.
+    ///
+    /// # Safety
+    /// As [`Self::all_gather_on_stream`], with `send` of world·count and `recv` of count
+    /// elements.
+    pub unsafe fn reduce_scatter_on_stream(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: DType,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<()> {
+        let _g = self.guard();
+        // SAFETY: the caller's contract: live allocations of the sizes above, a live stream.
+        unsafe {
+            nccl::reduce_scatter(
+                send as *const std::ffi::c_void,
+                recv as *mut std::ffi::c_void,
+                count,
+                nccl_dtype(dtype),
+                nccl_sys::ncclRedOp_t::ncclSum,
+                self.comm.0,
+                stream as _,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| self.error("reduce_scatter", nccl_code(&e)))
+    }
+
     fn raw_all_gather<T>(
         &self,
         send: &CudaSlice<T>,

@@ -21,3 +21,8 @@ extern "C" __global__ void accumulate_x_to_f32(float* out, const floatX* in, flo
 extern "C" __global__ void scale_f32(float* x, float scale, size_t N) {
     GRID_STRIDE_LOOP(i, N) { x[i] *= scale; }
 }
+
+// out (N) fp32 += in (N) fp32 (a reduced gradient shard into its accumulator).
+extern "C" __global__ void add_f32(float* out, const float* in, size_t N) {
+    GRID_STRIDE_LOOP(i, N) { out[i] += in[i]; }
+}

@@ -205,9 +205,48 @@ fn describe_run(config: &Config, engine: &Engine) -> String {
     let tokens_per_step =
         config.data.micro_batch_size * config.model.seq_len * config.data.grad_accum_steps * world;
     format!(
-        "GPT-2, {} params | {device} | {ranks} | stage 0 (data parallel): all states on the \
-         device | {tokens_per_step} tokens per step",
-        format_count(engine.num_params())
+        "GPT-2, {} params | {device} | {ranks} | {} | {tokens_per_step} tokens per step",
+        format_count(engine.num_params()),
+        describe_stage(engine.zero_stage())
+    )
+}
+
+/// The ZeRO stage and what it partitions.
+fn describe_stage(stage: u8) -> &'static str {
+    match stage {
+        0 => "stage 0 (data parallel): all states on the device",
+        1 => "stage 1 (optimizer states sharded): all states on the device",
+        2 => "stage 2 (gradients and optimizer states sharded): all states on the device",
+        _ => {
+            "stage 3 (parameters, gradients and optimizer states sharded): all states on the device"
+        }
+    }
+}
+
+/// This process's peak resident memory (VmHWM), when /proc tells it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// One line per rank: its peak resident memory and its device memory by purpose.
+fn memory_line(engine: &Engine) -> String {
+    let device: usize = engine.memory_ledger().iter().map(|(_, b)| b).sum();
+    let parts: Vec<String> = engine
+        .memory_ledger()
+        .iter()
+        .map(|(what, bytes)| format!("{what} {}", crate::engine::human_bytes(*bytes)))
+        .collect();
+    let rss = peak_rss_bytes().map_or("unknown".into(), |b| {
+        format!("{} ({b} bytes)", crate::engine::human_bytes(b as usize))
+    });
+    format!(
+        "rank {}: peak resident memory {rss}; device memory {} ({device} bytes): {}",
+        engine.rank(),
+        crate::engine::human_bytes(device),
+        parts.join(", ")
     )
 }
 
@@ -369,10 +408,14 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
         history.push(stats);
     }
     reporter.finish();
-    if let (Some(path), true) = (&config.train.export_to, lead) {
+    if let Some(path) = &config.train.export_to {
+        // Every rank takes part (shards are gathered); rank 0 writes.
         engine.save_weights(path)?;
-        tracing::info!("weights written to {}", path.display());
+        if lead {
+            tracing::info!("weights written to {}", path.display());
+        }
     }
+    tracing::info!("{}", memory_line(&engine));
     let mut summary = summarize(&history, engine.num_params(), rank);
     summary.val_loss = last_val;
     Ok(summary)

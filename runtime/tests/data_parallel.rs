@@ -97,6 +97,22 @@ fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
 
 #[test]
 fn a_rank_killed_during_training_stops_the_job_and_is_named() {
+    kill_rank_1_during_training(&[]);
+}
+
+/// At ZeRO stage 3 every unit is all-gathered before each use, so the kill lands in (or right
+/// before) an all-gather.
+#[test]
+fn a_rank_killed_during_stage_3_all_gathers_stops_the_job_and_is_named() {
+    kill_rank_1_during_training(&[
+        "--set",
+        "zero.stage=3",
+        "--set",
+        "zero.param_persistence_threshold=0",
+    ]);
+}
+
+fn kill_rank_1_during_training(extra: &[&str]) {
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().expect("tempdir");
     let metrics = dir.path().join("metrics.jsonl");
@@ -120,6 +136,7 @@ fn a_rank_killed_during_training_stops_the_job_and_is_named() {
         ])
         .arg("--set")
         .arg(format!("train.metrics_file={}", metrics.display()))
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -389,6 +389,17 @@ pub trait Device: Send + Sync {
     // --- collectives (Queue::Comm) -------------------------------------------------------------
     /// In-place sum over the ranks of `comm` (f32 or X).
     fn all_reduce(&self, comm: &Arc<dyn Communicator>, buf: &Buf) -> Result<()>;
+    /// recv (world·n) = concat over the ranks of send (n), f32 or X; send and recv disjoint.
+    fn all_gather(&self, comm: &Arc<dyn Communicator>, send: &Buf, recv: &Buf) -> Result<()>;
+    /// recv (n) += (Σ over the ranks of send (world·n))[rank·n..(rank+1)·n], f32: a gradient
+    /// shard accumulates across micro-batches. `scratch` (n f32) receives the reduction first.
+    fn reduce_scatter_add(
+        &self,
+        comm: &Arc<dyn Communicator>,
+        send: &Buf,
+        recv: &Buf,
+        scratch: &Buf,
+    ) -> Result<()>;
 
     // --- profiling ---------------------------------------------------------------------------
     /// Starts timing every operation on the compute queue.

@@ -49,6 +49,36 @@ pub struct Config {
     pub optim: OptimConfig,
     pub train: TrainConfig,
     pub dist: DistConfig,
+    pub zero: ZeroConfig,
+}
+
+/// `[zero]`: how states are partitioned across the data-parallel ranks (DeepSpeed's ZeRO stages).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZeroConfig {
+    /// 0: plain data parallelism (every rank holds every state); 1: optimizer states (fp32
+    /// master weights, Adam m and v) partitioned; 2: gradients too; 3: parameters too.
+    pub stage: u8,
+    /// Units with fewer elements stay whole on every rank at stage 3 (DeepSpeed's
+    /// stage3_param_persistence_threshold).
+    pub param_persistence_threshold: usize,
+    /// Bytes of parameters gathered ahead of the unit computing now (DeepSpeed's
+    /// stage3_prefetch_bucket_size); the next unit is always gathered ahead unless it is 0.
+    pub prefetch_bytes_max: ByteSize,
+    /// Bytes of gathered parameters alive at once, the current units included (DeepSpeed's
+    /// stage3_max_live_parameters).
+    pub live_params_bytes_max: ByteSize,
+}
+
+impl Default for ZeroConfig {
+    fn default() -> Self {
+        ZeroConfig {
+            stage: 0,
+            param_persistence_threshold: 100_000,
+            prefetch_bytes_max: ByteSize::mib(64),
+            live_params_bytes_max: ByteSize::gib(1),
+        }
+    }
 }
 
 /// `[dist]`: how ranks started by `strata launch` (or torchrun, srun, mpirun) talk to each other.
@@ -391,6 +421,12 @@ impl Config {
         }
         if self.dist.timeout_s == 0 {
             return Err(invalid("dist.timeout_s", "must be at least 1 (seconds)"));
+        }
+        if self.zero.stage > 3 {
+            return Err(invalid(
+                "zero.stage",
+                format!("{} is not a ZeRO stage: use 0, 1, 2 or 3", self.zero.stage),
+            ));
         }
         if self.data.train.trim().is_empty() {
             return Err(invalid(

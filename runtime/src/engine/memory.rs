@@ -3,25 +3,37 @@
 //! the device's arena. Each unit's states sit in one record, [`UnitState`], so partitioning and
 //! offload can replace its buffers by shards with a residency without the stage walk changing.
 
+use super::zero::{Home, Placement, Shard};
 use crate::backend::{Arena, Buf, DType, DeviceError, NORM_PARTIALS_MAX};
 use crate::model::{Tokens, UnitSpec};
 
-/// All states of one unit: flat buffers laid out as its [`UnitSpec`].
+/// All states of one unit on this rank. Whole buffers hold the unit's padded layout
+/// (`shard.padded` elements); sharded ones hold this rank's `shard.len` elements.
 pub struct UnitState {
-    /// Compute weights (X); the master buffer itself when X is f32.
-    pub params: Buf,
-    /// Gradients (f32), accumulated over the micro-batches of a step.
+    pub shard: Shard,
+    pub placement: Placement,
+    /// Whole compute weights (X): every unit at stages 0–2, persistent units at stage 3.
+    /// The master weights themselves at stage 0 when X is f32.
+    pub params: Option<Buf>,
+    /// This rank's shard of the compute weights (X), what all-gathers send (stages ≥ 1); the
+    /// master shard itself when X is f32.
+    pub params_shard: Option<Buf>,
+    /// Gradients (f32): whole (all-reduced) or this rank's shard (reduce-scattered into,
+    /// accumulated over the micro-batches of a step).
     pub grads: Buf,
-    /// fp32 master weights, AdamW's first and second moments.
+    /// fp32 master weights, AdamW's first and second moments: whole or this rank's shard.
     pub master: Buf,
     pub adam_m: Buf,
     pub adam_v: Buf,
 }
 
 impl UnitState {
-    /// Whether the compute weights are a separate copy of the master weights.
+    /// Whether whole compute weights exist apart from the master weights (they are updated
+    /// from them after each optimizer step).
     pub fn has_compute_copy(&self) -> bool {
-        !self.params.same_range(&self.master)
+        self.params
+            .as_ref()
+            .is_some_and(|p| !p.same_range(&self.master))
     }
 }
 
@@ -39,6 +51,12 @@ pub struct StepBuffers {
     /// (1) f32: the squared global gradient norm; and its first stage's partial sums.
     pub norm: Buf,
     pub norm_partials: Buf,
+    /// Gathered parameters of sharded units (X), laid out by the plan.
+    pub param_pool: Option<Buf>,
+    /// Whole gradients of units with sharded gradients (f32), laid out by the plan.
+    pub grad_pool: Option<Buf>,
+    /// Where a reduce-scatter lands before it is added to its gradient shard (f32).
+    pub reduce_scratch: Option<Buf>,
 }
 
 /// The sizes the engine's memory is planned for.
@@ -54,6 +72,9 @@ pub struct Sizes {
     pub act_len: usize,
     /// Compute type X.
     pub x: DType,
+    /// Elements of the two transient pools (the plan's).
+    pub param_pool_len: usize,
+    pub grad_pool_len: usize,
 }
 
 impl Sizes {
@@ -62,30 +83,73 @@ impl Sizes {
     }
 }
 
-/// Allocates (or, on a counting arena, counts) every state of `units` and every step buffer.
+fn alloc_home(
+    arena: &Arena,
+    what: &'static str,
+    dtype: DType,
+    home: Home,
+    shard: &Shard,
+) -> Result<Buf, DeviceError> {
+    let len = match home {
+        Home::Whole => shard.padded,
+        Home::Sharded => shard.len,
+    };
+    arena.alloc(what, dtype, len)
+}
+
+/// Allocates (or, on a counting arena, counts) the states of one unit.
+fn unit_state(
+    arena: &Arena,
+    x: DType,
+    shard: Shard,
+    placement: Placement,
+) -> Result<UnitState, DeviceError> {
+    let master = alloc_home(
+        arena,
+        "master params (f32)",
+        DType::F32,
+        placement.optimizer,
+        &shard,
+    )?;
+    let params = match placement.params {
+        Home::Whole if placement.optimizer == Home::Whole && x == DType::F32 => {
+            Some(master.clone())
+        }
+        Home::Whole => Some(arena.alloc("compute params", x, shard.padded)?),
+        Home::Sharded => None,
+    };
+    let params_shard = match placement.optimizer {
+        Home::Whole => None,
+        Home::Sharded if x == DType::F32 => Some(master.clone()),
+        Home::Sharded => Some(arena.alloc("compute params", x, shard.len)?),
+    };
+    Ok(UnitState {
+        shard,
+        placement,
+        params,
+        params_shard,
+        grads: alloc_home(
+            arena,
+            "gradients (f32)",
+            DType::F32,
+            placement.grads,
+            &shard,
+        )?,
+        adam_m: alloc_home(arena, "adam m", DType::F32, placement.optimizer, &shard)?,
+        adam_v: alloc_home(arena, "adam v", DType::F32, placement.optimizer, &shard)?,
+        master,
+    })
+}
+
+/// Allocates (or counts) every unit's states and every step buffer.
 pub fn allocate(
     arena: &Arena,
-    units: &[UnitSpec],
+    units: &[(Shard, Placement)],
     sizes: &Sizes,
 ) -> Result<(Vec<UnitState>, StepBuffers), DeviceError> {
     let states = units
         .iter()
-        .map(|u| {
-            let n = u.numel();
-            let master = arena.alloc("master params (f32)", DType::F32, n)?;
-            let params = if sizes.x == DType::F32 {
-                master.clone()
-            } else {
-                arena.alloc("compute params", sizes.x, n)?
-            };
-            Ok(UnitState {
-                params,
-                grads: arena.alloc("gradients (f32)", DType::F32, n)?,
-                master,
-                adam_m: arena.alloc("adam m", DType::F32, n)?,
-                adam_v: arena.alloc("adam v", DType::F32, n)?,
-            })
-        })
+        .map(|&(shard, placement)| unit_state(arena, sizes.x, shard, placement))
         .collect::<Result<Vec<_>, DeviceError>>()?;
     let (bt, x) = (sizes.bt(), sizes.x);
     let tokens = arena.alloc("tokens", DType::I32, 2 * sizes.micro_max * bt)?;
@@ -93,6 +157,14 @@ pub fn allocate(
     for _ in 1..sizes.stages {
         acts.push(arena.alloc("stage inputs", x, sizes.act_len)?);
     }
+    let pool =
+        |what, dtype, len: usize| (len > 0).then(|| arena.alloc(what, dtype, len)).transpose();
+    let shard_max = units
+        .iter()
+        .filter(|(_, p)| p.grads == Home::Sharded)
+        .map(|(s, _)| s.len)
+        .max()
+        .unwrap_or(0);
     let buffers = StepBuffers {
         acts,
         dres: arena.alloc("activation gradient", x, sizes.act_len)?,
@@ -100,6 +172,9 @@ pub fn allocate(
         losses: arena.alloc("losses", DType::F32, sizes.micro_max * bt)?,
         norm: arena.alloc("gradient norm", DType::F32, 1)?,
         norm_partials: arena.alloc("gradient norm", DType::F32, NORM_PARTIALS_MAX)?,
+        param_pool: pool("gathered params (pool)", x, sizes.param_pool_len)?,
+        grad_pool: pool("gradient buffers (pool)", DType::F32, sizes.grad_pool_len)?,
+        reduce_scratch: pool("reduce-scatter scratch", DType::F32, shard_max)?,
     };
     Ok((states, buffers))
 }
@@ -165,6 +240,7 @@ pub fn human_bytes(bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::zero::{Placement, Shard};
     use crate::model::gpt2::{Gpt2, Gpt2Shape};
     use crate::model::Model;
 
@@ -198,7 +274,7 @@ mod tests {
 
     #[test]
     fn fp32_compute_weights_are_the_master_weights() {
-        let units = Gpt2::new(Gpt2Shape {
+        let units: Vec<(Shard, Placement)> = Gpt2::new(Gpt2Shape {
             n_layer: 1,
             n_head: 2,
             n_embd: 8,
@@ -206,7 +282,14 @@ mod tests {
             max_seq_len: 4,
         })
         .units()
-        .to_vec();
+        .iter()
+        .map(|u| {
+            (
+                Shard::new(u.numel(), 1, 0),
+                Placement::for_stage(0, u.numel(), 0),
+            )
+        })
+        .collect();
         let sizes = Sizes {
             b: 2,
             t: 4,
@@ -214,6 +297,8 @@ mod tests {
             stages: 3,
             act_len: 64,
             x: DType::F32,
+            param_pool_len: 0,
+            grad_pool_len: 0,
         };
         let arena = Arena::counting();
         let (states, _) = allocate(&arena, &units, &sizes).unwrap();

@@ -11,9 +11,13 @@
 //! replace its buffers by shards with a residency without the stage walk changing.
 
 mod error;
+mod host;
 mod memory;
+pub mod schedule;
 mod stats;
 mod step;
+mod walk;
+pub mod zero;
 
 pub use error::{BatchError, EngineError};
 pub use memory::{human_bytes, UnitState};
@@ -22,7 +26,6 @@ pub use stats::StepStats;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rayon::prelude::*;
 use strata_collectives::{CommError, Communicator};
 
 use crate::backend::{self, Arena, Backend, Device, DeviceError, DeviceOptions, Event, Precision};
@@ -30,8 +33,9 @@ use crate::config::{self, Config, DeviceKind, DistConfig};
 use crate::model::gpt2::{Gpt2, Gpt2Shape};
 use crate::model::{Batch, Model, Prepare, UnitSpec};
 use crate::optim::LossScaler;
-use crate::weights;
 use memory::{AdamSegment, Sizes, StepBuffers};
+use schedule::{Lookahead, Plan, PlanInput};
+use zero::{Home, Placement, Shard};
 
 /// The communicator for this process: from the launcher's variables when it was started by
 /// `strata launch`, torchrun, srun or mpirun; a world of one otherwise.
@@ -90,6 +94,10 @@ pub struct Engine {
     sizes: Sizes,
     states: Vec<UnitState>,
     bufs: StepBuffers,
+    /// How far ahead the walks gather, as the budget allowed.
+    lookahead: Lookahead,
+    /// Plans of the walks run so far, by (micro-batches, training).
+    plans: Vec<((usize, bool), Arc<Plan>)>,
     scaler: LossScaler,
     /// Optimizer steps taken.
     step: usize,
@@ -121,14 +129,29 @@ impl Engine {
         let comm: Arc<dyn Communicator> =
             Arc::from(connect(&config.dist, backend == Backend::Cuda)?);
         let units = model.units().to_vec();
+        let stage_units: Vec<Vec<usize>> = model.stages().iter().map(|s| s.units.clone()).collect();
+        let (world, rank) = (comm.world_size(), comm.rank());
+        let z = &config.zero;
+        let layout: Vec<(Shard, Placement)> = units
+            .iter()
+            .map(|u| {
+                let n = u.numel();
+                let placement = Placement::for_stage(z.stage, n, z.param_persistence_threshold);
+                (Shard::new(n, world, rank), placement)
+            })
+            .collect();
         let (b, t) = (config.data.micro_batch_size, config.model.seq_len);
+        let micro_max = config.data.grad_accum_steps.max(1);
+        let (lookahead, pools) = plan_pools(&config, &stage_units, &layout, micro_max, precision)?;
         let sizes = Sizes {
             b,
             t,
-            micro_max: config.data.grad_accum_steps.max(1),
-            stages: model.stages().len(),
+            micro_max,
+            stages: stage_units.len(),
             act_len: model.activation_len(b, t),
             x: precision.dtype(),
+            param_pool_len: pools.0,
+            grad_pool_len: pools.1,
         };
         let prepare = Prepare {
             b,
@@ -138,7 +161,7 @@ impl Engine {
         };
         // The dry run: the same allocations on an arena that only counts.
         let counting = Arena::counting();
-        memory::allocate(&counting, &units, &sizes)?;
+        memory::allocate(&counting, &layout, &sizes)?;
         model.prepare(&counting, prepare)?;
         let ledger = counting.ledger();
         let dev = backend::open(&DeviceOptions {
@@ -155,10 +178,11 @@ impl Engine {
             stall_timeout: Duration::from_secs(config.dist.timeout_s.saturating_add(60)),
         })
         .map_err(|e| does_not_fit(e, &ledger, &config))?;
-        let (states, bufs) = memory::allocate(dev.arena(), &units, &sizes)?;
+        let (states, bufs) = memory::allocate(dev.arena(), &layout, &sizes)?;
         model.prepare(dev.arena(), prepare)?;
-        let stage_units = model.stages().iter().map(|s| s.units.clone()).collect();
         let mut engine = Engine {
+            lookahead,
+            plans: Vec::new(),
             segments: units.iter().map(memory::adam_segments).collect(),
             scaler: LossScaler::for_precision(precision),
             tokens_host: vec![0; 2 * sizes.micro_max * sizes.bt()],
@@ -184,35 +208,6 @@ impl Engine {
             "engine ready"
         );
         Ok(engine)
-    }
-
-    /// Initial weights (the model's init, or `model.init_from`) into the master weights and
-    /// their compute copy; zero gradients and moments.
-    fn init_params(&mut self) -> Result<(), EngineError> {
-        let seed = self.config.data.seed;
-        let mut params: Vec<Vec<f32>> = self
-            .units
-            .par_iter()
-            .enumerate()
-            .map(|(i, u)| u.init_params(seed, i))
-            .collect();
-        if let Some(path) = &self.config.model.init_from {
-            weights::load(path, &self.units, &mut params)?;
-        }
-        let dev = &*self.dev;
-        for (state, host) in self.states.iter().zip(&params) {
-            dev.upload(&state.master, host)?;
-        }
-        for state in &self.states {
-            if state.has_compute_copy() {
-                dev.cast_f32_to_x(&state.params, &state.master)?;
-            }
-            for buf in [&state.grads, &state.adam_m, &state.adam_v] {
-                dev.memset(backend::Queue::Compute, buf, 0)?;
-            }
-        }
-        dev.synchronize(backend::Queue::Compute)?;
-        Ok(())
     }
 
     pub fn config(&self) -> &Config {
@@ -243,6 +238,11 @@ impl Engine {
         &self.ledger
     }
 
+    /// The ZeRO stage the engine runs.
+    pub fn zero_stage(&self) -> u8 {
+        self.config.zero.stage
+    }
+
     /// Optimizer steps taken so far.
     pub fn step(&self) -> usize {
         self.step
@@ -264,39 +264,6 @@ impl Engine {
     /// An empty micro-batch of the configured shape, to fill and pass to [`Engine::train_step`].
     pub fn new_batch(&self) -> Batch {
         Batch::zeros(self.sizes.b, self.sizes.t)
-    }
-
-    /// The fp32 master weights, one flat vector per unit (the unit's layout, padding included).
-    pub fn params(&self) -> Result<Vec<Vec<f32>>, EngineError> {
-        self.states
-            .iter()
-            .map(|s| Ok(self.device().read_f32(&s.master)?))
-            .collect()
-    }
-
-    /// The gradients of the last `forward_backward`, one flat vector per unit, loss scale
-    /// removed.
-    pub fn grads(&self) -> Result<Vec<Vec<f32>>, EngineError> {
-        let scale = self.scaler.scale();
-        self.states
-            .iter()
-            .map(|s| {
-                let mut g = self.device().read_f32(&s.grads)?;
-                g.iter_mut().for_each(|v| *v /= scale);
-                Ok(g)
-            })
-            .collect()
-    }
-
-    /// Writes the parameters as safetensors with the model's tensor names.
-    pub fn save_weights(&self, path: &std::path::Path) -> Result<(), EngineError> {
-        let params = self.params()?;
-        let mut meta = std::collections::BTreeMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        meta.insert("strata_step".to_string(), self.step.to_string());
-        let units = self.units.iter().zip(params.iter().map(Vec::as_slice));
-        weights::save(path, units, meta)?;
-        Ok(())
     }
 }
 
@@ -336,4 +303,76 @@ fn does_not_fit(e: DeviceError, ledger: &[(&'static str, usize)], config: &Confi
         human_bytes(available_bytes),
         advice.join(", ")
     ))
+}
+
+/// The walk plans' lookahead and the pools' sizes (elements of X, of f32): the configured
+/// prefetch if the gathered parameters then fit in `zero.live_params_bytes_max`, else no
+/// prefetch; an error naming the key when even the largest stage alone does not fit.
+fn plan_pools(
+    config: &Config,
+    stage_units: &[Vec<usize>],
+    layout: &[(Shard, Placement)],
+    micro_max: usize,
+    precision: Precision,
+) -> Result<(Lookahead, (usize, usize)), EngineError> {
+    let unit_len: Vec<usize> = layout.iter().map(|(s, _)| s.padded).collect();
+    let gathered: Vec<bool> = layout
+        .iter()
+        .map(|(_, p)| p.params == Home::Sharded)
+        .collect();
+    let grad_sharded: Vec<bool> = layout
+        .iter()
+        .map(|(_, p)| p.grads == Home::Sharded)
+        .collect();
+    let x_bytes = precision.dtype().size_bytes();
+    let live_max = usize::try_from(config.zero.live_params_bytes_max.bytes()).unwrap_or(usize::MAX);
+    let input = |micro, train| PlanInput {
+        stage_units,
+        unit_len: &unit_len,
+        gathered: &gathered,
+        grad_sharded: &grad_sharded,
+        micro,
+        train,
+        param_bytes: x_bytes,
+    };
+    let wanted = Lookahead {
+        prefetch_bytes: usize::try_from(config.zero.prefetch_bytes_max.bytes())
+            .unwrap_or(usize::MAX),
+        reuse_gap: 2,
+    };
+    let pools = |look| {
+        let (train, eval) = (
+            Plan::new(&input(micro_max, true), look),
+            Plan::new(&input(1, false), look),
+        );
+        (
+            train.param_pool_len.max(eval.param_pool_len),
+            train.grad_pool_len.max(eval.grad_pool_len),
+        )
+    };
+    for look in [
+        wanted,
+        Lookahead {
+            prefetch_bytes: 0,
+            reuse_gap: 0,
+        },
+    ] {
+        let lens = pools(look);
+        if lens.0 * x_bytes <= live_max {
+            return Ok((look, lens));
+        }
+    }
+    let needed = pools(Lookahead {
+        prefetch_bytes: 0,
+        reuse_gap: 0,
+    })
+    .0 * x_bytes;
+    Err(EngineError::Setting {
+        key: "zero.live_params_bytes_max",
+        message: format!(
+            "{} is less than the {} of gathered parameters the largest stage needs at once; raise it to at least {needed} bytes",
+            human_bytes(live_max),
+            human_bytes(needed)
+        ),
+    })
 }

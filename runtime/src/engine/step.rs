@@ -5,9 +5,11 @@
 
 use std::time::Instant;
 
+use super::walk::HeadMode;
+use super::zero::{clip_segments, Home};
 use super::{BatchError, Engine, EngineError, StepStats};
 use crate::backend::{AdamWHyper, Buf, OpTime, Precision, Queue};
-use crate::model::{Batch, HeadGrads, Tokens};
+use crate::model::Batch;
 use crate::optim::{clip_scale, lr_at, StepDecision};
 
 impl Engine {
@@ -85,63 +87,6 @@ impl Engine {
         Ok(())
     }
 
-    fn stage_params(&self, stage: usize) -> Vec<Buf> {
-        self.stage_units[stage]
-            .iter()
-            .map(|&u| self.states[u].params.clone())
-            .collect()
-    }
-
-    fn stage_grads(&self, stage: usize) -> Vec<Buf> {
-        self.stage_units[stage]
-            .iter()
-            .map(|&u| self.states[u].grads.clone())
-            .collect()
-    }
-
-    /// Runs every stage forward up to the head for micro-batch `k`.
-    fn forward_stages(&mut self, k: usize) -> Result<Tokens, EngineError> {
-        let tokens = self.bufs.tokens_of(k, &self.sizes)?;
-        let last = self.stage_units.len() - 1;
-        for s in 0..last {
-            let params = self.stage_params(s);
-            let (input, output) = (&self.bufs.acts[s], &self.bufs.acts[s + 1]);
-            self.model
-                .forward(&*self.dev, s, &params, &tokens, input, output)?;
-        }
-        Ok(tokens)
-    }
-
-    /// The head with its backward, then every stage backward, for micro-batch `k`.
-    fn backward_stages(
-        &mut self,
-        k: usize,
-        tokens: &Tokens,
-        dloss: f32,
-    ) -> Result<(), EngineError> {
-        let last = self.stage_units.len() - 1;
-        let losses = self
-            .bufs
-            .losses
-            .slice(k * self.sizes.bt(), self.sizes.bt())?;
-        let (params, grads) = (self.stage_params(last), self.stage_grads(last));
-        let head = HeadGrads {
-            grads: &grads,
-            dres: &self.bufs.dres,
-            dloss,
-        };
-        let input = &self.bufs.acts[last];
-        self.model
-            .head(&*self.dev, &params, tokens, input, &losses, Some(head))?;
-        for s in (0..last).rev() {
-            let (params, grads) = (self.stage_params(s), self.stage_grads(s));
-            let (input, dres) = (&self.bufs.acts[s], &self.bufs.dres);
-            self.model
-                .backward(&*self.dev, s, &params, &grads, tokens, input, dres)?;
-        }
-        Ok(())
-    }
-
     /// Mean of the first `micro` micro-batches' token losses (waits for the compute queue).
     fn mean_loss(&self, micro: usize) -> Result<f32, EngineError> {
         let losses = self.bufs.losses.slice(0, micro * self.sizes.bt())?;
@@ -161,19 +106,8 @@ impl Engine {
         for state in &self.states {
             self.dev.memset(Queue::Compute, &state.grads, 0)?;
         }
-        for k in 0..batches.len() {
-            let tokens = self.forward_stages(k)?;
-            self.backward_stages(k, &tokens, dloss)?;
-        }
-        if world > 1 {
-            // Each rank's gradients carry 1/world (see dloss), so the sum is the mean.
-            let dev = &*self.dev;
-            dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
-            for state in &self.states {
-                dev.all_reduce(&self.comm, &state.grads)?;
-            }
-            dev.wait(Queue::Compute, &dev.record(Queue::Comm)?)?;
-        }
+        let plan = self.plan(batches.len(), true)?;
+        self.walk(&plan, HeadMode::Train { dloss })?;
         let local = self.mean_loss(batches.len())?;
         if world == 1 {
             return Ok(local);
@@ -185,10 +119,9 @@ impl Engine {
         Ok(loss[0])
     }
 
-    /// Global gradient norm, clipping, and one AdamW step with the scheduled learning rate.
-    /// Returns (grad_norm before clipping, lr). A non-finite norm skips the update (fp16:
-    /// the loss scale backs off and the norm is reported as infinite).
-    pub fn optimizer_step(&mut self) -> Result<(f32, f32), EngineError> {
+    /// The squared global gradient norm: over whole gradients (the same on every rank), or the
+    /// sum over every rank's gradient shards.
+    fn grad_norm_squared(&self) -> Result<f32, EngineError> {
         let dev = &*self.dev;
         for (u, state) in self.states.iter().enumerate() {
             dev.grad_norm_squared(
@@ -198,16 +131,34 @@ impl Engine {
                 u > 0,
             )?;
         }
-        let norm_sq = dev
+        // Stages 0 and 1 keep every unit's gradients whole; stages 2 and 3 shard every unit's.
+        if self
+            .states
+            .iter()
+            .any(|s| s.placement.grads == Home::Sharded)
+        {
+            dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
+            dev.all_reduce(&self.comm, &self.bufs.norm)?;
+            dev.wait(Queue::Compute, &dev.record(Queue::Comm)?)?;
+        }
+        Ok(dev
             .read_f32(&self.bufs.norm)?
             .first()
             .copied()
-            .unwrap_or(f32::NAN);
+            .unwrap_or(f32::NAN))
+    }
+
+    /// Global gradient norm, clipping, and one AdamW step with the scheduled learning rate on
+    /// this rank's part of every unit, then the compute weights gathered where they are whole.
+    /// Returns (grad_norm before clipping, lr). A non-finite norm skips the update (fp16: the
+    /// loss scale backs off and the norm is reported as infinite), on every rank alike.
+    pub fn optimizer_step(&mut self) -> Result<(f32, f32), EngineError> {
+        let norm_sq = self.grad_norm_squared()?;
         let o = &self.config.optim;
         let lr = lr_at(o, self.step, self.config.train.steps);
         let loss_scale = self.scaler.scale();
         // Only fp16 recovers from overflow (skip and rescale).
-        if !norm_sq.is_finite() && dev.precision() != Precision::Fp16 {
+        if !norm_sq.is_finite() && self.dev.precision() != Precision::Fp16 {
             return Err(EngineError::NonFinite {
                 step: self.step,
                 what: "gradient norm",
@@ -237,13 +188,18 @@ impl Engine {
         let grad_scale = clip_scale(grad_norm, o.grad_clip) / loss_scale;
         let step = u32::try_from(self.step + 1).unwrap_or(u32::MAX);
         for (state, segments) in self.states.iter().zip(&self.segments) {
-            for seg in segments {
+            let (range, copy) = match state.placement.optimizer {
+                Home::Whole => (0..state.shard.padded, state.params.as_ref()),
+                Home::Sharded => (state.shard.range(), state.params_shard.as_ref()),
+            };
+            let copy = copy.filter(|c| !c.same_range(&state.master));
+            // Whole gradients are read at this rank's part; sharded ones are that part.
+            let grads = match (state.placement.grads, state.placement.optimizer) {
+                (Home::Whole, Home::Sharded) => state.grads.slice(range.start, range.len())?,
+                _ => state.grads.clone(),
+            };
+            for seg in clip_segments(segments, &range) {
                 let view = |b: &Buf| b.slice(seg.offset, seg.len);
-                let copy = if state.has_compute_copy() {
-                    Some(view(&state.params)?)
-                } else {
-                    None
-                };
                 let hyper = AdamWHyper {
                     lr,
                     beta1: o.betas[0],
@@ -253,16 +209,17 @@ impl Engine {
                     step,
                     grad_scale,
                 };
-                dev.adamw(
+                self.dev.adamw(
                     &view(&state.master)?,
-                    copy.as_ref(),
-                    &view(&state.grads)?,
+                    copy.map(view).transpose()?.as_ref(),
+                    &view(&grads)?,
                     &view(&state.adam_m)?,
                     &view(&state.adam_v)?,
                     &hyper,
                 )?;
             }
         }
+        self.gather_whole_params()?;
         self.step += 1;
         Ok((grad_norm, lr))
     }
@@ -312,13 +269,8 @@ impl Engine {
     pub fn eval_loss(&mut self, batch: &Batch) -> Result<f32, EngineError> {
         self.check_batches(std::slice::from_ref(batch))?;
         self.upload_tokens(std::slice::from_ref(batch))?;
-        let tokens = self.forward_stages(0)?;
-        let last = self.stage_units.len() - 1;
-        let params = self.stage_params(last);
-        let losses = self.bufs.losses.slice(0, self.sizes.bt())?;
-        let input = &self.bufs.acts[last];
-        self.model
-            .head(&*self.dev, &params, &tokens, input, &losses, None)?;
+        let plan = self.plan(1, false)?;
+        self.walk(&plan, HeadMode::Eval)?;
         self.mean_loss(1)
     }
 
@@ -326,22 +278,9 @@ impl Engine {
     pub fn logits(&mut self, batch: &Batch) -> Result<Vec<f32>, EngineError> {
         self.check_batches(std::slice::from_ref(batch))?;
         self.upload_tokens(std::slice::from_ref(batch))?;
-        self.forward_stages(0)?;
-        let last = self.stage_units.len() - 1;
-        let params = self.stage_params(last);
-        let v = self.config.model.vocab_size;
-        let rows = self.sizes.bt();
-        let mut out = Vec::with_capacity(rows * v);
-        let mut row0 = 0;
-        while row0 < rows {
-            let input = &self.bufs.acts[last];
-            let (chunk, n, vp) = self.model.logits_chunk(&*self.dev, &params, input, row0)?;
-            let values = self.device().read_f32(&chunk)?;
-            for row in values.chunks_exact(vp).take(n) {
-                out.extend_from_slice(&row[..v]);
-            }
-            row0 += n;
-        }
+        let plan = self.plan(1, false)?;
+        let mut out = Vec::with_capacity(self.sizes.bt() * self.config.model.vocab_size);
+        self.walk(&plan, HeadMode::Logits(&mut out))?;
         Ok(out)
     }
 }

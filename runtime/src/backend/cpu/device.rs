@@ -356,6 +356,64 @@ impl Device for CpuDevice {
         )
     }
 
+    fn all_gather(&self, comm: &Arc<dyn Communicator>, send: &Buf, recv: &Buf) -> Result<()> {
+        let op = "all_gather";
+        live(op, &[send, recv])?;
+        check(op, "send", send, F32, send.len())?;
+        check(op, "recv", recv, F32, send.len() * comm.world_size())?;
+        disjoint(op, &[recv], &[send])?;
+        let (comm, send, recv) = (Arc::clone(comm), send.clone(), recv.clone());
+        self.queue(Queue::Comm).submit(
+            op,
+            Box::new(move || {
+                // SAFETY: live, disjoint host memory; the comm queue owns it during this job.
+                let (s, r) = unsafe { (view::<f32>(&send), view_mut::<f32>(&recv)) };
+                comm.all_gather(s, r).map_err(|source| DeviceError::Comm {
+                    queue: "comm",
+                    source,
+                })
+            }),
+        )
+    }
+
+    fn reduce_scatter_add(
+        &self,
+        comm: &Arc<dyn Communicator>,
+        send: &Buf,
+        recv: &Buf,
+        scratch: &Buf,
+    ) -> Result<()> {
+        let op = "reduce_scatter_add";
+        live(op, &[send, recv, scratch])?;
+        check(op, "recv", recv, F32, recv.len())?;
+        check(op, "send", send, F32, recv.len() * comm.world_size())?;
+        check(op, "scratch", scratch, F32, recv.len())?;
+        disjoint(op, &[recv, scratch], &[send])?;
+        let (comm, bufs) = (Arc::clone(comm), [send, recv, scratch].map(Buf::clone));
+        let pool = Arc::clone(&self.pool);
+        self.queue(Queue::Comm).submit(
+            op,
+            Box::new(move || {
+                let [send, recv, scratch] = &bufs;
+                // SAFETY: live, disjoint host memory; the comm queue owns it during this job.
+                let (s, r, tmp) = unsafe {
+                    (
+                        view::<f32>(send),
+                        view_mut::<f32>(recv),
+                        view_mut::<f32>(scratch),
+                    )
+                };
+                comm.reduce_scatter(s, tmp)
+                    .map_err(|source| DeviceError::Comm {
+                        queue: "comm",
+                        source,
+                    })?;
+                pool.install(|| elementwise::add_into(r, tmp));
+                Ok(())
+            }),
+        )
+    }
+
     fn profile_start(&self) -> Result<()> {
         self.queue(Queue::Compute).profile_start();
         Ok(())

@@ -16,8 +16,8 @@ use strata_collectives::Communicator;
 use super::context::{GpuContext, GpuOptions, Stream};
 use crate::backend::host_queue::HostQueue;
 use crate::backend::{
-    AdamWHyper, Arena, AttentionActs, AttentionScratch, AttentionShape, Backend, Buf, DType,
-    Device, DeviceError, Event, EventKind, GradMode, OpTime, Precision, Queue, Result,
+    ensure, AdamWHyper, Arena, AttentionActs, AttentionScratch, AttentionShape, Backend, Buf,
+    DType, Device, DeviceError, Event, EventKind, GradMode, OpTime, Precision, Queue, Result,
 };
 
 /// cuBLAS workspace carved from the arena.
@@ -73,6 +73,39 @@ fn device_stream(queue: Queue, op: &'static str) -> Result<Stream> {
             "the io queue is a host thread; it does not touch device memory",
         )
     })
+}
+
+/// The NCCL communicator behind `comm`: GPU buffers are reduced with NCCL.
+fn nccl_of(comm: &Arc<dyn Communicator>) -> Result<&strata_collectives::NcclCommunicator> {
+    comm.as_nccl().ok_or_else(|| {
+        DeviceError::op(
+            "collective",
+            format!(
+                "GPU buffers are exchanged with NCCL; this rank's communicator is {} (set dist.backend = \"nccl\" or \"auto\")",
+                comm.backend()
+            ),
+        )
+    })
+}
+
+/// NCCL's element type for a live device buffer.
+fn nccl_dtype(op: &'static str, buf: &Buf) -> Result<strata_collectives::DType> {
+    buf.check_live(op, crate::backend::arena::Location::Cuda)?;
+    match buf.dtype() {
+        DType::F32 => Ok(strata_collectives::DType::F32),
+        DType::Bf16 => Ok(strata_collectives::DType::Bf16),
+        other => Err(DeviceError::op(
+            op,
+            format!("{} buffers are not exchanged over NCCL here", other.name()),
+        )),
+    }
+}
+
+fn comm_error(source: strata_collectives::CommError) -> DeviceError {
+    DeviceError::Comm {
+        queue: "comm",
+        source,
+    }
 }
 
 impl CudaDevice {
@@ -183,36 +216,63 @@ impl Device for CudaDevice {
         if comm.world_size() == 1 {
             return Ok(());
         }
-        let nccl = comm.as_nccl().ok_or_else(|| {
-            DeviceError::op(
-                "all_reduce",
-                format!(
-                    "GPU buffers are reduced with NCCL; this rank's communicator is {} (set dist.backend = \"nccl\" or \"auto\")",
-                    comm.backend()
-                ),
-            )
-        })?;
-        buf.check_live("all_reduce", crate::backend::arena::Location::Cuda)?;
-        let dtype = match buf.dtype() {
-            DType::F32 => strata_collectives::DType::F32,
-            DType::Bf16 => strata_collectives::DType::Bf16,
-            other => {
-                return Err(DeviceError::op(
-                    "all_reduce",
-                    format!("{} buffers are not reduced over NCCL here", other.name()),
-                ))
-            }
-        };
+        let nccl = nccl_of(comm)?;
+        let dtype = nccl_dtype("all_reduce", buf)?;
         let stream = self.gpu.stream(Stream::Comm).cu_stream();
-        // SAFETY: buf is a live view of this device's arena (checked), which outlives the
-        // enqueued work (the arena synchronizes the context before it frees); the stream is
-        // this context's communication stream, and NCCL binds the same device's primary context.
-        unsafe { nccl.all_reduce_on_stream(buf.ptr(), buf.len(), dtype, stream) }.map_err(
-            |source| DeviceError::Comm {
-                queue: "comm",
-                source,
-            },
-        )
+        // SAFETY: buf is a live view of this device's arena (checked by nccl_dtype), which
+        // outlives the enqueued work (the arena synchronizes the context before it frees); the
+        // stream is this context's communication stream, and NCCL binds the same device.
+        unsafe { nccl.all_reduce_on_stream(buf.ptr(), buf.len(), dtype, stream) }
+            .map_err(comm_error)
+    }
+
+    fn all_gather(&self, comm: &Arc<dyn Communicator>, send: &Buf, recv: &Buf) -> Result<()> {
+        let world = comm.world_size();
+        ensure(
+            recv.len() == world * send.len()
+                && recv.dtype() == send.dtype()
+                && !recv.overlaps(send),
+            "all_gather",
+            || format!("recv {recv:?} must be {world} x send {send:?}, disjoint"),
+        )?;
+        if world == 1 {
+            return self.copy_d2d(Queue::Comm, recv, send);
+        }
+        let nccl = nccl_of(comm)?;
+        let dtype = nccl_dtype("all_gather", send)?;
+        nccl_dtype("all_gather", recv)?;
+        let stream = self.gpu.stream(Stream::Comm).cu_stream();
+        // SAFETY: as in all_reduce, for two disjoint live views of the checked sizes.
+        unsafe { nccl.all_gather_on_stream(send.ptr(), recv.ptr(), send.len(), dtype, stream) }
+            .map_err(comm_error)
+    }
+
+    fn reduce_scatter_add(
+        &self,
+        comm: &Arc<dyn Communicator>,
+        send: &Buf,
+        recv: &Buf,
+        scratch: &Buf,
+    ) -> Result<()> {
+        let world = comm.world_size();
+        ensure(
+            send.len() == world * recv.len() && scratch.len() == recv.len(),
+            "reduce_scatter_add",
+            || format!("send {send:?} must be {world} x recv {recv:?}; scratch {scratch:?}"),
+        )?;
+        if world == 1 {
+            return Ok(self.gpu.add_f32(Stream::Comm, recv, send)?);
+        }
+        let nccl = nccl_of(comm)?;
+        let dtype = nccl_dtype("reduce_scatter_add", send)?;
+        nccl_dtype("reduce_scatter_add", scratch)?;
+        let stream = self.gpu.stream(Stream::Comm).cu_stream();
+        // SAFETY: as in all_reduce, for two disjoint live views of the checked sizes.
+        unsafe {
+            nccl.reduce_scatter_on_stream(send.ptr(), scratch.ptr(), recv.len(), dtype, stream)
+        }
+        .map_err(comm_error)?;
+        Ok(self.gpu.add_f32(Stream::Comm, recv, scratch)?)
     }
 
     fn profile_start(&self) -> Result<()> {

@@ -189,9 +189,20 @@ impl GpuContext {
     }
 
     fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        self.launch_on(Stream::Compute, name, cfg, args)
+    }
+
+    /// Launches `name` on `stream`; profiles time the compute stream only.
+    fn launch_on(
+        &self,
+        stream: Stream,
+        name: &'static str,
+        cfg: LaunchConfig,
+        args: &[Arg],
+    ) -> Result<()> {
         let func = self.kernels().get(name)?;
-        let stream = self.stream(Stream::Compute);
-        let mut builder = stream.launch_builder(func);
+        let on = self.stream(stream);
+        let mut builder = on.launch_builder(func);
         for arg in args {
             match arg {
                 Arg::Ptr(v) | Arg::Size(v) => builder.arg(v),
@@ -203,7 +214,10 @@ impl GpuContext {
         // written against its .cu declaration), every pointer is an arena view whose size the
         // launcher checked against the sizes passed, and the arena outlives the launch.
         unsafe { builder.launch(cfg) }.map_err(|e| CudaError::driver(name, e))?;
-        self.profile_mark(name)
+        if stream == Stream::Compute {
+            self.profile_mark(name)?;
+        }
+        Ok(())
     }
 
     /// Launches a kernel whose arguments are device pointers followed by ints.
@@ -639,6 +653,21 @@ impl GpuContext {
             Arg::Size(x.len() as u64),
         ];
         self.launch(op, elementwise_config(x.len()), &args)
+    }
+
+    /// out (N) f32 += inp (N) f32 on `stream` (a reduced gradient shard into its accumulator,
+    /// on the communication stream right after the reduction).
+    pub fn add_f32(&self, stream: Stream, out: &Buf, inp: &Buf) -> Result<()> {
+        let op = "add_f32";
+        check(op, "out", out, DType::F32, inp.len())?;
+        check(op, "inp", inp, DType::F32, out.len())?;
+        ensure(!out.overlaps(inp), op, || "out must not alias inp".into())?;
+        let args = [
+            Arg::Ptr(out.ptr()),
+            Arg::Ptr(inp.ptr()),
+            Arg::Size(inp.len() as u64),
+        ];
+        self.launch_on(stream, op, elementwise_config(inp.len()), &args)
     }
 
     /// out (1) f32 = (accumulate ? out : 0) + Σ grads², grads f32 or X; `partials` is scratch of

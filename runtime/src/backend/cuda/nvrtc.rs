@@ -84,6 +84,7 @@ pub const KERNEL_FILES: &[(&str, &str, &[&str])] = &[
             "cast_x_to_f32",
             "accumulate_x_to_f32",
             "scale_f32",
+            "add_f32",
         ],
     ),
     (
