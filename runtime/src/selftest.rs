@@ -206,6 +206,7 @@ fn cpu_checks(report: &mut Report) {
         format!("< {:.4}", first - 1.0),
         last < first - 1.0,
     );
+    zero_parity(report, &config, 5, 0.0);
 }
 
 fn gpu_checks(report: &mut Report) {
@@ -215,8 +216,44 @@ fn gpu_checks(report: &mut Report) {
     }
     training_parity(report, Precision::Fp32, false);
     training_parity(report, Precision::Bf16, true);
+    let (_, bf16) = parity_configs(Precision::Bf16, true);
+    zero_parity(report, &bf16, PARITY_STEPS, BF16_LOSS_TOL_FIRST);
     bandwidth_check(report);
     nccl_check(report);
+}
+
+/// ZeRO stage 3 at world 1 (every unit gathered before each use, gradients reduce-scattered,
+/// the optimizer on shards) against stage 0 on the same device: `steps` losses within `tol`
+/// (0: bitwise).
+fn zero_parity(report: &mut Report, config: &Config, steps: usize, tol: f32) {
+    let device = match config.train.device {
+        DeviceKind::Cuda => "gpu",
+        _ => "cpu",
+    };
+    let name = format!("{device}/zero stage 3 vs stage 0, {steps} steps max |dloss|");
+    let run = |stage: u8| -> Result<Vec<f32>, Box<dyn std::error::Error>> {
+        let mut c = config.clone();
+        c.zero.stage = stage;
+        c.zero.param_persistence_threshold = 0;
+        let mut engine = Engine::from_config(c.clone())?;
+        losses(&mut engine, &c, steps)
+    };
+    match run(0).and_then(|a| Ok((a, run(3)?))) {
+        Ok((whole, sharded)) => {
+            let worst = whole
+                .iter()
+                .zip(&sharded)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            report.check(
+                &name,
+                format!("{worst:.2e}"),
+                format!("<= {tol:.1e}"),
+                worst <= tol && sharded.len() == steps,
+            );
+        }
+        Err(e) => report.error(&name, e),
+    }
 }
 
 fn kernel_checks(report: &mut Report) {
