@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 #[derive(Debug, thiserror::Error)]
 pub enum TensorBoardError {
     /// The OS error is the source, not repeated in the message.
-    #[error("cannot {what} TensorBoard event file {path}")]
+    #[error("cannot {what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -123,7 +123,7 @@ impl EventWriter {
     /// Creates `dir` (with its parents) and a new event file in it.
     pub fn create(dir: &Path) -> Result<EventWriter, TensorBoardError> {
         std::fs::create_dir_all(dir).map_err(|source| TensorBoardError::Io {
-            what: "create the directory of",
+            what: "create the TensorBoard directory",
             path: dir.to_path_buf(),
             source,
         })?;
@@ -136,7 +136,7 @@ impl EventWriter {
         );
         let path = dir.join(name);
         let file = File::create(&path).map_err(|source| TensorBoardError::Io {
-            what: "create",
+            what: "create the TensorBoard event file",
             path: path.clone(),
             source,
         })?;
@@ -163,7 +163,7 @@ impl EventWriter {
             .write_all(&tfrecord(data))
             .and_then(|()| self.out.flush())
             .map_err(|source| TensorBoardError::Io {
-                what: "write",
+                what: "write the TensorBoard event file",
                 path: self.path.clone(),
                 source,
             })
