@@ -2,13 +2,22 @@
 //!
 //! FLOPs are counted as 6·params + 12·n_layer·n_embd·seq_len per token (forward + backward, attention
 //! counted in full, activation recompute not counted), the convention of the PaLM paper and nanoGPT.
+//!
+//! A row gives the step time's median and spread over the timed steps (min, max, and the 10th and 90th
+//! percentiles, interpolated linearly between ranks as numpy's default), and MFU: the mean TFLOP/s over the
+//! peak given by `--peak-tflops`, or the dense bf16/fp16 tensor peak of a GPU known by its name
+//! ([`known_peak`]); none on the CPU.
 
 use anyhow::Context;
 use std::path::PathBuf;
 use std::time::Instant;
+use strata::backend::{Backend, Precision};
 use strata::config::Config;
 use strata::data::Loader;
+use strata::trace::Trace;
 use strata::Engine;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -24,7 +33,7 @@ pub struct TrainArgs {
     /// Untimed steps first.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Peak TFLOP/s of the machine, to print MFU.
+    /// Peak TFLOP/s of the machine, for MFU (default: detected for known GPUs in bf16/fp16; none on the CPU).
     #[arg(long)]
     peak_tflops: Option<f64>,
     /// One JSON object on stdout instead of the table.
@@ -35,9 +44,83 @@ pub struct TrainArgs {
     /// array in the JSON.
     #[arg(long)]
     profile: bool,
+    /// Write a timeline of every step (Chrome trace JSON, for ui.perfetto.dev), as `strata train --trace`.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+}
+
+/// Dense bf16/fp16 tensor-core peak of GPUs known by name (NVIDIA's data sheets), with the name matched.
+/// Variants with another peak (H100 PCIe, H100/H200 NVL) are not matched: give `--peak-tflops`.
+pub fn known_peak(device_name: &str) -> Option<(f64, &'static str)> {
+    let other_variant = ["PCIe", "NVL"].iter().any(|v| device_name.contains(v));
+    if device_name.contains("H100") && !other_variant {
+        Some((989.0, "H100 SXM"))
+    } else if device_name.contains("H200") && !other_variant {
+        Some((989.0, "H200"))
+    } else if device_name.contains("A100") {
+        Some((312.0, "A100"))
+    } else {
+        None
+    }
+}
+
+/// The peak TFLOP/s for MFU and where it came from: the command line, or detected on a GPU computing in
+/// bf16/fp16 (the tensor-core figure does not apply to fp32).
+fn peak_tflops(given: Option<f64>, engine: &Engine) -> Option<(f64, String)> {
+    if let Some(p) = given {
+        return Some((p, "--peak-tflops".to_string()));
+    }
+    let dev = engine.device();
+    if dev.backend() != Backend::Cuda || dev.precision() == Precision::Fp32 {
+        return None;
+    }
+    let (peak, model) = known_peak(&dev.name())?;
+    Some((
+        peak,
+        format!("detected: {model}, {} dense", dev.precision().name()),
+    ))
+}
+
+/// Step times (ms) of the timed steps: median and spread.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub p10: f64,
+    pub p90: f64,
+}
+
+/// The `q`-quantile of sorted values, linear between closest ranks (numpy's default).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return f64::NAN;
+    };
+    let pos = q * last as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+pub fn spread(values: &[f64]) -> Spread {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Spread {
+        median: quantile(&sorted, 0.5),
+        min: sorted.first().copied().unwrap_or(f64::NAN),
+        max: sorted.last().copied().unwrap_or(f64::NAN),
+        p10: quantile(&sorted, 0.1),
+        p90: quantile(&sorted, 0.9),
+    }
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let trace = args.trace.as_deref().map(Trace::start).transpose()?;
+    if let Some(t) = &trace {
+        tracing_subscriber::registry()
+            .with(t.layer())
+            .try_init()
+            .context("installing the trace layer")?;
+    }
     let mut overrides = args.set.clone();
     overrides.push(format!("train.steps={}", args.warmup + args.steps));
     let config = Config::load(args.config.as_deref(), &overrides)?;
@@ -51,8 +134,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .collect();
     let mut timed = Vec::new();
     for step in 0..args.warmup + args.steps {
+        // The step on the host's track of a --trace timeline.
+        let _step = tracing::trace_span!("step", step).entered();
         batches.iter_mut().for_each(|b| loader.fill(b));
-        let s = engine.train_step(&batches)?;
+        let s = strata::trace::train_step(&mut engine, &batches)?;
         eprintln!(
             "step {step}: loss {:.4} {:.1} ms {:.1} tokens/s",
             s.loss, s.step_ms, s.tokens_per_s
@@ -75,6 +160,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .sum::<f64>()
         / secs;
     let tokens_per_s = tokens as f64 / secs;
+    let step_ms: Vec<f64> = timed.iter().map(|s| s.step_ms).collect();
+    let times = spread(&step_ms);
+    let peak = peak_tflops(args.peak_tflops, &engine);
+    let mfu = peak.as_ref().map(|(p, _)| tflops / p);
     let mut row = serde_json::json!({
         "n_layer": m.n_layer,
         "n_embd": m.n_embd,
@@ -97,10 +186,22 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "threads": if config.train.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { config.train.threads },
         "init_s": init_s,
         "ms_per_step": secs * 1e3 / timed.len().max(1) as f64,
+        "steps_timed": timed.len(),
+        "step_ms_median": times.median,
+        "step_ms_min": times.min,
+        "step_ms_max": times.max,
+        "step_ms_p10": times.p10,
+        "step_ms_p90": times.p90,
         "tokens_per_s": tokens_per_s,
         "tflops": tflops,
-        "mfu": args.peak_tflops.map(|p| tflops / p),
+        "peak_tflops": peak.as_ref().map(|(p, _)| *p),
+        "peak_source": peak.as_ref().map(|(_, source)| source.clone()),
+        "mfu": mfu,
     });
+    if let Some(t) = trace {
+        let path = t.finish(engine.communicator())?;
+        eprintln!("timeline written to {}", path.display());
+    }
     if let Some((stats, ops)) = &profile {
         let total: f64 = ops.iter().map(|o| o.ms).sum();
         row["profile"] = ops
@@ -128,21 +229,75 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         println!("{row}");
     } else {
         println!(
-            "{:>8} {:>6} {:>7} {:>12} {:>10} {:>12} {:>10} {:>8}",
-            "params", "layers", "seq", "tokens/step", "ms/step", "tokens/s", "TFLOP/s", "MFU"
+            "{:>8} {:>6} {:>7} {:>12} {:>10} {:>10} {:>15} {:>12} {:>10} {:>8}",
+            "params",
+            "layers",
+            "seq",
+            "tokens/step",
+            "ms/step",
+            "median",
+            "min-max",
+            "tokens/s",
+            "TFLOP/s",
+            "MFU"
         );
         println!(
-            "{:>7.1}M {:>6} {:>7} {:>12} {:>10.1} {:>12.1} {:>10.4} {:>8}",
+            "{:>7.1}M {:>6} {:>7} {:>12} {:>10.1} {:>10.1} {:>15} {:>12.1} {:>10.4} {:>8}",
             engine.num_params() as f64 / 1e6,
             m.n_layer,
             m.seq_len,
-            row["tokens_per_step"],
+            // (a serde_json::Value would ignore the width)
+            tokens / timed.len().max(1),
             secs * 1e3 / timed.len().max(1) as f64,
+            times.median,
+            format!("{:.1}-{:.1}", times.min, times.max),
             tokens_per_s,
             tflops,
-            args.peak_tflops
-                .map_or("-".to_string(), |p| format!("{:.1}%", 100.0 * tflops / p)),
+            mfu.map_or("-".to_string(), |f| format!("{:.1}%", 100.0 * f)),
         );
+        if let Some((p, source)) = &peak {
+            println!("MFU against a peak of {p} TFLOP/s ({source})");
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_matches_numpy_percentiles() {
+        // numpy.percentile([12, 10, 30, 11, 13], [10, 50, 90]) = [10.4, 12.0, 23.2]
+        let s = spread(&[12.0, 10.0, 30.0, 11.0, 13.0]);
+        assert_eq!((s.min, s.median, s.max), (10.0, 12.0, 30.0));
+        assert!((s.p10 - 10.4).abs() < 1e-12, "{s:?}");
+        assert!((s.p90 - 23.2).abs() < 1e-12, "{s:?}");
+        // An even count: the median between the middle two.
+        assert_eq!(spread(&[4.0, 1.0, 3.0, 2.0]).median, 2.5);
+        assert_eq!(spread(&[7.0]).p90, 7.0);
+        assert!(spread(&[]).median.is_nan());
+    }
+
+    #[test]
+    fn known_gpus_have_their_dense_bf16_peak_and_others_none() {
+        // The names CUDA reports (cuDeviceGetName), with strata's " (sm_90)".
+        assert_eq!(
+            known_peak("NVIDIA H100 80GB HBM3 (sm_90)").map(|p| p.0),
+            Some(989.0)
+        );
+        assert_eq!(known_peak("NVIDIA H200 (sm_90)").map(|p| p.0), Some(989.0));
+        assert_eq!(
+            known_peak("NVIDIA A100-SXM4-80GB (sm_80)").map(|p| p.0),
+            Some(312.0)
+        );
+        assert_eq!(
+            known_peak("NVIDIA A100 80GB PCIe (sm_80)").map(|p| p.0),
+            Some(312.0)
+        );
+        assert_eq!(known_peak("NVIDIA H100 PCIe (sm_90)"), None);
+        assert_eq!(known_peak("NVIDIA H100 NVL (sm_90)"), None);
+        assert_eq!(known_peak("NVIDIA GeForce RTX 4090 (sm_89)"), None);
+        assert_eq!(known_peak("cpu (2 threads)"), None);
+    }
 }

@@ -14,7 +14,9 @@ pub mod model;
 pub mod optim;
 pub mod rng;
 pub mod selftest;
+pub mod tensorboard;
 pub mod threads;
+pub mod trace;
 pub mod train;
 pub mod weights;
 

@@ -7,6 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use strata::config::Config;
 use strata::data::prepare::{prepare, Tokenizer};
+use strata::trace::Trace;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +41,10 @@ enum Command {
         /// Data-parallel ranks on this machine: a shortcut for `strata launch --nproc-per-node N -- strata train …`.
         #[arg(long, value_name = "N")]
         nproc: Option<usize>,
+        /// Write a timeline of the run (Chrome trace JSON, for ui.perfetto.dev or chrome://tracing): one track
+        /// per queue per rank. With several ranks, rank 0 merges them into FILE at the end.
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
     },
     /// Tokenize a text file into the llm.c token format.
     Prepare {
@@ -58,23 +66,51 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let trace = match start_trace(&cli) {
+        Ok(trace) => trace,
+        Err(e) => return fail(e.into()),
+    };
+    let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
         .with_target(false)
         .with_ansi(colour_wanted())
+        .with_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        );
+    tracing_subscriber::registry()
+        .with(log)
+        .with(trace.as_ref().map(|t| t.layer()))
         .init();
-    match run(Cli::parse()) {
+    match run(cli, trace) {
         Ok(code) => code,
-        Err(e) => {
-            // `{:#}` prints the chain: each error's message once, then its cause (an OS error last).
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(e),
     }
+}
+
+fn fail(e: anyhow::Error) -> ExitCode {
+    // `{:#}` prints the chain: each error's message once, then its cause (an OS error last).
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
+}
+
+/// `strata train --trace FILE` in a rank (not in the process that starts `--nproc` ranks).
+fn start_trace(cli: &Cli) -> Result<Option<Trace>, strata::trace::TraceError> {
+    match &cli.command {
+        Command::Train {
+            trace: Some(path),
+            nproc,
+            print_config: false,
+            ..
+        } if !relaunches(*nproc) => Trace::start(path).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// Whether `strata train --nproc N` starts N ranks (rather than being one of them).
+fn relaunches(nproc: Option<usize>) -> bool {
+    nproc.is_some_and(|n| n > 1) && std::env::var_os("WORLD_SIZE").is_none()
 }
 
 /// Colour only on a terminal, and not when `NO_COLOR` is set to anything but "" (no-color.org).
@@ -82,7 +118,7 @@ fn colour_wanted() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Train {
             config,
@@ -90,15 +126,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             steps,
             print_config,
             nproc: Some(n),
-        } if n > 1 && std::env::var_os("WORLD_SIZE").is_none() => {
-            relaunch(n, config, set, steps, print_config)
-        }
+            trace: trace_path,
+        } if relaunches(Some(n)) => relaunch(n, config, set, steps, print_config, trace_path),
         Command::Train {
             config,
             set,
             steps,
             print_config,
             nproc: _,
+            trace: _,
         } => {
             let mut overrides = set;
             if let Some(n) = steps {
@@ -109,7 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", config.to_toml());
                 return Ok(ExitCode::SUCCESS);
             }
-            let summary = strata::train::run(config)?;
+            let summary = strata::train::run_traced(config, trace)?;
             if summary.rank == 0 {
                 println!("{summary}");
             }
@@ -150,6 +186,7 @@ fn relaunch(
     set: Vec<String>,
     steps: Option<usize>,
     print_config: bool,
+    trace: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     // Check the config once here rather than N times in the ranks.
     Config::load(config.as_deref(), &set)?;
@@ -165,6 +202,10 @@ fn relaunch(
     }
     if print_config {
         command.push("--print-config".into());
+    }
+    if let Some(path) = trace {
+        command.push("--trace".into());
+        command.push(path.display().to_string());
     }
     let args = strata_collectives::launch::LaunchArgs {
         nproc_per_node: nproc,

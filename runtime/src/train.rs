@@ -1,12 +1,16 @@
-//! The training driver behind `strata train`: data, engine, validation, logging, metrics file, export.
+//! The training driver behind `strata train`: data, engine, validation, logging, metrics file, TensorBoard
+//! scalars, timeline (`--trace`), export.
 //!
-//! Steps are numbered from 1 in the log, the metrics file and the summary (as llm.c): step 1 is the first
-//! optimizer step.
+//! Steps are numbered from 1 in the log, the metrics file, TensorBoard and the summary (as llm.c): step 1 is
+//! the first optimizer step. The loop's phases are spans (`step` holding `data`, `train_step`, `eval` and
+//! `report`), the host's track of a `--trace` timeline.
 
 use crate::config::Config;
 use crate::data::{DataError, Loader};
 use crate::engine::{Engine, EngineError, StepStats};
 use crate::model::Batch;
+use crate::tensorboard::{EventWriter, TensorBoardError};
+use crate::trace::{Trace, TraceError};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
@@ -26,6 +30,10 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("train.tensorboard_dir")]
+    TensorBoard(#[from] TensorBoardError),
+    #[error(transparent)]
+    Trace(#[from] TraceError),
 }
 
 /// What a run did, printed at its end.
@@ -79,6 +87,20 @@ struct MetricsLine {
     step_ms: f64,
     tokens_per_s: f64,
     tflops: f64,
+}
+
+/// The TensorBoard scalars of a step: a new scalar is one line here.
+fn scalars(s: &StepStats, val_loss: Option<f32>) -> Vec<(&'static str, f32)> {
+    let mut out = vec![
+        ("train/loss", s.loss),
+        ("train/lr", s.lr),
+        ("train/grad_norm", s.grad_norm),
+        ("perf/tokens_per_s", s.tokens_per_s as f32),
+        ("perf/tflops", s.tflops as f32),
+        ("perf/step_ms", s.step_ms as f32),
+    ];
+    out.extend(val_loss.map(|v| ("val/loss", v)));
+    out
 }
 
 impl MetricsLine {
@@ -323,9 +345,16 @@ fn warn_about(config: &Config) {
 
 /// Trains as `config` says and returns the summary.
 pub fn run(config: Config) -> Result<Summary, TrainError> {
+    run_traced(config, None)
+}
+
+/// [`run`], recording a timeline into `trace` (`strata train --trace FILE`), which it finishes at
+/// the end (with several ranks, rank 0 merges their files).
+pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, TrainError> {
     // The data is opened (and checked) before the device's memory is allocated.
     let loader = Loader::from_config(&config)?;
-    let mut engine = Engine::from_config(config.clone())?;
+    let mut engine =
+        tracing::trace_span!("engine init").in_scope(|| Engine::from_config(config.clone()))?;
     // Rank 0 speaks for the group: it logs, writes metrics and exports; every rank trains.
     let (rank, world) = (engine.rank(), engine.world_size());
     let lead = rank == 0;
@@ -341,6 +370,10 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
                 source,
             })?),
         )),
+        _ => None,
+    };
+    let mut tensorboard = match (&config.train.tensorboard_dir, lead) {
+        (Some(dir), true) => Some(EventWriter::create(dir)?),
         _ => None,
     };
     if lead {
@@ -374,14 +407,20 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
     let mut history = Vec::with_capacity(steps);
     let mut last_val = None;
     for step in 1..=steps {
-        batches.iter_mut().for_each(|b| loader.fill(b));
-        let stats = engine.train_step(&batches)?;
+        let _step = tracing::trace_span!("step", step).entered();
+        tracing::trace_span!("data").in_scope(|| batches.iter_mut().for_each(|b| loader.fill(b)));
+        let stats = tracing::trace_span!("train_step")
+            .in_scope(|| crate::trace::train_step(&mut engine, &batches))?;
         let val_loss = match validation.as_mut() {
             Some(v) if step == steps || (eval_every > 0 && step % eval_every == 0) => {
-                Some(v.loss(&mut engine)?)
+                Some(tracing::trace_span!("eval").in_scope(|| v.loss(&mut engine))?)
             }
             _ => None,
         };
+        let _report = tracing::trace_span!("report").entered();
+        if let Some(w) = tensorboard.as_mut() {
+            w.add(step as u64, &scalars(&stats, val_loss))?;
+        }
         if let Some((path, w)) = metrics.as_mut() {
             let line =
                 serde_json::to_string(&MetricsLine::new(&stats, val_loss)).unwrap_or_default();
@@ -410,12 +449,18 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
     reporter.finish();
     if let Some(path) = &config.train.export_to {
         // Every rank takes part (shards are gathered); rank 0 writes.
-        engine.save_weights(path)?;
+        tracing::trace_span!("export").in_scope(|| engine.save_weights(path))?;
         if lead {
             tracing::info!("weights written to {}", path.display());
         }
     }
     tracing::info!("{}", memory_line(&engine));
+    if let Some(trace) = trace {
+        let path = trace.finish(engine.communicator())?;
+        if lead {
+            tracing::info!("timeline written to {}", path.display());
+        }
+    }
     let mut summary = summarize(&history, engine.num_params(), rank);
     summary.val_loss = last_val;
     Ok(summary)

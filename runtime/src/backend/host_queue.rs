@@ -271,6 +271,8 @@ fn run_worker(shared: &Shared) {
         let outcome = if skip {
             Ok(())
         } else {
+            // The job on this queue's track of a `--trace` timeline (the rank is the trace's pid).
+            let _span = tracing::trace_span!("job", queue = shared.name, op).entered();
             match std::panic::catch_unwind(AssertUnwindSafe(job)) {
                 Ok(result) => result.map_err(|e| format!("{op}: {e}")),
                 Err(panic) => Err(format!("{op} panicked: {}", panic_message(&panic))),

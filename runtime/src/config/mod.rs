@@ -273,6 +273,9 @@ pub struct TrainConfig {
     /// Write the trained weights here at the end (safetensors, Hugging Face GPT-2 names).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub export_to: Option<PathBuf>,
+    /// Rank 0 writes TensorBoard scalars (loss, lr, grad norm, tokens/s, …) into an event file here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensorboard_dir: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -289,6 +292,7 @@ impl Default for TrainConfig {
             eval_batches: 20,
             metrics_file: None,
             export_to: None,
+            tensorboard_dir: None,
         }
     }
 }

@@ -94,10 +94,15 @@ impl Engine {
         let dev = Arc::clone(&self.dev);
         let dev = &*dev;
         let train = matches!(head, HeadMode::Train { .. });
-        // The queues meet at the start of a walk: gathers see the last optimizer update, and
-        // every pool is free.
-        dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
-        dev.wait(Queue::Compute, &dev.record(Queue::Comm)?)?;
+        // With work for the communication queue, the queues meet at the start of a walk:
+        // gathers see the last optimizer update, and every pool is free.
+        let comm_work = self.comm.world_size() > 1
+            || !plan.gathers.is_empty()
+            || !plan.grad_buffers.is_empty();
+        if comm_work {
+            dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
+            dev.wait(Queue::Compute, &dev.record(Queue::Comm)?)?;
+        }
         let mut gathered: Vec<Option<Event>> = (0..plan.gathers.len()).map(|_| None).collect();
         let mut released: Vec<Option<Event>> = (0..plan.gathers.len()).map(|_| None).collect();
         let mut reduced: Vec<Option<Event>> = (0..plan.grad_buffers.len()).map(|_| None).collect();
@@ -196,7 +201,7 @@ impl Engine {
                 }
             }
         }
-        if train {
+        if train && comm_work {
             // The optimizer reads what the communication queue reduced.
             dev.wait(Queue::Compute, &dev.record(Queue::Comm)?)?;
         }

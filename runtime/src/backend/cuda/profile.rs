@@ -2,6 +2,14 @@
 //! every kernel launch and GEMM on the compute queue is followed by a timing event, and the
 //! time between consecutive events is charged to the operation that ended it. Off by default;
 //! it costs one event per operation while on.
+//!
+//! While a `--trace` is recorded (`crate::trace`), the profile also puts every operation on the
+//! trace's `gpu compute` track: `profile_start` waits for its start event and notes the host
+//! time, and each operation's slice runs from the previous event to its own (so a gap in which
+//! the stream waited for work is counted in the next operation). Every launch is an instant on
+//! the host's track, profile or not.
+
+use std::time::Instant;
 
 use cudarc::driver::CudaEvent;
 
@@ -13,6 +21,8 @@ use crate::backend::{charge, OpTime};
 pub(super) struct Profile {
     start: CudaEvent,
     marks: Vec<(&'static str, CudaEvent)>,
+    /// With a trace recorded: the host time at which the stream passed `start`.
+    traced_at: Option<Instant>,
 }
 
 impl GpuContext {
@@ -30,15 +40,26 @@ impl GpuContext {
     /// Starts timing every operation on the compute queue (replaces an open profile).
     pub fn profile_start(&self) -> Result<()> {
         let start = self.timing_event()?;
+        let traced_at = match crate::trace::active() {
+            Some(_) => {
+                start
+                    .synchronize()
+                    .map_err(|e| CudaError::driver("cuEventSynchronize", e))?;
+                Some(Instant::now())
+            }
+            None => None,
+        };
         *self.profile_slot() = Some(Profile {
             start,
             marks: Vec::new(),
+            traced_at,
         });
         Ok(())
     }
 
     /// Marks the end of operation `op` on the compute queue when a profile is open.
     pub(super) fn profile_mark(&self, op: &'static str) -> Result<()> {
+        tracing::trace!(target: crate::trace::INSTANT_TARGET, op, "launch");
         let mut slot = self.profile_slot();
         let Some(profile) = slot.as_mut() else {
             return Ok(());
@@ -66,6 +87,21 @@ impl GpuContext {
             );
             charge(&mut out, op, ms);
             prev = event;
+        }
+        if let (Some(at), Some(trace)) = (profile.traced_at, crate::trace::active()) {
+            let mut slices = Vec::with_capacity(profile.marks.len());
+            let mut begin_ms = 0.0;
+            for (op, event) in &profile.marks {
+                let end_ms = f64::from(
+                    profile
+                        .start
+                        .elapsed_ms(event)
+                        .map_err(|e| CudaError::driver("cuEventElapsedTime", e))?,
+                );
+                slices.push((*op, begin_ms, end_ms));
+                begin_ms = end_ms;
+            }
+            trace.track_slices(crate::trace::GPU_COMPUTE_TRACK, at, &slices);
         }
         out.sort_by(|a, b| b.ms.total_cmp(&a.ms));
         Ok(out)
