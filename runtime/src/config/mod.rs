@@ -3,6 +3,7 @@
 //! Every section rejects unknown keys; every field has a default (`impl Default`), so a config file names
 //! only what differs from the embedded default (a tiny GPT on the synthetic data set, see `configs/tiny.toml`).
 
+pub mod bounds;
 mod overrides;
 mod size;
 
@@ -32,7 +33,12 @@ pub enum ConfigError {
     Override { arg: String, message: String },
     #[error("config key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error("cannot read config: {0}")]
+    Input(#[from] crate::inputs::InputError),
 }
+
+/// The largest config file read (a config is a few hundred bytes; this bounds a mistaken path).
+pub const CONFIG_FILE_BYTES_MAX: u64 = 1 << 20;
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -49,6 +55,10 @@ pub struct Config {
     pub optim: OptimConfig,
     pub train: TrainConfig,
     pub dist: DistConfig,
+    /// The file this config was read from (None: the embedded default, or built in code). Not part of the
+    /// TOML tree: it is an input that no output may overwrite.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[dist]`: how ranks started by `strata launch` (or torchrun, srun, mpirun) talk to each other.
@@ -255,9 +265,13 @@ impl Config {
         let (origin, mut table) = match path {
             None => ("embedded default".to_string(), toml::Table::new()),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_path_buf(),
-                    source,
+                let bytes = crate::inputs::read_bounded(p, CONFIG_FILE_BYTES_MAX, "a config file")?;
+                let text = String::from_utf8(bytes).map_err(|e| ConfigError::Syntax {
+                    origin: p.display().to_string(),
+                    message: format!(
+                        "not UTF-8 text (byte offset {})",
+                        e.utf8_error().valid_up_to()
+                    ),
                 })?;
                 let table: toml::Table =
                     toml::from_str(&text).map_err(|e| ConfigError::Syntax {
@@ -270,7 +284,8 @@ impl Config {
         for arg in overrides {
             apply_override(&mut table, arg)?;
         }
-        let config = Config::from_table(table, &origin)?;
+        let mut config = Config::from_table(table, &origin)?;
+        config.source = path.map(Path::to_path_buf);
         config.validate()?;
         Ok(config)
     }
@@ -321,6 +336,7 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        bounds::check_counts(self)?;
         if m.n_embd % m.n_head != 0 {
             return Err(invalid(
                 "model.n_embd",
@@ -377,7 +393,7 @@ impl Config {
                 "must be \"synthetic\" or the path of a token file",
             ));
         }
-        Ok(())
+        bounds::check_memory(self, bounds::memory_total_bytes())
     }
 }
 
