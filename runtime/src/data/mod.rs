@@ -26,6 +26,10 @@ pub enum DataError {
     Format { path: PathBuf, message: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error(transparent)]
+    Input(#[from] crate::inputs::InputError),
+    #[error(transparent)]
+    Output(#[from] crate::outputs::OutputError),
 }
 
 enum Tokens {
@@ -40,10 +44,14 @@ impl Tokens {
             Tokens::Memory(v) => v.len(),
         }
     }
-    fn get(&self, i: usize) -> u16 {
+    /// Copies tokens `[start, start + out.len())` into `out`.
+    fn read(&self, start: usize, out: &mut [u16]) -> Result<(), DataError> {
         match self {
-            Tokens::File(f) => f.token(i),
-            Tokens::Memory(v) => v[i],
+            Tokens::File(f) => f.read(start, out),
+            Tokens::Memory(v) => {
+                out.copy_from_slice(&v[start..start + out.len()]);
+                Ok(())
+            }
         }
     }
 }
@@ -60,6 +68,8 @@ pub struct Loader {
     next: u64,
     /// How far j advances per micro-batch: the number of data-parallel ranks.
     stride: u64,
+    /// One row's tokens (T + 1), read at once.
+    window: Vec<u16>,
 }
 
 impl Loader {
@@ -146,6 +156,7 @@ impl Loader {
             shuffle,
             next: 0,
             stride: 1,
+            window: vec![0; t + 1],
         })
     }
 
@@ -177,7 +188,18 @@ impl Loader {
     }
 
     /// Fills `batch` (shaped B × T) with the next micro-batch.
+    ///
+    /// # Panics
+    /// If the token file cannot be read any more (it shrank or was changed under the running job);
+    /// [`Loader::try_fill`] returns that as an error naming the file and offset.
     pub fn fill(&mut self, batch: &mut Batch) {
+        if let Err(e) = self.try_fill(batch) {
+            panic!("{e}");
+        }
+    }
+
+    /// Fills `batch` (shaped B × T) with the next micro-batch, or says why the data cannot be read.
+    pub fn try_fill(&mut self, batch: &mut Batch) -> Result<(), DataError> {
         let (b, t) = (self.b, self.t);
         assert!(
             batch.b == b
@@ -195,11 +217,17 @@ impl Loader {
             } else {
                 (j % epoch_batches) as usize * b * t + row * t
             };
-            for i in 0..t {
-                batch.inputs[row * t + i] = self.tokens.get(start + i) as u32;
-                batch.targets[row * t + i] = self.tokens.get(start + i + 1) as u32;
+            self.tokens.read(start, &mut self.window)?;
+            let (inputs, targets) = (
+                &mut batch.inputs[row * t..(row + 1) * t],
+                &mut batch.targets[row * t..(row + 1) * t],
+            );
+            for (i, (x, y)) in inputs.iter_mut().zip(targets).enumerate() {
+                *x = u32::from(self.window[i]);
+                *y = u32::from(self.window[i + 1]);
             }
         }
+        Ok(())
     }
 }
 
