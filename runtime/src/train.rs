@@ -4,8 +4,7 @@ use crate::config::{Config, DeviceKind, Precision};
 use crate::data::{DataError, Loader};
 use crate::engine::{Engine, EngineError, StepStats, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::fs::File;
-use std::io::{BufWriter, IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +18,32 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Outputs(#[from] crate::outputs::OutputError),
+    #[error("{source}; training stopped after step {step}; {export}")]
+    MetricsWrite {
+        step: usize,
+        source: crate::outputs::OutputError,
+        export: String,
+    },
+}
+
+/// What became of the export after a failed metrics write, for the error message.
+fn describe_export(
+    step: usize,
+    export: &Option<(&std::path::Path, Result<(), EngineError>)>,
+) -> String {
+    match export {
+        None => "train.export_to is not set, so no weights were saved".into(),
+        Some((target, Ok(()))) => format!(
+            "the weights of step {step} were exported to {}",
+            target.display()
+        ),
+        Some((target, Err(e))) => format!(
+            "exporting the weights to {} failed too: {e}",
+            target.display()
+        ),
+    }
 }
 
 /// What a run did, printed at its end.
@@ -132,6 +157,8 @@ pub fn build_trainer(config: &Config) -> Result<Box<dyn Trainer>, EngineError> {
 
 /// Trains as `config` says and returns the summary.
 pub fn run(config: Config) -> Result<Summary, TrainError> {
+    // Before anything heavy: outputs resolved, checked against the inputs and for space, and locked.
+    let outputs = crate::outputs::TrainOutputs::prepare(&config)?;
     let mut engine = build_trainer(&config)?;
     // Rank 0 speaks for the group: it logs, writes metrics and exports; every rank trains.
     let (rank, world) = (engine.rank(), engine.world_size());
@@ -139,16 +166,8 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
     let d = &config.data;
     let m = &config.model;
     let mut loader = Loader::from_config(&config)?.shard(rank, world);
-    let mut metrics = match (&config.train.metrics_file, lead) {
-        (Some(path), true) => Some((
-            path.clone(),
-            BufWriter::new(File::create(path).map_err(|source| TrainError::Metrics {
-                path: path.clone(),
-                source,
-            })?),
-        )),
-        _ => None,
-    };
+    // Rank 0's outputs only (TrainOutputs is empty elsewhere).
+    let mut metrics = outputs.metrics_file()?;
     if lead {
         tracing::info!("effective config:\n{}", config.to_toml());
         tracing::info!("data: {} ({} tokens)", loader.origin(), loader.num_tokens());
@@ -166,28 +185,40 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
         .collect();
     let reporter = Reporter::new(if lead { steps } else { 0 }, lead);
     let mut history = Vec::with_capacity(steps);
+    let mut metrics_failure = None;
     for step in 0..steps {
-        batches.iter_mut().for_each(|b| loader.fill(b));
+        for b in batches.iter_mut() {
+            loader.try_fill(b)?;
+        }
         let stats = engine.train_step(&batches)?;
-        if let Some((path, w)) = metrics.as_mut() {
+        if let Some(m) = metrics.as_mut() {
             let line = serde_json::to_string(&stats).unwrap_or_default();
-            writeln!(w, "{line}")
-                .and_then(|_| w.flush())
-                .map_err(|source| TrainError::Metrics {
-                    path: path.clone(),
-                    source,
-                })?;
+            metrics_failure = m.write_line(&line).err().map(|e| (step + 1, e));
         }
         if (step + 1) % log_every == 0 || step == 0 || step + 1 == steps {
             reporter.line(format_step(&stats, steps));
         }
         reporter.tick(&stats);
         history.push(stats);
+        if metrics_failure.is_some() {
+            break;
+        }
     }
     reporter.finish();
-    if let (Some(path), true) = (&config.train.export_to, lead) {
-        engine.save_weights(path)?;
-        tracing::info!("weights written to {}", path.display());
+    let export = outputs
+        .export_target()
+        .map(|target| (target, engine.save_weights(target)));
+    if let Some((step, source)) = metrics_failure {
+        let export = describe_export(step, &export);
+        return Err(TrainError::MetricsWrite {
+            step,
+            source,
+            export,
+        });
+    }
+    if let Some((target, result)) = export {
+        result?;
+        tracing::info!("weights written to {}", target.display());
     }
     Ok(summarize(&history, engine.num_params(), rank))
 }
