@@ -4,6 +4,7 @@
 //! feed it micro-batches from a [`data::Loader`] (or your own), and read [`StepStats`].
 //! See `examples/` for a training loop and a custom model.
 
+pub mod agree;
 pub mod backend;
 pub mod config;
 pub mod data;

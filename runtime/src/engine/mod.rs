@@ -195,6 +195,7 @@ impl Engine {
             .collect();
         let dacts = [vec![0.0; act_len], vec![0.0; act_len]];
         let comm = connect(&config.dist, false)?;
+        crate::agree::check_ranks_agree(comm.as_ref(), &config)?;
         let stage_units = model.stages().iter().map(|s| s.units.clone()).collect();
         Ok(Engine {
             config,
