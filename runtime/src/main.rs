@@ -75,6 +75,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Train { nproc: Some(n), .. } = &cli.command {
+        strata_collectives::launch::check_nproc("--nproc", *n)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     match cli.command {
         Command::Train {
             config,
