@@ -14,11 +14,12 @@ use std::path::{Path, PathBuf};
 /// Why an input file cannot be used; every variant names the path.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
-    #[error("{path}: {what}: {source}")]
+    /// The OS error is part of the message and not a `source`, so a chain printed with `{:#}` says it once.
+    #[error("{path}: {what}: {error}")]
     Io {
         path: PathBuf,
         what: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} is {kind}, not a regular file")]
     NotRegular { path: PathBuf, kind: &'static str },
@@ -56,10 +57,10 @@ fn io_error<'a>(
     path: &'a Path,
     what: &'static str,
 ) -> impl FnOnce(std::io::Error) -> InputError + 'a {
-    move |source| InputError::Io {
+    move |error| InputError::Io {
         path: path.to_path_buf(),
         what,
-        source,
+        error,
     }
 }
 

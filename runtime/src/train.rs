@@ -5,7 +5,6 @@ use crate::data::{DataError, Loader};
 use crate::engine::{Engine, EngineError, StepStats, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
-use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -13,19 +12,20 @@ pub enum TrainError {
     Data(#[from] DataError),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("train.metrics_file {path}: {source}")]
-    Metrics {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error(transparent)]
-    Outputs(#[from] crate::outputs::OutputError),
-    #[error("{source}; training stopped after step {step}; {export}")]
+    Outputs(Box<crate::outputs::OutputError>),
+    #[error("{error}; training stopped after step {step}; {export}")]
     MetricsWrite {
         step: usize,
-        source: crate::outputs::OutputError,
+        error: Box<crate::outputs::OutputError>,
         export: String,
     },
+}
+
+impl From<crate::outputs::OutputError> for TrainError {
+    fn from(e: crate::outputs::OutputError) -> Self {
+        TrainError::Outputs(Box::new(e))
+    }
 }
 
 /// What became of the export after a failed metrics write, for the error message.
@@ -208,11 +208,11 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
     let export = outputs
         .export_target()
         .map(|target| (target, engine.save_weights(target)));
-    if let Some((step, source)) = metrics_failure {
+    if let Some((step, error)) = metrics_failure {
         let export = describe_export(step, &export);
         return Err(TrainError::MetricsWrite {
             step,
-            source,
+            error: Box::new(error),
             export,
         });
     }

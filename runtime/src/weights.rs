@@ -13,10 +13,11 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    #[error("{path}: {source}")]
+    /// The OS error is in the message, not a `source`, so a chain printed with `{:#}` says it once.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not a safetensors file: {message}")]
     Format { path: PathBuf, message: String },
@@ -51,7 +52,13 @@ pub enum WeightsError {
     #[error(transparent)]
     Input(#[from] crate::inputs::InputError),
     #[error(transparent)]
-    Output(#[from] crate::outputs::OutputError),
+    Output(Box<crate::outputs::OutputError>),
+}
+
+impl From<crate::outputs::OutputError> for WeightsError {
+    fn from(e: crate::outputs::OutputError) -> Self {
+        WeightsError::Output(Box::new(e))
+    }
 }
 
 /// safetensors' own bound on the JSON header (`safetensors::tensor::MAX_HEADER_SIZE`).
@@ -156,9 +163,9 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// Fills each unit's flat parameter buffer from the file at `path`.
 pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<(), WeightsError> {
-    let io = |source| WeightsError::Io {
+    let io = |error| WeightsError::Io {
         path: path.into(),
-        source,
+        error,
     };
     let (file, _) = crate::inputs::open_regular(path)?;
     // SAFETY: a read-only map of a regular file that strata never writes (outputs may not alias inputs). A
@@ -278,7 +285,7 @@ pub fn save<'a>(
     let atomic = crate::outputs::AtomicFile::create(path)?;
     safetensors::serialize_to_file(views, &Some(metadata), atomic.temp()).map_err(|e| match e {
         SafeTensorError::IoError(source) => {
-            WeightsError::Output(atomic.error("writing the weights", source))
+            WeightsError::from(atomic.error("writing the weights", source))
         }
         other => WeightsError::Format {
             path: path.into(),

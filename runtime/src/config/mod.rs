@@ -16,11 +16,6 @@ use std::path::{Path, PathBuf};
 /// A configuration error; the message names the key (`optim.lr`) or the file it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("{origin}: not valid TOML: {message}")]
     Syntax { origin: String, message: String },
     #[error("{origin}: key `{key}`: {message}")]
@@ -33,8 +28,15 @@ pub enum ConfigError {
     Override { arg: String, message: String },
     #[error("config key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    /// Not a `source`: the message holds it, so a chain printed with `{:#}` says it once.
     #[error("cannot read config: {0}")]
-    Input(#[from] crate::inputs::InputError),
+    Input(crate::inputs::InputError),
+}
+
+impl From<crate::inputs::InputError> for ConfigError {
+    fn from(e: crate::inputs::InputError) -> Self {
+        ConfigError::Input(e)
+    }
 }
 
 /// The largest config file read (a config is a few hundred bytes; this bounds a mistaken path).

@@ -17,10 +17,11 @@ use tokens::TokenFile;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
+    /// The OS error is in the message, not a `source`, so a chain printed with `{:#}` says it once.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
@@ -29,7 +30,13 @@ pub enum DataError {
     #[error(transparent)]
     Input(#[from] crate::inputs::InputError),
     #[error(transparent)]
-    Output(#[from] crate::outputs::OutputError),
+    Output(Box<crate::outputs::OutputError>),
+}
+
+impl From<crate::outputs::OutputError> for DataError {
+    fn from(e: crate::outputs::OutputError) -> Self {
+        DataError::Output(Box::new(e))
+    }
 }
 
 enum Tokens {

@@ -34,13 +34,14 @@ pub fn prepare(input: &Path, output: &Path, tokenizer: Tokenizer) -> Result<usiz
             Tokenizer::Bytes => 2 * input_bytes,
             Tokenizer::Gpt2 => input_bytes,
         };
+    crate::outputs::cleanup::install();
     let ready = crate::outputs::prepare(
         &[InputFile {
-            key: "input".into(),
+            key: "INPUT".into(),
             path: input.to_path_buf(),
         }],
         &[OutputFile {
-            key: "-o".into(),
+            key: "output (-o)".into(),
             path: output.to_path_buf(),
             size_bytes,
             size_detail: format!("the tokens of {input_bytes} bytes of text"),

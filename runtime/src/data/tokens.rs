@@ -64,15 +64,12 @@ fn read_exact_at(
             }
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(source) => {
+            Err(error) => {
                 return Err(DataError::Io {
                     path: path.to_path_buf(),
-                    source: std::io::Error::new(
-                        source.kind(),
-                        format!(
-                            "reading {} bytes at offset {at}: {source}",
-                            buf.len() - done
-                        ),
+                    error: std::io::Error::new(
+                        error.kind(),
+                        format!("reading {} bytes at offset {at}: {error}", buf.len() - done),
                     ),
                 })
             }
@@ -209,7 +206,7 @@ pub fn write_token_file(path: &Path, tokens: &[u16]) -> Result<(), DataError> {
             tokens.len()
         ),
     })?;
-    let output = DataError::Output;
+    let output = DataError::from;
     let mut atomic = crate::outputs::AtomicFile::create(path).map_err(output)?;
     let mut header = [0i32; 256];
     header[0] = MAGIC;

@@ -24,6 +24,8 @@ pub struct AtomicFile {
     target: PathBuf,
     temp: PathBuf,
     file: Option<File>,
+    /// Removes the temporary file if a signal ends the process first.
+    cleanup: super::cleanup::Registration,
 }
 
 fn write_error(
@@ -32,11 +34,11 @@ fn write_error(
     what: &'static str,
 ) -> impl FnOnce(std::io::Error) -> OutputError {
     let (path, temp) = (target.to_path_buf(), temp.to_path_buf());
-    move |source| OutputError::Write {
+    move |error| OutputError::Write {
         path,
         temp,
         what,
-        source,
+        error,
     }
 }
 
@@ -95,6 +97,7 @@ impl AtomicFile {
             {
                 Ok(file) => {
                     let atomic = AtomicFile {
+                        cleanup: super::cleanup::register(&temp),
                         target,
                         temp,
                         file: Some(file),
@@ -159,6 +162,7 @@ impl AtomicFile {
         })?;
         // The rename is done: nothing is left to remove.
         self.temp = PathBuf::new();
+        self.cleanup = super::cleanup::Registration::none();
         sync_dir(&self.target);
         Ok(file)
     }

@@ -73,14 +73,14 @@ impl LineFile {
                     };
                     Ok(())
                 }
-                Err(source) => {
+                Err(error) => {
                     // Best effort: a file system that refuses the write may refuse this too.
                     let _ = file.set_len(whole_bytes);
                     Err(OutputError::Io {
                         key: self.key.clone(),
                         path: self.target.clone(),
                         what: format!("writing at byte offset {whole_bytes} failed; the file keeps its {whole_bytes} bytes of whole lines"),
-                        source,
+                        error,
                     })
                 }
             },
@@ -88,7 +88,7 @@ impl LineFile {
                 key: self.key.clone(),
                 path: self.target.clone(),
                 what: "an earlier write failed".into(),
-                source: std::io::ErrorKind::BrokenPipe.into(),
+                error: std::io::ErrorKind::BrokenPipe.into(),
             }),
         }
     }

@@ -22,6 +22,8 @@ const HOLDER_BYTES_MAX: u64 = 256;
 pub struct OutputLock {
     path: PathBuf,
     _file: File,
+    /// Removes the lock file if a signal ends the process first.
+    _cleanup: super::cleanup::Registration,
 }
 
 /// The lock file of the output `target`.
@@ -66,11 +68,11 @@ impl OutputLock {
         let lock = lock_path(target);
         let io = |what: String| {
             let lock = lock.clone();
-            move |source| OutputError::Io {
+            move |error| OutputError::Io {
                 key: key.into(),
                 path: path.into(),
                 what: format!("{what} {}", lock.display()),
-                source,
+                error,
             }
         };
         for _ in 0..LOCK_TRIES_MAX {
@@ -113,6 +115,7 @@ impl OutputLock {
                 .and_then(|()| writeln!(file, "{}", std::process::id()))
                 .map_err(io("cannot write".into()))?;
             return Ok(OutputLock {
+                _cleanup: super::cleanup::register(&lock),
                 path: lock,
                 _file: file,
             });

@@ -15,6 +15,7 @@
 //! go through [`prepare`] at start-up and [`AtomicFile`] when writing.
 
 mod atomic;
+pub mod cleanup;
 mod lines;
 mod lock;
 mod space;
@@ -33,12 +34,13 @@ use std::path::{Path, PathBuf};
 /// Why an output cannot be written; every variant names the key (or the role) and the path.
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
-    #[error("{key} = {path}: {what}: {source}")]
+    // OS errors are part of the messages, not `source`s, so a chain printed with `{:#}` says each once.
+    #[error("{key} = {path}: {what}: {error}")]
     Io {
         key: String,
         path: PathBuf,
         what: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{key} = {path} is {kind}; an output must be a regular file or absent")]
     NotRegular {
@@ -92,13 +94,13 @@ pub enum OutputError {
         lock: PathBuf,
     },
     #[error(
-        "{path}: {what} failed (writing the temporary {temp}): {source}; {path} was left as it was"
+        "{path}: {what} failed in the temporary file {temp}: {error}; {path} was left as it was"
     )]
     Write {
         path: PathBuf,
         temp: PathBuf,
         what: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -165,11 +167,11 @@ fn resolve_input(path: &Path) -> Resolved {
 fn resolve_output(key: &str, path: &Path) -> Result<Resolved, OutputError> {
     let io = |what: &str| {
         let what = what.to_string();
-        move |source| OutputError::Io {
+        move |error| OutputError::Io {
             key: key.into(),
             path: path.into(),
             what,
-            source,
+            error,
         }
     };
     let abs = absolute(path);

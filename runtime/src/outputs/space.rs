@@ -24,14 +24,14 @@ pub(super) fn check(placed: &[(&OutputFile, &Path)]) -> Result<(), OutputError> 
     for &(out, dir) in placed {
         let dev = std::fs::metadata(dir)
             .map(|m| m.dev())
-            .map_err(|source| OutputError::Io {
+            .map_err(|error| OutputError::Io {
                 key: out.key.clone(),
                 path: out.path.clone(),
                 what: format!(
                     "cannot read the metadata of its directory {}",
                     dir.display()
                 ),
-                source,
+                error,
             })?;
         match groups.iter_mut().find(|(d, _, _)| *d == dev) {
             Some((_, _, outs)) => outs.push(out),
@@ -42,11 +42,11 @@ pub(super) fn check(placed: &[(&OutputFile, &Path)]) -> Result<(), OutputError> 
         let need_bytes = outs
             .iter()
             .fold(0u64, |sum, o| sum.saturating_add(o.size_bytes));
-        let free = free_bytes(dir).map_err(|source| OutputError::Io {
+        let free = free_bytes(dir).map_err(|error| OutputError::Io {
             key: outs[0].key.clone(),
             path: outs[0].path.clone(),
             what: format!("cannot read the free space of {}", dir.display()),
-            source,
+            error,
         })?;
         if need_bytes > free {
             let keys: Vec<String> = outs

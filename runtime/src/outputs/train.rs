@@ -88,6 +88,7 @@ impl TrainOutputs {
         if !writes_outputs() {
             return Ok(TrainOutputs::default());
         }
+        super::cleanup::install();
         let mut outputs = TrainOutputs::default();
         for ready in super::prepare(&input_files(config), &output_files(config))? {
             match ready.key.as_str() {
