@@ -162,20 +162,26 @@ fn resolve_input(path: &Path) -> Resolved {
     Resolved { target, inode }
 }
 
-/// Resolves an output: the final component's link is followed (the file it names is written, the link
-/// stays); a missing file is resolved through its directory, which must exist.
-fn resolve_output(key: &str, path: &Path) -> Result<Resolved, OutputError> {
-    let io = |what: &str| {
-        let what = what.to_string();
-        move |error| OutputError::Io {
-            key: key.into(),
-            path: path.into(),
-            what,
-            error,
-        }
-    };
+/// An I/O error about output `key` = `path`, while doing `what`.
+fn io_error<'a>(
+    key: &'a str,
+    path: &'a Path,
+    what: &'a str,
+) -> impl FnOnce(std::io::Error) -> OutputError + 'a {
+    move |error| OutputError::Io {
+        key: key.into(),
+        path: path.into(),
+        what: what.into(),
+        error,
+    }
+}
+
+/// The path an output names, fully resolved: the final component's link is followed (the file it names is
+/// written, the link stays); a missing file is resolved through its directory, which must exist.
+fn output_target(key: &str, path: &Path) -> Result<PathBuf, OutputError> {
+    let io = |what| io_error(key, path, what);
     let abs = absolute(path);
-    let target = match std::fs::symlink_metadata(&abs) {
+    Ok(match std::fs::symlink_metadata(&abs) {
         Ok(meta) if meta.file_type().is_symlink() => match std::fs::canonicalize(&abs) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -209,7 +215,13 @@ fn resolve_output(key: &str, path: &Path) -> Result<Resolved, OutputError> {
             }
         }
         Err(e) => return Err(io("cannot read its metadata")(e)),
-    };
+    })
+}
+
+/// Resolves an output and checks it: a regular file or absent, in an existing directory.
+fn resolve_output(key: &str, path: &Path) -> Result<Resolved, OutputError> {
+    let io = |what| io_error(key, path, what);
+    let target = output_target(key, path)?;
     let inode = match std::fs::metadata(&target) {
         Ok(meta) if meta.is_file() => Some(inode(&meta)),
         Ok(meta) => {
