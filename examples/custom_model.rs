@@ -231,7 +231,7 @@ fn main() -> anyhow::Result<()> {
     );
     let mut batch = vec![engine.new_batch()];
     for _ in 0..config.train.steps {
-        loader.fill(&mut batch[0]);
+        loader.fill(&mut batch[0])?;
         let s = engine.train_step(&batch)?;
         if s.step % 25 == 0 {
             println!("step {:>4} loss {:.4}", s.step, s.loss);

@@ -18,7 +18,9 @@ fn main() -> anyhow::Result<()> {
     let mut engine = Engine::from_config(config.clone())?;
     let mut batches = vec![engine.new_batch(); config.data.grad_accum_steps];
     for _ in 0..config.train.steps {
-        batches.iter_mut().for_each(|b| loader.fill(b));
+        for b in batches.iter_mut() {
+            loader.fill(b)?;
+        }
         let stats = engine.train_step(&batches)?; // loss, lr, grad_norm, tokens_per_s, …
         let step = stats.step + 1; // StepStats counts from 0, the CLI's log from 1
         if step % 20 == 0 {
@@ -30,7 +32,7 @@ fn main() -> anyhow::Result<()> {
     let mut batch = engine.new_batch();
     let mut sum = 0.0;
     for _ in 0..config.train.eval_batches {
-        val.fill(&mut batch);
+        val.fill(&mut batch)?;
         sum += engine.eval_loss(&batch)?;
     }
     println!("val loss {:.4}", sum / config.train.eval_batches as f32);

@@ -136,7 +136,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     for step in 0..args.warmup + args.steps {
         // The step on the host's track of a --trace timeline.
         let _step = tracing::trace_span!("step", step).entered();
-        batches.iter_mut().for_each(|b| loader.fill(b));
+        for b in batches.iter_mut() {
+            loader.fill(b)?;
+        }
         let s = strata::trace::train_step(&mut engine, &batches)?;
         eprintln!(
             "step {step}: loss {:.4} {:.1} ms {:.1} tokens/s",
@@ -147,7 +149,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
     }
     let profile = if args.profile {
-        batches.iter_mut().for_each(|b| loader.fill(b));
+        for b in batches.iter_mut() {
+            loader.fill(b)?;
+        }
         Some(engine.train_step_profiled(&batches)?)
     } else {
         None

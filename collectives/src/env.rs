@@ -5,6 +5,9 @@ use crate::error::{CommError, Result};
 /// Port used when a launcher sets no MASTER_PORT (SLURM, mpirun); the same default as torchrun.
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 
+/// Ranks in a job at most (every rank's address passes through rank 0's store).
+pub const WORLD_SIZE_MAX: usize = 1 << 16;
+
 /// Which launcher's variables were read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnvSource {
@@ -172,6 +175,12 @@ impl RankInfo {
         let bad = |msg: String| Err(CommError::Env(msg));
         if self.world_size == 0 {
             return bad(format!("{world_var}=0: a job needs at least one rank"));
+        }
+        if self.world_size > WORLD_SIZE_MAX {
+            return bad(format!(
+                "{world_var}={} exceeds the maximum {WORLD_SIZE_MAX}",
+                self.world_size
+            ));
         }
         if self.rank >= self.world_size {
             return bad(format!(
@@ -370,6 +379,13 @@ mod tests {
             ("SLURM_LOCALID", "0")
         ])
         .contains("SLURM_NODELIST"));
+        assert!(err(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "100000"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "1")
+        ])
+        .contains("WORLD_SIZE=100000 exceeds the maximum 65536"));
         let single = info(&[("RANK", "0"), ("WORLD_SIZE", "1")]);
         assert!(single.is_ok());
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
     /// A wait for a peer ran past `dist.timeout`.
-    #[error("rank {rank}: {op} timed out after {timeout:?} waiting for rank {peer}")]
+    #[error("rank {rank}: {op} timed out after {timeout:?} waiting for rank {peer}: it did not answer within dist.timeout_s, so it is slow, stuck or stopped (a rank that exits or is killed is reported as gone)")]
     Timeout {
         rank: usize,
         peer: usize,

@@ -252,12 +252,33 @@ fn spawn_rank(args: &LaunchArgs, local_rank: usize, port: u16, blame: &BlameDir)
     })
 }
 
+/// Ranks one launcher starts at most: a rank per GPU or per core; more are a mistake (each rank is a
+/// process with its own threads and a copy of the model).
+pub const NPROC_PER_NODE_MAX: usize = 256;
+/// Nodes in a job at most.
+pub const NNODES_MAX: usize = 4096;
+/// Longest grace before SIGTERM (and again before SIGKILL), in seconds.
+pub const GRACE_S_MAX: f64 = 3600.0;
+
+/// Checks a rank count for `flag` (`--nproc-per-node`, `--nproc`): between 1 and [`NPROC_PER_NODE_MAX`].
+pub fn check_nproc(flag: &str, n: usize) -> Result<()> {
+    if (1..=NPROC_PER_NODE_MAX).contains(&n) {
+        Ok(())
+    } else {
+        Err(CommError::Launch(format!(
+            "{flag} {n} must lie between 1 and {NPROC_PER_NODE_MAX}"
+        )))
+    }
+}
+
 /// Runs the ranks to completion; the exit code is non-zero when any rank failed.
 pub fn run(args: LaunchArgs) -> Result<ExitCode> {
-    if args.nproc_per_node == 0 || args.nnodes == 0 {
-        return Err(CommError::Launch(
-            "--nproc-per-node and --nnodes must be at least 1".into(),
-        ));
+    check_nproc("--nproc-per-node", args.nproc_per_node)?;
+    if !(1..=NNODES_MAX).contains(&args.nnodes) {
+        return Err(CommError::Launch(format!(
+            "--nnodes {} must lie between 1 and {NNODES_MAX}",
+            args.nnodes
+        )));
     }
     if args.node_rank >= args.nnodes {
         return Err(CommError::Launch(format!(
@@ -268,9 +289,9 @@ pub fn run(args: LaunchArgs) -> Result<ExitCode> {
     if args.command.is_empty() {
         return Err(CommError::Launch("no command given after --".into()));
     }
-    if !(args.grace_s.is_finite() && args.grace_s >= 0.0) {
+    if !(args.grace_s.is_finite() && (0.0..=GRACE_S_MAX).contains(&args.grace_s)) {
         return Err(CommError::Launch(format!(
-            "--grace-s {} must be a non-negative number",
+            "--grace-s {} must lie between 0 and {GRACE_S_MAX}",
             args.grace_s
         )));
     }
@@ -505,5 +526,38 @@ fn report(ranks: &[Rank], outcome: Outcome) -> ExitCode {
             );
             ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
         }
+    }
+}
+
+#[cfg(test)]
+mod bounds_tests {
+    use super::*;
+
+    fn args(nproc_per_node: usize, nnodes: usize, grace_s: f64) -> LaunchArgs {
+        LaunchArgs {
+            nproc_per_node,
+            nnodes,
+            node_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: None,
+            grace_s,
+            command: vec!["true".into()],
+        }
+    }
+
+    fn err(a: LaunchArgs) -> String {
+        run(a).err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn counts_and_grace_are_bounded_before_anything_starts() {
+        assert_eq!(
+            err(args(0, 1, 1.0)),
+            "launch: --nproc-per-node 0 must lie between 1 and 256"
+        );
+        assert!(err(args(100_000, 1, 1.0)).contains("--nproc-per-node 100000"));
+        assert!(err(args(1, 0, 1.0)).contains("--nnodes 0 must lie between 1 and 4096"));
+        assert!(err(args(1, 1, 1e30)).contains("--grace-s"));
+        assert!(check_nproc("--nproc", 256).is_ok());
     }
 }

@@ -377,19 +377,55 @@ impl StoreClient {
     }
 
     fn request(&self, request: Request, wait: Duration) -> Result<Response> {
-        let bytes =
-            encode(&request).map_err(|e| self.error(format!("cannot encode a request: {e}")))?;
+        self.exchange(request, wait.saturating_add(Duration::from_secs(5)))
+            .map_err(|f| self.error(f.detail))
+    }
+
+    /// Sends `request` and reads the answer, each within `io_timeout`; a failure says whether the store
+    /// closed the connection (rank 0 is gone) or only did not answer in time.
+    fn exchange(
+        &self,
+        request: Request,
+        io_timeout: Duration,
+    ) -> std::result::Result<Response, Failure> {
+        let closed = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+            )
+        };
+        let bytes = encode(&request).map_err(|e| Failure {
+            closed: false,
+            detail: format!("cannot encode a request: {e}"),
+        })?;
         let mut stream = lock(&self.stream);
-        let io_timeout = wait.saturating_add(Duration::from_secs(5));
         stream
             .set_read_timeout(Some(io_timeout))
             .and_then(|()| stream.set_write_timeout(Some(io_timeout)))
             .and_then(|()| stream.write_all(&bytes))
-            .map_err(|e| self.error(format!("send failed (rank 0 gone?): {e}")))?;
+            .map_err(|e| Failure {
+                closed: closed(&e),
+                detail: format!("send failed (rank 0 gone?): {e}"),
+            })?;
         let frame = read_frame(&mut stream, || false)
-            .map_err(|e| self.error(format!("no answer (rank 0 gone?): {e}")))?
-            .ok_or_else(|| self.error("connection closed by rank 0 (rank 0 exited?)".into()))?;
-        decode(&frame).map_err(|e| self.error(format!("bad answer: {e}")))
+            .map_err(|e| Failure {
+                closed: closed(&e),
+                detail: if e.kind() == ErrorKind::TimedOut {
+                    format!(
+                        "no answer within {io_timeout:?} (rank 0 stopped, stuck or overloaded?)"
+                    )
+                } else {
+                    format!("no answer (rank 0 gone?): {e}")
+                },
+            })?
+            .ok_or_else(|| Failure {
+                closed: true,
+                detail: "connection closed by rank 0 (rank 0 exited?)".into(),
+            })?;
+        decode(&frame).map_err(|e| Failure {
+            closed: false,
+            detail: format!("bad answer: {e}"),
+        })
     }
 
     /// Stores `value` under `key`.
@@ -505,6 +541,47 @@ impl StoreClient {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// What the store knows of closed ranks, telling a store that is gone (its connection closed: rank 0
+    /// exited or was killed) from one that does not answer within `grace` + 1 s (rank 0 stopped or stuck):
+    /// only the first is evidence that rank 0 is gone.
+    pub fn probe_closed(&self, grace: Duration) -> StoreView {
+        let deadline = Instant::now() + grace;
+        loop {
+            match self.exchange(Request::Closed, grace.saturating_add(PROBE_SLACK)) {
+                Ok(Response::Ranks(r)) if !r.is_empty() || Instant::now() >= deadline => {
+                    return StoreView::Closed(r)
+                }
+                Ok(Response::Ranks(_)) => std::thread::sleep(Duration::from_millis(20)),
+                Ok(other) => {
+                    return StoreView::NoAnswer(format!("unexpected answer to closed: {other:?}"))
+                }
+                Err(f) if f.closed => return StoreView::StoreGone(f.detail),
+                Err(f) => return StoreView::NoAnswer(f.detail),
+            }
+        }
+    }
+}
+
+/// Why a request got no answer.
+struct Failure {
+    /// The connection closed or was reset: the store (rank 0) is gone.
+    closed: bool,
+    detail: String,
+}
+
+/// How long past its grace a probe of the store waits for the answer (the store answers in microseconds).
+const PROBE_SLACK: Duration = Duration::from_secs(1);
+
+/// What [`StoreClient::probe_closed`] learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreView {
+    /// Ranks whose store connection closed, first closed first (empty: none within the grace).
+    Closed(Vec<usize>),
+    /// The store's connection closed or was reset: rank 0 exited or was killed.
+    StoreGone(String),
+    /// No answer in time, or a wrong one: rank 0 may be stopped, stuck or overloaded, not necessarily gone.
+    NoAnswer(String),
 }
 
 #[cfg(test)]

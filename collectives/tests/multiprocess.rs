@@ -180,6 +180,42 @@ fn tcp_hung_rank_times_out_naming_it() {
     hung_rank_is_named("tcp");
 }
 
+/// A SIGSTOPped rank 0 (all its threads stop, the store with them; its sockets stay open) is not dead:
+/// rank 1 must report a timeout waiting for it, not that it is gone.
+#[test]
+fn tcp_stopped_rank0_is_reported_as_not_answering_not_gone() {
+    let tag = unique_tag();
+    let args = [
+        "--backend",
+        "tcp",
+        "--timeout-s",
+        "1.5",
+        "die",
+        "--victim",
+        "0",
+        "--how",
+        "stop",
+    ];
+    let (out, elapsed) = run_bounded(
+        launch_check_with_grace(2, &args, &tag, 0.5),
+        Duration::from_secs(60),
+    );
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("[rank 1] rank 1: error:"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("timed out after 1.5s waiting for rank 0")
+            && line.contains("did not answer within dist.timeout_s"),
+        "{stderr}"
+    );
+    assert!(!line.contains("rank 0 is gone"), "{line}");
+    assert!(elapsed < Duration::from_secs(15), "{elapsed:?}");
+    assert_no_leftovers(&tag);
+}
+
 fn rank_command(rank: usize, world: usize, port: u16, tag: &str) -> Command {
     let mut c = Command::new(CHECK);
     c.env(TAG_VAR, tag)

@@ -5,13 +5,16 @@
 //! read [`StepStats`].
 //! See `examples/` for a training loop and a custom model.
 
+pub mod agree;
 pub mod backend;
 pub mod config;
 pub mod data;
 pub mod doctor;
 pub mod engine;
+pub mod inputs;
 pub mod model;
 pub mod optim;
+pub mod outputs;
 pub mod rng;
 pub mod selftest;
 pub mod tensorboard;

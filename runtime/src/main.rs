@@ -119,6 +119,10 @@ fn colour_wanted() -> bool {
 }
 
 fn run(cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
+    if let Command::Train { nproc: Some(n), .. } = &cli.command {
+        strata_collectives::launch::check_nproc("--nproc", *n)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     match cli.command {
         Command::Train {
             config,

@@ -151,7 +151,9 @@ fn losses(
         .collect();
     let mut out = Vec::with_capacity(steps);
     for _ in 0..steps {
-        batches.iter_mut().for_each(|b| loader.fill(b));
+        for b in batches.iter_mut() {
+            loader.fill(b)?;
+        }
         out.push(engine.train_step(&batches)?.loss);
     }
     Ok(out)
@@ -297,7 +299,7 @@ fn gradient_parity(report: &mut Report, precision: Precision) {
         let mut loader = Loader::from_config(&cpu_config)?;
         let mut engine = Engine::from_config(cpu_config.clone())?;
         let mut batch = engine.new_batch();
-        loader.fill(&mut batch);
+        loader.fill(&mut batch)?;
         let batches = [batch];
         let cpu_loss = engine.forward_backward(&batches)?;
         let cpu_grads = engine.grads()?;

@@ -12,9 +12,7 @@ use crate::model::Batch;
 use crate::tensorboard::{EventWriter, TensorBoardError};
 use crate::trace::{Trace, TraceError};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::fs::File;
-use std::io::{BufWriter, IsTerminal, Write};
-use std::path::PathBuf;
+use std::io::IsTerminal;
 use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,17 +21,42 @@ pub enum TrainError {
     Data(#[from] DataError),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// The OS error is the source, not repeated in the message.
-    #[error("cannot {what} train.metrics_file {path}")]
-    Metrics {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
+    #[error(transparent)]
+    Outputs(Box<crate::outputs::OutputError>),
+    #[error("{error}; training stopped after step {step}; {export}")]
+    MetricsWrite {
+        step: usize,
+        error: Box<crate::outputs::OutputError>,
+        export: String,
     },
     #[error("train.tensorboard_dir")]
     TensorBoard(#[from] TensorBoardError),
     #[error(transparent)]
     Trace(#[from] TraceError),
+}
+
+impl From<crate::outputs::OutputError> for TrainError {
+    fn from(e: crate::outputs::OutputError) -> Self {
+        TrainError::Outputs(Box::new(e))
+    }
+}
+
+/// What became of the export after a failed metrics write, for the error message.
+fn describe_export(
+    step: usize,
+    export: &Option<(&std::path::Path, Result<(), EngineError>)>,
+) -> String {
+    match export {
+        None => "train.export_to is not set, so no weights were saved".into(),
+        Some((target, Ok(()))) => format!(
+            "the weights of step {step} were exported to {}",
+            target.display()
+        ),
+        Some((target, Err(e))) => format!(
+            "exporting the weights to {} failed too: {e}",
+            target.display()
+        ),
+    }
 }
 
 /// What a run did, printed at its end.
@@ -315,7 +338,7 @@ impl Validation {
         self.loader.seek(self.rank);
         let mut sum = 0.0f64;
         for _ in 0..self.local_batches {
-            self.loader.fill(&mut self.batch);
+            self.loader.fill(&mut self.batch)?;
             sum += f64::from(engine.eval_loss(&self.batch)?);
         }
         // [sum of losses, micro-batches], summed over ranks: ranks may hold one micro-batch more than others.
@@ -351,7 +374,9 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
 /// [`run`], recording a timeline into `trace` (`strata train --trace FILE`), which it finishes at
 /// the end (with several ranks, rank 0 merges their files).
 pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, TrainError> {
-    // The data is opened (and checked) before the device's memory is allocated.
+    // Before anything heavy: outputs resolved, checked against the inputs and for space, and
+    // locked; the data opened and checked.
+    let outputs = crate::outputs::TrainOutputs::prepare(&config)?;
     let loader = Loader::from_config(&config)?;
     let mut engine =
         tracing::trace_span!("engine init").in_scope(|| Engine::from_config(config.clone()))?;
@@ -361,17 +386,8 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
     let d = &config.data;
     let mut loader = loader.shard(rank, world);
     let mut validation = Validation::new(&config, &engine)?;
-    let mut metrics = match (&config.train.metrics_file, lead) {
-        (Some(path), true) => Some((
-            path.clone(),
-            BufWriter::new(File::create(path).map_err(|source| TrainError::Metrics {
-                what: "create",
-                path: path.clone(),
-                source,
-            })?),
-        )),
-        _ => None,
-    };
+    // Rank 0's outputs only (TrainOutputs is empty elsewhere).
+    let mut metrics = outputs.metrics_file()?;
     let mut tensorboard = match (&config.train.tensorboard_dir, lead) {
         (Some(dir), true) => Some(EventWriter::create(dir)?),
         _ => None,
@@ -406,9 +422,11 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
     let reporter = Reporter::new(if lead { steps } else { 0 }, lead);
     let mut history = Vec::with_capacity(steps);
     let mut last_val = None;
+    let mut metrics_failure = None;
     for step in 1..=steps {
         let _step = tracing::trace_span!("step", step).entered();
-        tracing::trace_span!("data").in_scope(|| batches.iter_mut().for_each(|b| loader.fill(b)));
+        tracing::trace_span!("data")
+            .in_scope(|| batches.iter_mut().try_for_each(|b| loader.fill(b)))?;
         let stats = tracing::trace_span!("train_step")
             .in_scope(|| crate::trace::train_step(&mut engine, &batches))?;
         let val_loss = match validation.as_mut() {
@@ -421,16 +439,10 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
         if let Some(w) = tensorboard.as_mut() {
             w.add(step as u64, &scalars(&stats, val_loss))?;
         }
-        if let Some((path, w)) = metrics.as_mut() {
+        if let Some(m) = metrics.as_mut() {
             let line =
                 serde_json::to_string(&MetricsLine::new(&stats, val_loss)).unwrap_or_default();
-            writeln!(w, "{line}")
-                .and_then(|_| w.flush())
-                .map_err(|source| TrainError::Metrics {
-                    what: "write",
-                    path: path.clone(),
-                    source,
-                })?;
+            metrics_failure = m.write_line(&line).err().map(|e| (step, e));
         }
         if step % log_every == 0 || step == 1 || step == steps {
             reporter.line(format!(
@@ -445,13 +457,39 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
         }
         reporter.tick(&stats);
         history.push(stats);
+        // Rank 0 alone writes metrics: every rank learns whether it failed, and all stop together.
+        let mut stop = [f32::from(u8::from(metrics_failure.is_some()))];
+        if world > 1 {
+            engine
+                .communicator()
+                .all_reduce(&mut stop)
+                .map_err(EngineError::from)?;
+        }
+        if stop[0] > 0.0 {
+            break;
+        }
     }
     reporter.finish();
-    if let Some(path) = &config.train.export_to {
-        // Every rank takes part (shards are gathered); rank 0 writes.
-        tracing::trace_span!("export").in_scope(|| engine.save_weights(path))?;
+    // Every rank takes part in the export (shards are gathered); rank 0 checked its path and writes.
+    let export_path = outputs
+        .export_target()
+        .or(config.train.export_to.as_deref());
+    let export = export_path.map(|target| {
+        let result = tracing::trace_span!("export").in_scope(|| engine.save_weights(target));
+        (target, result)
+    });
+    if let Some((step, error)) = metrics_failure {
+        let export = describe_export(step, &export);
+        return Err(TrainError::MetricsWrite {
+            step,
+            error: Box::new(error),
+            export,
+        });
+    }
+    if let Some((target, result)) = export {
+        result?;
         if lead {
-            tracing::info!("weights written to {}", path.display());
+            tracing::info!("weights written to {}", target.display());
         }
     }
     tracing::info!("{}", memory_line(&engine));

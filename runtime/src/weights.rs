@@ -7,16 +7,17 @@
 
 use crate::model::UnitSpec;
 use half::{bf16, f16};
-use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use safetensors::{tensor::TensorView, Dtype, SafeTensorError, SafeTensors};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    #[error("{path}")]
+    /// The OS error is in the message, not a `source`, so a chain printed with `{:#}` says it once.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not a safetensors file: {message}")]
     Format { path: PathBuf, message: String },
@@ -41,6 +42,77 @@ pub enum WeightsError {
         "{path}: `lm_head.weight` differs from the token embedding, but strata's GPT-2 ties them"
     )]
     UntiedHead { path: PathBuf },
+    #[error("{path}: tensor `{name}` holds {value} at index {index} (in the file's layout); strata will not start from non-finite weights")]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        index: usize,
+        value: f32,
+    },
+    #[error(transparent)]
+    Input(#[from] crate::inputs::InputError),
+    #[error(transparent)]
+    Output(Box<crate::outputs::OutputError>),
+}
+
+impl From<crate::outputs::OutputError> for WeightsError {
+    fn from(e: crate::outputs::OutputError) -> Self {
+        WeightsError::Output(Box::new(e))
+    }
+}
+
+/// safetensors' own bound on the JSON header (`safetensors::tensor::MAX_HEADER_SIZE`).
+const SAFETENSORS_HEADER_BYTES_MAX: u64 = 100_000_000;
+
+/// A header error in words, with the header length the file declares and the file's length.
+fn header_error(path: &Path, bytes: &[u8], e: SafeTensorError) -> WeightsError {
+    let file_len = bytes.len() as u64;
+    let header_len = bytes
+        .first_chunk::<8>()
+        .map(|b| u64::from_le_bytes(*b))
+        .unwrap_or(0);
+    let data_len = file_len.saturating_sub(8).saturating_sub(header_len);
+    let what = match &e {
+        SafeTensorError::HeaderTooSmall => {
+            "the file is shorter than the 8 bytes that give the header length".to_string()
+        }
+        SafeTensorError::HeaderTooLarge => format!(
+            "the first 8 bytes give a header length of {header_len} bytes, above safetensors' limit of \
+             {SAFETENSORS_HEADER_BYTES_MAX}"
+        ),
+        SafeTensorError::InvalidHeaderLength => format!(
+            "the first 8 bytes give a header length of {header_len} bytes, which does not fit in the file"
+        ),
+        SafeTensorError::InvalidHeader => "the header is not UTF-8 text".to_string(),
+        SafeTensorError::InvalidHeaderStart => "the header does not start with `{`".to_string(),
+        SafeTensorError::InvalidHeaderDeserialization => {
+            "the header is not the JSON of a safetensors header".to_string()
+        }
+        SafeTensorError::MetadataIncompleteBuffer => format!(
+            "the tensors in the header do not cover the {data_len} bytes of data after it exactly"
+        ),
+        SafeTensorError::InvalidOffset(name) => {
+            format!("tensor `{name}`: its data offsets do not follow the previous tensor's")
+        }
+        other => format!("{other:?}"),
+    };
+    WeightsError::Format {
+        path: path.into(),
+        message: format!("{what} (header length {header_len} bytes, file length {file_len} bytes)"),
+    }
+}
+
+/// The first non-finite value of a tensor, as an error naming it.
+fn check_finite(path: &Path, name: &str, data: &[f32]) -> Result<(), WeightsError> {
+    match data.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(WeightsError::NonFinite {
+            path: path.into(),
+            name: name.into(),
+            index,
+            value: data[index],
+        }),
+    }
 }
 
 const TIED_HEAD: &str = "lm_head.weight";
@@ -91,17 +163,16 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// Fills each unit's flat parameter buffer from the file at `path`.
 pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<(), WeightsError> {
-    let io = |source| WeightsError::Io {
+    let io = |error| WeightsError::Io {
         path: path.into(),
-        source,
+        error,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
-    // SAFETY: read-only map of a weights file that strata does not modify while loading.
+    let (file, _) = crate::inputs::open_regular(path)?;
+    // SAFETY: a read-only map of a regular file that strata never writes (outputs may not alias inputs). A
+    // file truncated by another program during these few seconds of loading would raise SIGBUS; token
+    // files, read throughout a run, are read with pread instead (data::tokens).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-    let st = SafeTensors::deserialize(&map).map_err(|e| WeightsError::Format {
-        path: path.into(),
-        message: e.to_string(),
-    })?;
+    let st = SafeTensors::deserialize(&map).map_err(|e| header_error(path, &map, e))?;
     let mut wanted: HashMap<&str, (usize, usize)> = HashMap::new();
     for (u, unit) in units.iter().enumerate() {
         for (i, t) in unit.tensors.iter().enumerate() {
@@ -115,7 +186,9 @@ pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<
             continue;
         }
         if name == TIED_HEAD {
-            head = Some(to_f32(&view, path, &name)?);
+            let data = to_f32(&view, path, &name)?;
+            check_finite(path, &name, &data)?;
+            head = Some(data);
             continue;
         }
         let (&key, &(u, i)) =
@@ -140,6 +213,7 @@ pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<
             });
         }
         let mut data = to_f32(&view, path, &name)?;
+        check_finite(path, &name, &data)?;
         if spec.stored_transposed {
             data = transpose(&data, expected[0], expected[1]);
         }
@@ -170,7 +244,9 @@ pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<
     Ok(())
 }
 
-/// Writes every tensor (f32, names and layouts as [`load`] reads them) with `metadata`.
+/// Writes every tensor (f32, names and layouts as [`load`] reads them) with `metadata`: to a unique temporary
+/// file beside `path`, renamed over it when whole (and only over a regular file); on failure `path` is as it
+/// was and the temporary file is gone.
 pub fn save<'a>(
     path: &Path,
     units: impl IntoIterator<Item = (&'a UnitSpec, &'a [f32])>,
@@ -207,16 +283,17 @@ pub fn save<'a>(
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let tmp = path.with_extension("safetensors.tmp");
     let metadata: HashMap<String, String> = metadata.into_iter().collect();
-    safetensors::serialize_to_file(views, &Some(metadata), &tmp).map_err(|e| {
-        WeightsError::Format {
-            path: tmp.clone(),
-            message: e.to_string(),
+    let atomic = crate::outputs::AtomicFile::create(path)?;
+    safetensors::serialize_to_file(views, &Some(metadata), atomic.temp()).map_err(|e| match e {
+        SafeTensorError::IoError(source) => {
+            WeightsError::from(atomic.error("writing the weights", source))
         }
+        other => WeightsError::Format {
+            path: path.into(),
+            message: format!("{other:?}"),
+        },
     })?;
-    std::fs::rename(&tmp, path).map_err(|source| WeightsError::Io {
-        path: path.into(),
-        source,
-    })
+    atomic.commit()?;
+    Ok(())
 }

@@ -167,7 +167,7 @@ fn gpt2_matches_pytorch_logits_loss_and_gradients() {
     let mut loader = Loader::from_vec(reference.tokens(), b, t, 0, false).expect("loader");
     let mut engine = Engine::from_config(cfg.clone()).expect("engine");
     let mut batch = engine.new_batch();
-    loader.fill(&mut batch);
+    loader.fill(&mut batch).expect("batch");
 
     let logits = engine.logits(&batch).expect("logits");
     assert_eq!(logits.len(), b * t * cfg.model.vocab_size);
@@ -219,7 +219,9 @@ fn gpt2_matches_pytorch_over_five_adamw_steps() {
         reference.f32s("lrs"),
     );
     for step in 0..cfg.train.steps {
-        batches.iter_mut().for_each(|mb| loader.fill(mb));
+        for mb in batches.iter_mut() {
+            loader.fill(mb).expect("batch");
+        }
         let s = engine.train_step(&batches).expect("step");
         let loss_rel = ((s.loss - want_loss[step]) / want_loss[step]).abs();
         let norm_rel = ((s.grad_norm - want_norm[step]) / want_norm[step]).abs();
@@ -282,7 +284,9 @@ fn train(cfg: &Config, reference: &Reference) -> Result<(Vec<f32>, Vec<Vec<f32>>
     let mut batches = vec![engine.new_batch(); cfg.data.grad_accum_steps];
     let mut losses = Vec::new();
     for _ in 0..cfg.train.steps {
-        batches.iter_mut().for_each(|mb| loader.fill(mb));
+        for mb in batches.iter_mut() {
+            loader.fill(mb).expect("batch");
+        }
         losses.push(engine.train_step(&batches)?.loss);
     }
     Ok((losses, engine.params()?))

@@ -2,7 +2,7 @@
 //! under `strata-launch` (or with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set).
 //!
 //! - `check`: every collective, f32 and bf16, sync and async, against closed forms; exit 1 on a mismatch.
-//! - `die`: collectives in a loop; the victim rank exits or SIGKILLs itself before op N; the
+//! - `die`: collectives in a loop; the victim rank exits, SIGKILLs or SIGSTOPs itself before op N; the
 //!   others print the error they get (`rank R: error: ...`) and exit 3.
 //! - `bench`: the `strata-bench comm` sweep, printed by rank 0.
 
@@ -31,7 +31,8 @@ enum Mode {
     Die {
         #[arg(long)]
         victim: usize,
-        /// `exit` (code 7), `kill` (SIGKILL itself) or `hang` (sleep 60 s, then exit).
+        /// `exit` (code 7), `kill` (SIGKILL itself), `hang` (sleep 60 s, then exit) or `stop`
+        /// (SIGSTOP itself: every thread stops, sockets stay open).
         #[arg(long, default_value = "exit")]
         how: String,
         /// Collectives completed before the victim dies.
@@ -286,6 +287,10 @@ fn die(comm: &dyn Communicator, victim: usize, how: &str, after: usize) -> Resul
             if how == "kill" {
                 // SAFETY: raising a signal on ourselves has no memory effects.
                 unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
+            if how == "stop" {
+                // SAFETY: as above; the process continues here after a SIGCONT.
+                unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
             }
             std::process::exit(7);
         }

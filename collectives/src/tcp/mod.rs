@@ -28,7 +28,7 @@ use crate::choose::{Chooser, Reduction, CHOSEN_MIN_BYTES};
 use crate::comm::Communicator;
 use crate::elem::{add_assign_f32, narrow_to_bf16, widen_bf16, DType};
 use crate::error::{CommError, Result};
-use crate::store::StoreClient;
+use crate::store::{StoreClient, StoreView};
 use crate::Backend;
 
 /// Socket buffer size asked of the kernel.
@@ -300,17 +300,24 @@ impl TcpComm {
                 source,
             },
         };
-        let closed = match self.store.closed_ranks(DIAGNOSE_GRACE) {
-            Ok(closed) => closed.into_iter().find(|&r| r != self.rank),
-            Err(_) if self.rank != 0 => Some(0),
-            Err(_) => None,
+        // Only a closed connection is evidence that a rank is gone: a store that does not answer belongs
+        // to a rank 0 that may be stopped (SIGSTOP) or stuck, whose sockets are still open.
+        let (gone, how) = match self.store.probe_closed(DIAGNOSE_GRACE) {
+            StoreView::Closed(closed) => (
+                closed.into_iter().find(|&r| r != self.rank),
+                "its rendezvous connection closed first",
+            ),
+            StoreView::StoreGone(_) if self.rank != 0 => {
+                (Some(0), "its rendezvous store closed its connection")
+            }
+            StoreView::StoreGone(_) | StoreView::NoAnswer(_) => (None, ""),
         };
-        match closed {
+        match gone {
             Some(gone) => CommError::PeerGone {
                 rank: self.rank,
                 peer: gone,
                 op,
-                detail: format!("it exited or was killed: its rendezvous connection closed first; seen here as: {direct}"),
+                detail: format!("it exited or was killed: {how}; seen here as: {direct}"),
             },
             None => direct,
         }

@@ -3,6 +3,7 @@
 //! Every section rejects unknown keys; every field has a default (`impl Default`), so a config file names
 //! only what differs from the embedded default (a tiny GPT on the synthetic data set, see `configs/tiny.toml`).
 
+pub mod bounds;
 mod overrides;
 mod size;
 
@@ -15,11 +16,6 @@ use std::path::{Path, PathBuf};
 /// A configuration error; the message names the key (`optim.lr`) or the file it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("{origin}: not valid TOML: {message}")]
     Syntax { origin: String, message: String },
     #[error("{origin}: key `{key}`: {message}")]
@@ -32,7 +28,19 @@ pub enum ConfigError {
     Override { arg: String, message: String },
     #[error("config key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    /// Not a `source`: the message holds it, so a chain printed with `{:#}` says it once.
+    #[error("cannot read config: {0}")]
+    Input(crate::inputs::InputError),
 }
+
+impl From<crate::inputs::InputError> for ConfigError {
+    fn from(e: crate::inputs::InputError) -> Self {
+        ConfigError::Input(e)
+    }
+}
+
+/// The largest config file read (a config is a few hundred bytes; this bounds a mistaken path).
+pub const CONFIG_FILE_BYTES_MAX: u64 = 1 << 20;
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -50,6 +58,10 @@ pub struct Config {
     pub train: TrainConfig,
     pub dist: DistConfig,
     pub zero: ZeroConfig,
+    /// The file this config was read from (None: the embedded default, or built in code). Not part of the
+    /// TOML tree: it is an input that no output may overwrite.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[zero]`: how states are partitioned across the data-parallel ranks (DeepSpeed's ZeRO stages).
@@ -304,9 +316,13 @@ impl Config {
         let (origin, mut table) = match path {
             None => ("embedded default".to_string(), toml::Table::new()),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_path_buf(),
-                    source,
+                let bytes = crate::inputs::read_bounded(p, CONFIG_FILE_BYTES_MAX, "a config file")?;
+                let text = String::from_utf8(bytes).map_err(|e| ConfigError::Syntax {
+                    origin: p.display().to_string(),
+                    message: format!(
+                        "not UTF-8 text (byte offset {})",
+                        e.utf8_error().valid_up_to()
+                    ),
                 })?;
                 let table: toml::Table =
                     toml::from_str(&text).map_err(|e| ConfigError::Syntax {
@@ -319,9 +335,11 @@ impl Config {
         for arg in overrides {
             apply_override(&mut table, arg)?;
         }
-        Config::from_table(table, &origin)
+        let mut config = Config::from_table(table, &origin)
             .and_then(|config| config.validate().map(|()| config))
-            .map_err(|err| overrides::blame_override(err, overrides))
+            .map_err(|err| overrides::blame_override(err, overrides))?;
+        config.source = path.map(Path::to_path_buf);
+        Ok(config)
     }
 
     /// Parses a TOML string (used by tests and the library API).
@@ -376,6 +394,7 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        bounds::check_counts(self)?;
         if m.n_embd % m.n_head != 0 {
             return Err(invalid(
                 "model.n_embd",
@@ -449,7 +468,7 @@ impl Config {
                 "must be \"synthetic\" or the path of a token file (leave it out for no validation)",
             ));
         }
-        Ok(())
+        bounds::check_memory(self, bounds::memory_total_bytes())
     }
 }
 

@@ -19,10 +19,11 @@ use tokens::TokenFile;
 /// repeated in its message.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("cannot read {path}")]
+    /// The OS error is in the message, not a `source`, so a chain printed with `{:#}` says it once.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("cannot write {path}")]
     Write {
@@ -49,6 +50,16 @@ pub enum DataError {
     Format { path: PathBuf, message: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error(transparent)]
+    Input(#[from] crate::inputs::InputError),
+    #[error(transparent)]
+    Output(Box<crate::outputs::OutputError>),
+}
+
+impl From<crate::outputs::OutputError> for DataError {
+    fn from(e: crate::outputs::OutputError) -> Self {
+        DataError::Output(Box::new(e))
+    }
 }
 
 fn key_prefix(key: Option<&'static str>) -> String {
@@ -84,10 +95,14 @@ impl Tokens {
             Tokens::Memory(v) => v.len(),
         }
     }
-    fn get(&self, i: usize) -> u16 {
+    /// Copies tokens `[start, start + out.len())` into `out`.
+    fn read(&self, start: usize, out: &mut [u16]) -> Result<(), DataError> {
         match self {
-            Tokens::File(f) => f.token(i),
-            Tokens::Memory(v) => v[i],
+            Tokens::File(f) => f.read(start, out),
+            Tokens::Memory(v) => {
+                out.copy_from_slice(&v[start..start + out.len()]);
+                Ok(())
+            }
         }
     }
 }
@@ -107,7 +122,7 @@ fn open_token_file(source: &str, vocab_size: usize) -> Result<Tokens, DataError>
     let path = Path::new(source);
     match TokenFile::open(path, vocab_size) {
         Ok(file) => Ok(Tokens::File(file)),
-        Err(DataError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(DataError::Input(crate::inputs::InputError::Missing { .. })) => {
             Err(DataError::NotFound {
                 key: None,
                 path: path.to_path_buf(),
@@ -129,6 +144,8 @@ pub struct Loader {
     next: u64,
     /// How far j advances per micro-batch: the number of data-parallel ranks.
     stride: u64,
+    /// One row's tokens (T + 1), read at once.
+    window: Vec<u16>,
 }
 
 impl Loader {
@@ -228,6 +245,7 @@ impl Loader {
             shuffle,
             next: 0,
             stride: 1,
+            window: vec![0; t + 1],
         })
     }
 
@@ -258,8 +276,9 @@ impl Loader {
         self.next = micro_batch;
     }
 
-    /// Fills `batch` (shaped B × T) with the next micro-batch.
-    pub fn fill(&mut self, batch: &mut Batch) {
+    /// Fills `batch` (shaped B × T) with the next micro-batch, or says why the data cannot be read
+    /// (a token file that shrank or changed under the running job: the file and offset).
+    pub fn fill(&mut self, batch: &mut Batch) -> Result<(), DataError> {
         let (b, t) = (self.b, self.t);
         assert!(
             batch.b == b
@@ -277,11 +296,17 @@ impl Loader {
             } else {
                 (j % epoch_batches) as usize * b * t + row * t
             };
-            for i in 0..t {
-                batch.inputs[row * t + i] = self.tokens.get(start + i) as u32;
-                batch.targets[row * t + i] = self.tokens.get(start + i + 1) as u32;
+            self.tokens.read(start, &mut self.window)?;
+            let (inputs, targets) = (
+                &mut batch.inputs[row * t..(row + 1) * t],
+                &mut batch.targets[row * t..(row + 1) * t],
+            );
+            for (i, (x, y)) in inputs.iter_mut().zip(targets).enumerate() {
+                *x = u32::from(self.window[i]);
+                *y = u32::from(self.window[i + 1]);
             }
         }
+        Ok(())
     }
 }
 

@@ -68,7 +68,7 @@ fn sequential_batches_follow_the_llmc_rule_and_wrap() {
     let mut batch = Batch::zeros(2, 4);
     let mut starts = Vec::new();
     for _ in 0..5 {
-        loader.fill(&mut batch);
+        loader.fill(&mut batch).unwrap();
         starts.push(batch.inputs[0]);
         assert_eq!(batch.inputs[4], batch.inputs[0] + 4);
         assert_eq!(
@@ -91,8 +91,8 @@ fn shuffled_batches_are_deterministic_windows() {
     let mut b = Loader::from_vec(toks, 3, 5, 42, true).unwrap();
     let (mut x, mut y) = (Batch::zeros(3, 5), Batch::zeros(3, 5));
     for _ in 0..4 {
-        a.fill(&mut x);
-        b.fill(&mut y);
+        a.fill(&mut x).unwrap();
+        b.fill(&mut y).unwrap();
         assert_eq!(x.inputs, y.inputs);
         for row in 0..3 {
             let r = &x.inputs[row * 5..row * 5 + 5];
@@ -121,7 +121,7 @@ fn prepare_writes_bytes_and_gpt2_tokens() {
         11
     );
     let f = TokenFile::open(&out, 256).unwrap();
-    assert_eq!(f.token(0), b'H' as u16);
+    assert_eq!(f.token(0).unwrap(), b'H' as u16);
     let out = dir.path().join("gpt2.bin");
     assert_eq!(
         prepare::prepare(&input, &out, prepare::Tokenizer::Gpt2).unwrap(),
@@ -129,7 +129,58 @@ fn prepare_writes_bytes_and_gpt2_tokens() {
     );
     let f = TokenFile::open(&out, 50257).unwrap();
     // GPT-2 BPE: "Hello" = 15496, " world" = 995.
-    assert_eq!((f.token(0), f.token(1)), (15496, 995));
+    assert_eq!((f.token(0).unwrap(), f.token(1).unwrap()), (15496, 995));
+}
+
+#[test]
+fn a_token_file_changed_under_a_loader_is_an_error_with_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shrinks.bin");
+    write_token_file(&path, &(0..100).collect::<Vec<u16>>()).unwrap();
+    let mut loader = Loader::new(path.to_str().unwrap(), 100, 2, 4, 0, false).unwrap();
+    let mut batch = Batch::zeros(2, 4);
+    loader.fill(&mut batch).unwrap();
+    // Another program cuts the file to 5 tokens: micro-batch 1 starts at token 8, byte offset 1040.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len(HEADER_BYTES as u64 + 10))
+        .unwrap();
+    let e = loader.fill(&mut batch).err().unwrap().to_string();
+    assert!(
+        e.starts_with(&path.display().to_string())
+            && e.contains("cannot read 10 bytes at byte offset 1040: the file is now 1034 bytes long, but its header says 100 tokens (1224 bytes)")
+            && e.contains("truncated or replaced while in use"),
+        "{e}"
+    );
+    // Rewritten in place with a token the model cannot embed.
+    write_token_file(&path, &[7; 100]).unwrap();
+    let mut loader = Loader::new(path.to_str().unwrap(), 100, 2, 4, 0, false).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[HEADER_BYTES + 2 * 3] = 200;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&bytes))
+        .unwrap();
+    let e = loader.fill(&mut batch).err().unwrap().to_string();
+    assert!(
+        e.contains("token 200 at index 3 (byte offset 1030) is not below model.vocab_size = 100"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_directory_or_fifo_as_token_file_says_what_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = TokenFile::open(dir.path(), 10).err().unwrap().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{} is a directory, not a regular file",
+            dir.path().display()
+        )
+    );
 }
 
 #[test]

@@ -27,6 +27,9 @@ pub enum EngineError {
         what: &'static str,
         value: f32,
     },
+    /// The ranks were started with different configs (or code); names the keys and ranks.
+    #[error("{0}")]
+    RanksDisagree(String),
     /// A setting the engine cannot honour; names the key.
     #[error("{key}: {message}")]
     Setting { key: &'static str, message: String },

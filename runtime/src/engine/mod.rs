@@ -128,6 +128,7 @@ impl Engine {
         let precision = resolve_precision(config.train.precision, backend)?;
         let comm: Arc<dyn Communicator> =
             Arc::from(connect(&config.dist, backend == Backend::Cuda)?);
+        crate::agree::check_ranks_agree(comm.as_ref(), &config)?;
         let units = model.units().to_vec();
         let stage_units: Vec<Vec<usize>> = model.stages().iter().map(|s| s.units.clone()).collect();
         let (world, rank) = (comm.world_size(), comm.rank());

@@ -237,7 +237,10 @@ impl Engine {
             });
         }
         let (grad_norm, lr) = self.optimizer_step()?;
+        // The step ends with its device work: the updated weights, and their gathers on the
+        // communication queue (so the host's own collectives never interleave with them).
         self.dev.synchronize(Queue::Compute)?;
+        self.dev.synchronize(Queue::Comm)?;
         let tokens = batches.iter().map(Batch::tokens).sum::<usize>() * self.comm.world_size();
         let flops = self.model.flops_per_token(self.sizes.t) * tokens as f64;
         Ok(StepStats::new(

@@ -96,9 +96,8 @@ impl Engine {
         let train = matches!(head, HeadMode::Train { .. });
         // With work for the communication queue, the queues meet at the start of a walk:
         // gathers see the last optimizer update, and every pool is free.
-        let comm_work = self.comm.world_size() > 1
-            || !plan.gathers.is_empty()
-            || !plan.grad_buffers.is_empty();
+        let comm_work =
+            self.comm.world_size() > 1 || !plan.gathers.is_empty() || !plan.grad_buffers.is_empty();
         if comm_work {
             dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
             dev.wait(Queue::Compute, &dev.record(Queue::Comm)?)?;

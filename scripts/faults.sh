@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Fault probes for issue 16 ("nothing a user gives strata is destroyed"), run against the release binary.
+# Each probe gives strata a bad input or a fault, then records the exit code, the error message, whether every
+# input file is byte-for-byte as it was (sha256 before and after), and whether any temporary or lock file of
+# strata's is left in the work directory. Prints a Markdown table.
+#
+#   cargo build --release -p strata && scripts/faults.sh [path/to/strata]
+#
+# The full-disk probes mount a small tmpfs in a private mount namespace (`unshare -m`, needs root); where that
+# is not possible they are reported as skipped. Takes about half a minute.
+
+set -u
+STRATA=${1:-$(dirname "$0")/../target/release/strata}
+STRATA=$(realpath "$STRATA") || { echo "no strata binary at $STRATA: cargo build --release -p strata" >&2; exit 2; }
+W=$(mktemp -d /tmp/strata-faults.XXXXXX)
+trap 'rm -rf "$W"' EXIT
+cd "$W" || exit 2
+TINY=(--set model.n_layer=1 --set model.n_embd=32 --set model.n_head=2 --set model.seq_len=16
+      --set data.micro_batch_size=2 --set train.log_every=100000)
+LIMIT_S=60
+
+# --- inputs ---------------------------------------------------------------------------------------------
+python3 - <<'EOF' || { echo "python3 is needed to write the fixtures" >&2; exit 2; }
+import struct
+def tokens(path, n):
+    with open(path, "wb") as f:
+        f.write(struct.pack("<256i", 20240520, 1, n, *([0] * 253)))
+        f.write(struct.pack(f"<{n}H", *[(i * 7) % 256 for i in range(n)]))
+tokens("train.bin", 4096)
+tokens("big.bin", 200000)
+open("huge.safetensors", "wb").write(struct.pack("<Q", 1 << 40) + b"{}{}{}{}")
+open("short.safetensors", "wb").write(struct.pack("<Q", 1000) + b'{"a":1}     ')
+open("text.txt", "w").write("hello strata " * 100)
+open("run.toml", "w").write("[train]\nsteps = 3\n")
+EOF
+"$STRATA" train "${TINY[@]}" --steps 1 --set train.export_to="$W/init.safetensors" >/dev/null 2>&1
+python3 - <<'EOF'
+import json, struct
+b = bytearray(open("init.safetensors", "rb").read())
+n = struct.unpack("<Q", b[:8])[0]
+start = json.loads(b[8:8 + n])["transformer.h.0.ln_1.weight"]["data_offsets"][0]
+at = 8 + n + start + 4 * 3
+b[at:at + 4] = struct.pack("<f", float("nan"))
+open("nan.safetensors", "wb").write(b)
+EOF
+mkfifo fifo
+mkdir -p sub adir
+# As root, a private device node (the null device, 1:3): a strata that wrongly renamed over its export
+# target must not replace the machine's /dev/null. Others cannot replace /dev/null.
+if [ "$(id -u)" = 0 ] && mknod "$W/null-device" c 1 3 2>/dev/null; then DEV="$W/null-device"; else DEV=/dev/null; fi
+ln -s "$DEV" link-to-device
+ln -s init.safetensors link.safetensors
+INPUTS=(train.bin init.safetensors run.toml text.txt huge.safetensors short.safetensors nan.safetensors)
+
+# --- probes ---------------------------------------------------------------------------------------------
+rows=()
+sums() { sha256sum "${INPUTS[@]}" 2>/dev/null; }
+leftovers() { find "$W" -name '*.strata-tmp' -o -name '*.strata-lock' -o -name '*.safetensors.tmp' | wc -l; }
+message() {  # the error line, with the work directory shortened to $W
+    grep -E '^(\[rank [0-9]+\] )?(error|rank [0-9]+: error)' "$1" | tail -n 1 | sed "s|$W|\$W|g" | cut -c1-330
+}
+record() {  # probe rc errfile intact
+    local msg; msg=$(message "$3"); msg=${msg//|/\\|}
+    rows+=("| $1 | $2 | ${msg:-(no error line)} | $4 | $(leftovers) |")
+}
+probe() {  # probe-name command-or-function args...: runs it with a bound of LIMIT_S seconds
+    local name=$1; shift
+    local before; before=$(sums)
+    ( "$@" ) >"$W/out" 2>"$W/err" </dev/null &
+    local pid=$! ticks=0 rc
+    while kill -0 "$pid" 2>/dev/null && [ $ticks -lt $((LIMIT_S * 20)) ]; do sleep 0.05; ticks=$((ticks + 1)); done
+    if kill -0 "$pid" 2>/dev/null; then
+        pkill -KILL -P "$pid"; kill -KILL "$pid"; wait "$pid" 2>/dev/null; rc="hung: killed after ${LIMIT_S}s"
+    else
+        wait "$pid"; rc=$?
+    fi
+    local intact=yes; [ "$before" == "$(sums)" ] || intact=NO
+    record "$name" "$rc" "$W/err" "$intact"
+}
+train() { "$STRATA" train "${TINY[@]}" "$@"; }
+
+probe "metrics_file = data.train" train --steps 3 --set data.train="$W/train.bin" --set train.metrics_file="$W/train.bin"
+probe "export_to = data.train" train --steps 3 --set data.train="$W/train.bin" --set train.export_to="$W/train.bin"
+probe "metrics_file = init_from" train --steps 3 --set model.init_from="$W/init.safetensors" --set train.metrics_file="$W/init.safetensors"
+probe "export_to = symlink to init_from" train --steps 3 --set model.init_from="$W/init.safetensors" --set train.export_to="$W/link.safetensors"
+probe "metrics_file = config (via ..)" train "$W/run.toml" --set train.metrics_file="$W/sub/../run.toml"
+probe "metrics_file = export_to" train --steps 3 --set train.metrics_file="$W/o" --set train.export_to="$W/sub/../o"
+probe "prepare -o = its input" "$STRATA" prepare --tokenizer bytes "$W/text.txt" -o "$W/text.txt"
+probe "export_to = a character device" train --steps 3 --set train.export_to="$DEV"
+probe "export_to = symlink to a device" train --steps 3 --set train.export_to="$W/link-to-device"
+probe "export_to = a directory" train --steps 3 --set train.export_to="$W/adir"
+probe "export_to in a missing directory" train --steps 3 --set train.export_to="$W/no/such/w.safetensors"
+
+if unshare -m sh -c "mount -t tmpfs -o size=64k tmpfs '$W/adir'" 2>/dev/null; then
+    probe "export_to on a full disk" unshare -m sh -c 'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$@"' \
+        "$W/adir" "$STRATA" train "${TINY[@]}" --steps 3 --set train.export_to="$W/adir/w.safetensors"
+    probe "disk fills under metrics_file mid-run" unshare -m sh -c 'mount -t tmpfs -o size=256k tmpfs "$0" || exit 99
+m="$0/metrics.jsonl"
+"$@" --steps 700 --set train.metrics_file="$m" & pid=$!
+i=0; while [ ! -s "$m" ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done
+dd if=/dev/zero of="$0/filler" bs=4k 2>/dev/null; wait $pid' \
+        "$W/adir" "$STRATA" train "${TINY[@]}" --set train.export_to="$W/mid.safetensors"
+    rows+=("| ↳ the weights that run exported | - | \$W/mid.safetensors: $(stat -c %s "$W/mid.safetensors" 2>/dev/null || echo missing) bytes | - | - |")
+else
+    rows+=("| export_to on a full disk | skipped | needs root and unshare -m to mount a tmpfs | - | - |")
+fi
+
+rank_dependent() { # the same command on two ranks, with keys set from $RANK
+    "$STRATA" launch --nproc-per-node 2 --grace-s 2 -- sh -c "exec \"\$0\" train \"\$@\" $1" "$STRATA" \
+        "${TINY[@]}" --steps 3 --set dist.timeout_s=30 --set train.export_to="$W/ranks.safetensors"
+}
+probe "ranks with different model.n_layer" rank_dependent '--set model.n_layer=$((RANK + 1))'
+probe "ranks with different optim.lr" rank_dependent '--set optim.lr=0.00$((RANK + 1))'
+
+"$STRATA" train "${TINY[@]}" --steps 1000000 --set train.metrics_file="$W/m.jsonl" \
+    --set train.export_to="$W/w.safetensors" >/dev/null 2>&1 &
+first=$!
+for _ in $(seq 300); do [ -s "$W/m.jsonl" ] && break; sleep 0.05; done
+probe "second run on the same metrics_file" train --steps 2 --set train.metrics_file="$W/m.jsonl"
+probe "second run on the same export_to" train --steps 2 --set train.export_to="$W/w.safetensors"
+kill -TERM "$first"; wait "$first" 2>/dev/null
+rows+=("| first run, after SIGTERM | $(kill -0 "$first" 2>/dev/null && echo running || echo ended) | (its lock files are removed by its signal handler) | - | $(leftovers) |")
+
+probe "model.n_embd = 1000000000" train --set model.n_embd=1000000000
+probe "model.n_layer = 100000" train --set model.n_layer=100000
+probe "model beyond the machine's memory" train --set model.n_layer=1000 --set model.n_embd=8192 --set model.n_head=64
+probe "train.threads = 100000" train --set train.threads=100000
+probe "dist.timeout_s = 10^12" train --set dist.timeout_s=1000000000000
+probe "--nproc 100000" train --nproc 100000
+probe "--nproc 0" train --nproc 0
+probe "config = /dev/zero" "$STRATA" train /dev/zero
+probe "config = a FIFO" "$STRATA" train "$W/fifo"
+probe "data.train = a FIFO" train --set data.train="$W/fifo"
+probe "model.init_from = a FIFO" train --set model.init_from="$W/fifo"
+probe "prepare input = a FIFO" "$STRATA" prepare "$W/fifo" -o "$W/out.bin"
+probe "data.train = a directory" train --set data.train="$W/adir"
+probe "init_from header length 2^40" train --set model.init_from="$W/huge.safetensors"
+probe "init_from header beyond the file" train --set model.init_from="$W/short.safetensors"
+probe "init_from holds a NaN" train --set model.init_from="$W/nan.safetensors"
+
+truncated_under_run() {
+    "$STRATA" train "${TINY[@]}" --steps 1000000 --set data.train="$W/big.bin" --set train.metrics_file="$W/t.jsonl" &
+    local pid=$!
+    trap 'kill -KILL $pid 2>/dev/null' EXIT
+    for _ in $(seq 300); do [ -s "$W/t.jsonl" ] && break; sleep 0.05; done
+    truncate -s 1088 "$W/big.bin"
+    wait $pid
+}
+probe "token file truncated under a running job" truncated_under_run
+
+tcp_rank0_stopped() {
+    "$STRATA" train "${TINY[@]}" --nproc 2 --steps 1000000 --set dist.backend=tcp --set dist.timeout_s=3 &
+    local launcher=$! rank0=""
+    trap 'kill -KILL $launcher 2>/dev/null' EXIT
+    for _ in $(seq 200); do
+        for c in $(pgrep -P $launcher); do grep -qz '^RANK=0$' "/proc/$c/environ" 2>/dev/null && rank0=$c; done
+        [ -n "$rank0" ] && break; sleep 0.05
+    done
+    sleep 1; kill -STOP "$rank0"; wait $launcher
+}
+probe "tcp: rank 0 SIGSTOPped" tcp_rank0_stopped
+
+# --- table ----------------------------------------------------------------------------------------------
+echo "strata fault probes, $(date -u +%Y-%m-%dT%H:%MZ), $("$STRATA" --version), $(uname -sr)"
+echo
+echo "| probe | rc | message | inputs intact | strata temp/lock files left |"
+echo "|---|---|---|---|---|"
+printf '%s\n' "${rows[@]}"
