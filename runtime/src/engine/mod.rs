@@ -377,3 +377,31 @@ fn plan_pools(
         ),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Loader;
+
+    /// An embedding larger than a block (as in every real GPT-2: 38.6M vs 7.1M elements in the
+    /// 124M model): each stage must see only its own units.
+    #[test]
+    fn an_embedding_larger_than_a_block_trains_from_ln_vocab() {
+        let mut config = Config::default();
+        config.model.n_layer = 1;
+        config.model.n_embd = 32;
+        config.model.vocab_size = 4000;
+        config.model.seq_len = 16;
+        config.data.micro_batch_size = 2;
+        config.train.device = DeviceKind::Cpu;
+        let mut loader = Loader::from_config(&config).unwrap();
+        let mut engine = Engine::from_config(config.clone()).unwrap();
+        assert!(engine.units()[0].numel() > 4 * engine.units()[1].numel());
+        let mut batch = vec![engine.new_batch()];
+        loader.fill(&mut batch[0]).unwrap();
+        let first = engine.train_step(&batch).unwrap().loss;
+        assert!((first - 4000f32.ln()).abs() < 0.1, "{first}");
+        loader.fill(&mut batch[0]).unwrap();
+        assert!(engine.train_step(&batch).unwrap().loss.is_finite());
+    }
+}

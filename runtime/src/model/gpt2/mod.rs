@@ -247,12 +247,13 @@ impl Model for Gpt2 {
         output: &Buf,
     ) -> Result<(), DeviceError> {
         let shape = self.shape;
-        let embed = self.units[0].views(&params[0])?;
-        let ws = self.workspaces(Some(tokens))?;
         let (b, t, c) = (tokens.b, tokens.t, shape.n_embd);
         if stage == 0 {
+            let embed = self.units[0].views(&params[0])?;
+            self.workspaces(Some(tokens))?;
             return dev.encoder_forward(output, &tokens.inputs, &embed[0], &embed[1], b, t, c);
         }
+        let ws = self.workspaces(Some(tokens))?;
         let i = if ws.shape.checkpointing { 0 } else { stage - 1 };
         let weights = block::weights(&params[0], &shape)?;
         ws.blocks[i].forward(dev, &ws.scratch, &weights, input, output)
