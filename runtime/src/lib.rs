@@ -15,6 +15,7 @@ pub mod inputs;
 pub mod model;
 pub mod optim;
 pub mod outputs;
+pub mod plan;
 pub mod rng;
 pub mod selftest;
 pub mod tensorboard;

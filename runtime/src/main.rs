@@ -35,6 +35,10 @@ enum Command {
         /// Shortcut for --set train.steps=N.
         #[arg(long)]
         steps: Option<usize>,
+        /// A DeepSpeed JSON config (zero_optimization, offload, optimizer, scheduler, batch sizes,
+        /// bf16/fp16, aio) applied over CONFIG, before --set.
+        #[arg(long, value_name = "DS_CONFIG_JSON")]
+        deepspeed: Option<PathBuf>,
         /// Print the effective config and exit.
         #[arg(long)]
         print_config: bool,
@@ -46,6 +50,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         trace: Option<PathBuf>,
     },
+    /// Print the placement plan of a config (state class × tier, bytes per rank, buffers) and check
+    /// it against this machine or the capacities given; exits 1 when nothing fits.
+    Plan(strata::plan::PlanArgs),
     /// Tokenize a text file into the llm.c token format.
     Prepare {
         input: PathBuf,
@@ -131,7 +138,18 @@ fn run(cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
             print_config,
             nproc: Some(n),
             trace: trace_path,
-        } if relaunches(Some(n)) => relaunch(n, config, set, steps, print_config, trace_path),
+            deepspeed,
+        } if relaunches(Some(n)) => relaunch(
+            n,
+            Relaunch {
+                config,
+                set,
+                steps,
+                print_config,
+                trace: trace_path,
+                deepspeed,
+            },
+        ),
         Command::Train {
             config,
             set,
@@ -139,12 +157,18 @@ fn run(cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
             print_config,
             nproc: _,
             trace: _,
+            deepspeed,
         } => {
             let mut overrides = set;
             if let Some(n) = steps {
                 overrides.push(format!("train.steps={n}"));
             }
-            let config = Config::load(config.as_deref(), &overrides)?;
+            let world = strata_collectives::RankInfo::from_env().map_or(1, |r| r.world_size);
+            let config = Config::load_with_deepspeed(
+                config.as_deref(),
+                deepspeed.as_deref().map(|p| (p, world)),
+                &overrides,
+            )?;
             if print_config {
                 print!("{}", config.to_toml());
                 return Ok(ExitCode::SUCCESS);
@@ -170,6 +194,15 @@ fn run(cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Launch(args) => Ok(strata_collectives::launch::run(args)?),
+        Command::Plan(args) => {
+            let report = strata::plan::run(&args)?;
+            print!("{}", report.text);
+            Ok(if report.fits {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Doctor { paths } => {
             let report = strata::doctor::collect(&paths);
             println!("{report}");
@@ -183,32 +216,43 @@ fn run(cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `strata train --nproc N …`: runs `strata launch --nproc-per-node N -- <this binary> train …`.
-fn relaunch(
-    nproc: usize,
+/// The `strata train` arguments a relaunch passes on to its ranks.
+struct Relaunch {
     config: Option<PathBuf>,
     set: Vec<String>,
     steps: Option<usize>,
     print_config: bool,
     trace: Option<PathBuf>,
-) -> anyhow::Result<ExitCode> {
+    deepspeed: Option<PathBuf>,
+}
+
+/// `strata train --nproc N …`: runs `strata launch --nproc-per-node N -- <this binary> train …`.
+fn relaunch(nproc: usize, r: Relaunch) -> anyhow::Result<ExitCode> {
     // Check the config once here rather than N times in the ranks.
-    Config::load(config.as_deref(), &set)?;
+    Config::load_with_deepspeed(
+        r.config.as_deref(),
+        r.deepspeed.as_deref().map(|p| (p, nproc)),
+        &r.set,
+    )?;
     let exe = std::env::current_exe().context("locating the strata binary to relaunch")?;
     let mut command = vec![exe.display().to_string(), "train".to_string()];
-    command.extend(config.map(|c| c.display().to_string()));
-    for s in set {
+    command.extend(r.config.map(|c| c.display().to_string()));
+    for s in r.set {
         command.push("--set".into());
         command.push(s);
     }
-    if let Some(n) = steps {
+    if let Some(n) = r.steps {
         command.push(format!("--steps={n}"));
     }
-    if print_config {
+    if r.print_config {
         command.push("--print-config".into());
     }
-    if let Some(path) = trace {
+    if let Some(path) = r.trace {
         command.push("--trace".into());
+        command.push(path.display().to_string());
+    }
+    if let Some(path) = r.deepspeed {
+        command.push("--deepspeed".into());
         command.push(path.display().to_string());
     }
     let args = strata_collectives::launch::LaunchArgs {

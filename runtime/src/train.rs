@@ -249,23 +249,39 @@ fn describe_run(config: &Config, engine: &Engine) -> String {
     };
     let tokens_per_step =
         config.data.micro_batch_size * config.model.seq_len * config.data.grad_accum_steps * world;
+    let tiers = engine.placement().tiers;
     format!(
-        "GPT-2, {} params | {device} | {ranks} | {} | {tokens_per_step} tokens per step",
+        "GPT-2, {} params | {device} | {ranks} | {}: parameters on {}, optimizer states and gradients on {} | {tokens_per_step} tokens per step",
         format_count(engine.num_params()),
-        describe_stage(engine.zero_stage())
+        describe_stage(engine.zero_stage()),
+        tiers.params.name(),
+        tiers.optimizer.name()
     )
 }
 
 /// The ZeRO stage and what it partitions.
 fn describe_stage(stage: u8) -> &'static str {
     match stage {
-        0 => "stage 0 (data parallel): all states on the device",
-        1 => "stage 1 (optimizer states sharded): all states on the device",
-        2 => "stage 2 (gradients and optimizer states sharded): all states on the device",
-        _ => {
-            "stage 3 (parameters, gradients and optimizer states sharded): all states on the device"
-        }
+        0 => "stage 0 (data parallel)",
+        1 => "stage 1 (optimizer states sharded)",
+        2 => "stage 2 (gradients and optimizer states sharded)",
+        _ => "stage 3 (parameters, gradients and optimizer states sharded)",
     }
+}
+
+/// One line per rank: bytes per tier, and what moved between them over the timed steps.
+fn tiers_line(engine: &Engine, timed: &crate::engine::Traffic, wall_s: f64) -> String {
+    let p = engine.placement();
+    let h = |b: u64| crate::engine::human_bytes(b as usize);
+    format!(
+        "rank {}: tiers: device {}, host {}{}, nvme {} | after step 1: {}",
+        engine.rank(),
+        h(p.device_bytes),
+        h(p.host_bytes),
+        if p.host_pinned { " (pinned)" } else { "" },
+        h(p.nvme_bytes),
+        timed.describe(wall_s)
+    )
 }
 
 /// This process's peak resident memory (VmHWM), when /proc tells it.
@@ -395,6 +411,11 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
     if lead {
         tracing::debug!("effective config:\n{}", config.to_toml());
         tracing::info!("{}", describe_run(&config, &engine));
+        if let Some((path, notes)) = &config.deepspeed {
+            for note in notes {
+                tracing::info!("{}: {note}", path.display());
+            }
+        }
         tracing::info!("data: {} ({} tokens)", loader.origin(), loader.num_tokens());
         if let Some(v) = &validation {
             let fit = (v.loader.num_tokens() - 1) / (d.micro_batch_size * config.model.seq_len);
@@ -423,6 +444,8 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
     let mut history = Vec::with_capacity(steps);
     let mut last_val = None;
     let mut metrics_failure = None;
+    // What moved between the tiers from the end of step 1 (its first reads are cold).
+    let mut traffic_after_1 = engine.traffic();
     for step in 1..=steps {
         let _step = tracing::trace_span!("step", step).entered();
         tracing::trace_span!("data")
@@ -457,6 +480,9 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
         }
         reporter.tick(&stats);
         history.push(stats);
+        if step == 1 {
+            traffic_after_1 = engine.traffic();
+        }
         // Rank 0 alone writes metrics: every rank learns whether it failed, and all stop together.
         let mut stop = [f32::from(u8::from(metrics_failure.is_some()))];
         if world > 1 {
@@ -493,6 +519,11 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
         }
     }
     tracing::info!("{}", memory_line(&engine));
+    let timed_s: f64 = history.iter().skip(1).map(|s| s.step_ms / 1e3).sum();
+    tracing::info!(
+        "{}",
+        tiers_line(&engine, &engine.traffic().since(&traffic_after_1), timed_s)
+    );
     if let Some(trace) = trace {
         let path = trace.finish(engine.communicator())?;
         if lead {

@@ -214,7 +214,7 @@ fn the_log_is_short_plain_and_counts_steps_like_the_metrics() {
         "GPT-2, 0.02M params",
         "cpu, fp32",
         "1 rank",
-        "(data parallel): all states on the device",
+        "(data parallel): parameters on device, optimizer states and gradients on device",
     ] {
         assert!(
             summary[0].contains(part),

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use strata_collectives::Communicator;
 
 pub use super::arena::{Arena, Buf};
+pub use super::host_queue::Job as HostJob;
 use super::host_queue::Ticket;
 
 /// Element type of a buffer.
@@ -106,15 +107,18 @@ pub enum Queue {
     Comm,
     /// NVMe reads and writes (a host thread on both backends).
     Io,
+    /// Host work ordered with the device's: the host optimizer (a host thread on both backends).
+    Host,
 }
 
 impl Queue {
-    pub const ALL: [Queue; 5] = [
+    pub const ALL: [Queue; 6] = [
         Queue::Compute,
         Queue::H2d,
         Queue::D2h,
         Queue::Comm,
         Queue::Io,
+        Queue::Host,
     ];
 
     pub fn name(self) -> &'static str {
@@ -124,6 +128,7 @@ impl Queue {
             Queue::D2h => "d2h",
             Queue::Comm => "comm",
             Queue::Io => "io",
+            Queue::Host => "host",
         }
     }
 }
@@ -276,6 +281,13 @@ pub enum DeviceError {
         queue: &'static str,
         message: String,
     },
+    /// A job failed on a queue (`message` names the queue and the job); every later wait on
+    /// that queue, or on one that waited for it, returns it.
+    #[error("{message}")]
+    Failed {
+        queue: &'static str,
+        message: String,
+    },
     #[error("collective on the {queue} queue: {source}")]
     Comm {
         queue: &'static str,
@@ -362,6 +374,20 @@ pub trait Device: Send + Sync {
     fn wait(&self, queue: Queue, event: &Event) -> Result<()>;
     /// Blocks the host until everything submitted to `queue` has finished.
     fn synchronize(&self, queue: Queue) -> Result<()>;
+    /// Runs `job` on a host queue (`Queue::Io` or `Queue::Host`) after the work submitted to it
+    /// before, like any other work of that queue (events order it against the others).
+    fn submit_host(&self, queue: Queue, op: &'static str, job: HostJob) -> Result<()>;
+    /// Where `queue`'s worker spent its time since the device opened, when the backend knows
+    /// (host queues; not a GPU stream).
+    fn queue_time(&self, queue: Queue) -> Option<crate::backend::host_queue::QueueTime> {
+        let _ = queue;
+        None
+    }
+    /// The hook that page-locks the engine's host buffers for this device's copies
+    /// (`cuMemHostRegister` on CUDA; none on the CPU backend, where `mlock` does it).
+    fn host_registrar(&self) -> Option<Arc<dyn strata_offload::Registrar>> {
+        None
+    }
     fn synchronize_all(&self) -> Result<()> {
         Queue::ALL.iter().try_for_each(|&q| self.synchronize(q))
     }
@@ -391,6 +417,14 @@ pub trait Device: Send + Sync {
     fn all_reduce(&self, comm: &Arc<dyn Communicator>, buf: &Buf) -> Result<()>;
     /// recv (world·n) = concat over the ranks of send (n), f32 or X; send and recv disjoint.
     fn all_gather(&self, comm: &Arc<dyn Communicator>, send: &Buf, recv: &Buf) -> Result<()>;
+    /// The same in place: `buf` (world·n) holds this rank's part at its slot; `scratch` (at least n
+    /// elements of the same type) may be used on the way.
+    fn all_gather_in_place(
+        &self,
+        comm: &Arc<dyn Communicator>,
+        buf: &Buf,
+        scratch: &Buf,
+    ) -> Result<()>;
     /// recv (n) += (Σ over the ranks of send (world·n))[rank·n..(rank+1)·n], f32: a gradient
     /// shard accumulates across micro-batches. `scratch` (n f32) receives the reduction first.
     fn reduce_scatter_add(

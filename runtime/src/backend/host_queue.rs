@@ -20,6 +20,9 @@ use super::device::{charge, DeviceError, OpTime, Result};
 /// Most jobs waiting in one queue before `submit` blocks.
 pub const JOBS_MAX: usize = 4096;
 
+/// The name of the job that makes a queue wait for another's event.
+pub const WAIT_OP: &str = "wait for event";
+
 /// A unit of work: runs once on the queue's thread.
 pub type Job = Box<dyn FnOnce() -> Result<()> + Send>;
 
@@ -41,6 +44,17 @@ struct State {
     closed: bool,
     /// Time per operation while a profile is open.
     profile: Option<Vec<OpTime>>,
+    /// Since the queue started: time in jobs, and in waits for other queues' events.
+    times: QueueTime,
+}
+
+/// Where a queue's thread spent its time since the queue started.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QueueTime {
+    /// Running jobs other than waits.
+    pub busy: Duration,
+    /// Waiting for another queue's event.
+    pub waited: Duration,
 }
 
 struct Shared {
@@ -71,7 +85,10 @@ impl Shared {
         loop {
             if let Some((failed, message)) = &state.error {
                 if *failed <= seq {
-                    return Err(self.queue_error(message.clone()));
+                    return Err(DeviceError::Failed {
+                        queue: self.name,
+                        message: message.clone(),
+                    });
                 }
             }
             if state.completed >= seq {
@@ -160,6 +177,7 @@ impl HostQueue {
                 error: None,
                 closed: false,
                 profile: None,
+                times: QueueTime::default(),
             }),
             work: Condvar::new(),
             progress: Condvar::new(),
@@ -225,12 +243,17 @@ impl HostQueue {
 
     /// Makes later jobs of this queue wait for `ticket` (of any queue).
     pub fn wait_for(&self, ticket: Ticket) -> Result<()> {
-        self.submit("wait for event", Box::new(move || ticket.wait()))
+        self.submit(WAIT_OP, Box::new(move || ticket.wait()))
     }
 
     /// Blocks the host until everything submitted so far has finished.
     pub fn synchronize(&self) -> Result<()> {
         self.record().wait()
+    }
+
+    /// Time in jobs and in waits since the queue started.
+    pub fn times(&self) -> QueueTime {
+        self.shared.lock().times
     }
 
     /// Starts timing every job (wall time on this queue's thread).
@@ -274,12 +297,25 @@ fn run_worker(shared: &Shared) {
             // The job on this queue's track of a `--trace` timeline (the rank is the trace's pid).
             let _span = tracing::trace_span!("job", queue = shared.name, op).entered();
             match std::panic::catch_unwind(AssertUnwindSafe(job)) {
-                Ok(result) => result.map_err(|e| format!("{op}: {e}")),
-                Err(panic) => Err(format!("{op} panicked: {}", panic_message(&panic))),
+                // A wait fails with the failure it waited on, already complete: it is passed on
+                // as it is (the first failure is the one reported, not each queue on the way).
+                Ok(result) if op == WAIT_OP => result.map_err(|e| e.to_string()),
+                Ok(result) => result.map_err(|e| format!("{} queue: {op}: {e}", shared.name)),
+                Err(panic) => Err(format!(
+                    "{} queue: {op} panicked: {}",
+                    shared.name,
+                    panic_message(&panic)
+                )),
             }
         };
-        let ms = started.elapsed().as_secs_f64() * 1e3;
+        let took = started.elapsed();
+        let ms = took.as_secs_f64() * 1e3;
         let mut state = shared.lock();
+        if op == WAIT_OP {
+            state.times.waited += took;
+        } else {
+            state.times.busy += took;
+        }
         state.completed = seq;
         state.running = None;
         state.last_progress = Instant::now();
@@ -288,7 +324,7 @@ fn run_worker(shared: &Shared) {
             state.error.get_or_insert((seq, message));
         }
         if let (Some(table), false) = (state.profile.as_mut(), skip) {
-            if op != "wait for event" {
+            if op != WAIT_OP {
                 charge(table, op, ms);
             }
         }

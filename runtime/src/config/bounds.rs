@@ -186,6 +186,16 @@ fn gib(bytes: u128) -> f64 {
 
 /// Refuses a model whose estimated host memory exceeds the machine's (or the address space).
 pub(super) fn check_memory(config: &Config, memory_total: Option<u64>) -> Result<(), ConfigError> {
+    // Partitioned or offloaded states: the placement plan checks every tier against the machine
+    // (strata plan, and strata train before step 1). This bound keeps the address-space check.
+    let memory_total = if config.zero.stage > 0
+        || config.offload_param.device != super::OffloadDevice::None
+        || config.offload_optimizer.device != super::OffloadDevice::None
+    {
+        None
+    } else {
+        memory_total
+    };
     let need = host_bytes(config);
     let limit = memory_total.map_or(isize::MAX as u128, u128::from);
     if need.total() <= limit.min(isize::MAX as u128) {

@@ -4,9 +4,15 @@
 //! only what differs from the embedded default (a tiny GPT on the synthetic data set, see `configs/tiny.toml`).
 
 pub mod bounds;
+pub mod deepspeed;
+mod offload;
 mod overrides;
 mod size;
 
+pub use offload::{
+    AioBackend, AioSection, MomentsDtype, NvmePaths, OffloadDevice, OffloadOptimizerConfig,
+    OffloadParamConfig,
+};
 pub use overrides::apply_override;
 pub use size::{ByteSize, SizeOrAuto};
 
@@ -28,6 +34,13 @@ pub enum ConfigError {
     Override { arg: String, message: String },
     #[error("config key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error("{origin}: `{json_key}` (strata's {key}): {message}")]
+    DeepSpeed {
+        origin: String,
+        json_key: String,
+        key: String,
+        message: String,
+    },
     /// Not a `source`: the message holds it, so a chain printed with `{:#}` says it once.
     #[error("cannot read config: {0}")]
     Input(crate::inputs::InputError),
@@ -42,7 +55,7 @@ impl From<crate::inputs::InputError> for ConfigError {
 /// The largest config file read (a config is a few hundred bytes; this bounds a mistaken path).
 pub const CONFIG_FILE_BYTES_MAX: u64 = 1 << 20;
 
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         message: message.into(),
@@ -58,10 +71,17 @@ pub struct Config {
     pub train: TrainConfig,
     pub dist: DistConfig,
     pub zero: ZeroConfig,
+    pub offload_param: OffloadParamConfig,
+    pub offload_optimizer: OffloadOptimizerConfig,
+    pub aio: AioSection,
     /// The file this config was read from (None: the embedded default, or built in code). Not part of the
     /// TOML tree: it is an input that no output may overwrite.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// The DeepSpeed JSON applied over the file (`--deepspeed`), and its notes: the keys it
+    /// accepted without using them as DeepSpeed does.
+    #[serde(skip)]
+    pub deepspeed: Option<(PathBuf, Vec<String>)>,
 }
 
 /// `[zero]`: how states are partitioned across the data-parallel ranks (DeepSpeed's ZeRO stages).
@@ -183,6 +203,8 @@ impl Default for DataConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Cosine,
+    /// Linear decay from `lr` to `min_lr` (DeepSpeed's WarmupDecayLR).
+    Linear,
     Constant,
 }
 
@@ -313,6 +335,16 @@ impl Config {
     /// Reads a TOML file (or the embedded default when `path` is `None`), applies `key.path=value` overrides,
     /// and validates the result.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
+        Config::load_with_deepspeed(path, None, overrides)
+    }
+
+    /// [`Config::load`] with a DeepSpeed JSON config (`--deepspeed`, for `world` ranks) applied
+    /// over the file, before the overrides.
+    pub fn load_with_deepspeed(
+        path: Option<&Path>,
+        deepspeed: Option<(&Path, usize)>,
+        overrides: &[String],
+    ) -> Result<Config, ConfigError> {
         let (origin, mut table) = match path {
             None => ("embedded default".to_string(), toml::Table::new()),
             Some(p) => {
@@ -332,13 +364,26 @@ impl Config {
                 (p.display().to_string(), table)
             }
         };
+        let ds = deepspeed
+            .map(|(p, world)| deepspeed::read(p, world).map(|ds| (p, ds)))
+            .transpose()?;
+        if let Some((_, ds)) = &ds {
+            for s in &ds.settings {
+                overrides::set_key(&mut table, s.key, s.value.clone());
+            }
+        }
         for arg in overrides {
             apply_override(&mut table, arg)?;
         }
         let mut config = Config::from_table(table, &origin)
             .and_then(|config| config.validate().map(|()| config))
+            .map_err(|err| match &ds {
+                Some((_, ds)) => overrides::blame_deepspeed(err, ds, overrides),
+                None => err,
+            })
             .map_err(|err| overrides::blame_override(err, overrides))?;
         config.source = path.map(Path::to_path_buf);
+        config.deepspeed = ds.map(|(p, ds)| (p.to_path_buf(), ds.notes));
         Ok(config)
     }
 
@@ -451,6 +496,12 @@ impl Config {
                 format!("{} is not a ZeRO stage: use 0, 1, 2 or 3", self.zero.stage),
             ));
         }
+        offload::validate(
+            self.zero.stage,
+            &self.offload_param,
+            &self.offload_optimizer,
+            &self.aio,
+        )?;
         if self.data.train.trim().is_empty() {
             return Err(invalid(
                 "data.train",
@@ -516,7 +567,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("model.n_layer"), "{err}");
-        let err = Config::from_toml_str("[optim]\nschedule = \"linear\"\n")
+        let err = Config::from_toml_str("[optim]\nschedule = \"exponential\"\n")
             .unwrap_err()
             .to_string();
         assert!(

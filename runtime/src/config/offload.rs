@@ -181,6 +181,10 @@ impl AioSection {
     }
 }
 
+/// The smallest and largest `offload_optimizer.sub_group_size` (a 64 KiB to 1 GiB fp32 buffer).
+pub const SUB_GROUP_SIZE_MIN: usize = 1 << 14;
+pub const SUB_GROUP_SIZE_MAX: usize = 1 << 28;
+
 /// Cross-key rules of the offload sections; messages name the keys.
 pub fn validate(
     stage: u8,
@@ -206,9 +210,24 @@ pub fn validate(
             ),
         ));
     }
+    if matches!(param.device, OffloadDevice::Cpu | OffloadDevice::Nvme)
+        && optim.device == OffloadDevice::None
+    {
+        return Err(invalid(
+            "offload_param.device",
+            format!(
+                "\"{}\" needs the optimizer off the device too (offload_optimizer.device = \"cpu\", \"nvme\" or \"auto\"): the optimizer writes the updated parameter shard where it lives",
+                param.device.name()
+            ),
+        ));
+    }
     for (key, device, paths) in [
         ("offload_param.nvme_path", param.device, &param.nvme_path),
-        ("offload_optimizer.nvme_path", optim.device, &optim.nvme_path),
+        (
+            "offload_optimizer.nvme_path",
+            optim.device,
+            &optim.nvme_path,
+        ),
     ] {
         if device == OffloadDevice::Nvme && paths.as_ref().is_none_or(|p| p.paths().is_empty()) {
             return Err(invalid(
@@ -225,10 +244,13 @@ pub fn validate(
             return Err(invalid(key, format!("{count} must lie in 2..=64")));
         }
     }
-    if optim.sub_group_size < 1024 {
+    if !(SUB_GROUP_SIZE_MIN..=SUB_GROUP_SIZE_MAX).contains(&optim.sub_group_size) {
         return Err(invalid(
             "offload_optimizer.sub_group_size",
-            format!("{} must be at least 1024 elements", optim.sub_group_size),
+            format!(
+                "{} must lie between 16384 and 268435456 elements (a sub-group's fp32 buffer is at most 1 GiB)",
+                optim.sub_group_size
+            ),
         ));
     }
     if optim.moments_dtype == MomentsDtype::Bf16 && optim.device == OffloadDevice::None {

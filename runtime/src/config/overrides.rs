@@ -32,6 +32,60 @@ pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigEr
     Ok(())
 }
 
+/// Sets the dotted `key` in `table` (creating sections), as a `--set` does.
+pub fn set_key(table: &mut toml::Table, key: &str, value: toml::Value) {
+    let parts: Vec<&str> = key.split('.').collect();
+    let Some((last, parents)) = parts.split_last() else {
+        return;
+    };
+    let mut node = table;
+    for part in parents {
+        let entry = node
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        node = match entry {
+            toml::Value::Table(t) => t,
+            _ => return,
+        };
+    }
+    node.insert(last.to_string(), value);
+}
+
+/// Attributes a config error about a key the DeepSpeed JSON set (and no `--set` overrode) to
+/// its JSON key.
+pub fn blame_deepspeed(
+    err: ConfigError,
+    ds: &super::deepspeed::DeepSpeed,
+    overrides: &[String],
+) -> ConfigError {
+    let key = match &err {
+        ConfigError::Key { key, .. } => key.clone(),
+        ConfigError::Invalid { key, .. } => key.to_string(),
+        _ => return err,
+    };
+    let overridden = overrides
+        .iter()
+        .any(|o| o.split('=').next().is_some_and(|k| k.trim() == key));
+    match ds.settings.iter().find(|s| s.key == key) {
+        Some(s) if !overridden => {
+            let message = match err {
+                ConfigError::Key { message, .. } | ConfigError::Invalid { message, .. } => message,
+                other => return other,
+            };
+            ConfigError::DeepSpeed {
+                origin: ds.origin.clone(),
+                json_key: s.from.clone(),
+                key,
+                message,
+            }
+        }
+        _ => err,
+    }
+}
+
 /// Attributes a config error to the `--set` that caused it: an error about a key that an override set (or about
 /// a key under it, or one whose message names it) names that `--set` instead of the file or the embedded default.
 /// The last override of a key is the one in effect, so it is the one named.

@@ -4,8 +4,9 @@
 
 use super::zero::Home;
 use super::{Engine, EngineError};
-use crate::backend::{Buf, Queue};
+use crate::backend::Queue;
 use crate::weights;
+use std::sync::Arc;
 
 impl Engine {
     /// Initial weights (the model's init, or `model.init_from`, the same on every rank) into
@@ -23,21 +24,33 @@ impl Engine {
             }
             None => None,
         };
-        let dev = &*self.dev;
-        for (i, state) in self.states.iter().enumerate() {
+        let dev = Arc::clone(&self.dev);
+        let dev = &*dev;
+        for i in 0..self.states.len() {
             let mut host = match loaded.as_mut() {
                 Some(params) => std::mem::take(&mut params[i]),
                 None => self.units[i].init_params(seed, i),
             };
+            let state = &self.states[i];
             host.resize(state.shard.padded, 0.0);
             let part = match state.placement.optimizer {
                 Home::Whole => &host[..],
                 Home::Sharded => &host[state.shard.range()],
             };
-            dev.upload(&state.master, part)?;
+            match (&state.optim, self.host.as_mut()) {
+                (Some(o), _) => dev.upload(&o.master, part)?,
+                (None, Some(tier)) => tier.init_unit(dev, i, part, state.params_shard.as_ref())?,
+                (None, None) => return Err(no_optimizer(i)),
+            }
         }
         for state in &self.states {
-            for buf in [&state.grads, &state.adam_m, &state.adam_v] {
+            if let Some(g) = &state.grads {
+                dev.memset(Queue::Compute, g, 0)?;
+            }
+            let Some(o) = &state.optim else {
+                continue;
+            };
+            for buf in [&o.adam_m, &o.adam_v] {
                 dev.memset(Queue::Compute, buf, 0)?;
             }
             let copy = match (&state.params, &state.params_shard) {
@@ -45,8 +58,8 @@ impl Engine {
                 (Some(whole), None) => Some(whole),
                 (None, None) => None,
             };
-            if let Some(copy) = copy.filter(|c| !c.same_range(&state.master)) {
-                dev.cast_f32_to_x(copy, &state.master)?;
+            if let Some(copy) = copy.filter(|c| !c.same_range(&o.master)) {
+                dev.cast_f32_to_x(copy, &o.master)?;
             }
         }
         self.gather_whole_params()?;
@@ -60,11 +73,17 @@ impl Engine {
     pub(super) fn gather_whole_params(&self) -> Result<(), EngineError> {
         let dev = &*self.dev;
         let mut waited = false;
-        for state in &self.states {
+        for (u, state) in self.states.iter().enumerate() {
             if let (Some(whole), Some(shard)) = (&state.params, &state.params_shard) {
                 if !waited {
                     dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
                     waited = true;
+                }
+                // Shards the host optimizer updated arrive through the H2D queue.
+                if let Some(tier) = &self.host {
+                    for e in tier.written(u) {
+                        dev.wait(Queue::Comm, e)?;
+                    }
                 }
                 dev.all_gather(&self.comm, shard, whole)?;
             }
@@ -72,11 +91,15 @@ impl Engine {
         Ok(())
     }
 
-    /// A whole unit of `buf` (this rank's part of it, `home`) on the host: its first `numel`
+    /// A whole unit on the host from this rank's `part` of it (`home`): its first `numel`
     /// elements, gathered from every rank when sharded.
-    fn gather_to_host(&self, unit: usize, buf: &Buf, home: Home) -> Result<Vec<f32>, EngineError> {
+    fn gather_to_host(
+        &self,
+        unit: usize,
+        part: Vec<f32>,
+        home: Home,
+    ) -> Result<Vec<f32>, EngineError> {
         let state = &self.states[unit];
-        let part = self.device().read_f32(buf)?;
         let mut whole = match home {
             Home::Whole => part,
             Home::Sharded => {
@@ -97,19 +120,30 @@ impl Engine {
         (0..self.states.len())
             .map(|u| {
                 let s = &self.states[u];
-                self.gather_to_host(u, &s.master, s.placement.optimizer)
+                let part = match (&s.optim, &self.host) {
+                    (Some(o), _) => self.device().read_f32(&o.master)?,
+                    (None, Some(tier)) => tier.read_master(self.device(), u, s.shard.len)?,
+                    (None, None) => return Err(no_optimizer(u)),
+                };
+                self.gather_to_host(u, part, s.placement.optimizer)
             })
             .collect()
     }
 
     /// The gradients of the last `forward_backward` (averaged over ranks, loss scale removed),
-    /// one flat vector per unit. Collective: every rank calls it.
+    /// one flat vector per unit. Collective: every rank calls it. With the optimizer off the
+    /// device, they live with it and are not read back here.
     pub fn grads(&self) -> Result<Vec<Vec<f32>>, EngineError> {
         let scale = self.scaler.scale();
         (0..self.states.len())
             .map(|u| {
                 let s = &self.states[u];
-                let mut g = self.gather_to_host(u, &s.grads, s.placement.grads)?;
+                let g = s.grads.as_ref().ok_or_else(|| EngineError::Setting {
+                    key: "offload_optimizer.device",
+                    message: "gradients are on the optimizer's tier, not the device".into(),
+                })?;
+                let mut g =
+                    self.gather_to_host(u, self.device().read_f32(g)?, s.placement.grads)?;
                 g.iter_mut().for_each(|v| *v /= scale);
                 Ok(g)
             })
@@ -129,5 +163,12 @@ impl Engine {
         let units = self.units.iter().zip(params.iter().map(Vec::as_slice));
         weights::save(path, units, meta)?;
         Ok(())
+    }
+}
+
+fn no_optimizer(unit: usize) -> EngineError {
+    EngineError::Setting {
+        key: "offload_optimizer.device",
+        message: format!("unit {unit} has its optimizer states neither on the device nor off it"),
     }
 }

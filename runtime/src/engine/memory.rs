@@ -3,37 +3,48 @@
 //! the device's arena. Each unit's states sit in one record, [`UnitState`], so partitioning and
 //! offload can replace its buffers by shards with a residency without the stage walk changing.
 
+use super::placement::{Tier, Tiers};
 use super::zero::{Home, Placement, Shard};
 use crate::backend::{Arena, Buf, DType, DeviceError, NORM_PARTIALS_MAX};
 use crate::model::{Tokens, UnitSpec};
 
-/// All states of one unit on this rank. Whole buffers hold the unit's padded layout
-/// (`shard.padded` elements); sharded ones hold this rank's `shard.len` elements.
+/// The optimizer's states of one unit on the device: fp32 master weights, AdamW's moments.
+pub struct DeviceOptim {
+    pub master: Buf,
+    pub adam_m: Buf,
+    pub adam_v: Buf,
+}
+
+/// All states of one unit on this rank's device. Whole buffers hold the unit's padded layout
+/// (`shard.padded` elements); sharded ones hold this rank's `shard.len` elements. States on the
+/// host or NVMe are the host tier's (`engine/host_tier.rs`).
 pub struct UnitState {
     pub shard: Shard,
     pub placement: Placement,
     /// Whole compute weights (X): every unit at stages 0–2, persistent units at stage 3.
     /// The master weights themselves at stage 0 when X is f32.
     pub params: Option<Buf>,
-    /// This rank's shard of the compute weights (X), what all-gathers send (stages ≥ 1); the
-    /// master shard itself when X is f32.
+    /// This rank's shard of the compute weights on the device (X), what all-gathers send
+    /// (stages ≥ 1, parameters on the device); the master shard itself when X is f32 and the
+    /// optimizer is on the device.
     pub params_shard: Option<Buf>,
-    /// Gradients (f32): whole (all-reduced) or this rank's shard (reduce-scattered into,
-    /// accumulated over the micro-batches of a step).
-    pub grads: Buf,
-    /// fp32 master weights, AdamW's first and second moments: whole or this rank's shard.
-    pub master: Buf,
-    pub adam_m: Buf,
-    pub adam_v: Buf,
+    /// Gradients on the device (f32): whole (all-reduced), or this rank's shard (reduce-scattered
+    /// into, accumulated over the micro-batches of a step). None when the host optimizer takes
+    /// this unit's reduced gradients.
+    pub grads: Option<Buf>,
+    /// The optimizer's states on the device; None when they are on the host or NVMe.
+    pub optim: Option<DeviceOptim>,
 }
 
 impl UnitState {
     /// Whether whole compute weights exist apart from the master weights (they are updated
     /// from them after each optimizer step).
     pub fn has_compute_copy(&self) -> bool {
-        self.params
-            .as_ref()
-            .is_some_and(|p| !p.same_range(&self.master))
+        match (&self.params, &self.optim) {
+            (Some(p), Some(o)) => !p.same_range(&o.master),
+            (Some(_), None) => true,
+            _ => false,
+        }
     }
 }
 
@@ -55,8 +66,11 @@ pub struct StepBuffers {
     pub param_pool: Option<Buf>,
     /// Whole gradients of units with sharded gradients (f32), laid out by the plan.
     pub grad_pool: Option<Buf>,
-    /// Where a reduce-scatter lands before it is added to its gradient shard (f32).
+    /// Where a reduce-scatter lands before it is added to its gradient shard (f32); also the
+    /// scratch of in-place all-gathers.
     pub reduce_scratch: Option<Buf>,
+    /// With the optimizer off the device: reduced gradient shards on their way to the host (f32).
+    pub reduce_targets: Vec<Buf>,
 }
 
 /// The sizes the engine's memory is planned for.
@@ -97,59 +111,78 @@ fn alloc_home(
     arena.alloc(what, dtype, len)
 }
 
-/// Allocates (or, on a counting arena, counts) the states of one unit.
+/// Reduced gradient shards in flight to the host at once (with the optimizer off the device).
+pub const REDUCE_TARGETS: usize = 2;
+
+/// Allocates (or, on a counting arena, counts) the device states of one unit.
 fn unit_state(
     arena: &Arena,
     x: DType,
     shard: Shard,
     placement: Placement,
+    tiers: Tiers,
 ) -> Result<UnitState, DeviceError> {
-    let master = alloc_home(
-        arena,
-        "master params (f32)",
-        DType::F32,
-        placement.optimizer,
-        &shard,
-    )?;
-    let params = match placement.params {
-        Home::Whole if placement.optimizer == Home::Whole && x == DType::F32 => {
-            Some(master.clone())
-        }
-        Home::Whole => Some(arena.alloc("compute params", x, shard.padded)?),
-        Home::Sharded => None,
+    let optim = match tiers.optimizer {
+        Tier::Device => Some(DeviceOptim {
+            master: alloc_home(
+                arena,
+                "master params (f32)",
+                DType::F32,
+                placement.optimizer,
+                &shard,
+            )?,
+            adam_m: alloc_home(arena, "adam m", DType::F32, placement.optimizer, &shard)?,
+            adam_v: alloc_home(arena, "adam v", DType::F32, placement.optimizer, &shard)?,
+        }),
+        _ => None,
     };
-    let params_shard = match placement.optimizer {
-        Home::Whole => None,
-        Home::Sharded if x == DType::F32 => Some(master.clone()),
-        Home::Sharded => Some(arena.alloc("compute params", x, shard.len)?),
+    let master = optim.as_ref().map(|o| &o.master);
+    let params = match (placement.params, master) {
+        (Home::Whole, Some(m)) if placement.optimizer == Home::Whole && x == DType::F32 => {
+            Some(m.clone())
+        }
+        (Home::Whole, _) => Some(arena.alloc("compute params", x, shard.padded)?),
+        (Home::Sharded, _) => None,
+    };
+    let params_on_device = placement.params == Home::Whole || tiers.params == Tier::Device;
+    let params_shard = match (placement.optimizer, master) {
+        (Home::Whole, _) => None,
+        _ if !params_on_device => None,
+        (Home::Sharded, Some(m)) if x == DType::F32 => Some(m.clone()),
+        (Home::Sharded, _) => Some(arena.alloc("compute params", x, shard.len)?),
+    };
+    // Whole gradients stay on the device (all-reduced there); a sharded gradient lives with the
+    // optimizer.
+    let grads = match (placement.grads, tiers.optimizer) {
+        (Home::Whole, _) | (Home::Sharded, Tier::Device) => Some(alloc_home(
+            arena,
+            "gradients (f32)",
+            DType::F32,
+            placement.grads,
+            &shard,
+        )?),
+        (Home::Sharded, _) => None,
     };
     Ok(UnitState {
         shard,
         placement,
         params,
         params_shard,
-        grads: alloc_home(
-            arena,
-            "gradients (f32)",
-            DType::F32,
-            placement.grads,
-            &shard,
-        )?,
-        adam_m: alloc_home(arena, "adam m", DType::F32, placement.optimizer, &shard)?,
-        adam_v: alloc_home(arena, "adam v", DType::F32, placement.optimizer, &shard)?,
-        master,
+        grads,
+        optim,
     })
 }
 
-/// Allocates (or counts) every unit's states and every step buffer.
+/// Allocates (or counts) every unit's device states and every step buffer.
 pub fn allocate(
     arena: &Arena,
     units: &[(Shard, Placement)],
+    tiers: Tiers,
     sizes: &Sizes,
 ) -> Result<(Vec<UnitState>, StepBuffers), DeviceError> {
     let states = units
         .iter()
-        .map(|&(shard, placement)| unit_state(arena, sizes.x, shard, placement))
+        .map(|&(shard, placement)| unit_state(arena, sizes.x, shard, placement, tiers))
         .collect::<Result<Vec<_>, DeviceError>>()?;
     let (bt, x) = (sizes.bt(), sizes.x);
     let tokens = arena.alloc("tokens", DType::I32, 2 * sizes.micro_max * bt)?;
@@ -159,12 +192,21 @@ pub fn allocate(
     }
     let pool =
         |what, dtype, len: usize| (len > 0).then(|| arena.alloc(what, dtype, len)).transpose();
-    let shard_max = units
-        .iter()
-        .filter(|(_, p)| p.grads == Home::Sharded)
-        .map(|(s, _)| s.len)
-        .max()
-        .unwrap_or(0);
+    let shard_max = |f: fn(&Placement) -> Home| {
+        units
+            .iter()
+            .filter(|(_, p)| f(p) == Home::Sharded)
+            .map(|(s, _)| s.len)
+            .max()
+            .unwrap_or(0)
+    };
+    let grad_shard_max = shard_max(|p| p.grads);
+    let param_shard_max = if tiers.params == Tier::Device {
+        0
+    } else {
+        shard_max(|p| p.params)
+    };
+    let offloaded_grads = tiers.optimizer != Tier::Device && grad_shard_max > 0;
     let buffers = StepBuffers {
         acts,
         dres: arena.alloc("activation gradient", x, sizes.act_len)?,
@@ -174,7 +216,18 @@ pub fn allocate(
         norm_partials: arena.alloc("gradient norm", DType::F32, NORM_PARTIALS_MAX)?,
         param_pool: pool("gathered params (pool)", x, sizes.param_pool_len)?,
         grad_pool: pool("gradient buffers (pool)", DType::F32, sizes.grad_pool_len)?,
-        reduce_scratch: pool("reduce-scatter scratch", DType::F32, shard_max)?,
+        reduce_scratch: pool(
+            "reduce-scatter scratch",
+            DType::F32,
+            grad_shard_max.max(param_shard_max),
+        )?,
+        reduce_targets: if offloaded_grads {
+            (0..REDUCE_TARGETS)
+                .map(|_| arena.alloc("reduced gradients to the host", DType::F32, grad_shard_max))
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        },
     };
     Ok((states, buffers))
 }
@@ -301,12 +354,17 @@ mod tests {
             grad_pool_len: 0,
         };
         let arena = Arena::counting();
-        let (states, _) = allocate(&arena, &units, &sizes).unwrap();
+        let on_device = Tiers {
+            params: Tier::Device,
+            optimizer: Tier::Device,
+        };
+        let (states, _) = allocate(&arena, &units, on_device, &sizes).unwrap();
         assert!(!states[0].has_compute_copy());
         let bf16 = Arena::counting();
         let (states, _) = allocate(
             &bf16,
             &units,
+            on_device,
             &Sizes {
                 x: DType::Bf16,
                 ..sizes

@@ -12,7 +12,10 @@
 
 mod error;
 mod host;
+mod host_mem;
+pub mod host_tier;
 mod memory;
+pub mod placement;
 pub mod schedule;
 mod stats;
 mod step;
@@ -20,20 +23,24 @@ mod walk;
 pub mod zero;
 
 pub use error::{BatchError, EngineError};
+pub use host_tier::OffloadTraffic;
 pub use memory::{human_bytes, UnitState};
-pub use stats::StepStats;
+pub use stats::{StepStats, Traffic};
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use strata_collectives::{CommError, Communicator};
 
-use crate::backend::{self, Arena, Backend, Device, DeviceError, DeviceOptions, Event, Precision};
+use crate::backend::{
+    self, Arena, Backend, Device, DeviceError, DeviceOptions, Event, Precision, Queue,
+};
 use crate::config::{self, Config, DeviceKind, DistConfig};
 use crate::model::gpt2::{Gpt2, Gpt2Shape};
 use crate::model::{Batch, Model, Prepare, UnitSpec};
 use crate::optim::LossScaler;
 use memory::{AdamSegment, Sizes, StepBuffers};
+use placement::Tier;
 use schedule::{Lookahead, Plan, PlanInput};
 use zero::{Home, Placement, Shard};
 
@@ -96,6 +103,14 @@ pub struct Engine {
     bufs: StepBuffers,
     /// How far ahead the walks gather, as the budget allowed.
     lookahead: Lookahead,
+    /// Where every state class lives (tiers, bytes per tier).
+    placement: placement::PlacementPlan,
+    /// States off the device, with their pool and swap stores (None: everything on the device).
+    host: Option<host_tier::HostTier>,
+    /// When each reduced-gradient target may be reused (its copies to the host are done), and
+    /// the next one to use.
+    reduce_released: Vec<Option<Event>>,
+    reduce_next: usize,
     /// Plans of the walks run so far, by (micro-batches, training).
     plans: Vec<((usize, bool), Arc<Plan>)>,
     scaler: LossScaler,
@@ -129,41 +144,20 @@ impl Engine {
         let comm: Arc<dyn Communicator> =
             Arc::from(connect(&config.dist, backend == Backend::Cuda)?);
         crate::agree::check_ranks_agree(comm.as_ref(), &config)?;
-        let units = model.units().to_vec();
-        let stage_units: Vec<Vec<usize>> = model.stages().iter().map(|s| s.units.clone()).collect();
         let (world, rank) = (comm.world_size(), comm.rank());
-        let z = &config.zero;
-        let layout: Vec<(Shard, Placement)> = units
-            .iter()
-            .map(|u| {
-                let n = u.numel();
-                let placement = Placement::for_stage(z.stage, n, z.param_persistence_threshold);
-                (Shard::new(n, world, rank), placement)
-            })
-            .collect();
-        let (b, t) = (config.data.micro_batch_size, config.model.seq_len);
-        let micro_max = config.data.grad_accum_steps.max(1);
-        let (lookahead, pools) = plan_pools(&config, &stage_units, &layout, micro_max, precision)?;
-        let sizes = Sizes {
-            b,
-            t,
-            micro_max,
-            stages: stage_units.len(),
-            act_len: model.activation_len(b, t),
-            x: precision.dtype(),
-            param_pool_len: pools.0,
-            grad_pool_len: pools.1,
-        };
-        let prepare = Prepare {
-            b,
-            t,
-            x: sizes.x,
-            checkpointing: config.train.activation_checkpointing,
-        };
-        // The dry run: the same allocations on an arena that only counts.
-        let counting = Arena::counting();
-        memory::allocate(&counting, &layout, &sizes)?;
-        model.prepare(&counting, prepare)?;
+        let laid = lay_out(&config, model.as_ref(), world, rank, precision)?;
+        // The dry run (the same allocations on an arena that only counts) for each placement the
+        // config allows, fastest first: the first that fits this machine is the plan.
+        let caps = placement::Capacities::of_this_machine(&config, backend);
+        let (placement, counting) = choose_placement(&config, &laid, model.as_mut(), world, &caps)?;
+        let Laid {
+            units,
+            stage_units,
+            layout,
+            lookahead,
+            sizes,
+            prepare,
+        } = laid;
         let ledger = counting.ledger();
         let dev = backend::open(&DeviceOptions {
             backend,
@@ -179,9 +173,37 @@ impl Engine {
             stall_timeout: Duration::from_secs(config.dist.timeout_s.saturating_add(60)),
         })
         .map_err(|e| does_not_fit(e, &ledger, &config))?;
-        let (states, bufs) = memory::allocate(dev.arena(), &layout, &sizes)?;
+        let (states, bufs) = memory::allocate(dev.arena(), &layout, placement.tiers, &sizes)?;
         model.prepare(dev.arena(), prepare)?;
+        let host = if placement.tiers.params == Tier::Device
+            && placement.tiers.optimizer == Tier::Device
+        {
+            None
+        } else {
+            let shards: Vec<Shard> = layout.iter().map(|(s, _)| *s).collect();
+            let gathered: Vec<bool> = layout
+                .iter()
+                .map(|(_, p)| p.params == Home::Sharded)
+                .collect();
+            Some(host_tier::HostTier::new(
+                &config,
+                &placement,
+                &shards,
+                &gathered,
+                sizes.x,
+                dev.as_ref(),
+                rank,
+            )?)
+        };
+        if rank == 0 {
+            // The summary line says where states live; the table is `strata plan`'s.
+            tracing::debug!("{}", placement.table());
+        }
         let mut engine = Engine {
+            reduce_released: (0..bufs.reduce_targets.len()).map(|_| None).collect(),
+            reduce_next: 0,
+            placement,
+            host,
             lookahead,
             plans: Vec::new(),
             segments: units.iter().map(memory::adam_segments).collect(),
@@ -232,6 +254,30 @@ impl Engine {
     /// Parameters of the model (padding excluded).
     pub fn num_params(&self) -> usize {
         self.units.iter().map(UnitSpec::num_params).sum()
+    }
+
+    /// Where every state class lives: tiers and bytes per tier on this rank.
+    pub fn placement(&self) -> &placement::PlacementPlan {
+        &self.placement
+    }
+
+    /// What moved between the tiers and how long compute waited, since the engine opened.
+    pub fn traffic(&self) -> Traffic {
+        let secs = |q: Queue, waited: bool| {
+            self.dev.queue_time(q).map(|t| {
+                if waited {
+                    t.waited.as_secs_f64()
+                } else {
+                    t.busy.as_secs_f64()
+                }
+            })
+        };
+        Traffic {
+            offload: self.host.as_ref().map(|h| h.traffic()).unwrap_or_default(),
+            h2d_busy_s: secs(Queue::H2d, false),
+            d2h_busy_s: secs(Queue::D2h, false),
+            compute_waited_s: secs(Queue::Compute, true),
+        }
     }
 
     /// Device memory per purpose as the dry run counted it, largest first.
@@ -295,8 +341,29 @@ fn does_not_fit(e: DeviceError, ledger: &[(&'static str, usize)], config: &Confi
     if limit == "train.device_memory" {
         advice.push("raise train.device_memory".into());
     }
-    advice
-        .push("or train a smaller model (ZeRO partitioning and offload are not built yet)".into());
+    let z = &config.zero;
+    if z.stage < 3 {
+        advice.push(format!(
+            "partition more states (zero.stage = 3, now {}; more ranks hold less each)",
+            z.stage
+        ));
+    }
+    if config.offload_optimizer.device == crate::config::OffloadDevice::None && z.stage >= 1 {
+        advice.push(
+            "move optimizer states off the device (offload_optimizer.device = \"cpu\" or \"nvme\")"
+                .into(),
+        );
+    }
+    if config.offload_param.device == crate::config::OffloadDevice::None && z.stage == 3 {
+        advice.push("move parameters off the device (offload_param.device = \"cpu\" or \"nvme\", with the optimizer's)".into());
+    }
+    if z.stage == 3 {
+        advice.push(format!(
+            "lower zero.prefetch_bytes_max (now {})",
+            z.prefetch_bytes_max
+        ));
+    }
+    advice.push("or train a smaller model".into());
     EngineError::DoesNotFit(format!(
         "the model does not fit in {backend} device memory: it needs {} = {requested_bytes} bytes ({}), {} = {available_bytes} bytes are available ({limit}); {}",
         human_bytes(requested_bytes),
@@ -304,6 +371,151 @@ fn does_not_fit(e: DeviceError, ledger: &[(&'static str, usize)], config: &Confi
         human_bytes(available_bytes),
         advice.join(", ")
     ))
+}
+
+/// What the engine decides from the config and the model before it opens a device.
+struct Laid {
+    units: Vec<UnitSpec>,
+    /// The units each stage uses.
+    stage_units: Vec<Vec<usize>>,
+    /// Per unit: this rank's shard and where each state class lives.
+    layout: Vec<(Shard, Placement)>,
+    lookahead: Lookahead,
+    sizes: Sizes,
+    prepare: Prepare,
+}
+
+fn lay_out(
+    config: &Config,
+    model: &dyn Model,
+    world: usize,
+    rank: usize,
+    precision: Precision,
+) -> Result<Laid, EngineError> {
+    let units = model.units().to_vec();
+    let stage_units: Vec<Vec<usize>> = model.stages().iter().map(|s| s.units.clone()).collect();
+    let z = &config.zero;
+    let layout: Vec<(Shard, Placement)> = units
+        .iter()
+        .map(|u| {
+            let n = u.numel();
+            let placement = Placement::for_stage(z.stage, n, z.param_persistence_threshold);
+            (Shard::new(n, world, rank), placement)
+        })
+        .collect();
+    let (b, t) = (config.data.micro_batch_size, config.model.seq_len);
+    let micro_max = config.data.grad_accum_steps.max(1);
+    let (lookahead, pools) = plan_pools(config, &stage_units, &layout, micro_max, precision)?;
+    let sizes = Sizes {
+        b,
+        t,
+        micro_max,
+        stages: stage_units.len(),
+        act_len: model.activation_len(b, t),
+        x: precision.dtype(),
+        param_pool_len: pools.0,
+        grad_pool_len: pools.1,
+    };
+    let prepare = Prepare {
+        b,
+        t,
+        x: sizes.x,
+        checkpointing: config.train.activation_checkpointing,
+    };
+    Ok(Laid {
+        units,
+        stage_units,
+        layout,
+        lookahead,
+        sizes,
+        prepare,
+    })
+}
+
+/// The placement plans of GPT-2 as `config` describes it at `world` ranks on `backend`, one per
+/// placement the config allows (fastest first), each with whether it fits `caps`: what
+/// `strata plan` prints. Nothing is allocated (the device arena is a dry run).
+pub fn plan_placements(
+    config: &Config,
+    world: usize,
+    backend: Backend,
+    caps: &placement::Capacities,
+) -> Result<placement::Candidates, EngineError> {
+    let precision = resolve_precision(config.train.precision, backend)?;
+    let mut model = Gpt2::new(Gpt2Shape::from_config(&config.model));
+    let laid = lay_out(config, &model, world, 0, precision)?;
+    placement::candidate_tiers(config)
+        .into_iter()
+        .map(|tiers| {
+            let (plan, _) = dry_run(config, &laid, &mut model, world, tiers)?;
+            let fits = plan.check(config, caps);
+            Ok((plan, fits))
+        })
+        .collect()
+}
+
+/// The device allocations for `tiers` on an arena that only counts, and the plan they make.
+fn dry_run(
+    config: &Config,
+    laid: &Laid,
+    model: &mut dyn Model,
+    world: usize,
+    tiers: placement::Tiers,
+) -> Result<(placement::PlacementPlan, Arena), EngineError> {
+    let counting = Arena::counting();
+    memory::allocate(&counting, &laid.layout, tiers, &laid.sizes)?;
+    model.prepare(&counting, laid.prepare)?;
+    let plan = placement::plan(
+        config,
+        world,
+        tiers,
+        &placement::PlanSizes {
+            layout: &laid.layout,
+            x_bytes: laid.sizes.x.size_bytes(),
+            device_bytes: counting.peak_bytes() as u64,
+        },
+    );
+    Ok((plan, counting))
+}
+
+/// The first placement (fastest first) whose plan fits `caps`, with its dry run; or the reason
+/// the last one tried does not fit.
+fn choose_placement(
+    config: &Config,
+    laid: &Laid,
+    model: &mut dyn Model,
+    world: usize,
+    caps: &placement::Capacities,
+) -> Result<(placement::PlacementPlan, Arena), EngineError> {
+    let candidates = placement::candidate_tiers(config);
+    let mut why = String::new();
+    for (i, tiers) in candidates.iter().copied().enumerate() {
+        let (plan, counting) = dry_run(config, laid, model, world, tiers)?;
+        match plan.check(config, caps) {
+            Ok(()) => return Ok((plan, counting)),
+            // The last candidate short of device memory: say what takes it, as the device would.
+            Err(placement::Misfit::Device { needed, available }) if i + 1 == candidates.len() => {
+                let e = DeviceError::OutOfMemory {
+                    backend: if resolve_backend(config.train.device) == Backend::Cuda {
+                        "cuda"
+                    } else {
+                        "cpu"
+                    },
+                    requested_bytes: usize::try_from(needed).unwrap_or(usize::MAX),
+                    available_bytes: usize::try_from(available).unwrap_or(usize::MAX),
+                    limit: "train.device_memory".into(),
+                };
+                return Err(does_not_fit(e, &counting.ledger(), config));
+            }
+            Err(placement::Misfit::Device { needed, available }) => {
+                why = format!("device memory: {needed} bytes needed, {available} available");
+            }
+            Err(placement::Misfit::Other(e)) => why = e,
+        }
+    }
+    Err(EngineError::DoesNotFit(format!(
+        "the placement does not fit this machine: {why}"
+    )))
 }
 
 /// The walk plans' lookahead and the pools' sizes (elements of X, of f32): the configured

@@ -103,8 +103,8 @@ impl Engine {
         self.upload_tokens(batches)?;
         let world = self.comm.world_size();
         let dloss = self.scaler.scale() / (batches.len() * world) as f32;
-        for state in &self.states {
-            self.dev.memset(Queue::Compute, &state.grads, 0)?;
+        for grads in self.states.iter().filter_map(|s| s.grads.as_ref()) {
+            self.dev.memset(Queue::Compute, grads, 0)?;
         }
         let plan = self.plan(batches.len(), true)?;
         self.walk(&plan, HeadMode::Train { dloss })?;
@@ -123,20 +123,29 @@ impl Engine {
     /// sum over every rank's gradient shards.
     fn grad_norm_squared(&self) -> Result<f32, EngineError> {
         let dev = &*self.dev;
-        for (u, state) in self.states.iter().enumerate() {
-            dev.grad_norm_squared(
-                &self.bufs.norm,
-                &self.bufs.norm_partials,
-                &state.grads,
-                u > 0,
-            )?;
-        }
-        // Stages 0 and 1 keep every unit's gradients whole; stages 2 and 3 shard every unit's.
-        if self
+        let sharded = self
             .states
             .iter()
-            .any(|s| s.placement.grads == Home::Sharded)
+            .any(|s| s.placement.grads == Home::Sharded);
+        if let (Some(tier), true) = (&self.host, self.states.iter().all(|s| s.optim.is_none())) {
+            // The host optimizer took every gradient shard; its partial sums are this rank's.
+            let mut norm = [tier.grad_norm_squared(dev)?];
+            if self.comm.world_size() > 1 {
+                dev.synchronize(Queue::Comm)?;
+                self.comm.all_reduce(&mut norm)?;
+            }
+            return Ok(norm[0]);
+        }
+        for (u, grads) in self
+            .states
+            .iter()
+            .filter_map(|s| s.grads.as_ref())
+            .enumerate()
         {
+            dev.grad_norm_squared(&self.bufs.norm, &self.bufs.norm_partials, grads, u > 0)?;
+        }
+        // Stages 0 and 1 keep every unit's gradients whole; stages 2 and 3 shard every unit's.
+        if sharded {
             dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
             dev.all_reduce(&self.comm, &self.bufs.norm)?;
             dev.wait(Queue::Compute, &dev.record(Queue::Comm)?)?;
@@ -187,35 +196,52 @@ impl Engine {
         // torch's clip factor (with its +1e-6), then the loss scale removed.
         let grad_scale = clip_scale(grad_norm, o.grad_clip) / loss_scale;
         let step = u32::try_from(self.step + 1).unwrap_or(u32::MAX);
+        let hyper = |decay: bool| AdamWHyper {
+            lr,
+            beta1: o.betas[0],
+            beta2: o.betas[1],
+            eps: o.eps,
+            weight_decay: if decay { o.weight_decay } else { 0.0 },
+            step,
+            grad_scale,
+        };
+        if let Some(tier) = self.host.as_mut() {
+            if self.states.iter().all(|s| s.optim.is_none()) {
+                let shards: Vec<_> = self.states.iter().map(|s| s.shard).collect();
+                let device_shards: Vec<Option<Buf>> =
+                    self.states.iter().map(|s| s.params_shard.clone()).collect();
+                tier.step(&*self.dev, &shards, &self.segments, &hyper, &|u| {
+                    device_shards[u].clone()
+                })?;
+            }
+        }
         for (state, segments) in self.states.iter().zip(&self.segments) {
+            let Some(optim) = &state.optim else {
+                continue;
+            };
             let (range, copy) = match state.placement.optimizer {
                 Home::Whole => (0..state.shard.padded, state.params.as_ref()),
                 Home::Sharded => (state.shard.range(), state.params_shard.as_ref()),
             };
-            let copy = copy.filter(|c| !c.same_range(&state.master));
+            let copy = copy.filter(|c| !c.same_range(&optim.master));
+            let whole = state.grads.as_ref().ok_or_else(|| EngineError::Setting {
+                key: "offload_optimizer.device",
+                message: "the device optimizer has no gradients on the device".into(),
+            })?;
             // Whole gradients are read at this rank's part; sharded ones are that part.
             let grads = match (state.placement.grads, state.placement.optimizer) {
-                (Home::Whole, Home::Sharded) => state.grads.slice(range.start, range.len())?,
-                _ => state.grads.clone(),
+                (Home::Whole, Home::Sharded) => whole.slice(range.start, range.len())?,
+                _ => whole.clone(),
             };
             for seg in clip_segments(segments, &range) {
                 let view = |b: &Buf| b.slice(seg.offset, seg.len);
-                let hyper = AdamWHyper {
-                    lr,
-                    beta1: o.betas[0],
-                    beta2: o.betas[1],
-                    eps: o.eps,
-                    weight_decay: if seg.decay { o.weight_decay } else { 0.0 },
-                    step,
-                    grad_scale,
-                };
                 self.dev.adamw(
-                    &view(&state.master)?,
+                    &view(&optim.master)?,
                     copy.map(view).transpose()?.as_ref(),
                     &view(&grads)?,
-                    &view(&state.adam_m)?,
-                    &view(&state.adam_v)?,
-                    &hyper,
+                    &view(&optim.adam_m)?,
+                    &view(&optim.adam_v)?,
+                    &hyper(seg.decay),
                 )?;
             }
         }

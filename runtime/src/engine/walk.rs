@@ -105,9 +105,11 @@ impl Engine {
         let mut gathered: Vec<Option<Event>> = (0..plan.gathers.len()).map(|_| None).collect();
         let mut released: Vec<Option<Event>> = (0..plan.gathers.len()).map(|_| None).collect();
         let mut reduced: Vec<Option<Event>> = (0..plan.grad_buffers.len()).map(|_| None).collect();
-        // The last use of each unit's whole gradients: all-reduced after it.
+        // The last use of each unit's whole gradients: all-reduced (and taken by the host
+        // optimizer) after it.
+        let micro_count = plan.uses.last().map_or(1, |u| u.micro + 1);
         let mut last_grad_use = vec![None; self.states.len()];
-        if train && self.comm.world_size() > 1 {
+        if train {
             for (i, u) in plan.uses.iter().enumerate() {
                 if u.kind != UseKind::Forward {
                     for &unit in &self.stage_units[u.stage] {
@@ -126,12 +128,42 @@ impl Engine {
                         .ok_or_else(|| missing("released copy", g.unit))?;
                     dev.wait(Queue::Comm, event)?;
                 }
-                let state = &self.states[g.unit];
-                let send = state
-                    .params_shard
-                    .as_ref()
-                    .ok_or_else(|| missing("parameter shard", g.unit))?;
-                dev.all_gather(&self.comm, send, &self.pool_view(true, g.offset, g.len)?)?;
+                let region = self.pool_view(true, g.offset, g.len)?;
+                match self.states[g.unit].params_shard.clone() {
+                    Some(send) => {
+                        // A shard the host optimizer updated arrives through the H2D queue.
+                        if let Some(tier) = &self.host {
+                            for e in tier.written(g.unit) {
+                                dev.wait(Queue::Comm, e)?;
+                            }
+                        }
+                        dev.all_gather(&self.comm, &send, &region)?;
+                    }
+                    None => {
+                        // This rank's shard comes from the host or NVMe into its slot of the
+                        // region, which the earlier occupants must have released.
+                        for &p in &g.after {
+                            let event = released[p]
+                                .as_ref()
+                                .ok_or_else(|| missing("released copy", g.unit))?;
+                            dev.wait(Queue::H2d, event)?;
+                        }
+                        let shard = self.states[g.unit].shard;
+                        let slot = region.slice(shard.range().start, shard.len)?;
+                        let tier = self
+                            .host
+                            .as_mut()
+                            .ok_or_else(|| missing("host tier", g.unit))?;
+                        tier.fetch_params(dev, g.unit, &slot)?;
+                        dev.wait(Queue::Comm, &dev.record(Queue::H2d)?)?;
+                        let scratch = self
+                            .bufs
+                            .reduce_scratch
+                            .as_ref()
+                            .ok_or_else(|| missing("gather scratch", g.unit))?;
+                        dev.all_gather_in_place(&self.comm, &region, scratch)?;
+                    }
+                }
                 gathered[next_gather] = Some(dev.record(Queue::Comm)?);
                 next_gather += 1;
             }
@@ -154,6 +186,9 @@ impl Engine {
                         .clone()
                         .ok_or_else(|| missing("whole parameters", unit))?,
                 });
+                if u.kind == UseKind::Forward {
+                    continue;
+                }
                 grads.push(match plan.use_grads[i][k] {
                     Some(b) => {
                         let buffer = &plan.grad_buffers[b];
@@ -169,7 +204,10 @@ impl Engine {
                         }
                         view
                     }
-                    None => self.states[unit].grads.clone(),
+                    None => self.states[unit]
+                        .grads
+                        .clone()
+                        .ok_or_else(|| missing("gradients", unit))?,
                 });
             }
             self.call(u.micro, u.stage, u.kind, &params, &grads, &mut head)?;
@@ -178,25 +216,32 @@ impl Engine {
             }
             for &b in &plan.grads_ending[i] {
                 let buffer = &plan.grad_buffers[b];
-                {
-                    let state = &self.states[buffer.unit];
-                    let scratch = self
-                        .bufs
-                        .reduce_scratch
-                        .as_ref()
-                        .ok_or_else(|| missing("reduce scratch", buffer.unit))?
-                        .slice(0, state.shard.len)?;
-                    dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
-                    let full = self.pool_view(false, buffer.offset, buffer.len)?;
-                    dev.reduce_scatter_add(&self.comm, &full, &state.grads, &scratch)?;
-                    reduced[b] = Some(dev.record(Queue::Comm)?);
-                }
+                let full = self.pool_view(false, buffer.offset, buffer.len)?;
+                self.reduce_unit(buffer.unit, &full, u.micro, u.micro + 1 == micro_count)?;
+                reduced[b] = Some(dev.record(Queue::Comm)?);
             }
             for &unit in &units {
+                if last_grad_use[unit] != Some(i)
+                    || self.states[unit].placement.grads != Home::Whole
+                {
+                    continue;
+                }
                 let state = &self.states[unit];
-                if last_grad_use[unit] == Some(i) && state.placement.grads == Home::Whole {
+                let grads = state
+                    .grads
+                    .clone()
+                    .ok_or_else(|| missing("gradients", unit))?;
+                if self.comm.world_size() > 1 {
                     dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
-                    dev.all_reduce(&self.comm, &state.grads)?;
+                    dev.all_reduce(&self.comm, &grads)?;
+                }
+                if let Some(tier) = self.host.as_mut().filter(|_| state.optim.is_none()) {
+                    // The host optimizer takes this rank's part of the reduced whole gradient.
+                    let part = grads.slice(state.shard.range().start, state.shard.len)?;
+                    dev.wait(Queue::D2h, &dev.record(Queue::Comm)?)?;
+                    dev.wait(Queue::D2h, &dev.record(Queue::Compute)?)?;
+                    let done = tier.intake_grads(dev, unit, &part, 0, true)?;
+                    dev.wait(Queue::Compute, &done)?;
                 }
             }
         }
@@ -204,6 +249,51 @@ impl Engine {
             // The optimizer reads what the communication queue reduced.
             dev.wait(Queue::Compute, &dev.record(Queue::Comm)?)?;
         }
+        Ok(())
+    }
+
+    /// Reduces `unit`'s whole gradient of one micro-batch (`full`) into this rank's shard: added to
+    /// the shard on the device, or sent to the host optimizer's tier through a reduce target.
+    fn reduce_unit(
+        &mut self,
+        unit: usize,
+        full: &Buf,
+        micro: usize,
+        last: bool,
+    ) -> Result<(), EngineError> {
+        let dev = Arc::clone(&self.dev);
+        let dev = &*dev;
+        let shard = self.states[unit].shard;
+        let scratch = self
+            .bufs
+            .reduce_scratch
+            .as_ref()
+            .ok_or_else(|| missing("reduce scratch", unit))?
+            .slice(0, shard.len)?;
+        dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
+        if let Some(grads) = &self.states[unit].grads {
+            return Ok(dev.reduce_scatter_add(&self.comm, full, grads, &scratch)?);
+        }
+        // Round-robin over the targets; each is reused once its copies to the host are done.
+        let t = self.reduce_next % self.bufs.reduce_targets.len().max(1);
+        self.reduce_next += 1;
+        let target = self
+            .bufs
+            .reduce_targets
+            .get(t)
+            .ok_or_else(|| missing("reduce target", unit))?
+            .slice(0, shard.len)?;
+        if let Some(e) = self.reduce_released[t].take() {
+            dev.wait(Queue::Comm, &e)?;
+        }
+        dev.memset(Queue::Comm, &target, 0)?;
+        dev.reduce_scatter_add(&self.comm, full, &target, &scratch)?;
+        dev.wait(Queue::D2h, &dev.record(Queue::Comm)?)?;
+        let tier = self
+            .host
+            .as_mut()
+            .ok_or_else(|| missing("host tier", unit))?;
+        self.reduce_released[t] = Some(tier.intake_grads(dev, unit, &target, micro, last)?);
         Ok(())
     }
 

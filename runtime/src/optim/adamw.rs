@@ -27,6 +27,60 @@ pub fn adamw_update(
         .for_each(|((p, g), (m, v))| adamw_chunk(p, g, m, v, h, decay_factor, step_size, bc2_sqrt));
 }
 
+/// Adam's first or second moments in their storage type.
+pub enum Moments<'a> {
+    F32(&'a mut [f32]),
+    /// bf16 storage (12 instead of 16 bytes of state per parameter); the update computes in f32
+    /// and rounds the moments to nearest on store.
+    Bf16(&'a mut [half::bf16]),
+}
+
+/// One AdamW step with moments in either storage type (both the same type).
+pub fn adamw_update_any(
+    params: &mut [f32],
+    grads: &[f32],
+    m: Moments<'_>,
+    v: Moments<'_>,
+    h: &AdamWHyper,
+) {
+    match (m, v) {
+        (Moments::F32(m), Moments::F32(v)) => adamw_update(params, grads, m, v, h),
+        (Moments::Bf16(m), Moments::Bf16(v)) => adamw_update_bf16(params, grads, m, v, h),
+        _ => panic!("adamw_update_any: m and v must share a storage type"),
+    }
+}
+
+/// AdamW with bf16-stored moments (f32 arithmetic).
+pub fn adamw_update_bf16(
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [half::bf16],
+    v: &mut [half::bf16],
+    h: &AdamWHyper,
+) {
+    assert!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
+    let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
+    let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
+    let step_size = (h.lr as f64 / bc1) as f32;
+    let bc2_sqrt = bc2.sqrt() as f32;
+    let decay_factor = 1.0 - h.lr * h.weight_decay;
+    params
+        .par_chunks_mut(CHUNK)
+        .zip(grads.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        .for_each(|((p, g), (m, v))| {
+            for i in 0..p.len() {
+                let g = g[i] * h.grad_scale;
+                let mi = h.beta1 * m[i].to_f32() + (1.0 - h.beta1) * g;
+                let vi = h.beta2 * v[i].to_f32() + (1.0 - h.beta2) * g * g;
+                m[i] = half::bf16::from_f32(mi);
+                v[i] = half::bf16::from_f32(vi);
+                let denom = vi.sqrt() / bc2_sqrt + h.eps;
+                p[i] = p[i] * decay_factor - step_size * mi / denom;
+            }
+        });
+}
+
 multiversion! {
     #[allow(clippy::too_many_arguments)]
     fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWHyper, decay_factor: f32, step_size: f32, bc2_sqrt: f32) {

@@ -5,6 +5,8 @@ mod adamw;
 mod loss_scale;
 mod schedule;
 
-pub use adamw::{adamw_update, clip_scale, sum_of_squares};
+pub use adamw::{
+    adamw_update, adamw_update_any, adamw_update_bf16, clip_scale, sum_of_squares, Moments,
+};
 pub use loss_scale::{LossScaler, StepDecision};
 pub use schedule::lr_at;

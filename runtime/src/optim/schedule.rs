@@ -1,4 +1,4 @@
-//! Linear warmup, then cosine decay to `min_lr` (or constant).
+//! Linear warmup, then cosine or linear decay to `min_lr` (or constant).
 
 use crate::config::{OptimConfig, Schedule};
 
@@ -11,6 +11,11 @@ pub fn lr_at(o: &OptimConfig, step: usize, total_steps: usize) -> f32 {
     }
     match o.schedule {
         Schedule::Constant => o.lr,
+        Schedule::Linear => {
+            let span = total_steps.saturating_sub(o.warmup_steps).max(1);
+            let progress = ((step - o.warmup_steps) as f64 / span as f64).min(1.0);
+            (o.lr as f64 - progress * (o.lr - o.min_lr) as f64) as f32
+        }
         Schedule::Cosine => {
             let span = total_steps.saturating_sub(o.warmup_steps).max(1);
             let progress = ((step - o.warmup_steps) as f64 / span as f64).min(1.0);

@@ -31,6 +31,12 @@ pub fn input_files(config: &Config) -> Vec<InputFile> {
             path: path.clone(),
         });
     }
+    if let Some((path, _)) = &config.deepspeed {
+        inputs.push(InputFile {
+            key: "--deepspeed".into(),
+            path: path.clone(),
+        });
+    }
     if config.data.train != "synthetic" {
         inputs.push(InputFile {
             key: "data.train".into(),

@@ -17,8 +17,8 @@ use crate::backend::arena::{Location, Memory, ARENA_ALIGN_BYTES};
 use crate::backend::host_queue::HostQueue;
 use crate::backend::{
     check, check_min, ensure, AdamWHyper, Arena, AttentionActs, AttentionScratch, AttentionShape,
-    Backend, Buf, DType, Device, DeviceError, Event, EventKind, GradMode, OpTime, Precision, Queue,
-    Result, NORM_PARTIALS_MAX,
+    Backend, Buf, DType, Device, DeviceError, Event, EventKind, GradMode, HostJob, OpTime,
+    Precision, Queue, Result, NORM_PARTIALS_MAX,
 };
 
 /// Start-up options of a [`CpuDevice`].
@@ -86,7 +86,7 @@ fn host_memory(bytes: usize, budget: Option<usize>) -> Result<Memory> {
 /// The CPU backend.
 pub struct CpuDevice {
     // Queues first: dropping them drains their jobs while the arena's memory is still alive.
-    queues: [HostQueue; 5],
+    queues: [HostQueue; 6],
     pool: Arc<rayon::ThreadPool>,
     threads: usize,
     arena: Arena,
@@ -121,6 +121,7 @@ impl CpuDevice {
                 queue(Queue::D2h)?,
                 queue(Queue::Comm)?,
                 queue(Queue::Io)?,
+                queue(Queue::Host)?,
             ],
             pool: Arc::new(pool),
             threads,
@@ -231,6 +232,20 @@ impl Device for CpuDevice {
 
     fn synchronize(&self, queue: Queue) -> Result<()> {
         self.queue(queue).synchronize()
+    }
+
+    fn submit_host(&self, queue: Queue, op: &'static str, job: HostJob) -> Result<()> {
+        ensure(matches!(queue, Queue::Io | Queue::Host), op, || {
+            format!(
+                "host jobs run on the io or host queue, not {}",
+                queue.name()
+            )
+        })?;
+        self.queue(queue).submit(op, job)
+    }
+
+    fn queue_time(&self, queue: Queue) -> Option<crate::backend::host_queue::QueueTime> {
+        Some(self.queue(queue).times())
     }
 
     fn memset(&self, queue: Queue, buf: &Buf, byte: u8) -> Result<()> {
@@ -372,6 +387,39 @@ impl Device for CpuDevice {
                     queue: "comm",
                     source,
                 })
+            }),
+        )
+    }
+
+    fn all_gather_in_place(
+        &self,
+        comm: &Arc<dyn Communicator>,
+        buf: &Buf,
+        scratch: &Buf,
+    ) -> Result<()> {
+        let op = "all_gather_in_place";
+        let world = comm.world_size();
+        live(op, &[buf, scratch])?;
+        ensure(buf.len() % world == 0, op, || {
+            format!("{buf:?} does not split into {world} parts")
+        })?;
+        let n = buf.len() / world;
+        check(op, "buf", buf, F32, buf.len())?;
+        check_min(op, "scratch", scratch, F32, n)?;
+        disjoint(op, &[scratch], &[buf])?;
+        let (comm, buf, scratch) = (Arc::clone(comm), buf.clone(), scratch.slice(0, n)?);
+        self.queue(Queue::Comm).submit(
+            op,
+            Box::new(move || {
+                let rank = comm.rank();
+                // SAFETY: live, disjoint host memory; the comm queue owns both during this job.
+                let (all, part) = unsafe { (view_mut::<f32>(&buf), view_mut::<f32>(&scratch)) };
+                part.copy_from_slice(&all[rank * n..(rank + 1) * n]);
+                comm.all_gather(part, all)
+                    .map_err(|source| DeviceError::Comm {
+                        queue: "comm",
+                        source,
+                    })
             }),
         )
     }

@@ -232,7 +232,7 @@ impl GpuContext {
             .new_event(flags)
             .map_err(|e| CudaError::driver("cuEventCreate", e))?;
         Ok(GpuEvent {
-            event,
+            event: Arc::new(event),
             queue: Stream::Compute,
         })
     }
@@ -444,9 +444,11 @@ impl GpuContext {
 }
 
 /// A point in one queue's work; other queues can wait on it, the host can block on it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct GpuEvent {
-    event: CudaEvent,
+    /// Shared, so a host queue can wait on a copy (re-recording an event that has copies moves
+    /// them all: only `record` events, which are never re-recorded, are handed out).
+    event: Arc<CudaEvent>,
     queue: Stream,
 }
 

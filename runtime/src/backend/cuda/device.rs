@@ -17,7 +17,8 @@ use super::context::{GpuContext, GpuOptions, Stream};
 use crate::backend::host_queue::HostQueue;
 use crate::backend::{
     ensure, AdamWHyper, Arena, AttentionActs, AttentionScratch, AttentionShape, Backend, Buf,
-    DType, Device, DeviceError, Event, EventKind, GradMode, OpTime, Precision, Queue, Result,
+    DType, Device, DeviceError, Event, EventKind, GradMode, HostJob, OpTime, Precision, Queue,
+    Result,
 };
 
 /// cuBLAS workspace carved from the arena.
@@ -44,7 +45,40 @@ pub struct CudaOptions {
 /// The CUDA backend.
 pub struct CudaDevice {
     io: HostQueue,
+    host: HostQueue,
+    registrar: Arc<CudaRegistrar>,
     gpu: GpuContext,
+}
+
+/// Page-locks the engine's host buffers with `cuMemHostRegister` (the offload pool's hook).
+struct CudaRegistrar {
+    ctx: Arc<cudarc::driver::CudaContext>,
+    regions: std::sync::Mutex<Vec<super::PinnedRegion>>,
+}
+
+impl strata_offload::Registrar for CudaRegistrar {
+    fn name(&self) -> &str {
+        "cuMemHostRegister"
+    }
+
+    fn register(&self, ptr: *mut u8, len: usize) -> std::result::Result<(), String> {
+        // SAFETY: the pool calls this once per slab it owns, and `unregister` before it unmaps
+        // the slab; the region is dropped (unregistered) there.
+        let region = unsafe { super::PinnedRegion::register(&self.ctx, ptr, len) }
+            .map_err(|e| e.to_string())?;
+        self.regions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(region);
+        Ok(())
+    }
+
+    fn unregister(&self, ptr: *mut u8, _len: usize) {
+        self.regions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|r| r.as_ptr() != ptr);
+    }
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -55,14 +89,14 @@ impl std::fmt::Debug for CudaDevice {
     }
 }
 
-/// The stream of a queue; None for the host I/O queue.
+/// The stream of a queue; None for the host queues (I/O, host work).
 fn stream(queue: Queue) -> Option<Stream> {
     match queue {
         Queue::Compute => Some(Stream::Compute),
         Queue::H2d => Some(Stream::H2d),
         Queue::D2h => Some(Stream::D2h),
         Queue::Comm => Some(Stream::Comm),
-        Queue::Io => None,
+        Queue::Io | Queue::Host => None,
     }
 }
 
@@ -132,6 +166,11 @@ impl CudaDevice {
         })?;
         Ok(CudaDevice {
             io: HostQueue::new(Queue::Io.name(), opts.stall_timeout)?,
+            host: HostQueue::new(Queue::Host.name(), opts.stall_timeout)?,
+            registrar: Arc::new(CudaRegistrar {
+                ctx: gpu.cuda().clone(),
+                regions: std::sync::Mutex::new(Vec::new()),
+            }),
             gpu,
         })
     }
@@ -139,6 +178,14 @@ impl CudaDevice {
     /// The context (streams, kernels, cuBLAS), for the backend's own checks.
     pub fn gpu(&self) -> &GpuContext {
         &self.gpu
+    }
+
+    fn host_queue(&self, queue: Queue) -> &HostQueue {
+        if queue == Queue::Host {
+            &self.host
+        } else {
+            &self.io
+        }
     }
 }
 
@@ -162,24 +209,51 @@ impl Device for CudaDevice {
     fn record(&self, queue: Queue) -> Result<Event> {
         Ok(Event(match stream(queue) {
             Some(s) => EventKind::Cuda(self.gpu.record(s)?),
-            None => EventKind::Host(self.io.record()),
+            None => EventKind::Host(self.host_queue(queue).record()),
         }))
     }
 
     fn wait(&self, queue: Queue, event: &Event) -> Result<()> {
         match (stream(queue), &event.0) {
             (Some(s), EventKind::Cuda(e)) => Ok(self.gpu.wait(s, e)?),
+            // A stream cannot wait for host work: the host waits, then enqueues what follows.
             (Some(_), EventKind::Host(ticket)) => ticket.wait(),
-            (None, EventKind::Host(ticket)) => self.io.wait_for(ticket.clone()),
-            (None, EventKind::Cuda(e)) => Ok(e.synchronize()?),
+            (None, EventKind::Host(ticket)) => self.host_queue(queue).wait_for(ticket.clone()),
+            (None, EventKind::Cuda(e)) => {
+                let e = e.clone();
+                self.host_queue(queue).submit(
+                    crate::backend::host_queue::WAIT_OP,
+                    Box::new(move || Ok(e.synchronize()?)),
+                )
+            }
         }
     }
 
     fn synchronize(&self, queue: Queue) -> Result<()> {
         match stream(queue) {
             Some(s) => Ok(self.gpu.synchronize(s)?),
-            None => self.io.synchronize(),
+            None => self.host_queue(queue).synchronize(),
         }
+    }
+
+    fn submit_host(&self, queue: Queue, op: &'static str, job: HostJob) -> Result<()> {
+        ensure(stream(queue).is_none(), op, || {
+            format!(
+                "host jobs run on the io or host queue, not {}",
+                queue.name()
+            )
+        })?;
+        self.host_queue(queue).submit(op, job)
+    }
+
+    fn queue_time(&self, queue: Queue) -> Option<crate::backend::host_queue::QueueTime> {
+        stream(queue)
+            .is_none()
+            .then(|| self.host_queue(queue).times())
+    }
+
+    fn host_registrar(&self) -> Option<Arc<dyn strata_offload::Registrar>> {
+        Some(self.registrar.clone())
     }
 
     fn memset(&self, queue: Queue, buf: &Buf, byte: u8) -> Result<()> {
@@ -244,6 +318,30 @@ impl Device for CudaDevice {
         let stream = self.gpu.stream(Stream::Comm).cu_stream();
         // SAFETY: as in all_reduce, for two disjoint live views of the checked sizes.
         unsafe { nccl.all_gather_on_stream(send.ptr(), recv.ptr(), send.len(), dtype, stream) }
+            .map_err(comm_error)
+    }
+
+    fn all_gather_in_place(
+        &self,
+        comm: &Arc<dyn Communicator>,
+        buf: &Buf,
+        _scratch: &Buf,
+    ) -> Result<()> {
+        let world = comm.world_size();
+        ensure(buf.len() % world == 0, "all_gather_in_place", || {
+            format!("{buf:?} does not split into {world} parts")
+        })?;
+        if world == 1 {
+            return Ok(());
+        }
+        let nccl = nccl_of(comm)?;
+        let dtype = nccl_dtype("all_gather_in_place", buf)?;
+        let n = buf.len() / world;
+        let send = buf.slice(comm.rank() * n, n)?;
+        let stream = self.gpu.stream(Stream::Comm).cu_stream();
+        // SAFETY: as in all_reduce; NCCL's in-place layout: the send buffer is the rank's slot of
+        // the receive buffer.
+        unsafe { nccl.all_gather_on_stream(send.ptr(), buf.ptr(), n, dtype, stream) }
             .map_err(comm_error)
     }
 

@@ -1,0 +1,987 @@
+//! The host tier: every state that lives off the device, per sub-group of this rank's shards —
+//! parameter shards on the host or NVMe, and the host optimizer's fp32 master weights, Adam
+//! moments and gradients on the host or NVMe — with the engine's one host pool (allocated once,
+//! page-locked on request, registered with the device) and its swap stores.
+//!
+//! All work is enqueued on the device's queues: NVMe reads and writes on `Queue::Io`, the host
+//! optimizer and gradient intake on `Queue::Host`, copies on H2D / D2H. Staging buffers are rings;
+//! a slot is reused only after the event that released it (recorded by the queue that consumed
+//! it). The host thread never waits, except for the gradient norm (a host decision).
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use strata_offload::{HostPool, OnExhausted, PoolConfig, SwapStore};
+
+use super::host_mem::HostMem;
+use super::memory::AdamSegment;
+use super::placement::{PlacementPlan, SubGroup, Tier, NORM_CHUNK};
+use super::zero::{clip_segments, Shard};
+use super::EngineError;
+use crate::backend::{AdamWHyper, Buf, DType, Device, DeviceError, Event, Queue};
+use crate::config::{Config, MomentsDtype};
+
+/// A ring of staging buffers: slot k is reused after `released[k]`.
+struct Ring {
+    bufs: Vec<HostMem>,
+    released: Vec<Option<Event>>,
+    next: usize,
+}
+
+impl Ring {
+    fn new(pool: &HostPool, count: usize, bytes: usize) -> Result<Ring, EngineError> {
+        let bufs = (0..count)
+            .map(|_| pool.alloc(bytes.max(1)).map(HostMem::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(offload_error)?;
+        Ok(Ring {
+            released: (0..count).map(|_| None).collect(),
+            bufs,
+            next: 0,
+        })
+    }
+
+    /// The next slot; `queue` waits for its previous consumer first.
+    fn acquire(&mut self, dev: &dyn Device, queue: Queue) -> Result<usize, EngineError> {
+        let k = self.next;
+        self.next = (k + 1) % self.bufs.len();
+        if let Some(e) = self.released[k].take() {
+            dev.wait(queue, &e)?;
+        }
+        Ok(k)
+    }
+}
+
+/// The host optimizer's states of one sub-group in host memory.
+struct HostStates {
+    master: HostMem,
+    m: HostMem,
+    v: HostMem,
+    grad: HostMem,
+}
+
+/// Where a sub-group's compute weights live off the device.
+enum ParamHome {
+    /// Host memory (fp32 compute weights share the master weights' buffer).
+    Host(HostMem),
+    Nvme,
+}
+
+fn offload_error(e: strata_offload::OffloadError) -> EngineError {
+    EngineError::Device(DeviceError::op("offload", with_causes(&e)))
+}
+
+/// An error's message followed by its causes' (the OS error last).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
+}
+
+/// Bytes moved by the host tier since it opened, and the time its NVMe transfers took.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OffloadTraffic {
+    pub nvme_read_bytes: u64,
+    /// Seconds from submitting a read to its completion, summed over reads.
+    pub nvme_read_s: f64,
+    pub nvme_write_bytes: u64,
+    pub nvme_write_s: f64,
+    /// Host to device (parameter shards, updated compute weights).
+    pub h2d_bytes: u64,
+    /// Device to host (reduced gradient shards).
+    pub d2h_bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    nvme_read_bytes: AtomicU64,
+    nvme_read_ns: AtomicU64,
+    nvme_write_bytes: AtomicU64,
+    nvme_write_ns: AtomicU64,
+    h2d_bytes: AtomicU64,
+    d2h_bytes: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> OffloadTraffic {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        OffloadTraffic {
+            nvme_read_bytes: get(&self.nvme_read_bytes),
+            nvme_read_s: get(&self.nvme_read_ns) as f64 * 1e-9,
+            nvme_write_bytes: get(&self.nvme_write_bytes),
+            nvme_write_s: get(&self.nvme_write_ns) as f64 * 1e-9,
+            h2d_bytes: get(&self.h2d_bytes),
+            d2h_bytes: get(&self.d2h_bytes),
+        }
+    }
+}
+
+/// Host-side data a job needs, shared with the queues' threads.
+struct Shared {
+    param_store: Option<SwapStore>,
+    optim_store: Option<SwapStore>,
+    /// Per unit: the partial sums of squares of its accumulated gradient shard.
+    norm_partials: Mutex<Vec<Vec<f64>>>,
+    io_timeout: Duration,
+    counters: Counters,
+}
+
+impl Shared {
+    fn store(&self, params: bool) -> Result<&SwapStore, DeviceError> {
+        let store = if params {
+            &self.param_store
+        } else {
+            &self.optim_store
+        };
+        store
+            .as_ref()
+            .ok_or_else(|| DeviceError::op("offload", "no swap store for this class"))
+    }
+
+    /// Writes the first `bytes` of `mem` to `key` and waits for it.
+    fn write(
+        &self,
+        params: bool,
+        key: &str,
+        mem: &HostMem,
+        bytes: usize,
+    ) -> Result<(), DeviceError> {
+        let mut buf = mem.take()?;
+        let restore = |buf| mem.put(buf);
+        if let Err(e) = buf.set_len(bytes) {
+            restore(buf);
+            return Err(DeviceError::op("offload write", e.to_string()));
+        }
+        let started = Instant::now();
+        let handle = self.store(params)?.write(key, buf);
+        let done = handle.and_then(|mut h| h.wait(self.io_timeout));
+        match done {
+            Ok(buf) => {
+                restore(buf);
+                let c = &self.counters;
+                Counters::add(&c.nvme_write_bytes, bytes as u64);
+                Counters::add(&c.nvme_write_ns, started.elapsed().as_nanos() as u64);
+                Ok(())
+            }
+            Err(e) => Err(DeviceError::op(
+                "offload write",
+                format!("{key}: {}", with_causes(&e)),
+            )),
+        }
+    }
+
+    /// Reads `key` into `mem` and waits for it.
+    fn read(&self, params: bool, key: &str, mem: &HostMem) -> Result<(), DeviceError> {
+        let buf = mem.take()?;
+        let started = Instant::now();
+        let done = self
+            .store(params)?
+            .read(key, buf)
+            .and_then(|mut h| h.wait(self.io_timeout));
+        match done {
+            Ok(buf) => {
+                let c = &self.counters;
+                Counters::add(&c.nvme_read_bytes, buf.len() as u64);
+                Counters::add(&c.nvme_read_ns, started.elapsed().as_nanos() as u64);
+                mem.put(buf);
+                Ok(())
+            }
+            Err(e) => Err(DeviceError::op(
+                "offload read",
+                format!("{key}: {}", with_causes(&e)),
+            )),
+        }
+    }
+
+    fn lock_partials(&self) -> std::sync::MutexGuard<'_, Vec<Vec<f64>>> {
+        self.norm_partials
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn key(g: &SubGroup, what: &str) -> String {
+    format!("u{}.{}.{what}", g.unit, g.start)
+}
+
+/// Everything off the device.
+pub struct HostTier {
+    plan_tiers: super::placement::Tiers,
+    x: DType,
+    moments: MomentsDtype,
+    groups: Vec<SubGroup>,
+    /// Per unit: its sub-groups.
+    unit_groups: Vec<Range<usize>>,
+    /// Per sub-group, with the optimizer on the host.
+    states: Vec<Option<HostStates>>,
+    /// Per sub-group, with the parameters off the device.
+    params: Vec<Option<ParamHome>>,
+    /// NVMe optimizer: sub-groups in flight (master, m, v, grad each).
+    opt_sets: Vec<HostStates>,
+    /// With the optimizer off the device: reduced gradients on their way to it.
+    intake: Option<Ring>,
+    /// Updated compute weights on their way to the device or NVMe.
+    out: Option<Ring>,
+    /// Parameter shards on their way from NVMe to the device.
+    fetch: Option<Ring>,
+    /// With several micro-batches and gradients on NVMe: where a gradient is accumulated.
+    accumulate: Option<HostMem>,
+    /// Per sub-group: when its updated compute weights are in place (device, host or NVMe).
+    pub param_written: Vec<Option<Event>>,
+    shared: Arc<Shared>,
+    // Dropped last: every buffer above returns to it.
+    _pool: HostPool,
+}
+
+impl HostTier {
+    /// The pool, stores and buffers of `plan` (nothing is allocated later).
+    /// `gathered[u]`: whether unit u's parameters are sharded (gathered before each use); only
+    /// those have parameter shards off the device.
+    pub fn new(
+        config: &Config,
+        plan: &PlacementPlan,
+        shards: &[Shard],
+        gathered: &[bool],
+        x: DType,
+        dev: &dyn Device,
+        rank: usize,
+    ) -> Result<HostTier, EngineError> {
+        let pinned = plan.host_pinned;
+        let sg_max = plan.sub_groups.iter().map(|g| g.len).max().unwrap_or(0);
+        let slab =
+            (super::placement::HOST_SLAB_BYTES as usize).max((4 * sg_max).next_multiple_of(4096));
+        let pool = HostPool::new(PoolConfig {
+            bytes_total: usize::try_from(plan.host_bytes)
+                .unwrap_or(usize::MAX)
+                .max(4096),
+            slab_bytes_max: slab,
+            mlock: pinned,
+            on_exhausted: OnExhausted::Error,
+            check_budget: true,
+        })
+        .map_err(|e| EngineError::Setting {
+            key: if pinned {
+                "offload_optimizer.pin_memory"
+            } else {
+                "offload_optimizer.device"
+            },
+            message: e.to_string(),
+        })?;
+        if let (true, Some(registrar)) = (pinned, dev.host_registrar()) {
+            pool.add_registrar(registrar).map_err(offload_error)?;
+        }
+        let timeout = Duration::from_secs(config.dist.timeout_s.saturating_add(60));
+        let store = |params: bool| -> Result<Option<SwapStore>, EngineError> {
+            let (tier, paths, key) = if params {
+                (
+                    plan.tiers.params,
+                    &config.offload_param.nvme_path,
+                    "offload_param.nvme_path",
+                )
+            } else {
+                (
+                    plan.tiers.optimizer,
+                    &config.offload_optimizer.nvme_path,
+                    "offload_optimizer.nvme_path",
+                )
+            };
+            if tier != Tier::Nvme {
+                return Ok(None);
+            }
+            let paths = paths.as_ref().map(|p| p.paths()).unwrap_or_default();
+            let mut aio = config.aio.to_aio(timeout);
+            aio.file_name = format!(
+                "strata-{}.rank{rank}.swap",
+                if params { "params" } else { "optim" }
+            );
+            SwapStore::open_with_pool(&paths, aio, &pool)
+                .map(Some)
+                .map_err(|e| EngineError::Setting {
+                    key,
+                    message: with_causes(&e),
+                })
+        };
+        let shared = Arc::new(Shared {
+            param_store: store(true)?,
+            optim_store: store(false)?,
+            norm_partials: Mutex::new(vec![Vec::new(); shards.len()]),
+            io_timeout: timeout,
+            counters: Counters::default(),
+        });
+        let groups = plan.sub_groups.clone();
+        let mut unit_groups = vec![0..0; shards.len()];
+        for (k, g) in groups.iter().enumerate() {
+            let r = &mut unit_groups[g.unit];
+            if r.start == r.end {
+                *r = k..k + 1;
+            } else {
+                r.end = k + 1;
+            }
+        }
+        let moments = config.offload_optimizer.moments_dtype;
+        let mbytes = match moments {
+            MomentsDtype::Fp32 => 4,
+            MomentsDtype::Bf16 => 2,
+        };
+        let alloc = |bytes: usize| {
+            pool.alloc(bytes.max(1))
+                .map(HostMem::new)
+                .map_err(offload_error)
+        };
+        let host_states = |len: usize| -> Result<HostStates, EngineError> {
+            Ok(HostStates {
+                master: alloc(4 * len)?,
+                m: alloc(mbytes * len)?,
+                v: alloc(mbytes * len)?,
+                grad: alloc(4 * len)?,
+            })
+        };
+        let tiers = plan.tiers;
+        let optimizer_off = tiers.optimizer != Tier::Device;
+        let states = groups
+            .iter()
+            .map(|g| {
+                (tiers.optimizer == Tier::Host)
+                    .then(|| host_states(g.len))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let params = groups
+            .iter()
+            .zip(&states)
+            .map(|(g, s)| -> Result<Option<ParamHome>, EngineError> {
+                Ok(match tiers.params {
+                    _ if !gathered[g.unit] => None,
+                    Tier::Device => None,
+                    Tier::Nvme => Some(ParamHome::Nvme),
+                    Tier::Host => Some(ParamHome::Host(match s {
+                        Some(s) if x == DType::F32 => s.master.clone(),
+                        _ => alloc(x.size_bytes() * g.len)?,
+                    })),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let obuf = config.offload_optimizer.buffer_count;
+        let opt_sets = if tiers.optimizer == Tier::Nvme {
+            (0..obuf)
+                .map(|_| host_states(sg_max))
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        let x_bytes = x.size_bytes() * sg_max;
+        // Staging for updated compute weights that do not live in host memory (on NVMe, or on
+        // the device: every unit at stage < 3, persistent units at stage 3).
+        let staged = optimizer_off
+            && params
+                .iter()
+                .any(|p| !matches!(p, Some(ParamHome::Host(_))));
+        Ok(HostTier {
+            plan_tiers: tiers,
+            x,
+            moments,
+            unit_groups,
+            states,
+            params,
+            opt_sets,
+            intake: optimizer_off
+                .then(|| Ring::new(&pool, obuf, 4 * sg_max))
+                .transpose()?,
+            out: staged
+                .then(|| Ring::new(&pool, obuf, x_bytes))
+                .transpose()?,
+            fetch: (tiers.params == Tier::Nvme)
+                .then(|| Ring::new(&pool, config.offload_param.buffer_count, x_bytes))
+                .transpose()?,
+            accumulate: (tiers.optimizer == Tier::Nvme && config.data.grad_accum_steps > 1)
+                .then(|| alloc(4 * sg_max))
+                .transpose()?,
+            param_written: (0..groups.len()).map(|_| None).collect(),
+            groups,
+            shared,
+            _pool: pool,
+        })
+    }
+
+    pub fn tiers(&self) -> super::placement::Tiers {
+        self.plan_tiers
+    }
+
+    /// Bytes moved so far (NVMe read/write with their time, host to device, device to host).
+    pub fn traffic(&self) -> OffloadTraffic {
+        self.shared.counters.snapshot()
+    }
+
+    fn count_h2d(&self, bytes: usize) {
+        Counters::add(&self.shared.counters.h2d_bytes, bytes as u64);
+    }
+
+    /// The events after which `unit`'s updated compute weights are in place.
+    pub fn written(&self, unit: usize) -> impl Iterator<Item = &Event> {
+        self.unit_groups[unit]
+            .clone()
+            .filter_map(|k| self.param_written[k].as_ref())
+    }
+
+    /// The sub-groups of `unit`.
+    fn of(&self, unit: usize) -> Vec<(usize, SubGroup)> {
+        self.unit_groups[unit]
+            .clone()
+            .map(|k| (k, self.groups[k]))
+            .collect()
+    }
+
+    // --- parameters -----------------------------------------------------------------------------
+
+    /// Copies this rank's shard of `unit` from its tier into `slot` (its place in a gathered
+    /// buffer, X) on the H2D queue, through the fetch ring from NVMe. The H2D queue must already
+    /// wait for whatever held `slot` before.
+    pub fn fetch_params(
+        &mut self,
+        dev: &dyn Device,
+        unit: usize,
+        slot: &Buf,
+    ) -> Result<(), EngineError> {
+        let xb = self.x.size_bytes();
+        for (k, g) in self.of(unit) {
+            let piece = slot.slice(g.start, g.len)?;
+            if let Some(e) = &self.param_written[k] {
+                dev.wait(Queue::Io, e)?;
+                dev.wait(Queue::H2d, e)?;
+            }
+            match &self.params[k] {
+                Some(ParamHome::Host(mem)) => {
+                    // SAFETY: the H2D queue waited for the last write of this buffer (the
+                    // optimizer's, `param_written`); the next write waits for this copy (the
+                    // optimizer's step waits on the H2D queue before it starts).
+                    unsafe { dev.copy_h2d(Queue::H2d, &piece, &mem.bytes()[..g.len * xb])? };
+                    self.count_h2d(g.len * xb);
+                }
+                Some(ParamHome::Nvme) => {
+                    let fetch = self.fetch.as_mut().ok_or_else(|| missing("fetch ring"))?;
+                    let s = fetch.acquire(dev, Queue::Io)?;
+                    let (mem, shared, name) = (
+                        fetch.bufs[s].clone(),
+                        Arc::clone(&self.shared),
+                        key(&g, "param"),
+                    );
+                    dev.submit_host(
+                        Queue::Io,
+                        "nvme read params",
+                        Box::new(move || shared.read(true, &name, &mem)),
+                    )?;
+                    dev.wait(Queue::H2d, &dev.record(Queue::Io)?)?;
+                    let mem = &fetch.bufs[s];
+                    // SAFETY: the H2D queue waited for the read into this slot; the slot is
+                    // reused only after the event recorded just below.
+                    unsafe { dev.copy_h2d(Queue::H2d, &piece, &mem.bytes()[..g.len * xb])? };
+                    fetch.released[s] = Some(dev.record(Queue::H2d)?);
+                    self.count_h2d(g.len * xb);
+                }
+                None => return Err(missing("parameters off the device")),
+            }
+        }
+        Ok(())
+    }
+
+    // --- gradients ------------------------------------------------------------------------------
+
+    /// Takes this rank's reduced gradient shard of `unit` (`reduced`, f32 on the device, complete
+    /// on the D2H queue's order) into the optimizer's tier: a copy for the first micro-batch, a
+    /// sum for the others; after the last, the shard's partial sums of squares for the norm.
+    /// Returns the event after which `reduced` may be reused.
+    pub fn intake_grads(
+        &mut self,
+        dev: &dyn Device,
+        unit: usize,
+        reduced: &Buf,
+        micro: usize,
+        last: bool,
+    ) -> Result<Event, EngineError> {
+        if last {
+            self.shared.lock_partials()[unit].clear();
+        }
+        for (k, g) in self.of(unit) {
+            let intake = self
+                .intake
+                .as_mut()
+                .ok_or_else(|| missing("gradient intake"))?;
+            let s = intake.acquire(dev, Queue::D2h)?;
+            let slot = intake.bufs[s].clone();
+            // SAFETY: the D2H queue waited for the slot's last consumer (acquire); the consumer
+            // of this copy waits for the event recorded right after it.
+            unsafe {
+                dev.copy_d2h(
+                    Queue::D2h,
+                    &mut slot.bytes_mut()[..4 * g.len],
+                    &reduced.slice(g.start, g.len)?,
+                )?
+            };
+            let copied = dev.record(Queue::D2h)?;
+            Counters::add(&self.shared.counters.d2h_bytes, 4 * g.len as u64);
+            let shared = Arc::clone(&self.shared);
+            let unit_g = (unit, g.len);
+            let (queue, job): (Queue, crate::backend::HostJob) =
+                match (&self.states[k], self.plan_tiers.optimizer) {
+                    (Some(st), _) => {
+                        let grad = st.grad.clone();
+                        (
+                            Queue::Host,
+                            Box::new(move || {
+                                // SAFETY: ordered after the D2H copy into `slot` (waited below) and
+                                // before the slot's reuse (its release event follows this job).
+                                let (src, dst) =
+                                    unsafe { (slot.f32s(unit_g.1), grad.f32s_mut(unit_g.1)) };
+                                accumulate(dst, src, micro == 0);
+                                if last {
+                                    shared.lock_partials()[unit_g.0].extend(chunk_sums(dst));
+                                }
+                                Ok(())
+                            }),
+                        )
+                    }
+                    (None, Tier::Nvme) => {
+                        let name = key(&g, "grad");
+                        let acc = self.accumulate.clone();
+                        (
+                            Queue::Io,
+                            Box::new(move || {
+                                let target = match (&acc, micro) {
+                                    (_, 0) => slot.clone(),
+                                    (Some(acc), _) => {
+                                        shared.read(false, &name, acc)?;
+                                        // SAFETY: ordered after the read (this job) and the D2H copy.
+                                        let (src, dst) = unsafe {
+                                            (slot.f32s(unit_g.1), acc.f32s_mut(unit_g.1))
+                                        };
+                                        accumulate(dst, src, false);
+                                        acc.clone()
+                                    }
+                                    (None, _) => {
+                                        return Err(DeviceError::op(
+                                            "gradient intake",
+                                            "no accumulation buffer",
+                                        ))
+                                    }
+                                };
+                                if last {
+                                    // SAFETY: as above; no other job touches `target` now.
+                                    let sums = chunk_sums(unsafe { target.f32s(unit_g.1) });
+                                    shared.lock_partials()[unit_g.0].extend(sums);
+                                }
+                                shared.write(false, &name, &target, 4 * unit_g.1)
+                            }),
+                        )
+                    }
+                    (None, _) => return Err(missing("optimizer states")),
+                };
+            dev.wait(queue, &copied)?;
+            dev.submit_host(queue, "gradient intake", job)?;
+            if let Some(intake) = self.intake.as_mut() {
+                intake.released[s] = Some(dev.record(queue)?);
+            }
+        }
+        Ok(dev.record(Queue::D2h)?)
+    }
+
+    /// The squared gradient norm of this rank's shards (after every intake finished), summed in
+    /// the device's order: per unit in f64 over chunks, as f32 across units.
+    pub fn grad_norm_squared(&self, dev: &dyn Device) -> Result<f32, EngineError> {
+        dev.synchronize(Queue::Host)?;
+        dev.synchronize(Queue::Io)?;
+        let partials = self.shared.lock_partials();
+        Ok(partials
+            .iter()
+            .map(|p| p.iter().sum::<f64>() as f32)
+            .fold(0.0f32, |acc, s| acc + s))
+    }
+
+    // --- the optimizer ----------------------------------------------------------------------------
+
+    /// Enqueues the host optimizer over every sub-group in order (the next forward's order):
+    /// NVMe reads one set ahead, AdamW on the host queue, write-back and the updated compute
+    /// weights to their tier. `hyper(decay)` gives the step's hyperparameters; `segments` the
+    /// units' decay segments; `device_params(unit)` the device shard to refresh, if any.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        dev: &dyn Device,
+        shards: &[Shard],
+        segments: &[Vec<AdamSegment>],
+        hyper: &dyn Fn(bool) -> AdamWHyper,
+        device_params: &dyn Fn(usize) -> Option<Buf>,
+    ) -> Result<(), EngineError> {
+        let n = self.groups.len();
+        let sets = self.opt_sets.len();
+        let mut read: Vec<Option<Event>> = (0..n).map(|_| None).collect();
+        for (k, done) in read.iter_mut().enumerate().take(sets.min(n)) {
+            *done = Some(self.read_set(dev, k)?);
+        }
+        for k in 0..n {
+            let g = self.groups[k];
+            let shard = &shards[g.unit];
+            let abs = shard.range().start + g.start;
+            let segs = clip_segments(&segments[g.unit], &(abs..abs + g.len));
+            let hypers: Vec<(AdamSegment, AdamWHyper)> =
+                segs.into_iter().map(|s| (s, hyper(s.decay))).collect();
+            if let Some(e) = read[k].take() {
+                dev.wait(Queue::Host, &e)?;
+            }
+            self.adamw(dev, k, hypers, device_params(g.unit))?;
+            if sets > 0 {
+                self.write_set(dev, k)?;
+                if k + sets < n {
+                    read[k + sets] = Some(self.read_set(dev, k + sets)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_of(&self, k: usize) -> Result<&HostStates, EngineError> {
+        match &self.states[k] {
+            Some(s) => Ok(s),
+            None => self
+                .opt_sets
+                .get(k % self.opt_sets.len().max(1))
+                .ok_or_else(|| missing("optimizer buffers")),
+        }
+    }
+
+    /// Enqueues the NVMe reads of sub-group `k`'s states; returns the event after them.
+    fn read_set(&self, dev: &dyn Device, k: usize) -> Result<Event, EngineError> {
+        let g = self.groups[k];
+        let set = self.set_of(k)?;
+        let mb = self.moment_bytes();
+        let bufs = [
+            (set.master.clone(), "master", 4),
+            (set.m.clone(), "m", mb),
+            (set.v.clone(), "v", mb),
+            (set.grad.clone(), "grad", 4),
+        ];
+        let shared = Arc::clone(&self.shared);
+        dev.submit_host(
+            Queue::Io,
+            "nvme read optimizer",
+            Box::new(move || {
+                for (mem, what, _) in &bufs {
+                    shared.read(false, &key(&g, what), mem)?;
+                }
+                Ok(())
+            }),
+        )?;
+        Ok(dev.record(Queue::Io)?)
+    }
+
+    fn write_set(&self, dev: &dyn Device, k: usize) -> Result<(), EngineError> {
+        let g = self.groups[k];
+        let set = self.set_of(k)?;
+        let mb = self.moment_bytes();
+        let bufs = [
+            (set.master.clone(), "master", 4),
+            (set.m.clone(), "m", mb),
+            (set.v.clone(), "v", mb),
+        ];
+        let shared = Arc::clone(&self.shared);
+        dev.wait(Queue::Io, &dev.record(Queue::Host)?)?;
+        dev.submit_host(
+            Queue::Io,
+            "nvme write optimizer",
+            Box::new(move || {
+                for (mem, what, bytes) in &bufs {
+                    shared.write(false, &key(&g, what), mem, bytes * g.len)?;
+                }
+                Ok(())
+            }),
+        )?;
+        Ok(())
+    }
+
+    fn moment_bytes(&self) -> usize {
+        match self.moments {
+            MomentsDtype::Fp32 => 4,
+            MomentsDtype::Bf16 => 2,
+        }
+    }
+
+    /// AdamW on sub-group `k` on the host queue, then its compute weights to their tier.
+    fn adamw(
+        &mut self,
+        dev: &dyn Device,
+        k: usize,
+        hypers: Vec<(AdamSegment, AdamWHyper)>,
+        device_params: Option<Buf>,
+    ) -> Result<(), EngineError> {
+        let g = self.groups[k];
+        let set = self.set_of(k)?;
+        let (master, m, v, grad) = (
+            set.master.clone(),
+            set.m.clone(),
+            set.v.clone(),
+            set.grad.clone(),
+        );
+        // The compute weights' destination: host memory in place, or a staging slot.
+        let (x, moments) = (self.x, self.moments);
+        let (target, slot) = match (&self.params[k], self.out.as_mut()) {
+            (Some(ParamHome::Host(mem)), _) => (mem.clone(), None),
+            (_, Some(out)) => {
+                let s = out.acquire(dev, Queue::Host)?;
+                (out.bufs[s].clone(), Some(s))
+            }
+            (_, None) => return Err(missing("staging for updated parameters")),
+        };
+        if let Some(e) = &self.param_written[k] {
+            // The previous fetch of these weights (host tier) read them before this rewrite.
+            dev.wait(Queue::Host, e)?;
+        }
+        dev.wait(Queue::Host, &dev.record(Queue::H2d)?)?;
+        let written = target.clone();
+        dev.submit_host(
+            Queue::Host,
+            "host adamw",
+            Box::new(move || {
+                // SAFETY: the host queue waited for the reads of this sub-group's states (NVMe),
+                // the intake of its gradient, and the last use of `target`; nothing else touches
+                // them until the events recorded after this job.
+                unsafe {
+                    let (p, gr) = (master.f32s_mut(g.len), grad.f32s(g.len));
+                    for (seg, h) in &hypers {
+                        let r = seg.offset..seg.offset + seg.len;
+                        crate::optim::adamw_update_any(
+                            &mut p[r.clone()],
+                            &gr[r.clone()],
+                            moments_view(&m, moments, r.clone()),
+                            moments_view(&v, moments, r),
+                            h,
+                        );
+                    }
+                    // fp32 compute weights on the host are the master weights themselves.
+                    if !target.same(&master) {
+                        write_compute_weights(&target, x, p);
+                    }
+                }
+                Ok(())
+            }),
+        )?;
+        let updated = dev.record(Queue::Host)?;
+        match (&self.params[k], slot) {
+            (Some(ParamHome::Host(_)), _) => self.param_written[k] = Some(updated),
+            (Some(ParamHome::Nvme), Some(s)) => {
+                let (shared, name, bytes) = (
+                    Arc::clone(&self.shared),
+                    key(&g, "param"),
+                    g.len * x.size_bytes(),
+                );
+                dev.wait(Queue::Io, &updated)?;
+                let mem = written.clone();
+                dev.submit_host(
+                    Queue::Io,
+                    "nvme write params",
+                    Box::new(move || shared.write(true, &name, &mem, bytes)),
+                )?;
+                let written = dev.record(Queue::Io)?;
+                if let Some(out) = self.out.as_mut() {
+                    out.released[s] = Some(dev.record(Queue::Io)?);
+                }
+                self.param_written[k] = Some(written);
+            }
+            (None, Some(s)) => {
+                let dst = device_params
+                    .ok_or_else(|| missing("device parameter shard"))?
+                    .slice(g.start, g.len)?;
+                dev.wait(Queue::H2d, &updated)?;
+                // SAFETY: the H2D queue waited for the optimizer's write of the slot; the slot is
+                // reused only after the event recorded just below.
+                unsafe {
+                    dev.copy_h2d(Queue::H2d, &dst, &written.bytes()[..g.len * x.size_bytes()])?
+                };
+                let copied = dev.record(Queue::H2d)?;
+                self.count_h2d(g.len * x.size_bytes());
+                if let Some(out) = self.out.as_mut() {
+                    out.released[s] = Some(dev.record(Queue::H2d)?);
+                }
+                self.param_written[k] = Some(copied);
+            }
+            _ => return Err(missing("a home for updated parameters")),
+        }
+        Ok(())
+    }
+
+    // --- whole states to and from the host ----------------------------------------------------
+
+    /// Writes the initial fp32 master weights of `unit` (this rank's shard, `part`), zero moments,
+    /// and its compute weights to their tiers; `device_params` receives them when on the device.
+    /// Waits for every write.
+    pub fn init_unit(
+        &mut self,
+        dev: &dyn Device,
+        unit: usize,
+        part: &[f32],
+        device_params: Option<&Buf>,
+    ) -> Result<(), EngineError> {
+        let xb = self.x.size_bytes();
+        for (k, g) in self.of(unit) {
+            let values = &part[g.start..g.start + g.len];
+            let set = self.set_of(k)?;
+            let (master, m, v) = (set.master.clone(), set.m.clone(), set.v.clone());
+            let mb = self.moment_bytes();
+            if self.plan_tiers.optimizer != Tier::Device {
+                // SAFETY: nothing else uses these buffers during initialisation (the queues are
+                // idle: every write below is waited for).
+                unsafe {
+                    master.f32s_mut(g.len).copy_from_slice(values);
+                    m.bytes_mut()[..mb * g.len].fill(0);
+                    v.bytes_mut()[..mb * g.len].fill(0);
+                }
+                if self.plan_tiers.optimizer == Tier::Nvme {
+                    for (mem, what, bytes) in [(&master, "master", 4), (&m, "m", mb), (&v, "v", mb)]
+                    {
+                        self.shared
+                            .write(false, &key(&g, what), mem, bytes * g.len)?;
+                    }
+                    // The gradient key exists from the start (read before its first intake).
+                    let grad = set.grad.clone();
+                    // SAFETY: as above.
+                    unsafe { grad.bytes_mut()[..4 * g.len].fill(0) };
+                    self.shared
+                        .write(false, &key(&g, "grad"), &grad, 4 * g.len)?;
+                }
+            }
+            match &self.params[k] {
+                Some(ParamHome::Host(mem)) if !mem.same(&master) => {
+                    // SAFETY: as above.
+                    unsafe { write_compute_weights(mem, self.x, values) };
+                }
+                Some(ParamHome::Host(_)) => {}
+                Some(ParamHome::Nvme) => {
+                    let stage = self.fetch.as_ref().ok_or_else(|| missing("fetch ring"))?;
+                    let mem = stage.bufs[0].clone();
+                    // SAFETY: as above.
+                    unsafe { write_compute_weights(&mem, self.x, values) };
+                    self.shared
+                        .write(true, &key(&g, "param"), &mem, xb * g.len)?;
+                }
+                None => {
+                    if let (Some(dst), Some(intake)) = (device_params, &self.intake) {
+                        let mem = intake.bufs[0].clone();
+                        // SAFETY: as above; the copy is waited for before the buffer is reused.
+                        unsafe {
+                            write_compute_weights(&mem, self.x, values);
+                            dev.copy_h2d(
+                                Queue::H2d,
+                                &dst.slice(g.start, g.len)?,
+                                &mem.bytes()[..xb * g.len],
+                            )?;
+                        }
+                        dev.synchronize(Queue::H2d)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This rank's fp32 master weights of `unit` (its shard), read from their tier. The queues
+    /// must be idle.
+    pub fn read_master(
+        &self,
+        dev: &dyn Device,
+        unit: usize,
+        shard_len: usize,
+    ) -> Result<Vec<f32>, EngineError> {
+        dev.synchronize(Queue::Host)?;
+        dev.synchronize(Queue::Io)?;
+        let mut out = vec![0.0f32; shard_len];
+        for (k, g) in self.of(unit) {
+            let set = self.set_of(k)?;
+            if self.plan_tiers.optimizer == Tier::Nvme {
+                self.shared.read(false, &key(&g, "master"), &set.master)?;
+            }
+            // SAFETY: the queues are idle (synchronized above), so nothing writes the buffer.
+            out[g.start..g.start + g.len].copy_from_slice(unsafe { set.master.f32s(g.len) });
+        }
+        Ok(out)
+    }
+}
+
+fn missing(what: &str) -> EngineError {
+    EngineError::Device(DeviceError::op(
+        "host tier",
+        format!("no {what} in this placement"),
+    ))
+}
+
+/// dst = src (copy) or dst += src.
+fn accumulate(dst: &mut [f32], src: &[f32], copy: bool) {
+    if copy {
+        dst.copy_from_slice(src);
+    } else {
+        crate::backend::cpu::add_into(dst, src);
+    }
+}
+
+/// The gradient norm's partial sums of `x`, chunk by chunk (as optim::sum_of_squares).
+fn chunk_sums(x: &[f32]) -> Vec<f64> {
+    x.chunks(NORM_CHUNK)
+        .map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
+        .collect()
+}
+
+/// Adam's moments of a sub-group in their storage type.
+///
+/// # Safety
+/// As [`HostMem::bytes_mut`].
+unsafe fn moments_view(
+    mem: &HostMem,
+    dtype: MomentsDtype,
+    r: Range<usize>,
+) -> crate::optim::Moments<'_> {
+    // SAFETY: per this function's contract.
+    unsafe {
+        match dtype {
+            MomentsDtype::Fp32 => crate::optim::Moments::F32(&mut mem.f32s_mut(r.end)[r]),
+            MomentsDtype::Bf16 => {
+                let all: &mut [half::bf16] =
+                    bytemuck::cast_slice_mut(&mut mem.bytes_mut()[..2 * r.end]);
+                crate::optim::Moments::Bf16(&mut all[r])
+            }
+        }
+    }
+}
+
+/// The compute weights (X) of fp32 `values` into `mem`.
+///
+/// # Safety
+/// As [`HostMem::bytes_mut`].
+unsafe fn write_compute_weights(mem: &HostMem, x: DType, values: &[f32]) {
+    use half::slice::HalfFloatSliceExt;
+    let n = values.len();
+    // SAFETY: per this function's contract.
+    let bytes = unsafe { mem.bytes_mut() };
+    match x {
+        DType::Bf16 => {
+            let dst: &mut [half::bf16] = bytemuck::cast_slice_mut(&mut bytes[..2 * n]);
+            dst.convert_from_f32_slice(values);
+        }
+        DType::F16 => {
+            let dst: &mut [half::f16] = bytemuck::cast_slice_mut(&mut bytes[..2 * n]);
+            dst.convert_from_f32_slice(values);
+        }
+        _ => {
+            let dst: &mut [f32] = bytemuck::cast_slice_mut(&mut bytes[..4 * n]);
+            if dst.as_ptr() != values.as_ptr() {
+                dst.copy_from_slice(values);
+            }
+        }
+    }
+}
