@@ -63,6 +63,8 @@ pub fn run(args: &PlanArgs) -> Result<PlanReport, PlanError> {
         args.deepspeed.as_deref().map(|p| (p, args.world_size)),
         &args.set,
     )?;
+    // "@tmp" is a directory made under $TMPDIR when the run starts: plan for $TMPDIR.
+    let config = config.with_temp_nvme_path(&std::env::temp_dir());
     let backend = crate::engine::resolve_backend(config.train.device);
     let mut caps = Capacities::of_this_machine(&config, backend);
     if let Some(d) = args.device_memory {

@@ -208,13 +208,13 @@ fn the_log_is_short_plain_and_counts_steps_like_the_metrics() {
         !stderr.contains("[optim]"),
         "config dump at info:\n{stderr}"
     );
-    let summary: Vec<&str> = stderr.lines().filter(|l| l.contains("stage 0")).collect();
+    let summary: Vec<&str> = stderr.lines().filter(|l| l.contains("GPT-2,")).collect();
     assert_eq!(summary.len(), 1, "{stderr}");
     for part in [
         "GPT-2, 0.02M params",
         "cpu, fp32",
         "1 rank",
-        "(data parallel): parameters on device, optimizer states and gradients on device",
+        "stage 3 (parameters, gradients and optimizer states sharded): parameters on nvme, optimizer states and gradients on nvme",
     ] {
         assert!(
             summary[0].contains(part),
@@ -283,7 +283,7 @@ fn threads_zero_shares_the_cores_among_local_ranks() {
     let expected = strata::threads::share_of_cores(cores, 2, 0);
     let summary = stderr
         .lines()
-        .find(|l| l.contains("[rank 0]") && l.contains("stage 0"))
+        .find(|l| l.contains("[rank 0]") && l.contains("GPT-2,"))
         .unwrap_or_else(|| panic!("no summary line from rank 0:\n{stderr}"));
     let threads = if expected == 1 {
         "1 thread |"

@@ -278,6 +278,13 @@ fn sizes_and_counts_beyond_their_max_name_the_key_at_once() {
                 "model.n_embd=8192",
                 "--set",
                 "model.n_head=64",
+                // Unpartitioned, all on the device (partitioned runs are checked by their plan).
+                "--set",
+                "zero.stage=0",
+                "--set",
+                "offload_param.device=\"none\"",
+                "--set",
+                "offload_optimizer.device=\"none\"",
             ],
             &["model.n_layer", "GiB of host memory", "(MemTotal)"],
         ),

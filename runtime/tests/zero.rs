@@ -31,6 +31,8 @@ fn train(dir: &Path, name: &str, world: usize, stage: u8, extra: &[&str]) -> Run
         "data.micro_batch_size=4".into(),
         format!("data.grad_accum_steps={accum}"),
         format!("zero.stage={stage}"),
+        "offload_param.device=\"none\"".into(),
+        "offload_optimizer.device=\"none\"".into(),
         // Units below 1000 elements (the final LayerNorm) stay whole at stage 3.
         "zero.param_persistence_threshold=1000".into(),
         "dist.timeout_s=60".into(),
@@ -218,6 +220,8 @@ fn stage_3_at_world_4_holds_a_fraction_of_stage_0s_memory_per_rank() {
                 "dist.timeout_s=120",
             ])
             .args(["--set", &format!("zero.stage={stage}")])
+            .args(["--set", "offload_param.device=\"none\""])
+            .args(["--set", "offload_optimizer.device=\"none\""])
             // One 28 MiB block gathered ahead of the one computing.
             .args(["--set", "zero.prefetch_bytes_max=\"32MiB\""])
             .output()

@@ -128,7 +128,8 @@ impl Queue {
             Queue::D2h => "d2h",
             Queue::Comm => "comm",
             Queue::Io => "io",
-            Queue::Host => "host",
+            // Not "host": the timeline's track of the main thread has that name.
+            Queue::Host => "optimizer",
         }
     }
 }

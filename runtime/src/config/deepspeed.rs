@@ -453,6 +453,11 @@ impl Mapper {
 
     fn zero(&mut self, v: &Value) -> Result<(), ConfigError> {
         let section = self.object(v, "zero_optimization")?;
+        // DeepSpeed's defaults for what the section leaves out: stage 0, nothing offloaded.
+        self.set("zero.stage", toml::Value::Integer(0), "zero_optimization");
+        for key in ["offload_param.device", "offload_optimizer.device"] {
+            self.set(key, toml::Value::String("none".into()), "zero_optimization");
+        }
         for (key, value) in section {
             let from = format!("zero_optimization.{key}");
             match key.as_str() {

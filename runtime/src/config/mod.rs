@@ -11,7 +11,7 @@ mod size;
 
 pub use offload::{
     AioBackend, AioSection, MomentsDtype, NvmePaths, OffloadDevice, OffloadOptimizerConfig,
-    OffloadParamConfig,
+    OffloadParamConfig, TEMP_NVME_PATH,
 };
 pub use overrides::apply_override;
 pub use size::{ByteSize, SizeOrAuto};
@@ -50,6 +50,14 @@ impl From<crate::inputs::InputError> for ConfigError {
     fn from(e: crate::inputs::InputError) -> Self {
         ConfigError::Input(e)
     }
+}
+
+/// `configs/tiny.toml`, the config of `strata train` without CONFIG.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../../configs/tiny.toml");
+
+fn embedded_default_table() -> toml::Table {
+    // Checked by a test: the file parses and validates.
+    toml::from_str(EMBEDDED_DEFAULT).unwrap_or_default()
 }
 
 /// The largest config file read (a config is a few hundred bytes; this bounds a mistaken path).
@@ -346,7 +354,7 @@ impl Config {
         overrides: &[String],
     ) -> Result<Config, ConfigError> {
         let (origin, mut table) = match path {
-            None => ("embedded default".to_string(), toml::Table::new()),
+            None => ("embedded default".to_string(), embedded_default_table()),
             Some(p) => {
                 let bytes = crate::inputs::read_bounded(p, CONFIG_FILE_BYTES_MAX, "a config file")?;
                 let text = String::from_utf8(bytes).map_err(|e| ConfigError::Syntax {
@@ -528,10 +536,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn embedded_default_matches_configs_tiny() {
-        let text = include_str!("../../../configs/tiny.toml");
-        let parsed = Config::from_toml_str(text).unwrap();
-        assert_eq!(parsed, Config::default());
+    fn embedded_default_is_configs_tiny_and_lists_every_key() {
+        let parsed = Config::from_toml_str(EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(Config::load(None, &[]).unwrap(), parsed);
+        // It differs from the library's default only in ZeRO-Infinity's keys.
+        let library = Config::default();
+        let mut expected = library.clone();
+        expected.zero.stage = 3;
+        expected.offload_param.device = OffloadDevice::Nvme;
+        expected.offload_optimizer.device = OffloadDevice::Nvme;
+        let tmp = Some(NvmePaths::One(TEMP_NVME_PATH.into()));
+        expected.offload_param.nvme_path = tmp.clone();
+        expected.offload_optimizer.nvme_path = tmp;
+        assert_eq!(parsed, expected);
+        // Every key of the library's config appears in the file (set, or commented out).
+        let table: toml::Table = toml::from_str(&library.to_toml()).unwrap();
+        for (section, keys) in &table {
+            let toml::Value::Table(keys) = keys else {
+                continue;
+            };
+            assert!(
+                EMBEDDED_DEFAULT.contains(&format!("[{section}]")),
+                "[{section}]"
+            );
+            for key in keys.keys() {
+                assert!(
+                    EMBEDDED_DEFAULT.contains(&format!("\n{key} ="))
+                        || EMBEDDED_DEFAULT.contains(&format!("# {key} =")),
+                    "{section}.{key} is not in configs/tiny.toml"
+                );
+            }
+        }
     }
 
     #[test]

@@ -41,12 +41,62 @@ pub enum NvmePaths {
     Many(Vec<PathBuf>),
 }
 
+/// The `nvme_path` that asks for a fresh directory under `$TMPDIR` (or /tmp), removed when the
+/// run ends (the embedded default's).
+pub const TEMP_NVME_PATH: &str = "@tmp";
+
 impl NvmePaths {
     pub fn paths(&self) -> Vec<PathBuf> {
         match self {
             NvmePaths::One(p) => vec![p.clone()],
             NvmePaths::Many(v) => v.clone(),
         }
+    }
+
+    /// Whether a path is [`TEMP_NVME_PATH`].
+    pub fn wants_temp(&self) -> bool {
+        self.paths().iter().any(|p| p.as_os_str() == TEMP_NVME_PATH)
+    }
+
+    /// The paths with [`TEMP_NVME_PATH`] replaced by `dir`.
+    pub fn with_temp(&self, dir: &std::path::Path) -> NvmePaths {
+        let swap = |p: &PathBuf| {
+            if p.as_os_str() == TEMP_NVME_PATH {
+                dir.to_path_buf()
+            } else {
+                p.clone()
+            }
+        };
+        match self {
+            NvmePaths::One(p) => NvmePaths::One(swap(p)),
+            NvmePaths::Many(v) => NvmePaths::Many(v.iter().map(swap).collect()),
+        }
+    }
+}
+
+impl super::Config {
+    /// The config with every [`TEMP_NVME_PATH`] replaced by `dir`.
+    pub fn with_temp_nvme_path(mut self, dir: &std::path::Path) -> super::Config {
+        for paths in [
+            &mut self.offload_param.nvme_path,
+            &mut self.offload_optimizer.nvme_path,
+        ] {
+            if let Some(p) = paths.as_mut() {
+                *p = p.with_temp(dir);
+            }
+        }
+        self
+    }
+
+    /// Whether an nvme_path asks for a temporary directory.
+    pub fn wants_temp_nvme_path(&self) -> bool {
+        [
+            &self.offload_param.nvme_path,
+            &self.offload_optimizer.nvme_path,
+        ]
+        .into_iter()
+        .flatten()
+        .any(NvmePaths::wants_temp)
     }
 }
 
@@ -196,7 +246,7 @@ pub fn validate(
         return Err(invalid(
             "offload_param.device",
             format!(
-                "\"{}\" needs zero.stage = 3 (parameters are partitioned only at stage 3; now {stage})",
+                "\"{}\" needs zero.stage = 3 (parameters are partitioned only at stage 3; now {stage}): set offload_param.device = \"none\" with a lower stage",
                 param.device.name()
             ),
         ));
@@ -205,7 +255,7 @@ pub fn validate(
         return Err(invalid(
             "offload_optimizer.device",
             format!(
-                "\"{}\" needs zero.stage >= 1 (optimizer states are partitioned from stage 1; now 0)",
+                "\"{}\" needs zero.stage >= 1 (optimizer states are partitioned from stage 1; now 0): set offload_optimizer.device = \"none\" at stage 0",
                 optim.device.name()
             ),
         ));

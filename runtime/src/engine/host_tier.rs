@@ -239,6 +239,8 @@ pub struct HostTier {
     /// Per sub-group: when its updated compute weights are in place (device, host or NVMe).
     pub param_written: Vec<Option<Event>>,
     shared: Arc<Shared>,
+    /// The swap files, removed if a signal ends the process (they are removed on close too).
+    _on_signal: Vec<crate::outputs::cleanup::Registration>,
     // Dropped last: every buffer above returns to it.
     _pool: HostPool,
 }
@@ -318,6 +320,13 @@ impl HostTier {
             io_timeout: timeout,
             counters: Counters::default(),
         });
+        crate::outputs::cleanup::install();
+        let on_signal = [&shared.param_store, &shared.optim_store]
+            .into_iter()
+            .flatten()
+            .flat_map(SwapStore::file_paths)
+            .map(|p| crate::outputs::cleanup::register(&p))
+            .collect();
         let groups = plan.sub_groups.clone();
         let mut unit_groups = vec![0..0; shards.len()];
         for (k, g) in groups.iter().enumerate() {
@@ -409,6 +418,7 @@ impl HostTier {
             param_written: (0..groups.len()).map(|_| None).collect(),
             groups,
             shared,
+            _on_signal: on_signal,
             _pool: pool,
         })
     }

@@ -107,6 +107,9 @@ pub struct Engine {
     placement: placement::PlacementPlan,
     /// States off the device, with their pool and swap stores (None: everything on the device).
     host: Option<host_tier::HostTier>,
+    /// The temporary directory of `nvme_path = "@tmp"` (after `host`: removed once the swap
+    /// files are closed).
+    _swap_dir: Option<TempSwapDir>,
     /// When each reduced-gradient target may be reused (its copies to the host are done), and
     /// the next one to use.
     reduce_released: Vec<Option<Event>>,
@@ -145,6 +148,15 @@ impl Engine {
             Arc::from(connect(&config.dist, backend == Backend::Cuda)?);
         crate::agree::check_ranks_agree(comm.as_ref(), &config)?;
         let (world, rank) = (comm.world_size(), comm.rank());
+        // nvme_path = "@tmp": this rank's own fresh directory, removed when the engine drops.
+        let swap_dir = config
+            .wants_temp_nvme_path()
+            .then(TempSwapDir::create)
+            .transpose()?;
+        let config = match &swap_dir {
+            Some(dir) => config.with_temp_nvme_path(&dir.path),
+            None => config,
+        };
         let laid = lay_out(&config, model.as_ref(), world, rank, precision)?;
         // The dry run (the same allocations on an arena that only counts) for each placement the
         // config allows, fastest first: the first that fits this machine is the plan.
@@ -204,6 +216,7 @@ impl Engine {
             reduce_next: 0,
             placement,
             host,
+            _swap_dir: swap_dir,
             lookahead,
             plans: Vec::new(),
             segments: units.iter().map(memory::adam_segments).collect(),
@@ -371,6 +384,46 @@ fn does_not_fit(e: DeviceError, ledger: &[(&'static str, usize)], config: &Confi
         human_bytes(available_bytes),
         advice.join(", ")
     ))
+}
+
+/// A fresh directory under `$TMPDIR` for swap files, removed (with anything left in it) on drop.
+struct TempSwapDir {
+    path: std::path::PathBuf,
+    _on_signal: crate::outputs::cleanup::Registration,
+}
+
+impl TempSwapDir {
+    fn create() -> Result<TempSwapDir, EngineError> {
+        let base = std::env::temp_dir();
+        let path = base.join(format!(
+            "strata-swap-{}-{:x}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        ));
+        std::fs::create_dir(&path).map_err(|e| EngineError::Setting {
+            key: "offload_param.nvme_path",
+            message: format!(
+                "\"{}\": cannot create {}: {e}",
+                config::TEMP_NVME_PATH,
+                path.display()
+            ),
+        })?;
+        crate::outputs::cleanup::install();
+        Ok(TempSwapDir {
+            _on_signal: crate::outputs::cleanup::register(&path),
+            path,
+        })
+    }
+}
+
+impl Drop for TempSwapDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!("cannot remove {}: {e}", self.path.display());
+        }
+    }
 }
 
 /// What the engine decides from the config and the model before it opens a device.

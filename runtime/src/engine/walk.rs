@@ -186,7 +186,8 @@ impl Engine {
                         .clone()
                         .ok_or_else(|| missing("whole parameters", unit))?,
                 });
-                if u.kind == UseKind::Forward {
+                // Gradients for backward uses only (an evaluation's head computes none).
+                if u.kind == UseKind::Forward || !train {
                     continue;
                 }
                 grads.push(match plan.use_grads[i][k] {

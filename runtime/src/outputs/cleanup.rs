@@ -41,7 +41,8 @@ impl Drop for Registration {
     }
 }
 
-/// Registers `path` for removal on a signal (no effect unless [`install`] was called).
+/// Registers `path` (a file, or a directory emptied of registered files) for removal on a
+/// signal (no effect unless [`install`] was called).
 pub fn register(path: &Path) -> Registration {
     let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
         return Registration(None);
@@ -61,11 +62,15 @@ pub fn register(path: &Path) -> Registration {
 }
 
 extern "C" fn on_signal(signal: libc::c_int) {
-    for entry in &PATHS {
-        let path = entry.load(Ordering::SeqCst);
-        if !path.is_null() {
-            // SAFETY: a NUL-terminated string from `register`, never freed; unlink is async-signal-safe.
-            unsafe { libc::unlink(path) };
+    // Files first, then directories (emptied by the first pass).
+    for remove in [libc::unlink, libc::rmdir] {
+        for entry in &PATHS {
+            let path = entry.load(Ordering::SeqCst);
+            if !path.is_null() {
+                // SAFETY: a NUL-terminated string from `register`, never freed; unlink and
+                // rmdir are async-signal-safe (each fails harmlessly on the other kind).
+                unsafe { remove(path) };
+            }
         }
     }
     // SAFETY: signal and raise are async-signal-safe; the default action then ends the process.
