@@ -49,13 +49,14 @@ pub const INSTANT_TARGET: &str = "strata::trace";
 pub const GPU_COMPUTE_TRACK: &str = "gpu compute";
 
 /// Tracks in the order they are shown; others follow.
-const TRACK_ORDER: [&str; 8] = [
+const TRACK_ORDER: [&str; 9] = [
     "host",
     "compute",
     "h2d",
     "d2h",
     "comm",
     "io",
+    "fetch",
     "optimizer",
     GPU_COMPUTE_TRACK,
 ];

@@ -266,7 +266,7 @@ fn one_rank_writes_the_file_it_is_given() {
     assert_eq!(t.processes, BTreeMap::from([(0, "rank 0".to_string())]));
     assert_eq!(t.named(0, "host", "step").count(), 2);
     for (track, op) in [
-        ("io", "nvme read params"),
+        ("fetch", "nvme read params"),
         ("io", "nvme read optimizer"),
         ("io", "nvme write optimizer"),
         ("optimizer", "host adamw"),

@@ -105,20 +105,24 @@ pub enum Queue {
     D2h,
     /// Collectives.
     Comm,
-    /// NVMe reads and writes (a host thread on both backends).
+    /// NVMe reads and writes of the optimizer's states (a host thread on both backends).
     Io,
     /// Host work ordered with the device's: the host optimizer (a host thread on both backends).
     Host,
+    /// NVMe reads of parameter shards ahead of their use (a host thread on both backends), apart
+    /// from `Io` so that a prefetch does not queue behind the optimizer's transfers.
+    Fetch,
 }
 
 impl Queue {
-    pub const ALL: [Queue; 6] = [
+    pub const ALL: [Queue; 7] = [
         Queue::Compute,
         Queue::H2d,
         Queue::D2h,
         Queue::Comm,
         Queue::Io,
         Queue::Host,
+        Queue::Fetch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -130,6 +134,7 @@ impl Queue {
             Queue::Io => "io",
             // Not "host": the timeline's track of the main thread has that name.
             Queue::Host => "optimizer",
+            Queue::Fetch => "fetch",
         }
     }
 }

@@ -156,51 +156,121 @@ impl Shared {
         mem: &HostMem,
         bytes: usize,
     ) -> Result<(), DeviceError> {
-        let mut buf = mem.take()?;
-        let restore = |buf| mem.put(buf);
-        if let Err(e) = buf.set_len(bytes) {
-            restore(buf);
-            return Err(DeviceError::op("offload write", e.to_string()));
-        }
-        let started = Instant::now();
-        let handle = self.store(params)?.write(key, buf);
-        let done = handle.and_then(|mut h| h.wait(self.io_timeout));
-        match done {
-            Ok(buf) => {
-                restore(buf);
-                let c = &self.counters;
-                Counters::add(&c.nvme_write_bytes, bytes as u64);
-                Counters::add(&c.nvme_write_ns, started.elapsed().as_nanos() as u64);
-                Ok(())
-            }
-            Err(e) => Err(DeviceError::op(
-                "offload write",
-                format!("{key}: {}", with_causes(&e)),
-            )),
-        }
+        self.write_all(params, &[(key.to_string(), mem, bytes)])
     }
 
     /// Reads `key` into `mem` and waits for it.
     fn read(&self, params: bool, key: &str, mem: &HostMem) -> Result<(), DeviceError> {
-        let buf = mem.take()?;
+        self.read_all(params, &[(key.to_string(), mem)])
+    }
+
+    /// Writes each `(key, mem, bytes)`: all submitted at once (they run side by side on the
+    /// drive), then all waited for.
+    fn write_all(
+        &self,
+        params: bool,
+        items: &[(String, &HostMem, usize)],
+    ) -> Result<(), DeviceError> {
+        let store = self.store(params)?;
         let started = Instant::now();
-        let done = self
-            .store(params)?
-            .read(key, buf)
-            .and_then(|mut h| h.wait(self.io_timeout));
-        match done {
-            Ok(buf) => {
-                let c = &self.counters;
-                Counters::add(&c.nvme_read_bytes, buf.len() as u64);
-                Counters::add(&c.nvme_read_ns, started.elapsed().as_nanos() as u64);
+        let mut failed = None;
+        let mut pending = Vec::with_capacity(items.len());
+        for (key, mem, bytes) in items {
+            let mut buf = match mem.take() {
+                Ok(buf) => buf,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            if let Err(e) = buf.set_len(*bytes) {
                 mem.put(buf);
-                Ok(())
+                failed = Some(DeviceError::op("offload write", format!("{key}: {e}")));
+                break;
             }
-            Err(e) => Err(DeviceError::op(
-                "offload read",
-                format!("{key}: {}", with_causes(&e)),
-            )),
+            match store.write(key, buf) {
+                Ok(handle) => pending.push((key, *mem, handle)),
+                Err(e) => {
+                    failed = Some(DeviceError::op(
+                        "offload write",
+                        format!("{key}: {}", with_causes(&e)),
+                    ));
+                    break;
+                }
+            }
         }
+        // Every submitted write is waited for, whatever failed: its buffer comes back.
+        let mut bytes = 0u64;
+        for (key, mem, mut handle) in pending {
+            match handle.wait(self.io_timeout) {
+                Ok(buf) => {
+                    bytes += buf.len() as u64;
+                    mem.put(buf);
+                }
+                Err(e) => {
+                    failed.get_or_insert(DeviceError::op(
+                        "offload write",
+                        format!("{key}: {}", with_causes(&e)),
+                    ));
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let c = &self.counters;
+        Counters::add(&c.nvme_write_bytes, bytes);
+        Counters::add(&c.nvme_write_ns, started.elapsed().as_nanos() as u64);
+        Ok(())
+    }
+
+    /// Reads each `(key, mem)`: all submitted at once, then all waited for.
+    fn read_all(&self, params: bool, items: &[(String, &HostMem)]) -> Result<(), DeviceError> {
+        let store = self.store(params)?;
+        let started = Instant::now();
+        let mut failed = None;
+        let mut pending = Vec::with_capacity(items.len());
+        for (key, mem) in items {
+            let buf = match mem.take() {
+                Ok(buf) => buf,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            match store.read(key, buf) {
+                Ok(handle) => pending.push((key, *mem, handle)),
+                Err(e) => {
+                    failed = Some(DeviceError::op(
+                        "offload read",
+                        format!("{key}: {}", with_causes(&e)),
+                    ));
+                    break;
+                }
+            }
+        }
+        let mut bytes = 0u64;
+        for (key, mem, mut handle) in pending {
+            match handle.wait(self.io_timeout) {
+                Ok(buf) => {
+                    bytes += buf.len() as u64;
+                    mem.put(buf);
+                }
+                Err(e) => {
+                    failed.get_or_insert(DeviceError::op(
+                        "offload read",
+                        format!("{key}: {}", with_causes(&e)),
+                    ));
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let c = &self.counters;
+        Counters::add(&c.nvme_read_bytes, bytes);
+        Counters::add(&c.nvme_read_ns, started.elapsed().as_nanos() as u64);
+        Ok(())
     }
 
     fn lock_partials(&self) -> std::sync::MutexGuard<'_, Vec<Vec<f64>>> {
@@ -226,8 +296,15 @@ pub struct HostTier {
     states: Vec<Option<HostStates>>,
     /// Per sub-group, with the parameters off the device.
     params: Vec<Option<ParamHome>>,
-    /// NVMe optimizer: sub-groups in flight (master, m, v, grad each).
+    /// NVMe optimizer: sub-groups in flight (master, m, v, grad each); the sub-group at
+    /// position j of `order` uses set j mod their number.
     opt_sets: Vec<HostStates>,
+    /// The order the optimizer steps the sub-groups: those of units whose compute weights stay
+    /// whole on the device first (the step waits for their gathers), then the others in the
+    /// forward's order, which the next step's forward follows as they are written.
+    order: Vec<usize>,
+    /// Per sub-group: its position in `order`.
+    position: Vec<usize>,
     /// With the optimizer off the device: reduced gradients on their way to it.
     intake: Option<Ring>,
     /// Updated compute weights on their way to the device or NVMe.
@@ -395,7 +472,15 @@ impl HostTier {
             && params
                 .iter()
                 .any(|p| !matches!(p, Some(ParamHome::Host(_))));
+        let mut order: Vec<usize> = (0..groups.len()).collect();
+        order.sort_by_key(|&k| gathered[groups[k].unit]);
+        let mut position = vec![0; groups.len()];
+        for (j, &k) in order.iter().enumerate() {
+            position[k] = j;
+        }
         Ok(HostTier {
+            order,
+            position,
             plan_tiers: tiers,
             x,
             moments,
@@ -466,7 +551,7 @@ impl HostTier {
         for (k, g) in self.of(unit) {
             let piece = slot.slice(g.start, g.len)?;
             if let Some(e) = &self.param_written[k] {
-                dev.wait(Queue::Io, e)?;
+                dev.wait(Queue::Fetch, e)?;
                 dev.wait(Queue::H2d, e)?;
             }
             match &self.params[k] {
@@ -479,18 +564,18 @@ impl HostTier {
                 }
                 Some(ParamHome::Nvme) => {
                     let fetch = self.fetch.as_mut().ok_or_else(|| missing("fetch ring"))?;
-                    let s = fetch.acquire(dev, Queue::Io)?;
+                    let s = fetch.acquire(dev, Queue::Fetch)?;
                     let (mem, shared, name) = (
                         fetch.bufs[s].clone(),
                         Arc::clone(&self.shared),
                         key(&g, "param"),
                     );
                     dev.submit_host(
-                        Queue::Io,
+                        Queue::Fetch,
                         "nvme read params",
                         Box::new(move || shared.read(true, &name, &mem)),
                     )?;
-                    dev.wait(Queue::H2d, &dev.record(Queue::Io)?)?;
+                    dev.wait(Queue::H2d, &dev.record(Queue::Fetch)?)?;
                     let mem = &fetch.bufs[s];
                     // SAFETY: the H2D queue waited for the read into this slot; the slot is
                     // reused only after the event recorded just below.
@@ -633,25 +718,27 @@ impl HostTier {
     ) -> Result<(), EngineError> {
         let n = self.groups.len();
         let sets = self.opt_sets.len();
+        let order = self.order.clone();
+        // read[j]: the reads of the sub-group at position j of the order.
         let mut read: Vec<Option<Event>> = (0..n).map(|_| None).collect();
-        for (k, done) in read.iter_mut().enumerate().take(sets.min(n)) {
-            *done = Some(self.read_set(dev, k)?);
+        for (j, done) in read.iter_mut().enumerate().take(sets.min(n)) {
+            *done = Some(self.read_set(dev, order[j])?);
         }
-        for k in 0..n {
+        for (j, &k) in order.iter().enumerate() {
             let g = self.groups[k];
             let shard = &shards[g.unit];
             let abs = shard.range().start + g.start;
             let segs = clip_segments(&segments[g.unit], &(abs..abs + g.len));
             let hypers: Vec<(AdamSegment, AdamWHyper)> =
                 segs.into_iter().map(|s| (s, hyper(s.decay))).collect();
-            if let Some(e) = read[k].take() {
+            if let Some(e) = read[j].take() {
                 dev.wait(Queue::Host, &e)?;
             }
             self.adamw(dev, k, hypers, device_params(g.unit))?;
             if sets > 0 {
                 self.write_set(dev, k)?;
-                if k + sets < n {
-                    read[k + sets] = Some(self.read_set(dev, k + sets)?);
+                if j + sets < n {
+                    read[j + sets] = Some(self.read_set(dev, order[j + sets])?);
                 }
             }
         }
@@ -663,7 +750,7 @@ impl HostTier {
             Some(s) => Ok(s),
             None => self
                 .opt_sets
-                .get(k % self.opt_sets.len().max(1))
+                .get(self.position[k] % self.opt_sets.len().max(1))
                 .ok_or_else(|| missing("optimizer buffers")),
         }
     }
@@ -684,10 +771,11 @@ impl HostTier {
             Queue::Io,
             "nvme read optimizer",
             Box::new(move || {
-                for (mem, what, _) in &bufs {
-                    shared.read(false, &key(&g, what), mem)?;
-                }
-                Ok(())
+                let items: Vec<(String, &HostMem)> = bufs
+                    .iter()
+                    .map(|(mem, what, _)| (key(&g, what), mem))
+                    .collect();
+                shared.read_all(false, &items)
             }),
         )?;
         Ok(dev.record(Queue::Io)?)
@@ -708,10 +796,11 @@ impl HostTier {
             Queue::Io,
             "nvme write optimizer",
             Box::new(move || {
-                for (mem, what, bytes) in &bufs {
-                    shared.write(false, &key(&g, what), mem, bytes * g.len)?;
-                }
-                Ok(())
+                let items: Vec<(String, &HostMem, usize)> = bufs
+                    .iter()
+                    .map(|(mem, what, bytes)| (key(&g, what), mem, bytes * g.len))
+                    .collect();
+                shared.write_all(false, &items)
             }),
         )?;
         Ok(())

@@ -207,6 +207,14 @@ pub fn allocate(
         shard_max(|p| p.params)
     };
     let offloaded_grads = tiers.optimizer != Tier::Device && grad_shard_max > 0;
+    // One rank: a unit's gradient buffer is its own shard (the host takes it from there), and a
+    // fetched shard is its own gather.
+    let one_rank = units.iter().all(|(s, _)| s.len == s.padded);
+    let scratch_len = match (one_rank, offloaded_grads) {
+        (true, true) => 0,
+        (true, false) => grad_shard_max,
+        (false, _) => grad_shard_max.max(param_shard_max),
+    };
     let buffers = StepBuffers {
         acts,
         dres: arena.alloc("activation gradient", x, sizes.act_len)?,
@@ -216,12 +224,8 @@ pub fn allocate(
         norm_partials: arena.alloc("gradient norm", DType::F32, NORM_PARTIALS_MAX)?,
         param_pool: pool("gathered params (pool)", x, sizes.param_pool_len)?,
         grad_pool: pool("gradient buffers (pool)", DType::F32, sizes.grad_pool_len)?,
-        reduce_scratch: pool(
-            "reduce-scatter scratch",
-            DType::F32,
-            grad_shard_max.max(param_shard_max),
-        )?,
-        reduce_targets: if offloaded_grads {
+        reduce_scratch: pool("reduce-scatter scratch", DType::F32, scratch_len)?,
+        reduce_targets: if offloaded_grads && !one_rank {
             (0..REDUCE_TARGETS)
                 .map(|_| arena.alloc("reduced gradients to the host", DType::F32, grad_shard_max))
                 .collect::<Result<_, _>>()?

@@ -155,6 +155,12 @@ impl Engine {
                             .as_mut()
                             .ok_or_else(|| missing("host tier", g.unit))?;
                         tier.fetch_params(dev, g.unit, &slot)?;
+                        if self.comm.world_size() == 1 {
+                            // The shard is the whole unit: fetched is gathered.
+                            gathered[next_gather] = Some(dev.record(Queue::H2d)?);
+                            next_gather += 1;
+                            continue;
+                        }
                         dev.wait(Queue::Comm, &dev.record(Queue::H2d)?)?;
                         let scratch = self
                             .bufs
@@ -265,6 +271,19 @@ impl Engine {
         let dev = Arc::clone(&self.dev);
         let dev = &*dev;
         let shard = self.states[unit].shard;
+        if self.comm.world_size() == 1 && self.states[unit].grads.is_none() {
+            // One rank: the gradient buffer is this rank's reduced shard; the host takes it
+            // from there, and the buffer is reused after that (the caller's event on the
+            // communication queue, which waits for the copy).
+            dev.wait(Queue::D2h, &dev.record(Queue::Compute)?)?;
+            let tier = self
+                .host
+                .as_mut()
+                .ok_or_else(|| missing("host tier", unit))?;
+            let done = tier.intake_grads(dev, unit, &full.slice(0, shard.len)?, micro, last)?;
+            dev.wait(Queue::Comm, &done)?;
+            return Ok(());
+        }
         let scratch = self
             .bufs
             .reduce_scratch

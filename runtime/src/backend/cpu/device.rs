@@ -86,7 +86,7 @@ fn host_memory(bytes: usize, budget: Option<usize>) -> Result<Memory> {
 /// The CPU backend.
 pub struct CpuDevice {
     // Queues first: dropping them drains their jobs while the arena's memory is still alive.
-    queues: [HostQueue; 6],
+    queues: [HostQueue; 7],
     pool: Arc<rayon::ThreadPool>,
     threads: usize,
     arena: Arena,
@@ -122,6 +122,7 @@ impl CpuDevice {
                 queue(Queue::Comm)?,
                 queue(Queue::Io)?,
                 queue(Queue::Host)?,
+                queue(Queue::Fetch)?,
             ],
             pool: Arc::new(pool),
             threads,
@@ -235,12 +236,16 @@ impl Device for CpuDevice {
     }
 
     fn submit_host(&self, queue: Queue, op: &'static str, job: HostJob) -> Result<()> {
-        ensure(matches!(queue, Queue::Io | Queue::Host), op, || {
-            format!(
-                "host jobs run on the io or host queue, not {}",
-                queue.name()
-            )
-        })?;
+        ensure(
+            matches!(queue, Queue::Io | Queue::Host | Queue::Fetch),
+            op,
+            || {
+                format!(
+                    "host jobs run on the io or host queue, not {}",
+                    queue.name()
+                )
+            },
+        )?;
         self.queue(queue).submit(op, job)
     }
 

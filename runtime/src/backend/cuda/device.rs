@@ -46,6 +46,7 @@ pub struct CudaOptions {
 pub struct CudaDevice {
     io: HostQueue,
     host: HostQueue,
+    fetch: HostQueue,
     registrar: Arc<CudaRegistrar>,
     gpu: GpuContext,
 }
@@ -96,7 +97,7 @@ fn stream(queue: Queue) -> Option<Stream> {
         Queue::H2d => Some(Stream::H2d),
         Queue::D2h => Some(Stream::D2h),
         Queue::Comm => Some(Stream::Comm),
-        Queue::Io | Queue::Host => None,
+        Queue::Io | Queue::Host | Queue::Fetch => None,
     }
 }
 
@@ -167,6 +168,7 @@ impl CudaDevice {
         Ok(CudaDevice {
             io: HostQueue::new(Queue::Io.name(), opts.stall_timeout)?,
             host: HostQueue::new(Queue::Host.name(), opts.stall_timeout)?,
+            fetch: HostQueue::new(Queue::Fetch.name(), opts.stall_timeout)?,
             registrar: Arc::new(CudaRegistrar {
                 ctx: gpu.cuda().clone(),
                 regions: std::sync::Mutex::new(Vec::new()),
@@ -181,10 +183,10 @@ impl CudaDevice {
     }
 
     fn host_queue(&self, queue: Queue) -> &HostQueue {
-        if queue == Queue::Host {
-            &self.host
-        } else {
-            &self.io
+        match queue {
+            Queue::Host => &self.host,
+            Queue::Fetch => &self.fetch,
+            _ => &self.io,
         }
     }
 }
