@@ -14,6 +14,7 @@ use std::time::Instant;
 use strata::backend::{Backend, Precision};
 use strata::config::Config;
 use strata::data::Loader;
+use strata::engine::Traffic;
 use strata::trace::Trace;
 use strata::Engine;
 use tracing_subscriber::layer::SubscriberExt;
@@ -133,7 +134,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .map(|_| engine.new_batch())
         .collect();
     let mut timed = Vec::new();
+    // What moved between the tiers during the timed steps.
+    let mut traffic_before = engine.traffic();
     for step in 0..args.warmup + args.steps {
+        if step == args.warmup {
+            traffic_before = engine.traffic();
+        }
         // The step on the host's track of a --trace timeline.
         let _step = tracing::trace_span!("step", step).entered();
         for b in batches.iter_mut() {
@@ -148,6 +154,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             timed.push(s);
         }
     }
+    let traffic = engine.traffic().since(&traffic_before);
     let profile = if args.profile {
         for b in batches.iter_mut() {
             loader.fill(b)?;
@@ -201,6 +208,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "peak_tflops": peak.as_ref().map(|(p, _)| *p),
         "peak_source": peak.as_ref().map(|(_, source)| source.clone()),
         "mfu": mfu,
+        "offload_param": engine.placement().tiers.params.name(),
+        "offload_optimizer": engine.placement().tiers.optimizer.name(),
+        "tier_bytes_per_rank": {
+            "device": engine.placement().device_bytes,
+            "host": engine.placement().host_bytes,
+            "nvme": engine.placement().nvme_bytes,
+        },
+        "nvme_read_bytes_per_step": traffic.offload.nvme_read_bytes / timed.len().max(1) as u64,
+        "nvme_write_bytes_per_step": traffic.offload.nvme_write_bytes / timed.len().max(1) as u64,
+        "nvme_read_gbps": Traffic::rate(traffic.offload.nvme_read_bytes, Some(traffic.offload.nvme_read_s)),
+        "nvme_write_gbps": Traffic::rate(traffic.offload.nvme_write_bytes, Some(traffic.offload.nvme_write_s)),
+        "h2d_gbps": Traffic::rate(traffic.offload.h2d_bytes, traffic.h2d_busy_s),
+        "d2h_gbps": Traffic::rate(traffic.offload.d2h_bytes, traffic.d2h_busy_s),
+        "compute_wait_fraction": traffic.compute_waited_s.map(|w| w / secs.max(1e-9)),
     });
     if let Some(t) = trace {
         let path = t.finish(engine.communicator())?;

@@ -120,7 +120,7 @@ pub fn run(args: &PlanArgs) -> Result<PlanReport, PlanError> {
         );
         match fits {
             Err(why) if Some(i) != chosen && i + 1 < plans.len() => {
-                text += &format!("does not fit: {tiers}: {}\n", describe(why));
+                text += &format!("does not fit: {tiers}: {}\n", describe(why, &config));
             }
             _ if chosen.is_some() && Some(i) != chosen => {}
             _ => {
@@ -128,7 +128,7 @@ pub fn run(args: &PlanArgs) -> Result<PlanReport, PlanError> {
                 text += &plan.table();
                 text += &match fits {
                     Ok(()) => "fits this machine\n".to_string(),
-                    Err(why) => format!("does not fit: {}\n", describe(why)),
+                    Err(why) => format!("does not fit: {}\n", describe(why, &config)),
                 };
             }
         }
@@ -139,11 +139,27 @@ pub fn run(args: &PlanArgs) -> Result<PlanReport, PlanError> {
     })
 }
 
-fn describe(why: &Misfit) -> String {
+fn describe(why: &Misfit, config: &Config) -> String {
     match why {
-        Misfit::Device { needed, available } => format!(
-            "device memory: the arena needs {needed} bytes, {available} are available (train.device_memory or --device-memory); lower data.micro_batch_size, set train.activation_checkpointing = true, zero.stage = 3, offload_*.device = \"cpu\" or \"nvme\", or use more ranks"
-        ),
+        Misfit::Device { needed, available } => {
+            let mut advice = vec![format!(
+                "lower data.micro_batch_size (now {})",
+                config.data.micro_batch_size
+            )];
+            if !config.train.activation_checkpointing {
+                advice.push("set train.activation_checkpointing = true".into());
+            }
+            if config.zero.stage < 3 {
+                advice.push("set zero.stage = 3".into());
+            }
+            advice
+                .push("move states off the device (offload_*.device = \"cpu\" or \"nvme\")".into());
+            advice.push("or use more ranks".into());
+            format!(
+                "device memory: the arena needs {needed} bytes, {available} are available (train.device_memory or --device-memory); {}",
+                advice.join(", ")
+            )
+        }
         Misfit::Other(message) => message.clone(),
     }
 }

@@ -47,39 +47,8 @@ pub struct CudaDevice {
     io: HostQueue,
     host: HostQueue,
     fetch: HostQueue,
-    registrar: Arc<CudaRegistrar>,
+    registrar: Arc<super::CudaRegistrar>,
     gpu: GpuContext,
-}
-
-/// Page-locks the engine's host buffers with `cuMemHostRegister` (the offload pool's hook).
-struct CudaRegistrar {
-    ctx: Arc<cudarc::driver::CudaContext>,
-    regions: std::sync::Mutex<Vec<super::PinnedRegion>>,
-}
-
-impl strata_offload::Registrar for CudaRegistrar {
-    fn name(&self) -> &str {
-        "cuMemHostRegister"
-    }
-
-    fn register(&self, ptr: *mut u8, len: usize) -> std::result::Result<(), String> {
-        // SAFETY: the pool calls this once per slab it owns, and `unregister` before it unmaps
-        // the slab; the region is dropped (unregistered) there.
-        let region = unsafe { super::PinnedRegion::register(&self.ctx, ptr, len) }
-            .map_err(|e| e.to_string())?;
-        self.regions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(region);
-        Ok(())
-    }
-
-    fn unregister(&self, ptr: *mut u8, _len: usize) {
-        self.regions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|r| r.as_ptr() != ptr);
-    }
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -169,10 +138,7 @@ impl CudaDevice {
             io: HostQueue::new(Queue::Io.name(), opts.stall_timeout)?,
             host: HostQueue::new(Queue::Host.name(), opts.stall_timeout)?,
             fetch: HostQueue::new(Queue::Fetch.name(), opts.stall_timeout)?,
-            registrar: Arc::new(CudaRegistrar {
-                ctx: gpu.cuda().clone(),
-                regions: std::sync::Mutex::new(Vec::new()),
-            }),
+            registrar: Arc::new(super::CudaRegistrar::new(gpu.cuda().clone())),
             gpu,
         })
     }

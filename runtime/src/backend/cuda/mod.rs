@@ -57,7 +57,7 @@ pub use device::{CudaDevice, CudaOptions};
 pub use error::{CudaError, Result};
 pub use gemm::{BatchStrides, Blas, GemmShape};
 pub use kernels::Kernels;
-pub use pinned::{AlignedHostBuffer, PinnedRegion};
+pub use pinned::{CudaRegistrar, PinnedRegion};
 pub use selftest::{
     bandwidth_selftest, kernel_selftest, pinned_bandwidth, run_kernel_checks, CheckResult,
 };

@@ -80,13 +80,6 @@ impl PinnedRegion {
     pub fn len_bytes(&self) -> usize {
         self.len_bytes
     }
-
-    /// Whether `bytes` lies entirely inside this region (so a copy of it runs as pinned DMA).
-    pub fn contains(&self, bytes: &[u8]) -> bool {
-        let start = bytes.as_ptr() as usize;
-        let base = self.ptr as usize;
-        start >= base && start + bytes.len() <= base + self.len_bytes
-    }
 }
 
 impl Drop for PinnedRegion {
@@ -107,60 +100,46 @@ impl Drop for PinnedRegion {
     }
 }
 
-/// A 4 KiB-aligned host buffer owned here (for the bandwidth self-test and tools; the engine
-/// uses the offload crate's pool). Zero-initialized.
-pub struct AlignedHostBuffer {
-    ptr: *mut u8,
-    len_bytes: usize,
+/// Page-locks host buffers with `cuMemHostRegister`: the offload pool's registrar hook, for
+/// the engine's host tier and the bandwidth self-test.
+pub struct CudaRegistrar {
+    ctx: std::sync::Arc<cudarc::driver::CudaContext>,
+    regions: std::sync::Mutex<Vec<PinnedRegion>>,
 }
 
-// SAFETY: a uniquely owned heap allocation, like Vec<u8>.
-unsafe impl Send for AlignedHostBuffer {}
-// SAFETY: shared access only yields &[u8].
-unsafe impl Sync for AlignedHostBuffer {}
-
-impl AlignedHostBuffer {
-    pub fn new(len_bytes: usize) -> Result<Self> {
-        let len_bytes = len_bytes.div_ceil(PINNED_ALIGN_BYTES).max(1) * PINNED_ALIGN_BYTES;
-        let layout = std::alloc::Layout::from_size_align(len_bytes, PINNED_ALIGN_BYTES)
-            .map_err(|e| CudaError::precondition("AlignedHostBuffer::new", e.to_string()))?;
-        // SAFETY: layout has non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(CudaError::precondition(
-                "AlignedHostBuffer::new",
-                format!("host allocation of {len_bytes} bytes failed"),
-            ));
+impl CudaRegistrar {
+    pub fn new(ctx: std::sync::Arc<cudarc::driver::CudaContext>) -> CudaRegistrar {
+        CudaRegistrar {
+            ctx,
+            regions: std::sync::Mutex::new(Vec::new()),
         }
-        Ok(AlignedHostBuffer { ptr, len_bytes })
-    }
-
-    pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is a live, initialized allocation of len_bytes owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len_bytes) }
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self guarantees exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len_bytes) }
-    }
-
-    pub fn len_bytes(&self) -> usize {
-        self.len_bytes
     }
 }
 
-impl Drop for AlignedHostBuffer {
-    fn drop(&mut self) {
-        // SAFETY: same layout as in `new`, which succeeded; freed exactly once.
-        unsafe {
-            let layout =
-                std::alloc::Layout::from_size_align_unchecked(self.len_bytes, PINNED_ALIGN_BYTES);
-            std::alloc::dealloc(self.ptr, layout);
-        }
+impl strata_offload::Registrar for CudaRegistrar {
+    fn name(&self) -> &str {
+        "cuMemHostRegister"
+    }
+
+    // The Registrar contract: the pool passes only slabs it owns and keeps mapped until
+    // `unregister`; this is not a general-purpose entry point.
+    #[allow(clippy::not_unsafe_ptr_arg_deref)]
+    fn register(&self, ptr: *mut u8, len: usize) -> std::result::Result<(), String> {
+        // SAFETY: the pool calls this once per slab it owns, and `unregister` before it unmaps
+        // the slab; the region is dropped (unregistered) there.
+        let region =
+            unsafe { PinnedRegion::register(&self.ctx, ptr, len) }.map_err(|e| e.to_string())?;
+        self.regions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(region);
+        Ok(())
+    }
+
+    fn unregister(&self, ptr: *mut u8, _len: usize) {
+        self.regions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|r| r.as_ptr() != ptr);
     }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::context::{GpuContext, Stream};
 use super::error::Result;
-use super::pinned::{AlignedHostBuffer, PinnedRegion};
+use super::pinned::CudaRegistrar;
 use super::{DType, Precision};
 use crate::backend::cpu;
 use crate::backend::Buf;
@@ -579,14 +579,23 @@ fn fp32_check(name: &str, got: &[f32], want: &[f32], tolerance: f32) -> CheckRes
 }
 
 /// Pinned host↔device bandwidth in GB/s (h2d, d2h), each the best of `reps` copies of
-/// `bytes` between a registered 4 KiB-aligned host buffer and the arena.
+/// `bytes` between a buffer of the offload crate's host pool (registered with
+/// `cuMemHostRegister`, as the engine's host tier is) and the arena.
 pub fn pinned_bandwidth(gpu: &GpuContext, bytes: usize, reps: usize) -> Result<(f64, f64)> {
+    let fail = |e: strata_offload::OffloadError| {
+        super::CudaError::precondition("pinned_bandwidth", e.to_string())
+    };
+    let len = bytes.div_ceil(4096).max(1) * 4096;
+    let pool = strata_offload::HostPool::new(strata_offload::PoolConfig {
+        bytes_total: len,
+        slab_bytes_max: len,
+        ..strata_offload::PoolConfig::default()
+    })
+    .map_err(fail)?;
+    pool.add_registrar(std::sync::Arc::new(CudaRegistrar::new(gpu.cuda().clone())))
+        .map_err(fail)?;
+    let mut host = pool.alloc(len).map_err(fail)?;
     let mark = gpu.arena().mark();
-    let mut host = AlignedHostBuffer::new(bytes)?;
-    let len = host.len_bytes();
-    // SAFETY: `host` is a live 4 KiB-aligned allocation of `len` bytes that outlives `region`
-    // (region is dropped first, at the end of this function, in reverse declaration order).
-    let region = unsafe { PinnedRegion::register(gpu.cuda(), host.as_mut_ptr(), len)? };
     let dev = gpu.arena().alloc("bandwidth test", DType::I32, len / 4)?;
     let time = |f: &dyn Fn() -> Result<()>, queue: Stream| -> Result<f64> {
         let mut best = f64::INFINITY;
@@ -599,7 +608,6 @@ pub fn pinned_bandwidth(gpu: &GpuContext, bytes: usize, reps: usize) -> Result<(
         Ok(len as f64 / best / 1e9)
     };
     let src = host.as_slice();
-    debug_assert!(region.contains(src));
     // SAFETY: `src` stays alive and unmodified until the H2D queue is synchronized in `time`.
     let h2d = time(
         &|| unsafe { gpu.copy_h2d(Stream::H2d, &dev, src) },
@@ -618,7 +626,6 @@ pub fn pinned_bandwidth(gpu: &GpuContext, bytes: usize, reps: usize) -> Result<(
         },
         Stream::D2h,
     )?;
-    drop(region);
     drop(host);
     gpu.arena().reset_to(mark)?;
     Ok((h2d, d2h))
