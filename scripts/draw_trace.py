@@ -17,10 +17,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-TRACK_ORDER = ["host", "compute", "h2d", "d2h", "comm", "io", "gpu compute"]
+TRACK_ORDER = ["host", "compute", "h2d", "d2h", "comm", "fetch", "io", "optimizer", "gpu compute"]
 KINDS = [  # (label, colour, test on the slice name)
     ("wait for an event", "#d9d9d9", lambda n: n == "wait for event"),
-    ("optimizer", "#9467bd", lambda n: n in ("adamw", "grad_norm_squared")),
+    ("optimizer", "#9467bd", lambda n: n in ("adamw", "grad_norm_squared", "host adamw", "gradient intake")),
+    ("NVMe", "#17becf", lambda n: n.startswith("nvme")),
     ("backward", "#d62728", lambda n: "backward" in n),
     ("forward", "#1f77b4", lambda n: "forward" in n),
     ("copy / memset", "#2ca02c", lambda n: n.startswith("copy") or n == "memset"),

@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod doctor;
 pub mod engine;
+pub mod export;
 pub mod inputs;
 pub mod model;
 pub mod optim;

@@ -39,6 +39,10 @@ enum Command {
         /// bf16/fp16, aio) applied over CONFIG, before --set.
         #[arg(long, value_name = "DS_CONFIG_JSON")]
         deepspeed: Option<PathBuf>,
+        /// Continue from a checkpoint: `latest` (the newest in train.checkpoint_dir) or its
+        /// directory; a shortcut for --set train.resume=….
+        #[arg(long, value_name = "latest|DIR")]
+        resume: Option<String>,
         /// Print the effective config and exit.
         #[arg(long)]
         print_config: bool,
@@ -53,6 +57,9 @@ enum Command {
     /// Print the placement plan of a config (state class × tier, bytes per rank, buffers) and check
     /// it against this machine or the capacities given; exits 1 when nothing fits.
     Plan(strata::plan::PlanArgs),
+    /// Write a checkpoint's weights as one safetensors file with Hugging Face GPT-2 names (and a
+    /// config.json beside it), unit by unit.
+    Export(strata::export::ExportArgs),
     /// Tokenize a text file into the llm.c token format.
     Prepare {
         input: PathBuf,
@@ -125,10 +132,15 @@ fn colour_wanted() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-fn run(cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
+fn run(mut cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
     if let Command::Train { nproc: Some(n), .. } = &cli.command {
         strata_collectives::launch::check_nproc("--nproc", *n)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    if let Command::Train { resume, set, .. } = &mut cli.command {
+        if let Some(which) = resume.take() {
+            set.push(format!("train.resume={}", toml::Value::String(which)));
+        }
     }
     match cli.command {
         Command::Train {
@@ -139,6 +151,7 @@ fn run(cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
             nproc: Some(n),
             trace: trace_path,
             deepspeed,
+            resume: _,
         } if relaunches(Some(n)) => relaunch(
             n,
             Relaunch {
@@ -158,6 +171,7 @@ fn run(cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
             nproc: _,
             trace: _,
             deepspeed,
+            resume: _,
         } => {
             let mut overrides = set;
             if let Some(n) = steps {
@@ -194,6 +208,11 @@ fn run(cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Launch(args) => Ok(strata_collectives::launch::run(args)?),
+        Command::Export(args) => {
+            let report = strata::export::run(&args)?;
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plan(args) => {
             let report = strata::plan::run(&args)?;
             print!("{}", report.text);

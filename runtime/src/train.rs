@@ -33,6 +33,8 @@ pub enum TrainError {
     TensorBoard(#[from] TensorBoardError),
     #[error(transparent)]
     Trace(#[from] TraceError),
+    #[error("stopped by a signal after step {step}; {saved}")]
+    Interrupted { step: usize, saved: String },
 }
 
 impl From<crate::outputs::OutputError> for TrainError {
@@ -80,6 +82,13 @@ pub struct Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.steps == 0 {
+            return write!(
+                f,
+                "done: 0 steps, {} params: the run was already at train.steps",
+                self.params
+            );
+        }
         write!(
             f,
             "done: {} steps, {} params, loss {:.4} -> {:.4} (mean of last 10), ",
@@ -113,7 +122,7 @@ struct MetricsLine {
 }
 
 /// The TensorBoard scalars of a step: a new scalar is one line here.
-fn scalars(s: &StepStats, val_loss: Option<f32>) -> Vec<(&'static str, f32)> {
+fn scalars(s: &StepStats, val_loss: Option<f32>, io: &IoScalars) -> Vec<(&'static str, f32)> {
     let mut out = vec![
         ("train/loss", s.loss),
         ("train/lr", s.lr),
@@ -123,7 +132,46 @@ fn scalars(s: &StepStats, val_loss: Option<f32>) -> Vec<(&'static str, f32)> {
         ("perf/step_ms", s.step_ms as f32),
     ];
     out.extend(val_loss.map(|v| ("val/loss", v)));
+    out.extend(io.values());
     out
+}
+
+/// Rank 0's bytes per tier and what moved in one step, as TensorBoard scalars.
+struct IoScalars {
+    tiers: [f32; 3],
+    step: crate::engine::Traffic,
+    step_s: f64,
+}
+
+impl IoScalars {
+    fn values(&self) -> Vec<(&'static str, f32)> {
+        let t = &self.step;
+        let o = &t.offload;
+        let rate =
+            |b: u64, s: Option<f64>| crate::engine::Traffic::rate(b, s).unwrap_or(0.0) as f32;
+        let mut out = vec![
+            ("tiers/device_bytes", self.tiers[0]),
+            ("tiers/host_bytes", self.tiers[1]),
+            ("tiers/nvme_bytes", self.tiers[2]),
+            (
+                "io/nvme_read_gbps",
+                rate(o.nvme_read_bytes, Some(o.nvme_read_s)),
+            ),
+            (
+                "io/nvme_write_gbps",
+                rate(o.nvme_write_bytes, Some(o.nvme_write_s)),
+            ),
+            ("io/h2d_gbps", rate(o.h2d_bytes, t.h2d_busy_s)),
+            ("io/d2h_gbps", rate(o.d2h_bytes, t.d2h_busy_s)),
+        ];
+        if let Some(w) = t.compute_waited_s {
+            out.push((
+                "perf/compute_wait_fraction",
+                (w / self.step_s.max(1e-9)) as f32,
+            ));
+        }
+        out
+    }
 }
 
 impl MetricsLine {
@@ -200,6 +248,20 @@ impl Reporter {
     fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+        }
+    }
+}
+
+/// Removes all but the newest `keep` checkpoints under `root` (0 keeps all); a failure is a
+/// warning (the run's own checkpoint is written).
+fn prune_checkpoints(root: &std::path::Path, keep: usize) {
+    if keep == 0 {
+        return;
+    }
+    let all = crate::engine::checkpoint::list(root);
+    for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+        if let Err(e) = std::fs::remove_dir_all(old) {
+            tracing::warn!("cannot remove the old checkpoint {}: {e}", old.display());
         }
     }
 }
@@ -437,6 +499,46 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
     }
     let steps = config.train.steps;
     let (log_every, eval_every) = (config.train.log_every, config.train.eval_every);
+    // Micro-batches all ranks have read; a resumed run continues from the checkpoint's.
+    let per_step = (d.grad_accum_steps * world) as u64;
+    let mut consumed = 0u64;
+    let mut first_step = 1;
+    if let Some(which) = &config.train.resume {
+        let dir =
+            crate::engine::checkpoint::resolve(which, config.train.checkpoint_dir.as_deref())?;
+        let manifest = engine.load_checkpoint(&dir)?;
+        consumed = manifest.micro_batches;
+        loader.seek(consumed + rank as u64);
+        first_step = manifest.step + 1;
+        if lead {
+            tracing::info!(
+                "resumed from {} (step {}, saved by {} rank{} at stage {})",
+                dir.display(),
+                manifest.step,
+                manifest.world_size,
+                if manifest.world_size == 1 { "" } else { "s" },
+                manifest.zero_stage
+            );
+        }
+    }
+    let checkpoints = config.train.checkpoint_dir.clone();
+    if checkpoints.is_some() {
+        // A signal now saves a checkpoint and ends the run (a second one ends it at once).
+        crate::outputs::cleanup::stop_gracefully();
+    }
+    let save = |engine: &Engine, consumed: u64| -> Result<Option<std::path::PathBuf>, TrainError> {
+        let Some(root) = &checkpoints else {
+            return Ok(None);
+        };
+        let dir = tracing::trace_span!("checkpoint")
+            .in_scope(|| engine.save_checkpoint(root, consumed))?;
+        if lead {
+            tracing::info!("checkpoint written to {}", dir.display());
+            prune_checkpoints(root, config.train.keep_last);
+        }
+        Ok(Some(dir))
+    };
+    let mut saved_at = None;
     let mut batches: Vec<_> = (0..d.grad_accum_steps)
         .map(|_| engine.new_batch())
         .collect();
@@ -446,7 +548,8 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
     let mut metrics_failure = None;
     // What moved between the tiers from the end of step 1 (its first reads are cold).
     let mut traffic_after_1 = engine.traffic();
-    for step in 1..=steps {
+    let mut traffic_last = traffic_after_1;
+    for step in first_step..=steps {
         let _step = tracing::trace_span!("step", step).entered();
         tracing::trace_span!("data")
             .in_scope(|| batches.iter_mut().try_for_each(|b| loader.fill(b)))?;
@@ -460,7 +563,19 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
         };
         let _report = tracing::trace_span!("report").entered();
         if let Some(w) = tensorboard.as_mut() {
-            w.add(step as u64, &scalars(&stats, val_loss))?;
+            let now = engine.traffic();
+            let p = engine.placement();
+            let io = IoScalars {
+                tiers: [
+                    p.device_bytes as f32,
+                    p.host_bytes as f32,
+                    p.nvme_bytes as f32,
+                ],
+                step: now.since(&traffic_last),
+                step_s: stats.step_ms / 1e3,
+            };
+            traffic_last = now;
+            w.add(step as u64, &scalars(&stats, val_loss, &io))?;
         }
         if let Some(m) = metrics.as_mut() {
             let line =
@@ -480,20 +595,44 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
         }
         reporter.tick(&stats);
         history.push(stats);
+        consumed += per_step;
         if step == 1 {
             traffic_after_1 = engine.traffic();
         }
-        // Rank 0 alone writes metrics: every rank learns whether it failed, and all stop together.
-        let mut stop = [f32::from(u8::from(metrics_failure.is_some()))];
+        let every = config.train.checkpoint_every;
+        if every > 0 && step % every == 0 && step < steps {
+            save(&engine, consumed)?;
+            saved_at = Some(step);
+        }
+        // Rank 0 alone writes metrics, and each rank sees its own signals: every rank learns
+        // whether any must stop, and all stop together.
+        let signalled = crate::outputs::cleanup::stop_requested();
+        let mut stop = [
+            f32::from(u8::from(metrics_failure.is_some())) + 2.0 * f32::from(u8::from(signalled))
+        ];
         if world > 1 {
             engine
                 .communicator()
                 .all_reduce(&mut stop)
                 .map_err(EngineError::from)?;
         }
+        if stop[0] >= 2.0 && metrics_failure.is_none() {
+            let saved = match save(&engine, consumed)? {
+                Some(dir) => format!(
+                    "checkpoint written to {} (resume with --resume latest)",
+                    dir.display()
+                ),
+                None => "train.checkpoint_dir is not set, so nothing was saved".into(),
+            };
+            return Err(TrainError::Interrupted { step, saved });
+        }
         if stop[0] > 0.0 {
             break;
         }
+    }
+    // The final checkpoint (unless the last step was just saved).
+    if history.last().is_some_and(|s| saved_at != Some(s.step + 1)) {
+        save(&engine, consumed)?;
     }
     reporter.finish();
     // Every rank takes part in the export (shards are gathered); rank 0 checked its path and writes.

@@ -151,7 +151,7 @@ fn to_f32(view: &TensorView, path: &Path, name: &str) -> Result<Vec<f32>, Weight
     })
 }
 
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; data.len()];
     for r in 0..rows {
         for c in 0..cols {

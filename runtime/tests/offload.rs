@@ -285,6 +285,14 @@ fn bf16_moments_train_within_2e_3_of_fp32_moments() {
         .fold(0.0f64, f64::max);
     println!("largest loss difference over 100 steps: {diff:.3e}");
     assert!(diff <= 2e-3, "bf16 moments drift {diff} from fp32 moments");
-    assert!(diff > 0.0, "bf16 moments gave the fp32 run exactly: not used?");
-    assert!(bf16[99] < bf16[0] - 2.0, "the loss falls: {} -> {}", bf16[0], bf16[99]);
+    assert!(
+        diff > 0.0,
+        "bf16 moments gave the fp32 run exactly: not used?"
+    );
+    assert!(
+        bf16[99] < bf16[0] - 2.0,
+        "the loss falls: {} -> {}",
+        bf16[0],
+        bf16[99]
+    );
 }

@@ -239,7 +239,38 @@ fn rank_0_writes_one_event_file_of_the_runs_scalars() {
                 )
             })
             .collect();
-        assert_eq!(event.scalars, expected, "step {}", event.step);
+        // Rank 0's tiers and I/O: every step, beside the metrics' scalars.
+        let (metrics_part, io): (BTreeMap<String, f32>, BTreeMap<String, f32>) = event
+            .scalars
+            .clone()
+            .into_iter()
+            .partition(|(k, _)| expected.contains_key(k));
+        assert_eq!(metrics_part, expected, "step {}", event.step);
+        let io_keys: Vec<&str> = io.keys().map(String::as_str).collect();
+        assert_eq!(
+            io_keys,
+            [
+                "io/d2h_gbps",
+                "io/h2d_gbps",
+                "io/nvme_read_gbps",
+                "io/nvme_write_gbps",
+                "perf/compute_wait_fraction",
+                "tiers/device_bytes",
+                "tiers/host_bytes",
+                "tiers/nvme_bytes",
+            ],
+            "step {}",
+            event.step
+        );
+        // The embedded default keeps its states on NVMe: every step reads and writes there.
+        assert!(
+            io["tiers/nvme_bytes"] > 0.0 && io["io/nvme_read_gbps"] > 0.0,
+            "{io:?}"
+        );
+        assert!(
+            (0.0..=1.0).contains(&io["perf/compute_wait_fraction"]),
+            "{io:?}"
+        );
     }
 }
 

@@ -303,3 +303,45 @@ fn an_unwritable_trace_path_is_an_error_that_names_it() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+/// Two ranks of the embedded default (ZeRO-3, parameters and optimizer states on NVMe): every
+/// queue's track is there for every rank — compute, host→device, device→host, communication,
+/// NVMe (optimizer states), parameter fetch, the host optimizer — with the operations that
+/// belong on it.
+#[test]
+fn two_offloaded_ranks_show_every_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trace = dir.path().join("offload.json");
+    train(
+        &[
+            "--nproc",
+            "2",
+            "--steps",
+            "2",
+            "--set",
+            "zero.param_persistence_threshold=0",
+            "--set",
+            "dist.backend=\"shm\"",
+        ],
+        &trace,
+    );
+    let t = Timeline::read(&trace);
+    for rank in 0..2 {
+        for (track, op) in [
+            ("compute", "matmul_forward"),
+            ("h2d", "copy_h2d"),
+            ("d2h", "copy_d2h"),
+            ("comm", "all_gather_in_place"),
+            ("comm", "reduce_scatter_add"),
+            ("fetch", "nvme read params"),
+            ("io", "nvme read optimizer"),
+            ("io", "nvme write optimizer"),
+            ("optimizer", "host adamw"),
+        ] {
+            assert!(
+                t.named(rank, track, op).count() > 0,
+                "rank {rank}: no {op} on {track}"
+            );
+        }
+    }
+}

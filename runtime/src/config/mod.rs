@@ -318,6 +318,17 @@ pub struct TrainConfig {
     /// Rank 0 writes TensorBoard scalars (loss, lr, grad norm, tokens/s, …) into an event file here.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensorboard_dir: Option<PathBuf>,
+    /// Sharded checkpoints go here (`step-NNNNNNNN/`): every `checkpoint_every` steps, at the
+    /// end, and when SIGINT or SIGTERM stops the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Steps between checkpoints (0: only at the end and on a signal).
+    pub checkpoint_every: usize,
+    /// Checkpoints kept (older ones are removed after a save); 0 keeps all.
+    pub keep_last: usize,
+    /// Continue from a checkpoint: `"latest"` (the newest under `checkpoint_dir`) or its directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -333,6 +344,10 @@ impl Default for TrainConfig {
             eval_every: 100,
             eval_batches: 20,
             metrics_file: None,
+            checkpoint_dir: None,
+            checkpoint_every: 0,
+            keep_last: 2,
+            resume: None,
             export_to: None,
             tensorboard_dir: None,
         }
@@ -493,6 +508,12 @@ impl Config {
                     "{:?}: the CPU backend computes in fp32 only; set train.precision = \"fp32\" or \"auto\"",
                     self.train.precision
                 ),
+            ));
+        }
+        if self.train.resume.as_deref() == Some("latest") && self.train.checkpoint_dir.is_none() {
+            return Err(invalid(
+                "train.resume",
+                "\"latest\" looks in train.checkpoint_dir, which is not set (or give the checkpoint's directory)",
             ));
         }
         if self.dist.timeout_s == 0 {

@@ -30,6 +30,9 @@ pub enum EngineError {
     /// The ranks were started with different configs (or code); names the keys and ranks.
     #[error("{0}")]
     RanksDisagree(String),
+    /// A checkpoint that cannot be written or read; names the file and what is wrong.
+    #[error("checkpoint {0}")]
+    Checkpoint(String),
     /// A setting the engine cannot honour; names the key.
     #[error("{key}: {message}")]
     Setting { key: &'static str, message: String },

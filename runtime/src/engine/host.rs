@@ -39,7 +39,9 @@ impl Engine {
             };
             match (&state.optim, self.host.as_mut()) {
                 (Some(o), _) => dev.upload(&o.master, part)?,
-                (None, Some(tier)) => tier.init_unit(dev, i, part, state.params_shard.as_ref())?,
+                (None, Some(tier)) => {
+                    tier.init_unit(dev, i, part, None, state.params_shard.as_ref())?
+                }
                 (None, None) => return Err(no_optimizer(i)),
             }
         }
@@ -166,7 +168,7 @@ impl Engine {
     }
 }
 
-fn no_optimizer(unit: usize) -> EngineError {
+pub(super) fn no_optimizer(unit: usize) -> EngineError {
     EngineError::Setting {
         key: "offload_optimizer.device",
         message: format!("unit {unit} has its optimizer states neither on the device nor off it"),

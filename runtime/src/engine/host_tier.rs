@@ -918,19 +918,21 @@ impl HostTier {
 
     // --- whole states to and from the host ----------------------------------------------------
 
-    /// Writes the initial fp32 master weights of `unit` (this rank's shard, `part`), zero moments,
-    /// and its compute weights to their tiers; `device_params` receives them when on the device.
-    /// Waits for every write.
+    /// Writes the fp32 master weights of `unit` (this rank's shard, `part`), Adam's moments
+    /// (`moments`, or zeros), and its compute weights to their tiers; `device_params` receives
+    /// them when on the device. The queues must be idle; waits for every write.
     pub fn init_unit(
         &mut self,
         dev: &dyn Device,
         unit: usize,
         part: &[f32],
+        moments: Option<(&[f32], &[f32])>,
         device_params: Option<&Buf>,
     ) -> Result<(), EngineError> {
         let xb = self.x.size_bytes();
         for (k, g) in self.of(unit) {
-            let values = &part[g.start..g.start + g.len];
+            let r = g.start..g.start + g.len;
+            let values = &part[r.clone()];
             let set = self.set_of(k)?;
             let (master, m, v) = (set.master.clone(), set.m.clone(), set.v.clone());
             let mb = self.moment_bytes();
@@ -939,8 +941,16 @@ impl HostTier {
                 // idle: every write below is waited for).
                 unsafe {
                     master.f32s_mut(g.len).copy_from_slice(values);
-                    m.bytes_mut()[..mb * g.len].fill(0);
-                    v.bytes_mut()[..mb * g.len].fill(0);
+                    match moments {
+                        Some((mv, vv)) => {
+                            write_moments(&m, self.moments, &mv[r.clone()]);
+                            write_moments(&v, self.moments, &vv[r]);
+                        }
+                        None => {
+                            m.bytes_mut()[..mb * g.len].fill(0);
+                            v.bytes_mut()[..mb * g.len].fill(0);
+                        }
+                    }
                 }
                 if self.plan_tiers.optimizer == Tier::Nvme {
                     for (mem, what, bytes) in [(&master, "master", 4), (&m, "m", mb), (&v, "v", mb)]
@@ -998,18 +1008,89 @@ impl HostTier {
         unit: usize,
         shard_len: usize,
     ) -> Result<Vec<f32>, EngineError> {
+        Ok(self.read_states(dev, unit, shard_len, false)?.master)
+    }
+
+    /// This rank's fp32 master weights of `unit` and, with `moments`, Adam's m and v (as f32),
+    /// read from their tier one sub-group at a time. The queues must be idle.
+    pub fn read_states(
+        &self,
+        dev: &dyn Device,
+        unit: usize,
+        shard_len: usize,
+        moments: bool,
+    ) -> Result<OptimStates, EngineError> {
         dev.synchronize(Queue::Host)?;
         dev.synchronize(Queue::Io)?;
-        let mut out = vec![0.0f32; shard_len];
+        let n = if moments { shard_len } else { 0 };
+        let (mut master, mut m, mut v) =
+            (vec![0.0f32; shard_len], vec![0.0f32; n], vec![0.0f32; n]);
         for (k, g) in self.of(unit) {
             let set = self.set_of(k)?;
             if self.plan_tiers.optimizer == Tier::Nvme {
-                self.shared.read(false, &key(&g, "master"), &set.master)?;
+                let mut items = vec![(key(&g, "master"), &set.master)];
+                if moments {
+                    items.extend([(key(&g, "m"), &set.m), (key(&g, "v"), &set.v)]);
+                }
+                self.shared.read_all(false, &items)?;
             }
-            // SAFETY: the queues are idle (synchronized above), so nothing writes the buffer.
-            out[g.start..g.start + g.len].copy_from_slice(unsafe { set.master.f32s(g.len) });
+            let r = g.start..g.start + g.len;
+            // SAFETY: the queues are idle (synchronized above), so nothing writes the buffers.
+            unsafe {
+                master[r.clone()].copy_from_slice(set.master.f32s(g.len));
+                if moments {
+                    read_moments(&set.m, self.moments, &mut m[r.clone()]);
+                    read_moments(&set.v, self.moments, &mut v[r]);
+                }
+            }
         }
-        Ok(out)
+        Ok(OptimStates { master, m, v })
+    }
+}
+
+/// One unit's optimizer states on the host: fp32 master weights, Adam's m and v (as f32).
+pub struct OptimStates {
+    pub master: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// Moments of a sub-group (their storage type) as f32 into `out`.
+///
+/// # Safety
+/// As [`HostMem::bytes_mut`]: nothing writes `mem` meanwhile.
+unsafe fn read_moments(mem: &HostMem, dtype: MomentsDtype, out: &mut [f32]) {
+    // SAFETY: per this function's contract.
+    unsafe {
+        match dtype {
+            MomentsDtype::Fp32 => out.copy_from_slice(mem.f32s(out.len())),
+            MomentsDtype::Bf16 => {
+                let all: &[half::bf16] = bytemuck::cast_slice(&mem.bytes()[..2 * out.len()]);
+                for (o, x) in out.iter_mut().zip(all) {
+                    *o = x.to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// f32 moments into a sub-group's storage (bf16: rounded to nearest; exact for values that came
+/// from bf16).
+///
+/// # Safety
+/// As [`HostMem::bytes_mut`].
+unsafe fn write_moments(mem: &HostMem, dtype: MomentsDtype, values: &[f32]) {
+    use half::slice::HalfFloatSliceExt;
+    // SAFETY: per this function's contract.
+    unsafe {
+        match dtype {
+            MomentsDtype::Fp32 => mem.f32s_mut(values.len()).copy_from_slice(values),
+            MomentsDtype::Bf16 => {
+                let dst: &mut [half::bf16] =
+                    bytemuck::cast_slice_mut(&mut mem.bytes_mut()[..2 * values.len()]);
+                dst.convert_from_f32_slice(values);
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! step. Each unit's states sit in one record, [`UnitState`], so partitioning and offload can
 //! replace its buffers by shards with a residency without the stage walk changing.
 
+pub mod checkpoint;
 mod error;
 mod host;
 mod host_mem;

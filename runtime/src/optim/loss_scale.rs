@@ -70,6 +70,19 @@ impl LossScaler {
         self.scale
     }
 
+    /// (scale, steps since it last changed): what a checkpoint keeps.
+    pub fn state(&self) -> (f32, u32) {
+        (self.scale, self.good_steps)
+    }
+
+    /// The state of [`LossScaler::state`] (a fixed scale stays as it is).
+    pub fn restore(&mut self, scale: f32, good_steps: u32) {
+        if self.dynamic {
+            self.scale = scale;
+            self.good_steps = good_steps;
+        }
+    }
+
     /// Decides the step from the squared global norm of the *scaled* gradients, clipping to
     /// `clip_norm` (≤ 0 disables clipping), and updates the scale.
     pub fn update(&mut self, grad_norm_squared_scaled: f32, clip_norm: f32) -> StepDecision {

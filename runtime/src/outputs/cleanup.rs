@@ -11,7 +11,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::Once;
 
 /// Paths registered at once at most; a path beyond is simply not cleaned up on a signal.
@@ -61,7 +61,31 @@ pub fn register(path: &Path) -> Registration {
     Registration(None)
 }
 
+/// Set when a signal asked a run that saves checkpoints to stop (see [`stop_gracefully`]).
+static STOP: AtomicBool = AtomicBool::new(false);
+/// Whether the first SIGINT/SIGTERM only asks the run to stop.
+static GRACEFUL: AtomicBool = AtomicBool::new(false);
+
+/// From now on the first SIGINT or SIGTERM only sets [`stop_requested`] (the run saves a
+/// checkpoint and ends); a second one ends the process at once, as before.
+pub fn stop_gracefully() {
+    install();
+    GRACEFUL.store(true, Ordering::SeqCst);
+}
+
+/// Whether a signal asked the run to stop.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
 extern "C" fn on_signal(signal: libc::c_int) {
+    // Atomics are async-signal-safe.
+    if signal != libc::SIGHUP
+        && GRACEFUL.load(Ordering::SeqCst)
+        && !STOP.swap(true, Ordering::SeqCst)
+    {
+        return;
+    }
     // Files first, then directories (emptied by the first pass).
     for remove in [libc::unlink, libc::rmdir] {
         for entry in &PATHS {

@@ -97,10 +97,8 @@ impl std::fmt::Debug for GpuContext {
 /// Number of CUDA devices, or an error that says why there are none (no driver, no device).
 pub fn device_count() -> Result<usize> {
     if !loader::driver_present() {
-        loader::require(CudaLibrary::Driver)?;
         return Err(CudaError::NoDriver {
-            hint: "libcuda.so.1 is not loadable by name; add its directory to LD_LIBRARY_PATH"
-                .into(),
+            hint: "libcuda.so.1 is not loadable by name: install the NVIDIA driver, add its directory to LD_LIBRARY_PATH, or run with device = \"cpu\"".into(),
         });
     }
     cudarc::driver::result::init().map_err(|e| CudaError::driver("cuInit", e))?;

@@ -221,6 +221,11 @@ pub fn nccl_hint() -> String {
 /// True when libcuda can be loaded, checked through cudarc's own loader so that a later
 /// `CudaContext::new` does not panic.
 pub fn driver_present() -> bool {
+    // The driver first, alone: without one no other CUDA library is loaded, so a run on the CPU
+    // does not map NVRTC or cuBLAS (tens of MiB of resident memory) just to find out.
+    if load(CudaLibrary::Driver).path.is_none() {
+        return false;
+    }
     let _ = load_all();
     // SAFETY: is_culib_present only tries dlopen on candidate names and drops the handles.
     unsafe { cudarc::driver::sys::is_culib_present() }

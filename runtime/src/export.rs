@@ -1,0 +1,201 @@
+//! `strata export CHECKPOINT -o model.safetensors [--dtype bf16|fp32]`: a checkpoint's weights
+//! as one safetensors file with Hugging Face GPT-2 tensor names, and a `config.json` beside it,
+//! so that `transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads it (and `model.init_from`
+//! reads it back). The file is written unit by unit: the header first (every tensor's shape is
+//! known from the model), then each unit's tensors as the checkpoint's rank files give them, so
+//! the host holds about one unit, not the model.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::engine::checkpoint::{self, CheckpointReader};
+use crate::engine::EngineError;
+use crate::model::gpt2::{Gpt2, Gpt2Shape};
+use crate::model::Model;
+
+/// Element type of the exported tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportDtype {
+    Fp32,
+    Bf16,
+}
+
+/// The arguments of `strata export`.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// A checkpoint (`step-NNNNNNNN`), or a checkpoint directory (its newest checkpoint).
+    pub checkpoint: PathBuf,
+    /// The safetensors file to write (config.json goes beside it).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[arg(long, value_enum, default_value_t = ExportDtype::Fp32)]
+    pub dtype: ExportDtype,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Output(Box<crate::outputs::OutputError>),
+}
+
+impl From<crate::outputs::OutputError> for ExportError {
+    fn from(e: crate::outputs::OutputError) -> Self {
+        ExportError::Output(Box::new(e))
+    }
+}
+
+/// Writes the export; returns a one-line report.
+pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
+    let dir = if args.checkpoint.join("manifest.json").is_file() {
+        args.checkpoint.clone()
+    } else {
+        checkpoint::list(&args.checkpoint)
+            .pop()
+            .map(|(_, p)| p)
+            .ok_or_else(|| {
+                EngineError::Checkpoint(format!(
+                    "{}: neither a checkpoint (manifest.json) nor a directory of checkpoints",
+                    args.checkpoint.display()
+                ))
+            })?
+    };
+    let manifest = checkpoint::read_manifest(&dir)?;
+    let reader = CheckpointReader::open(&dir, &manifest)?;
+    let model = Gpt2::new(Gpt2Shape::from_config(&manifest.model));
+    let units = model.units();
+    if units.len() != reader.units().len()
+        || units
+            .iter()
+            .zip(reader.units())
+            .any(|(u, e)| u.numel() != e.numel)
+    {
+        return Err(EngineError::Checkpoint(format!(
+            "{}: its units do not match GPT-2 of its own manifest",
+            dir.display()
+        ))
+        .into());
+    }
+    let (dtype, elem) = match args.dtype {
+        ExportDtype::Fp32 => ("F32", 4),
+        ExportDtype::Bf16 => ("BF16", 2),
+    };
+    // The header: every tensor, in unit order, contiguous.
+    let mut header = serde_json::Map::new();
+    let mut at = 0usize;
+    for spec in units.iter().flat_map(|u| &u.tensors) {
+        let shape = if spec.stored_transposed {
+            vec![spec.shape[1], spec.shape[0]]
+        } else {
+            spec.shape.clone()
+        };
+        let bytes = spec.numel() * elem;
+        header.insert(
+            spec.name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [at, at + bytes]}),
+        );
+        at += bytes;
+    }
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({"format": "pt", "strata_step": manifest.step.to_string()}),
+    );
+    let mut text =
+        serde_json::to_string(&header).map_err(|e| EngineError::Checkpoint(e.to_string()))?;
+    // Data starts 8-byte aligned.
+    while (8 + text.len()) % 8 != 0 {
+        text.push(' ');
+    }
+    // The output's directory is made, as `strata prepare` makes its own.
+    if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            EngineError::Checkpoint(format!(
+                "{}: cannot create the directory: {e}",
+                parent.display()
+            ))
+        })?;
+    }
+    let mut file = crate::outputs::AtomicFile::create(&args.output)?;
+    let target = args.output.clone();
+    let fail = |e: std::io::Error| EngineError::Checkpoint(format!("{}: {e}", target.display()));
+    {
+        let mut out = std::io::BufWriter::with_capacity(8 << 20, file.file());
+        out.write_all(&(text.len() as u64).to_le_bytes())
+            .map_err(fail)?;
+        out.write_all(text.as_bytes()).map_err(fail)?;
+        for (u, unit) in units.iter().enumerate() {
+            let master = reader.master(u)?;
+            for (spec, range) in unit.tensors.iter().zip(unit.ranges()) {
+                let values = &master[range.start..range.start + spec.numel()];
+                let values = if spec.stored_transposed {
+                    crate::weights::transpose(values, spec.shape[0], spec.shape[1])
+                } else {
+                    values.to_vec()
+                };
+                match args.dtype {
+                    ExportDtype::Fp32 => out.write_all(bytemuck::cast_slice(&values)),
+                    ExportDtype::Bf16 => {
+                        let b: Vec<half::bf16> =
+                            values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                        out.write_all(bytemuck::cast_slice(&b))
+                    }
+                }
+                .map_err(fail)?;
+            }
+        }
+        out.flush().map_err(fail)?;
+    }
+    file.commit()?;
+    let config = write_hf_config(&args.output, &manifest.model, args.dtype)?;
+    Ok(format!(
+        "wrote {} ({} tensors, {}, step {}) and {}",
+        args.output.display(),
+        units.iter().map(|u| u.tensors.len()).sum::<usize>(),
+        dtype,
+        manifest.step,
+        config.display()
+    ))
+}
+
+/// `config.json` for transformers' GPT2LMHeadModel beside `output`.
+fn write_hf_config(
+    output: &Path,
+    model: &crate::config::ModelConfig,
+    dtype: ExportDtype,
+) -> Result<PathBuf, ExportError> {
+    let path = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join("config.json");
+    let config = serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": model.vocab_size,
+        "n_positions": model.seq_len,
+        "n_ctx": model.seq_len,
+        "n_embd": model.n_embd,
+        "n_layer": model.n_layer,
+        "n_head": model.n_head,
+        "n_inner": serde_json::Value::Null,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": true,
+        // GPT-2's end-of-text token, or the vocabulary's last for a smaller one.
+        "bos_token_id": model.vocab_size.min(50257) - 1,
+        "eos_token_id": model.vocab_size.min(50257) - 1,
+        "torch_dtype": match dtype { ExportDtype::Fp32 => "float32", ExportDtype::Bf16 => "bfloat16" },
+    });
+    let mut file = crate::outputs::AtomicFile::create(&path)?;
+    let text = serde_json::to_string_pretty(&config)
+        .map_err(|e| EngineError::Checkpoint(e.to_string()))?;
+    file.file()
+        .write_all(text.as_bytes())
+        .map_err(|e| EngineError::Checkpoint(format!("{}: {e}", path.display())))?;
+    file.commit()?;
+    Ok(path)
+}
