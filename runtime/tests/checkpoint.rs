@@ -120,10 +120,17 @@ const LARGER: [&str; 6] = [
     "model.n_head=4",
 ];
 
-#[test]
-fn sigkill_in_the_middle_of_a_save_then_resume_latest_continues_bitwise() {
+/// SIGKILL to `strata train` (at 2 ranks the launcher: its ranks die with it) while a save is
+/// under way, then `--resume latest`.
+fn sigkill_mid_save(world: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (out, straight) = train(dir.path(), "straight", 8, &LARGER);
+    let nproc: Vec<String> = if world > 1 {
+        vec!["--nproc".into(), world.to_string()]
+    } else {
+        Vec::new()
+    };
+    let larger = [&LARGER[..], &refs(&nproc)].concat();
+    let (out, straight) = train(dir.path(), "straight", 8, &larger);
     ok(&out, "straight");
     let root = dir.path().join("ckpt");
     let metrics = dir.path().join("killed.jsonl");
@@ -132,7 +139,7 @@ fn sigkill_in_the_middle_of_a_save_then_resume_latest_continues_bitwise() {
         let _ = std::fs::remove_dir_all(&root);
         let mut child = strata()
             .args(["train", "--steps", "8"])
-            .args(LARGER)
+            .args(&larger)
             .args(checkpoint_args(&root, 1))
             .args([
                 "--set",
@@ -175,7 +182,7 @@ fn sigkill_in_the_middle_of_a_save_then_resume_latest_continues_bitwise() {
         "resumed",
         8,
         &[
-            &LARGER[..],
+            &larger[..],
             &[
                 "--set",
                 &format!("train.checkpoint_dir=\"{}\"", root.display()),
@@ -195,7 +202,17 @@ fn sigkill_in_the_middle_of_a_save_then_resume_latest_continues_bitwise() {
         .unwrap_or_else(|| panic!("no resume line:\n{stderr}"));
     assert_eq!(resumed.len(), 8 - from);
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&resumed), bits(&straight[from..]));
+    assert_eq!(bits(&resumed), bits(&straight[from..]), "world {world}");
+}
+
+#[test]
+fn sigkill_in_the_middle_of_a_save_then_resume_latest_continues_bitwise_at_one_rank() {
+    sigkill_mid_save(1);
+}
+
+#[test]
+fn sigkill_in_the_middle_of_a_save_then_resume_latest_continues_bitwise_at_two_ranks() {
+    sigkill_mid_save(2);
 }
 
 #[test]
