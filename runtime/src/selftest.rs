@@ -225,36 +225,53 @@ fn gpu_checks(report: &mut Report) {
 }
 
 /// ZeRO stage 3 at world 1 (every unit gathered before each use, gradients reduce-scattered,
-/// the optimizer on shards) against stage 0 on the same device: `steps` losses within `tol`
-/// (0: bitwise).
+/// the optimizer on shards) against stage 0 on the same device, with every state on the device,
+/// then with parameters and optimizer states on (pinned, on a GPU) host memory and on NVMe (a
+/// temporary directory): `steps` losses within `tol` (0: bitwise).
 fn zero_parity(report: &mut Report, config: &Config, steps: usize, tol: f32) {
-    let device = match config.train.device {
-        DeviceKind::Cuda => "gpu",
-        _ => "cpu",
-    };
-    let name = format!("{device}/zero stage 3 vs stage 0, {steps} steps max |dloss|");
-    let run = |stage: u8| -> Result<Vec<f32>, Box<dyn std::error::Error>> {
+    use crate::config::{NvmePaths, OffloadDevice, TEMP_NVME_PATH};
+    let gpu = config.train.device == DeviceKind::Cuda;
+    let device = if gpu { "gpu" } else { "cpu" };
+    let run = |stage: u8, tier: OffloadDevice| -> Result<Vec<f32>, Box<dyn std::error::Error>> {
         let mut c = config.clone();
         c.zero.stage = stage;
         c.zero.param_persistence_threshold = 0;
+        c.offload_param.device = tier;
+        c.offload_optimizer.device = tier;
+        let tmp = Some(NvmePaths::One(TEMP_NVME_PATH.into()));
+        c.offload_param.nvme_path = tmp.clone();
+        c.offload_optimizer.nvme_path = tmp;
+        // On a GPU the host tier is page-locked (cuMemHostRegister), as offload runs there.
+        c.offload_param.pin_memory = gpu;
         let mut engine = Engine::from_config(c.clone())?;
         losses(&mut engine, &c, steps)
     };
-    match run(0).and_then(|a| Ok((a, run(3)?))) {
-        Ok((whole, sharded)) => {
-            let worst = whole
-                .iter()
-                .zip(&sharded)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
-            report.check(
-                &name,
-                format!("{worst:.2e}"),
-                format!("<= {tol:.1e}"),
-                worst <= tol && sharded.len() == steps,
-            );
+    let whole = match run(0, OffloadDevice::None) {
+        Ok(w) => w,
+        Err(e) => return report.error(&format!("{device}/zero stage 0 reference"), e),
+    };
+    for (tier, what) in [
+        (OffloadDevice::None, "stage 3"),
+        (OffloadDevice::Cpu, "stage 3 + host offload"),
+        (OffloadDevice::Nvme, "stage 3 + NVMe offload"),
+    ] {
+        let name = format!("{device}/zero {what} vs stage 0, {steps} steps max |dloss|");
+        match run(3, tier) {
+            Ok(sharded) => {
+                let worst = whole
+                    .iter()
+                    .zip(&sharded)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                report.check(
+                    &name,
+                    format!("{worst:.2e}"),
+                    format!("<= {tol:.1e}"),
+                    worst <= tol && sharded.len() == steps,
+                );
+            }
+            Err(e) => report.error(&name, e),
         }
-        Err(e) => report.error(&name, e),
     }
 }
 
