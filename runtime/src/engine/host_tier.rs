@@ -126,6 +126,13 @@ impl Counters {
     }
 }
 
+/// The direction of an NVMe transfer.
+#[derive(Clone, Copy)]
+enum Dir {
+    Read,
+    Write,
+}
+
 /// Host-side data a job needs, shared with the queues' threads.
 struct Shared {
     param_store: Option<SwapStore>,
@@ -171,7 +178,29 @@ impl Shared {
         params: bool,
         items: &[(String, &HostMem, usize)],
     ) -> Result<(), DeviceError> {
+        self.transfer(params, Dir::Write, items)
+    }
+
+    /// Reads each `(key, mem)`: all submitted at once, then all waited for.
+    fn read_all(&self, params: bool, items: &[(String, &HostMem)]) -> Result<(), DeviceError> {
+        let items: Vec<(String, &HostMem, usize)> =
+            items.iter().map(|(k, m)| (k.clone(), *m, 0)).collect();
+        self.transfer(params, Dir::Read, &items)
+    }
+
+    /// Submits every transfer of `items` (a write sends the first `bytes` of its buffer), then
+    /// waits for each: every submitted buffer comes back to its `HostMem`, whatever failed.
+    fn transfer(
+        &self,
+        params: bool,
+        dir: Dir,
+        items: &[(String, &HostMem, usize)],
+    ) -> Result<(), DeviceError> {
         let store = self.store(params)?;
+        let what = match dir {
+            Dir::Read => "offload read",
+            Dir::Write => "offload write",
+        };
         let started = Instant::now();
         let mut failed = None;
         let mut pending = Vec::with_capacity(items.len());
@@ -183,68 +212,21 @@ impl Shared {
                     break;
                 }
             };
-            if let Err(e) = buf.set_len(*bytes) {
-                mem.put(buf);
-                failed = Some(DeviceError::op("offload write", format!("{key}: {e}")));
-                break;
-            }
-            match store.write(key, buf) {
-                Ok(handle) => pending.push((key, *mem, handle)),
-                Err(e) => {
-                    failed = Some(DeviceError::op(
-                        "offload write",
-                        format!("{key}: {}", with_causes(&e)),
-                    ));
-                    break;
-                }
-            }
-        }
-        // Every submitted write is waited for, whatever failed: its buffer comes back.
-        let mut bytes = 0u64;
-        for (key, mem, mut handle) in pending {
-            match handle.wait(self.io_timeout) {
-                Ok(buf) => {
-                    bytes += buf.len() as u64;
-                    mem.put(buf);
-                }
-                Err(e) => {
-                    failed.get_or_insert(DeviceError::op(
-                        "offload write",
-                        format!("{key}: {}", with_causes(&e)),
-                    ));
-                }
-            }
-        }
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        let c = &self.counters;
-        Counters::add(&c.nvme_write_bytes, bytes);
-        Counters::add(&c.nvme_write_ns, started.elapsed().as_nanos() as u64);
-        Ok(())
-    }
-
-    /// Reads each `(key, mem)`: all submitted at once, then all waited for.
-    fn read_all(&self, params: bool, items: &[(String, &HostMem)]) -> Result<(), DeviceError> {
-        let store = self.store(params)?;
-        let started = Instant::now();
-        let mut failed = None;
-        let mut pending = Vec::with_capacity(items.len());
-        for (key, mem) in items {
-            let buf = match mem.take() {
-                Ok(buf) => buf,
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+            let submitted = match dir {
+                Dir::Read => store.read(key, buf),
+                Dir::Write => match buf.set_len(*bytes) {
+                    Ok(()) => store.write(key, buf),
+                    Err(e) => {
+                        mem.put(buf);
+                        failed = Some(DeviceError::op(what, format!("{key}: {e}")));
+                        break;
+                    }
+                },
             };
-            match store.read(key, buf) {
+            match submitted {
                 Ok(handle) => pending.push((key, *mem, handle)),
                 Err(e) => {
-                    failed = Some(DeviceError::op(
-                        "offload read",
-                        format!("{key}: {}", with_causes(&e)),
-                    ));
+                    failed = Some(DeviceError::op(what, format!("{key}: {}", with_causes(&e))));
                     break;
                 }
             }
@@ -258,7 +240,7 @@ impl Shared {
                 }
                 Err(e) => {
                     failed.get_or_insert(DeviceError::op(
-                        "offload read",
+                        what,
                         format!("{key}: {}", with_causes(&e)),
                     ));
                 }
@@ -268,8 +250,12 @@ impl Shared {
             return Err(e);
         }
         let c = &self.counters;
-        Counters::add(&c.nvme_read_bytes, bytes);
-        Counters::add(&c.nvme_read_ns, started.elapsed().as_nanos() as u64);
+        let (count, ns) = match dir {
+            Dir::Read => (&c.nvme_read_bytes, &c.nvme_read_ns),
+            Dir::Write => (&c.nvme_write_bytes, &c.nvme_write_ns),
+        };
+        Counters::add(count, bytes);
+        Counters::add(ns, started.elapsed().as_nanos() as u64);
         Ok(())
     }
 

@@ -15,16 +15,41 @@ pub fn adamw_update(
     h: &AdamWHyper,
 ) {
     assert!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
-    let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
-    let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
-    let step_size = (h.lr as f64 / bc1) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
-    let decay_factor = 1.0 - h.lr * h.weight_decay;
+    let f = Factors::of(h);
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .for_each(|((p, g), (m, v))| adamw_chunk(p, g, m, v, h, decay_factor, step_size, bc2_sqrt));
+        .for_each(|((p, g), (m, v))| adamw_chunk(p, g, m, v, h, &f));
+}
+
+/// A step's constants: bias corrections and decoupled weight decay.
+struct Factors {
+    step_size: f32,
+    bc2_sqrt: f32,
+    decay: f32,
+}
+
+impl Factors {
+    fn of(h: &AdamWHyper) -> Factors {
+        let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
+        let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
+        Factors {
+            step_size: (h.lr as f64 / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            decay: 1.0 - h.lr * h.weight_decay,
+        }
+    }
+}
+
+/// One element's update (torch.optim.AdamW's arithmetic), in f32.
+#[inline(always)]
+fn adamw_one(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, h: &AdamWHyper, f: &Factors) {
+    let g = g * h.grad_scale;
+    *m = h.beta1 * *m + (1.0 - h.beta1) * g;
+    *v = h.beta2 * *v + (1.0 - h.beta2) * g * g;
+    let denom = v.sqrt() / f.bc2_sqrt + h.eps;
+    *p = *p * f.decay - f.step_size * *m / denom;
 }
 
 /// Adam's first or second moments in their storage type.
@@ -59,37 +84,26 @@ pub fn adamw_update_bf16(
     h: &AdamWHyper,
 ) {
     assert!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
-    let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
-    let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
-    let step_size = (h.lr as f64 / bc1) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
-    let decay_factor = 1.0 - h.lr * h.weight_decay;
+    let f = Factors::of(h);
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
         .for_each(|((p, g), (m, v))| {
             for i in 0..p.len() {
-                let g = g[i] * h.grad_scale;
-                let mi = h.beta1 * m[i].to_f32() + (1.0 - h.beta1) * g;
-                let vi = h.beta2 * v[i].to_f32() + (1.0 - h.beta2) * g * g;
+                // The update reads the f32 moments; they are stored rounded to bf16.
+                let (mut mi, mut vi) = (m[i].to_f32(), v[i].to_f32());
+                adamw_one(&mut p[i], g[i], &mut mi, &mut vi, h, &f);
                 m[i] = half::bf16::from_f32(mi);
                 v[i] = half::bf16::from_f32(vi);
-                let denom = vi.sqrt() / bc2_sqrt + h.eps;
-                p[i] = p[i] * decay_factor - step_size * mi / denom;
             }
         });
 }
 
 multiversion! {
-    #[allow(clippy::too_many_arguments)]
-    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWHyper, decay_factor: f32, step_size: f32, bc2_sqrt: f32) {
+    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWHyper, f: &Factors) {
         for i in 0..p.len() {
-            let g = g[i] * h.grad_scale;
-            m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * g;
-            v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * g * g;
-            let denom = v[i].sqrt() / bc2_sqrt + h.eps;
-            p[i] = p[i] * decay_factor - step_size * m[i] / denom;
+            adamw_one(&mut p[i], g[i], &mut m[i], &mut v[i], h, f);
         }
     }
 }
