@@ -116,7 +116,7 @@ pub fn run(args: &PlanArgs) -> Result<PlanReport, PlanError> {
         let tiers = format!(
             "parameters on {}, optimizer states on {}",
             plan.tiers.params.name(),
-            plan.tiers.optimizer.name()
+            plan.optimizer_where()
         );
         match fits {
             Err(why) if Some(i) != chosen && i + 1 < plans.len() => {

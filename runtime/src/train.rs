@@ -311,13 +311,13 @@ fn describe_run(config: &Config, engine: &Engine) -> String {
     };
     let tokens_per_step =
         config.data.micro_batch_size * config.model.seq_len * config.data.grad_accum_steps * world;
-    let tiers = engine.placement().tiers;
+    let placement = engine.placement();
     format!(
         "GPT-2, {} params | {device} | {ranks} | {}: parameters on {}, optimizer states and gradients on {} | {tokens_per_step} tokens per step",
         format_count(engine.num_params()),
         describe_stage(engine.zero_stage()),
-        tiers.params.name(),
-        tiers.optimizer.name()
+        placement.tiers.params.name(),
+        placement.optimizer_where()
     )
 }
 

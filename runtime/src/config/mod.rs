@@ -649,6 +649,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("train.precision"), "{err}");
+        for (toml, says) in [
+            (
+                "host_fraction = 1.5\ndevice = \"nvme\"",
+                "must lie in [0, 1]",
+            ),
+            ("host_fraction = 0.5\ndevice = \"cpu\"", "device = \"nvme\""),
+        ] {
+            let err = Config::from_toml_str(&format!(
+                "[zero]\nstage = 3\n[offload_optimizer]\nnvme_path = \"/tmp\"\n{toml}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("offload_optimizer.host_fraction") && err.contains(says),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -150,6 +150,10 @@ pub struct OffloadOptimizerConfig {
     pub pin_memory: bool,
     /// `bf16` keeps Adam's moments in bf16 (12 instead of 16 bytes per parameter).
     pub moments_dtype: MomentsDtype,
+    /// With `device = "nvme"`: the fraction of the optimizer's sub-groups (by elements) whose
+    /// states stay in host memory; the rest go to NVMe. Spread evenly over the step's order, so
+    /// that the host AdamW of resident sub-groups overlaps the NVMe traffic of the others.
+    pub host_fraction: f64,
 }
 
 impl Default for OffloadOptimizerConfig {
@@ -161,6 +165,7 @@ impl Default for OffloadOptimizerConfig {
             sub_group_size: 10_000_000,
             pin_memory: false,
             moments_dtype: MomentsDtype::Fp32,
+            host_fraction: 0.0,
         }
     }
 }
@@ -307,6 +312,22 @@ pub fn validate(
         return Err(invalid(
             "offload_optimizer.moments_dtype",
             "\"bf16\" moments are kept by the host optimizer: set offload_optimizer.device to \"cpu\" or \"nvme\"",
+        ));
+    }
+    if !(0.0..=1.0).contains(&optim.host_fraction) {
+        return Err(invalid(
+            "offload_optimizer.host_fraction",
+            format!("{} must lie in [0, 1]", optim.host_fraction),
+        ));
+    }
+    if optim.host_fraction > 0.0 && matches!(optim.device, OffloadDevice::None | OffloadDevice::Cpu)
+    {
+        return Err(invalid(
+            "offload_optimizer.host_fraction",
+            format!(
+                "splits the optimizer states between host memory and NVMe: it needs offload_optimizer.device = \"nvme\" or \"auto\" (now \"{}\")",
+                optim.device.name()
+            ),
         ));
     }
     aio.to_aio(Duration::from_secs(60))

@@ -1,6 +1,6 @@
 //! The host tier: every state that lives off the device, per sub-group of this rank's shards —
-//! parameter shards on the host or NVMe, and the host optimizer's fp32 master weights, Adam
-//! moments and gradients on the host or NVMe — with the engine's one host pool (allocated once,
+//! parameter shards on the host or NVMe, the host optimizer's fp32 master weights and Adam
+//! moments on the host or NVMe (the gradients it takes are always in host memory) — with the engine's one host pool (allocated once,
 //! page-locked on request, registered with the device) and its swap stores.
 //!
 //! All work is enqueued on the device's queues: NVMe reads and writes on `Queue::Io`, the host
@@ -54,12 +54,11 @@ impl Ring {
     }
 }
 
-/// The host optimizer's states of one sub-group in host memory.
+/// The host optimizer's states of one sub-group in host memory (its gradient is always there).
 struct HostStates {
     master: HostMem,
     m: HostMem,
     v: HostMem,
-    grad: HostMem,
 }
 
 /// Where a sub-group's compute weights live off the device.
@@ -278,11 +277,16 @@ pub struct HostTier {
     groups: Vec<SubGroup>,
     /// Per unit: its sub-groups.
     unit_groups: Vec<Range<usize>>,
-    /// Per sub-group, with the optimizer on the host.
+    /// Per sub-group whose states stay in host memory (all with the optimizer on the host,
+    /// `host_fraction` of them on NVMe).
     states: Vec<Option<HostStates>>,
+    /// Per sub-group, with the optimizer off the device: its gradient, summed over micro-batches
+    /// in host memory whatever the tier of its states (DeepSpeed's layout: NVMe holds master
+    /// weights and moments, so accumulation never reads the disk).
+    grads: Vec<HostMem>,
     /// Per sub-group, with the parameters off the device.
     params: Vec<Option<ParamHome>>,
-    /// NVMe optimizer: sub-groups in flight (master, m, v, grad each); the sub-group at
+    /// NVMe optimizer: sub-groups in flight (master, m, v each); the sub-group at
     /// position j of `order` uses set j mod their number.
     opt_sets: Vec<HostStates>,
     /// The order the optimizer steps the sub-groups: those of units whose compute weights stay
@@ -297,8 +301,6 @@ pub struct HostTier {
     out: Option<Ring>,
     /// Parameter shards on their way from NVMe to the device.
     fetch: Option<Ring>,
-    /// With several micro-batches and gradients on NVMe: where a gradient is accumulated.
-    accumulate: Option<HostMem>,
     /// Per sub-group: when its updated compute weights are in place (device, host or NVMe).
     pub param_written: Vec<Option<Event>>,
     shared: Arc<Shared>,
@@ -415,19 +417,26 @@ impl HostTier {
                 master: alloc(4 * len)?,
                 m: alloc(mbytes * len)?,
                 v: alloc(mbytes * len)?,
-                grad: alloc(4 * len)?,
             })
         };
         let tiers = plan.tiers;
         let optimizer_off = tiers.optimizer != Tier::Device;
         let states = groups
             .iter()
-            .map(|g| {
-                (tiers.optimizer == Tier::Host)
-                    .then(|| host_states(g.len))
-                    .transpose()
-            })
+            .zip(&plan.optimizer_on_host)
+            .map(|(g, &on_host)| on_host.then(|| host_states(g.len)).transpose())
             .collect::<Result<Vec<_>, _>>()?;
+        // The largest sub-group whose states live on NVMe (the optimizer's read buffers).
+        let nvme_max = (tiers.optimizer == Tier::Nvme)
+            .then(|| {
+                groups
+                    .iter()
+                    .zip(&states)
+                    .filter(|(_, st)| st.is_none())
+                    .map(|(g, _)| g.len)
+                    .max()
+            })
+            .flatten();
         let params = groups
             .iter()
             .zip(&states)
@@ -443,13 +452,20 @@ impl HostTier {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let obuf = config.offload_optimizer.buffer_count;
-        let opt_sets = if tiers.optimizer == Tier::Nvme {
-            (0..obuf)
-                .map(|_| host_states(sg_max))
-                .collect::<Result<_, _>>()?
+        let grads = if optimizer_off {
+            groups
+                .iter()
+                .map(|g| alloc(4 * g.len))
+                .collect::<Result<Vec<_>, _>>()?
         } else {
             Vec::new()
+        };
+        let obuf = config.offload_optimizer.buffer_count;
+        let opt_sets = match nvme_max {
+            Some(len) => (0..obuf)
+                .map(|_| host_states(len))
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
         };
         let x_bytes = x.size_bytes() * sg_max;
         // Staging for updated compute weights that do not live in host memory (on NVMe, or on
@@ -460,8 +476,9 @@ impl HostTier {
                 .any(|p| !matches!(p, Some(ParamHome::Host(_))));
         let mut order: Vec<usize> = (0..groups.len()).collect();
         order.sort_by_key(|&k| gathered[groups[k].unit]);
+        // Per sub-group on NVMe: its place among the NVMe sub-groups of the order (its set).
         let mut position = vec![0; groups.len()];
-        for (j, &k) in order.iter().enumerate() {
+        for (j, &k) in order.iter().filter(|&&k| states[k].is_none()).enumerate() {
             position[k] = j;
         }
         Ok(HostTier {
@@ -472,6 +489,7 @@ impl HostTier {
             moments,
             unit_groups,
             states,
+            grads,
             params,
             opt_sets,
             intake: optimizer_off
@@ -482,9 +500,6 @@ impl HostTier {
                 .transpose()?,
             fetch: (tiers.params == Tier::Nvme)
                 .then(|| Ring::new(&pool, config.offload_param.buffer_count, x_bytes))
-                .transpose()?,
-            accumulate: (tiers.optimizer == Tier::Nvme && config.data.grad_accum_steps > 1)
-                .then(|| alloc(4 * sg_max))
                 .transpose()?,
             param_written: (0..groups.len()).map(|_| None).collect(),
             groups,
@@ -578,7 +593,7 @@ impl HostTier {
     // --- gradients ------------------------------------------------------------------------------
 
     /// Takes this rank's reduced gradient shard of `unit` (`reduced`, f32 on the device, complete
-    /// on the D2H queue's order) into the optimizer's tier: a copy for the first micro-batch, a
+    /// on the D2H queue's order) into host memory: a copy for the first micro-batch, a
     /// sum for the others; after the last, the shard's partial sums of squares for the norm.
     /// Returns the event after which `reduced` may be reused.
     pub fn intake_grads(
@@ -611,65 +626,26 @@ impl HostTier {
             let copied = dev.record(Queue::D2h)?;
             Counters::add(&self.shared.counters.d2h_bytes, 4 * g.len as u64);
             let shared = Arc::clone(&self.shared);
-            let unit_g = (unit, g.len);
-            let (queue, job): (Queue, crate::backend::HostJob) =
-                match (&self.states[k], self.plan_tiers.optimizer) {
-                    (Some(st), _) => {
-                        let grad = st.grad.clone();
-                        (
-                            Queue::Host,
-                            Box::new(move || {
-                                // SAFETY: ordered after the D2H copy into `slot` (waited below) and
-                                // before the slot's reuse (its release event follows this job).
-                                let (src, dst) =
-                                    unsafe { (slot.f32s(unit_g.1), grad.f32s_mut(unit_g.1)) };
-                                accumulate(dst, src, micro == 0);
-                                if last {
-                                    shared.lock_partials()[unit_g.0].extend(chunk_sums(dst));
-                                }
-                                Ok(())
-                            }),
-                        )
-                    }
-                    (None, Tier::Nvme) => {
-                        let name = key(&g, "grad");
-                        let acc = self.accumulate.clone();
-                        (
-                            Queue::Io,
-                            Box::new(move || {
-                                let target = match (&acc, micro) {
-                                    (_, 0) => slot.clone(),
-                                    (Some(acc), _) => {
-                                        shared.read(false, &name, acc)?;
-                                        // SAFETY: ordered after the read (this job) and the D2H copy.
-                                        let (src, dst) = unsafe {
-                                            (slot.f32s(unit_g.1), acc.f32s_mut(unit_g.1))
-                                        };
-                                        accumulate(dst, src, false);
-                                        acc.clone()
-                                    }
-                                    (None, _) => {
-                                        return Err(DeviceError::op(
-                                            "gradient intake",
-                                            "no accumulation buffer",
-                                        ))
-                                    }
-                                };
-                                if last {
-                                    // SAFETY: as above; no other job touches `target` now.
-                                    let sums = chunk_sums(unsafe { target.f32s(unit_g.1) });
-                                    shared.lock_partials()[unit_g.0].extend(sums);
-                                }
-                                shared.write(false, &name, &target, 4 * unit_g.1)
-                            }),
-                        )
-                    }
-                    (None, _) => return Err(missing("optimizer states")),
-                };
-            dev.wait(queue, &copied)?;
-            dev.submit_host(queue, "gradient intake", job)?;
+            let grad = self
+                .grads
+                .get(k)
+                .ok_or_else(|| missing("gradient buffers"))?
+                .clone();
+            let job: crate::backend::HostJob = Box::new(move || {
+                // SAFETY: ordered after the D2H copy into `slot` (waited below) and before the
+                // slot's reuse (its release event follows this job); the optimizer reads `grad`
+                // later on the same queue.
+                let (src, dst) = unsafe { (slot.f32s(g.len), grad.f32s_mut(g.len)) };
+                accumulate(dst, src, micro == 0);
+                if last {
+                    shared.lock_partials()[unit].extend(chunk_sums(dst));
+                }
+                Ok(())
+            });
+            dev.wait(Queue::Host, &copied)?;
+            dev.submit_host(Queue::Host, "gradient intake", job)?;
             if let Some(intake) = self.intake.as_mut() {
-                intake.released[s] = Some(dev.record(queue)?);
+                intake.released[s] = Some(dev.record(Queue::Host)?);
             }
         }
         Ok(dev.record(Queue::D2h)?)
@@ -702,29 +678,35 @@ impl HostTier {
         hyper: &dyn Fn(bool) -> AdamWHyper,
         device_params: &dyn Fn(usize) -> Option<Buf>,
     ) -> Result<(), EngineError> {
-        let n = self.groups.len();
         let sets = self.opt_sets.len();
         let order = self.order.clone();
-        // read[j]: the reads of the sub-group at position j of the order.
-        let mut read: Vec<Option<Event>> = (0..n).map(|_| None).collect();
-        for (j, done) in read.iter_mut().enumerate().take(sets.min(n)) {
-            *done = Some(self.read_set(dev, order[j])?);
+        // The sub-groups on NVMe, in the order; read[i]: the reads of the i-th of them, issued
+        // `sets` ahead of its step (the resident sub-groups' steps run meanwhile).
+        let on_nvme: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|&k| self.states[k].is_none())
+            .collect();
+        let mut read: Vec<Option<Event>> = (0..on_nvme.len()).map(|_| None).collect();
+        for (i, done) in read.iter_mut().enumerate().take(sets) {
+            *done = Some(self.read_set(dev, on_nvme[i])?);
         }
-        for (j, &k) in order.iter().enumerate() {
+        for &k in &order {
             let g = self.groups[k];
             let shard = &shards[g.unit];
             let abs = shard.range().start + g.start;
             let segs = clip_segments(&segments[g.unit], &(abs..abs + g.len));
             let hypers: Vec<(AdamSegment, AdamWHyper)> =
                 segs.into_iter().map(|s| (s, hyper(s.decay))).collect();
-            if let Some(e) = read[j].take() {
+            let nvme = self.states[k].is_none().then(|| self.position[k]);
+            if let Some(e) = nvme.and_then(|i| read[i].take()) {
                 dev.wait(Queue::Host, &e)?;
             }
             self.adamw(dev, k, hypers, device_params(g.unit))?;
-            if sets > 0 {
+            if let Some(i) = nvme {
                 self.write_set(dev, k)?;
-                if j + sets < n {
-                    read[j + sets] = Some(self.read_set(dev, order[j + sets])?);
+                if let Some(&next) = on_nvme.get(i + sets) {
+                    read[i + sets] = Some(self.read_set(dev, next)?);
                 }
             }
         }
@@ -750,7 +732,6 @@ impl HostTier {
             (set.master.clone(), "master", 4),
             (set.m.clone(), "m", mb),
             (set.v.clone(), "v", mb),
-            (set.grad.clone(), "grad", 4),
         ];
         let shared = Arc::clone(&self.shared);
         dev.submit_host(
@@ -809,12 +790,12 @@ impl HostTier {
     ) -> Result<(), EngineError> {
         let g = self.groups[k];
         let set = self.set_of(k)?;
-        let (master, m, v, grad) = (
-            set.master.clone(),
-            set.m.clone(),
-            set.v.clone(),
-            set.grad.clone(),
-        );
+        let (master, m, v) = (set.master.clone(), set.m.clone(), set.v.clone());
+        let grad = self
+            .grads
+            .get(k)
+            .ok_or_else(|| missing("gradient buffers"))?
+            .clone();
         // The compute weights' destination: host memory in place, or a staging slot.
         let (x, moments) = (self.x, self.moments);
         let (target, slot) = match (&self.params[k], self.out.as_mut()) {
@@ -938,18 +919,12 @@ impl HostTier {
                         }
                     }
                 }
-                if self.plan_tiers.optimizer == Tier::Nvme {
+                if self.states[k].is_none() {
                     for (mem, what, bytes) in [(&master, "master", 4), (&m, "m", mb), (&v, "v", mb)]
                     {
                         self.shared
                             .write(false, &key(&g, what), mem, bytes * g.len)?;
                     }
-                    // The gradient key exists from the start (read before its first intake).
-                    let grad = set.grad.clone();
-                    // SAFETY: as above.
-                    unsafe { grad.bytes_mut()[..4 * g.len].fill(0) };
-                    self.shared
-                        .write(false, &key(&g, "grad"), &grad, 4 * g.len)?;
                 }
             }
             match &self.params[k] {
@@ -1013,7 +988,7 @@ impl HostTier {
             (vec![0.0f32; shard_len], vec![0.0f32; n], vec![0.0f32; n]);
         for (k, g) in self.of(unit) {
             let set = self.set_of(k)?;
-            if self.plan_tiers.optimizer == Tier::Nvme {
+            if self.states[k].is_none() {
                 let mut items = vec![(key(&g, "master"), &set.master)];
                 if moments {
                     items.extend([(key(&g, "m"), &set.m), (key(&g, "v"), &set.v)]);

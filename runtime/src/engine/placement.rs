@@ -205,6 +205,10 @@ pub struct PlacementPlan {
     pub nvme_bytes: u64,
     /// Sub-groups of this rank's shards (the host optimizer's and offload's granularity).
     pub sub_groups: Vec<SubGroup>,
+    /// Per sub-group: whether its optimizer states (master, m, v, gradient) live in host
+    /// memory: all with the optimizer on the host, `offload_optimizer.host_fraction` of them
+    /// (by elements) with the optimizer on NVMe, none on the device.
+    pub optimizer_on_host: Vec<bool>,
     /// Staging buffers: (what, count, bytes each).
     pub buffers: Vec<(&'static str, usize, u64)>,
 }
@@ -218,8 +222,10 @@ pub struct PlanSizes<'a> {
     pub device_bytes: u64,
 }
 
-/// Slabs of the engine's host pool (the largest buffer, when larger).
-pub const HOST_SLAB_BYTES: u64 = 256 << 20;
+/// Slabs of the engine's host pool (the largest buffer, when larger; the whole pool, when
+/// smaller). A slab's tail that no buffer fits stays unused, at most the largest buffer per slab:
+/// large slabs keep that below 4% for sub-groups of up to 10M elements.
+pub const HOST_SLAB_BYTES: u64 = 1 << 30;
 
 fn round_up(n: u64, to: u64) -> u64 {
     n.div_ceil(to.max(1)) * to.max(1)
@@ -251,12 +257,6 @@ pub fn plan(config: &Config, world: usize, tiers: Tiers, sizes: &PlanSizes<'_>) 
     let optim_elems = sharded(|p| p.optimizer);
     let param_elems = sharded(|p| p.params);
     let block = config.aio.block_size.bytes();
-    let nvme_key_bytes = |bytes_per_elem: u64| -> u64 {
-        groups
-            .iter()
-            .map(|g| round_up(g.len as u64 * bytes_per_elem, block))
-            .sum()
-    };
     let (obuf, pbuf) = (
         config.offload_optimizer.buffer_count,
         config.offload_param.buffer_count,
@@ -276,27 +276,55 @@ pub fn plan(config: &Config, world: usize, tiers: Tiers, sizes: &PlanSizes<'_>) 
     } else {
         moment
     };
+    let on_host = resident_on_host(config, tiers, &groups);
+    let host_elems: u64 = groups
+        .iter()
+        .zip(&on_host)
+        .filter(|(_, &h)| h)
+        .map(|(g, _)| g.len as u64)
+        .sum();
+    // The sharded optimizer states split between their tier and host memory (the NVMe tier's
+    // resident sub-groups); an offloaded optimizer takes its gradients in host memory.
+    let split = |elems: u64| -> [(Tier, u64); 2] {
+        let home = elems.saturating_sub(host_elems.min(elems));
+        [(tiers.optimizer, home), (Tier::Host, elems - home)]
+    };
     let mut rows: Vec<Row> = Vec::new();
-    for (class, tier, bytes) in [
-        ("compute params", Tier::Device, x * whole(|p| p.params)),
-        ("compute params", tiers.params, x * param_elems),
-        (
-            "master params (f32)",
-            Tier::Device,
-            4 * whole(|p| p.optimizer),
-        ),
-        ("master params (f32)", tiers.optimizer, 4 * optim_elems),
-        ("adam m, v", Tier::Device, 8 * whole(|p| p.optimizer)),
-        ("adam m, v", tiers.optimizer, 2 * optim_moment * optim_elems),
-        ("gradients (f32)", Tier::Device, 4 * whole(|p| p.grads)),
-        ("gradients (f32)", tiers.optimizer, 4 * grad_elems),
-    ] {
-        match rows.iter_mut().find(|r| r.class == class && r.tier == tier) {
-            Some(r) => r.bytes += bytes,
-            None if bytes > 0 => rows.push(Row { class, tier, bytes }),
-            None => {}
-        }
+    let mut add = |class: &'static str, tier: Tier, bytes: u64| match rows
+        .iter_mut()
+        .find(|r| r.class == class && r.tier == tier)
+    {
+        Some(r) => r.bytes += bytes,
+        None if bytes > 0 => rows.push(Row { class, tier, bytes }),
+        None => {}
+    };
+    add("compute params", Tier::Device, x * whole(|p| p.params));
+    add("compute params", tiers.params, x * param_elems);
+    add(
+        "master params (f32)",
+        Tier::Device,
+        4 * whole(|p| p.optimizer),
+    );
+    add("adam m, v", Tier::Device, 8 * whole(|p| p.optimizer));
+    add("gradients (f32)", Tier::Device, 4 * whole(|p| p.grads));
+    for (tier, elems) in split(optim_elems) {
+        add("master params (f32)", tier, 4 * elems);
+        add("adam m, v", tier, 2 * optim_moment * elems);
     }
+    let grad_tier = match tiers.optimizer {
+        Tier::Device => Tier::Device,
+        _ => Tier::Host,
+    };
+    add("gradients (f32)", grad_tier, 4 * grad_elems);
+    rows.sort_by_key(|r| {
+        let order = [
+            "compute params",
+            "master params (f32)",
+            "adam m, v",
+            "gradients (f32)",
+        ];
+        (order.iter().position(|&c| c == r.class), r.tier)
+    });
     let mut buffers: Vec<(&'static str, usize, u64)> = Vec::new();
     let mut nvme = 0u64;
     // Host pool allocations, one entry per buffer size (as HostTier::new makes them).
@@ -304,37 +332,33 @@ pub fn plan(config: &Config, world: usize, tiers: Tiers, sizes: &PlanSizes<'_>) 
     let gathered = |unit: usize| sizes.layout[unit].1.params == Home::Sharded;
     let optimizer_off = tiers.optimizer != Tier::Device;
     if optimizer_off {
-        match tiers.optimizer {
-            Tier::Host => {
-                for g in &groups {
-                    let n = g.len as u64;
-                    host_allocs.extend([
-                        pages(4 * n),
-                        pages(moment * n),
-                        pages(moment * n),
-                        pages(4 * n),
-                    ]);
-                }
-            }
-            _ => {
-                nvme += nvme_key_bytes(4) * 2 + nvme_key_bytes(moment) * 2;
-                buffers.push((
-                    "optimizer sub-groups",
-                    obuf,
-                    pages(sg_max * (8 + 2 * moment)),
-                ));
-                for _ in 0..obuf {
-                    host_allocs.extend([
-                        pages(4 * sg_max),
-                        pages(moment * sg_max),
-                        pages(moment * sg_max),
-                        pages(4 * sg_max),
-                    ]);
-                }
-                if config.data.grad_accum_steps > 1 {
-                    buffers.push(("gradient accumulation", 1, pages(4 * sg_max)));
-                    host_allocs.push(pages(4 * sg_max));
-                }
+        let states = |n: u64| [pages(4 * n), pages(moment * n), pages(moment * n)];
+        for (g, _) in groups.iter().zip(&on_host).filter(|(_, &h)| h) {
+            host_allocs.extend(states(g.len as u64));
+        }
+        host_allocs.extend(groups.iter().map(|g| pages(4 * g.len as u64)));
+        let on_nvme: Vec<&SubGroup> = groups
+            .iter()
+            .zip(&on_host)
+            .filter(|(_, &h)| !h)
+            .map(|(g, _)| g)
+            .collect();
+        if tiers.optimizer == Tier::Nvme && !on_nvme.is_empty() {
+            let nvme_max = on_nvme.iter().map(|g| g.len).max().unwrap_or(0) as u64;
+            let key_bytes = |bytes_per_elem: u64| -> u64 {
+                on_nvme
+                    .iter()
+                    .map(|g| round_up(g.len as u64 * bytes_per_elem, block))
+                    .sum()
+            };
+            nvme += key_bytes(4) + key_bytes(moment) * 2;
+            buffers.push((
+                "optimizer sub-groups",
+                obuf,
+                pages(nvme_max * (4 + 2 * moment)),
+            ));
+            for _ in 0..obuf {
+                host_allocs.extend(states(nvme_max));
             }
         }
         buffers.push(("gradient intake", obuf, pages(4 * sg_max)));
@@ -350,8 +374,11 @@ pub fn plan(config: &Config, world: usize, tiers: Tiers, sizes: &PlanSizes<'_>) 
         match tiers.params {
             Tier::Host => {
                 // On the host, fp32 compute weights are the master weights themselves.
-                let shared = x == 4 && tiers.optimizer == Tier::Host;
-                for g in groups.iter().filter(|g| gathered(g.unit) && !shared) {
+                for (g, _) in groups
+                    .iter()
+                    .zip(&on_host)
+                    .filter(|(g, &h)| gathered(g.unit) && !(x == 4 && h))
+                {
                     host_allocs.push(pages(x * g.len as u64));
                 }
             }
@@ -385,8 +412,38 @@ pub fn plan(config: &Config, world: usize, tiers: Tiers, sizes: &PlanSizes<'_>) 
         host_bytes: host,
         host_pinned: config.offload_param.pin_memory || config.offload_optimizer.pin_memory,
         nvme_bytes: nvme,
+        optimizer_on_host: on_host,
         sub_groups: groups,
         buffers,
+    }
+}
+
+/// Per sub-group: whether its optimizer states live in host memory for `tiers`. On NVMe, the
+/// resident sub-groups are spread evenly over the sub-groups' order (each takes the host while
+/// the resident elements so far are below `host_fraction` of all so far), so that host AdamW and
+/// NVMe transfers alternate through the step.
+fn resident_on_host(config: &Config, tiers: Tiers, groups: &[SubGroup]) -> Vec<bool> {
+    match tiers.optimizer {
+        Tier::Device => vec![false; groups.len()],
+        Tier::Host => vec![true; groups.len()],
+        Tier::Nvme => {
+            let f = config.offload_optimizer.host_fraction;
+            let (mut seen, mut resident) = (0f64, 0f64);
+            groups
+                .iter()
+                .map(|g| {
+                    let n = g.len as f64;
+                    seen += n;
+                    // Resident when that brings the share closer to f than leaving it out.
+                    let take =
+                        f > 0.0 && (resident + n - f * seen).abs() <= (resident - f * seen).abs();
+                    if take {
+                        resident += n;
+                    }
+                    take
+                })
+                .collect()
+        }
     }
 }
 
@@ -434,6 +491,23 @@ pub fn candidate_tiers(config: &Config) -> Vec<Tiers> {
 }
 
 impl PlacementPlan {
+    /// Where the optimizer states live, in words: a tier, or NVMe with the share of the
+    /// sub-groups (by elements) kept in host memory.
+    pub fn optimizer_where(&self) -> String {
+        let (mut host, mut all) = (0usize, 0usize);
+        for (g, &h) in self.sub_groups.iter().zip(&self.optimizer_on_host) {
+            all += g.len;
+            host += if h { g.len } else { 0 };
+        }
+        match self.tiers.optimizer {
+            Tier::Nvme if host > 0 => format!(
+                "nvme ({:.0}% in host memory)",
+                100.0 * host as f64 / all.max(1) as f64
+            ),
+            t => t.name().to_string(),
+        }
+    }
+
     /// Whether the plan fits the machine; otherwise what does not fit and which setting would
     /// make it fit.
     pub fn check(&self, config: &Config, caps: &Capacities) -> Result<(), Misfit> {
@@ -536,7 +610,7 @@ impl PlacementPlan {
             self.stage,
             self.world,
             self.tiers.params.name(),
-            self.tiers.optimizer.name()
+            self.optimizer_where()
         );
         out += &format!(
             "{:<28} {:<7} {:>16} {:>12}\n",
@@ -608,8 +682,12 @@ mod tests {
             },
             &sizes,
         );
-        // fp32 master and gradient, fp32 m and v, bf16 compute weights: 18 bytes per element.
-        assert_eq!(nvme.nvme_bytes, 18 * elems);
+        // fp32 master weights, fp32 m and v, bf16 compute weights: 14 bytes per element on
+        // NVMe; the fp32 gradients in host memory.
+        assert_eq!(nvme.nvme_bytes, 14 * elems);
+        // Plus the staging buffers: 4 optimizer sets of 12 MiB, 4 gradient intake and 4 updated
+        // parameter slots, 5 parameter fetch slots (90 MiB with the gradients: one slab).
+        assert!(nvme.host_bytes >= 4 * elems && nvme.host_bytes < 4 * elems + (128 << 20));
         let cpu = plan(
             &config,
             4,
@@ -623,6 +701,64 @@ mod tests {
         assert!(cpu.host_bytes >= 18 * elems && cpu.host_bytes < 18 * elems + (64 << 20));
         let rows: u64 = cpu.rows.iter().map(|r| r.bytes).sum();
         assert_eq!(rows, 18 * elems);
+    }
+
+    #[test]
+    fn host_fraction_keeps_that_share_of_the_optimizer_in_host_memory() {
+        let mut config = Config::default();
+        config.zero.stage = 3;
+        config.offload_optimizer.sub_group_size = 1 << 16;
+        config.aio.block_size = crate::config::ByteSize::mib(1);
+        let lay = layout(&[3 << 20, 5 << 20, 1 << 20], 1, 3);
+        let sizes = PlanSizes {
+            layout: &lay,
+            x_bytes: 2,
+            device_bytes: 1 << 20,
+        };
+        let tiers = Tiers {
+            params: Tier::Device,
+            optimizer: Tier::Nvme,
+        };
+        let elems = (9u64 << 20) as f64;
+        let all_nvme = plan(&config, 1, tiers, &sizes);
+        for f in [0.0, 0.3, 0.75, 1.0] {
+            config.offload_optimizer.host_fraction = f;
+            let p = plan(&config, 1, tiers, &sizes);
+            let bytes = |class: &str, tier: Tier| -> f64 {
+                p.rows
+                    .iter()
+                    .filter(|r| r.class == class && r.tier == tier)
+                    .map(|r| r.bytes as f64)
+                    .sum()
+            };
+            assert_eq!(
+                bytes("gradients (f32)", Tier::Host),
+                4.0 * elems,
+                "gradients stay in host memory"
+            );
+            for class in ["master params (f32)", "adam m, v"] {
+                let (host, nvme) = (bytes(class, Tier::Host), bytes(class, Tier::Nvme));
+                let share = host / (host + nvme);
+                // Whole sub-groups of 64Ki elements: within one sub-group of the fraction.
+                assert!(
+                    (share - f).abs() <= 65536.0 / elems,
+                    "{class} at {f}: {share}"
+                );
+            }
+            // The swap files shrink with the share on NVMe (whole blocks of 1 MiB).
+            let nvme_share = p.nvme_bytes as f64 / all_nvme.nvme_bytes as f64;
+            assert!((nvme_share - (1.0 - f)).abs() < 0.01, "{f}: {nvme_share}");
+            let resident = p.optimizer_on_host.iter().filter(|&&h| h).count();
+            assert_eq!(resident == 0, f == 0.0);
+            assert_eq!(resident == p.sub_groups.len(), f == 1.0);
+            if f > 0.0 && f < 1.0 {
+                assert!(
+                    p.optimizer_where().starts_with("nvme ("),
+                    "{}",
+                    p.optimizer_where()
+                );
+            }
+        }
     }
 
     #[test]
