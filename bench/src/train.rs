@@ -48,6 +48,10 @@ pub struct TrainArgs {
     /// Write a timeline of every step (Chrome trace JSON, for ui.perfetto.dev), as `strata train --trace`.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// Stop after the first timed step that ends more than S seconds after the start (set-up included)
+    /// and report the steps timed so far ("time_limited": true), for a caller with a deadline.
+    #[arg(long, value_name = "S")]
+    time_limit: Option<f64>,
 }
 
 /// Dense bf16/fp16 tensor-core peak of GPUs known by name (NVIDIA's data sheets), with the name matched.
@@ -115,6 +119,7 @@ pub fn spread(values: &[f64]) -> Spread {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
     let trace = args.trace.as_deref().map(Trace::start).transpose()?;
     if let Some(t) = &trace {
         tracing_subscriber::registry()
@@ -136,6 +141,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut timed = Vec::new();
     // What moved between the tiers during the timed steps.
     let mut traffic_before = engine.traffic();
+    let mut time_limited = false;
     for step in 0..args.warmup + args.steps {
         if step == args.warmup {
             traffic_before = engine.traffic();
@@ -152,6 +158,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         );
         if step >= args.warmup {
             timed.push(s);
+        }
+        let over = args
+            .time_limit
+            .is_some_and(|limit| started.elapsed().as_secs_f64() > limit);
+        if over && !timed.is_empty() && step + 1 < args.warmup + args.steps {
+            eprintln!(
+                "--time-limit {} s reached: stopping after {} timed steps",
+                args.time_limit.unwrap_or_default(),
+                timed.len()
+            );
+            time_limited = true;
+            break;
         }
     }
     let traffic = engine.traffic().since(&traffic_before);
@@ -198,6 +216,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "init_s": init_s,
         "ms_per_step": secs * 1e3 / timed.len().max(1) as f64,
         "steps_timed": timed.len(),
+        "time_limited": time_limited,
         "step_ms_median": times.median,
         "step_ms_min": times.min,
         "step_ms_max": times.max,

@@ -113,3 +113,17 @@ fn trace_writes_a_timeline_of_the_run() {
         "{json}"
     );
 }
+
+#[test]
+fn time_limit_stops_after_the_first_timed_step_past_it_and_says_so() {
+    // Past the limit from the start: the warm-up step still runs, then one timed step.
+    let (row, times) = bench(&["--time-limit", "0"]);
+    assert_eq!(row["steps_timed"], 1, "{row}");
+    assert_eq!(row["time_limited"], true, "{row}");
+    assert_eq!(times.len(), 1, "{row}");
+    assert!(row["tflops"].as_f64().is_some_and(|t| t > 0.0), "{row}");
+    // A generous limit changes nothing.
+    let (row, times) = bench(&["--time-limit", "600"]);
+    assert_eq!((row["steps_timed"].as_u64(), times.len()), (Some(5), 5));
+    assert_eq!(row["time_limited"], false, "{row}");
+}
