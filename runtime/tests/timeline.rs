@@ -270,7 +270,7 @@ fn one_rank_writes_the_file_it_is_given() {
         ("io", "nvme read optimizer"),
         ("io", "nvme write optimizer"),
         ("optimizer", "host adamw"),
-        ("io", "gradient intake"),
+        ("optimizer", "gradient intake"),
         ("h2d", "copy_h2d"),
         ("d2h", "copy_d2h"),
     ] {

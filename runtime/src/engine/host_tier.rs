@@ -284,6 +284,8 @@ pub struct HostTier {
     /// in host memory whatever the tier of its states (DeepSpeed's layout: NVMe holds master
     /// weights and moments, so accumulation never reads the disk).
     grads: Vec<HostMem>,
+    /// Per sub-group: when the optimizer has read its gradient (the next intake overwrites it).
+    grad_free: Vec<Option<Event>>,
     /// Per sub-group, with the parameters off the device.
     params: Vec<Option<ParamHome>>,
     /// NVMe optimizer: sub-groups in flight (master, m, v each); the sub-group at
@@ -489,6 +491,7 @@ impl HostTier {
             moments,
             unit_groups,
             states,
+            grad_free: (0..groups.len()).map(|_| None).collect(),
             grads,
             params,
             opt_sets,
@@ -608,35 +611,50 @@ impl HostTier {
             self.shared.lock_partials()[unit].clear();
         }
         for (k, g) in self.of(unit) {
-            let intake = self
-                .intake
-                .as_mut()
-                .ok_or_else(|| missing("gradient intake"))?;
-            let s = intake.acquire(dev, Queue::D2h)?;
-            let slot = intake.bufs[s].clone();
-            // SAFETY: the D2H queue waited for the slot's last consumer (acquire); the consumer
-            // of this copy waits for the event recorded right after it.
-            unsafe {
-                dev.copy_d2h(
-                    Queue::D2h,
-                    &mut slot.bytes_mut()[..4 * g.len],
-                    &reduced.slice(g.start, g.len)?,
-                )?
-            };
-            let copied = dev.record(Queue::D2h)?;
-            Counters::add(&self.shared.counters.d2h_bytes, 4 * g.len as u64);
-            let shared = Arc::clone(&self.shared);
             let grad = self
                 .grads
                 .get(k)
                 .ok_or_else(|| missing("gradient buffers"))?
                 .clone();
+            let src = reduced.slice(g.start, g.len)?;
+            Counters::add(&self.shared.counters.d2h_bytes, 4 * g.len as u64);
+            let shared = Arc::clone(&self.shared);
+            // The first micro-batch lands in the gradient buffer itself; the others in a ring
+            // slot, summed into it on the host queue.
+            let slot = if micro == 0 {
+                if let Some(e) = &self.grad_free[k] {
+                    dev.wait(Queue::D2h, e)?;
+                }
+                // SAFETY: the D2H queue waited for the last reader of `grad` (the optimizer's
+                // step, `grad_free`); its next readers wait for the event recorded after this.
+                unsafe { dev.copy_d2h(Queue::D2h, &mut grad.bytes_mut()[..4 * g.len], &src)? };
+                None
+            } else {
+                let intake = self
+                    .intake
+                    .as_mut()
+                    .ok_or_else(|| missing("gradient intake"))?;
+                let s = intake.acquire(dev, Queue::D2h)?;
+                let slot = intake.bufs[s].clone();
+                // SAFETY: the D2H queue waited for the slot's last consumer (acquire); the
+                // consumer of this copy waits for the event recorded right after it.
+                unsafe { dev.copy_d2h(Queue::D2h, &mut slot.bytes_mut()[..4 * g.len], &src)? };
+                Some((s, slot))
+            };
+            if slot.is_none() && !last {
+                continue;
+            }
+            let copied = dev.record(Queue::D2h)?;
+            let summed = slot.as_ref().map(|(_, mem)| mem.clone());
             let job: crate::backend::HostJob = Box::new(move || {
-                // SAFETY: ordered after the D2H copy into `slot` (waited below) and before the
-                // slot's reuse (its release event follows this job); the optimizer reads `grad`
-                // later on the same queue.
-                let (src, dst) = unsafe { (slot.f32s(g.len), grad.f32s_mut(g.len)) };
-                accumulate(dst, src, micro == 0);
+                // SAFETY: ordered after the D2H copy (waited below) and before the slot's reuse
+                // (its release event follows this job); the optimizer reads `grad` later on the
+                // same queue.
+                let dst = unsafe { grad.f32s_mut(g.len) };
+                if let Some(slot) = &summed {
+                    // SAFETY: as above.
+                    add_into(dst, unsafe { slot.f32s(g.len) });
+                }
                 if last {
                     shared.lock_partials()[unit].extend(chunk_sums(dst));
                 }
@@ -644,7 +662,7 @@ impl HostTier {
             });
             dev.wait(Queue::Host, &copied)?;
             dev.submit_host(Queue::Host, "gradient intake", job)?;
-            if let Some(intake) = self.intake.as_mut() {
+            if let (Some((s, _)), Some(intake)) = (slot, self.intake.as_mut()) {
                 intake.released[s] = Some(dev.record(Queue::Host)?);
             }
         }
@@ -821,25 +839,44 @@ impl HostTier {
                 // them until the events recorded after this job.
                 unsafe {
                     let (p, gr) = (master.f32s_mut(g.len), grad.f32s(g.len));
+                    // fp32 compute weights on the host are the master weights themselves;
+                    // 16-bit ones are rounded in the update's pass over each chunk.
+                    let cast_to = (!target.same(&master)).then_some(&target);
                     for (seg, h) in &hypers {
                         let r = seg.offset..seg.offset + seg.len;
                         crate::optim::adamw_update_any(
                             &mut p[r.clone()],
                             &gr[r.clone()],
                             moments_view(&m, moments, r.clone()),
-                            moments_view(&v, moments, r),
+                            moments_view(&v, moments, r.clone()),
                             h,
+                            cast_view(cast_to, x, r),
                         );
                     }
-                    // fp32 compute weights on the host are the master weights themselves.
-                    if !target.same(&master) {
-                        write_compute_weights(&target, x, p);
+                    if let Some(target) = cast_to {
+                        // What the update's pass did not write: f32 targets, and the shard's
+                        // padding past the last tensor (no segment covers it).
+                        let mut from = 0;
+                        let mut spans: Vec<Range<usize>> = hypers
+                            .iter()
+                            .map(|(s, _)| s.offset..s.offset + s.len)
+                            .collect();
+                        spans.sort_by_key(|r| r.start);
+                        spans.push(g.len..g.len);
+                        for r in spans {
+                            let upto = if x == DType::F32 { r.end } else { r.start };
+                            if from < upto {
+                                write_compute_range(target, x, p, from..upto);
+                            }
+                            from = from.max(r.end);
+                        }
                     }
                 }
                 Ok(())
             }),
         )?;
         let updated = dev.record(Queue::Host)?;
+        self.grad_free[k] = Some(dev.record(Queue::Host)?);
         match (&self.params[k], slot) {
             (Some(ParamHome::Host(_)), _) => self.param_written[k] = Some(updated),
             (Some(ParamHome::Nvme), Some(s)) => {
@@ -1016,6 +1053,29 @@ pub struct OptimStates {
     pub v: Vec<f32>,
 }
 
+/// The elements `r` of 16-bit compute weights in `mem` (none for f32 or no target).
+///
+/// # Safety
+/// As [`HostMem::bytes_mut`]: nothing else uses `mem` meanwhile.
+unsafe fn cast_view(mem: Option<&HostMem>, x: DType, r: Range<usize>) -> crate::optim::Cast<'_> {
+    let Some(mem) = mem else {
+        return crate::optim::Cast::None;
+    };
+    // SAFETY: per this function's contract.
+    let bytes = unsafe { mem.bytes_mut() };
+    match x {
+        DType::Bf16 => {
+            let all: &mut [half::bf16] = bytemuck::cast_slice_mut(&mut bytes[..2 * r.end]);
+            crate::optim::Cast::Bf16(&mut all[r])
+        }
+        DType::F16 => {
+            let all: &mut [half::f16] = bytemuck::cast_slice_mut(&mut bytes[..2 * r.end]);
+            crate::optim::Cast::F16(&mut all[r])
+        }
+        _ => crate::optim::Cast::None,
+    }
+}
+
 /// Moments of a sub-group (their storage type) as f32 into `out`.
 ///
 /// # Safety
@@ -1063,17 +1123,17 @@ fn missing(what: &str) -> EngineError {
 }
 
 /// dst = src (copy) or dst += src.
-fn accumulate(dst: &mut [f32], src: &[f32], copy: bool) {
-    if copy {
-        dst.copy_from_slice(src);
-    } else {
-        crate::backend::cpu::add_into(dst, src);
-    }
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    use rayon::prelude::*;
+    dst.par_chunks_mut(NORM_CHUNK)
+        .zip(src.par_chunks(NORM_CHUNK))
+        .for_each(|(d, s)| crate::backend::cpu::add_into(d, s));
 }
 
 /// The gradient norm's partial sums of `x`, chunk by chunk (as optim::sum_of_squares).
 fn chunk_sums(x: &[f32]) -> Vec<f64> {
-    x.chunks(NORM_CHUNK)
+    use rayon::prelude::*;
+    x.par_chunks(NORM_CHUNK)
         .map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
         .collect()
 }
@@ -1105,23 +1165,32 @@ unsafe fn moments_view(
 /// # Safety
 /// As [`HostMem::bytes_mut`].
 unsafe fn write_compute_weights(mem: &HostMem, x: DType, values: &[f32]) {
+    // SAFETY: per this function's contract.
+    unsafe { write_compute_range(mem, x, values, 0..values.len()) }
+}
+
+/// `values[r]` rounded to `x` into elements `r` of `mem`.
+///
+/// # Safety
+/// As [`write_compute_weights`].
+unsafe fn write_compute_range(mem: &HostMem, x: DType, values: &[f32], r: Range<usize>) {
     use half::slice::HalfFloatSliceExt;
-    let n = values.len();
     // SAFETY: per this function's contract.
     let bytes = unsafe { mem.bytes_mut() };
+    let src = &values[r.clone()];
     match x {
         DType::Bf16 => {
-            let dst: &mut [half::bf16] = bytemuck::cast_slice_mut(&mut bytes[..2 * n]);
-            dst.convert_from_f32_slice(values);
+            let dst: &mut [half::bf16] = bytemuck::cast_slice_mut(&mut bytes[..2 * r.end]);
+            dst[r].convert_from_f32_slice(src);
         }
         DType::F16 => {
-            let dst: &mut [half::f16] = bytemuck::cast_slice_mut(&mut bytes[..2 * n]);
-            dst.convert_from_f32_slice(values);
+            let dst: &mut [half::f16] = bytemuck::cast_slice_mut(&mut bytes[..2 * r.end]);
+            dst[r].convert_from_f32_slice(src);
         }
         _ => {
-            let dst: &mut [f32] = bytemuck::cast_slice_mut(&mut bytes[..4 * n]);
+            let dst: &mut [f32] = bytemuck::cast_slice_mut(&mut bytes[..4 * r.end]);
             if dst.as_ptr() != values.as_ptr() {
-                dst.copy_from_slice(values);
+                dst[r].copy_from_slice(src);
             }
         }
     }

@@ -60,17 +60,94 @@ pub enum Moments<'a> {
     Bf16(&'a mut [half::bf16]),
 }
 
-/// One AdamW step with moments in either storage type (both the same type).
+/// Where the updated parameters also go, rounded to the compute type (the device's weights).
+pub enum Cast<'a> {
+    None,
+    Bf16(&'a mut [half::bf16]),
+    F16(&'a mut [half::f16]),
+}
+
+/// One chunk's share of a [`Cast`].
+enum CastChunk<'a> {
+    None,
+    Bf16(&'a mut [half::bf16]),
+    F16(&'a mut [half::f16]),
+}
+
+impl<'a> Cast<'a> {
+    /// The chunks of `CHUNK` elements of a cast of `n` elements (`n` None chunks for none).
+    fn chunks(self, n: usize) -> Vec<CastChunk<'a>> {
+        let count = n.div_ceil(CHUNK);
+        match self {
+            Cast::None => (0..count).map(|_| CastChunk::None).collect(),
+            Cast::Bf16(s) => s.chunks_mut(CHUNK).map(CastChunk::Bf16).collect(),
+            Cast::F16(s) => s.chunks_mut(CHUNK).map(CastChunk::F16).collect(),
+        }
+    }
+
+    fn len(&self) -> Option<usize> {
+        match self {
+            Cast::None => None,
+            Cast::Bf16(s) => Some(s.len()),
+            Cast::F16(s) => Some(s.len()),
+        }
+    }
+}
+
+impl CastChunk<'_> {
+    /// Rounds the chunk's updated parameters into it, while they are in cache.
+    fn write(self, p: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            CastChunk::None => {}
+            CastChunk::Bf16(out) => out.convert_from_f32_slice(p),
+            CastChunk::F16(out) => out.convert_from_f32_slice(p),
+        }
+    }
+}
+
+/// One AdamW step with moments in either storage type (both the same type), writing the updated
+/// parameters also to `cast` in the same pass over each chunk.
 pub fn adamw_update_any(
     params: &mut [f32],
     grads: &[f32],
     m: Moments<'_>,
     v: Moments<'_>,
     h: &AdamWHyper,
+    cast: Cast<'_>,
 ) {
+    assert!(cast.len().is_none_or(|n| n == params.len()));
+    let f = Factors::of(h);
+    let casts = cast.chunks(params.len());
     match (m, v) {
-        (Moments::F32(m), Moments::F32(v)) => adamw_update(params, grads, m, v, h),
-        (Moments::Bf16(m), Moments::Bf16(v)) => adamw_update_bf16(params, grads, m, v, h),
+        (Moments::F32(m), Moments::F32(v)) => {
+            assert!(
+                grads.len() == params.len() && m.len() == params.len() && v.len() == params.len()
+            );
+            params
+                .par_chunks_mut(CHUNK)
+                .zip(grads.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                .zip(casts)
+                .for_each(|(((p, g), (m, v)), out)| {
+                    adamw_chunk(p, g, m, v, h, &f);
+                    out.write(p);
+                });
+        }
+        (Moments::Bf16(m), Moments::Bf16(v)) => {
+            assert!(
+                grads.len() == params.len() && m.len() == params.len() && v.len() == params.len()
+            );
+            params
+                .par_chunks_mut(CHUNK)
+                .zip(grads.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                .zip(casts)
+                .for_each(|(((p, g), (m, v)), out)| {
+                    adamw_chunk_bf16(p, g, m, v, h, &f);
+                    out.write(p);
+                });
+        }
         _ => panic!("adamw_update_any: m and v must share a storage type"),
     }
 }
@@ -83,21 +160,32 @@ pub fn adamw_update_bf16(
     v: &mut [half::bf16],
     h: &AdamWHyper,
 ) {
-    assert!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
-    let f = Factors::of(h);
-    params
-        .par_chunks_mut(CHUNK)
-        .zip(grads.par_chunks(CHUNK))
-        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .for_each(|((p, g), (m, v))| {
-            for i in 0..p.len() {
-                // The update reads the f32 moments; they are stored rounded to bf16.
-                let (mut mi, mut vi) = (m[i].to_f32(), v[i].to_f32());
-                adamw_one(&mut p[i], g[i], &mut mi, &mut vi, h, &f);
-                m[i] = half::bf16::from_f32(mi);
-                v[i] = half::bf16::from_f32(vi);
-            }
-        });
+    adamw_update_any(
+        params,
+        grads,
+        Moments::Bf16(m),
+        Moments::Bf16(v),
+        h,
+        Cast::None,
+    );
+}
+
+/// One chunk with bf16-stored moments: the update reads the f32 moments; they are stored rounded
+/// to nearest.
+fn adamw_chunk_bf16(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [half::bf16],
+    v: &mut [half::bf16],
+    h: &AdamWHyper,
+    f: &Factors,
+) {
+    for i in 0..p.len() {
+        let (mut mi, mut vi) = (m[i].to_f32(), v[i].to_f32());
+        adamw_one(&mut p[i], g[i], &mut mi, &mut vi, h, f);
+        m[i] = half::bf16::from_f32(mi);
+        v[i] = half::bf16::from_f32(vi);
+    }
 }
 
 multiversion! {
