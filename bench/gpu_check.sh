@@ -22,6 +22,8 @@
 #                python3 torch_fsdp2_ref.py --config the same      FSDP2 + CPUOffloadPolicy, fused CPU AdamW
 #   offload-6.7b the same two for gpt-6.7b-offload-cpu.toml (6.65 B parameters; warm-up 1 + 3 steps)
 #   nvme-10b     strata-bench train gpt-10b-h100-nvme.toml, nvme_path set to $out/nvme (warm-up 1 + 1 step)
+#   trace-1.3b   strata-bench train gpt-1.3b-offload-cpu.toml --trace: a timeline of the copy streams and kernels
+#                (gpu compute / gpu h2d / gpu d2h tracks, CUDA events) beside the host queues, for ui.perfetto.dev
 #   torch-1.3b   python3 torch_gpt_ref.py                  plain PyTorch on the GPU: gpu-1.3b's reference
 # PyTorch rows are skipped when `import torch` fails. TFLOP/s are at the median step for both sides, with
 # FLOPs/token = 6·params + 12·n_layer·n_embd·seq_len. Targets: gpu-1.3b ≥ $STRATA_TFLOPS_TARGET TFLOP/s; the
@@ -199,8 +201,10 @@ offload_pair() { # ROW CONFIG STEPS BUDGET (each side)
         return
     fi
     if phase_time "${row}_strata" "$budget"; then
+        # --profile: one more step with the copy streams timed by CUDA events (their GB/s and busy time;
+        # the host cannot time them, so h2d_gbps / d2h_gbps come from it).
         run_json "${row}_strata" "$T" "$strata_bench" train --config "$cfg" --steps "$n" --warmup 1 --json \
-            --time-limit "$(soft_limit "$T")"
+            --time-limit "$(soft_limit "$T")" --profile
     fi
     if [ -z "$torch_ok" ]; then skip "${row}_torch" "no torch"
     elif phase_time "${row}_torch" "$budget"; then
@@ -222,6 +226,13 @@ elif phase_time nvme-10b_strata 300 40; then
         --set "offload_param.nvme_path=\"$nvme_dir\"" --set "offload_optimizer.nvme_path=\"$nvme_dir\"" \
         --time-limit "$(soft_limit "$T")"
     rm -rf "$nvme_dir"
+fi
+
+# trace-1.3b: a timeline of two CPU-offload steps (copy streams and kernels timed by CUDA events on the
+# gpu compute / gpu h2d / gpu d2h tracks, the host queues beside them) for ui.perfetto.dev; only with time left.
+if cfg_trace="$(find_file gpt-1.3b-offload-cpu.toml)" && phase_time trace-1.3b_strata 60 40; then
+    run_json trace-1.3b_strata "$T" "$strata_bench" train --config "$cfg_trace" --steps 2 --warmup 1 --json \
+        --trace "$out/offload-1.3b.trace.json" --time-limit "$(soft_limit "$T")"
 fi
 
 if [ -z "$torch_ok" ]; then skip torch-1.3b_torch "no torch"

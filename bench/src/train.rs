@@ -246,12 +246,32 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         let path = t.finish(engine.communicator())?;
         eprintln!("timeline written to {}", path.display());
     }
-    if let Some((stats, ops)) = &profile {
+    if let Some((stats, p)) = &profile {
+        let ops = &p.ops;
         let total: f64 = ops.iter().map(|o| o.ms).sum();
         row["profile"] = ops
             .iter()
             .map(|o| serde_json::json!({"op": o.op, "calls": o.calls, "ms": o.ms}))
             .collect();
+        // Copy streams timed on the device (CUDA): their rate while copying, and how much of
+        // the profiled step each was busy. They fill the rates the host cannot time there.
+        row["profile_copies"] = p
+            .copies
+            .iter()
+            .map(|c| {
+                serde_json::json!({"queue": c.queue.name(), "calls": c.calls, "bytes": c.bytes,
+                    "busy_ms": c.busy_ms, "gbps": c.gbps(), "busy_fraction": c.busy_ms / stats.step_ms.max(1e-9)})
+            })
+            .collect();
+        for c in &p.copies {
+            let key = match c.queue {
+                strata::backend::Queue::D2h => "d2h_gbps",
+                _ => "h2d_gbps",
+            };
+            if row[key].is_null() {
+                row[key] = serde_json::json!(c.gbps());
+            }
+        }
         if !args.json {
             println!(
                 "profile of one step ({:.1} ms wall, {total:.1} ms on the compute queue):",
@@ -265,6 +285,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                     100.0 * o.ms / total.max(1e-9),
                     o.calls,
                     o.op
+                );
+            }
+            for c in &p.copies {
+                println!(
+                    "{} copies: {} calls, {:.1} MB in {:.2} ms = {:.1} GB/s, busy {:.0}% of the step",
+                    c.queue.name(),
+                    c.calls,
+                    c.bytes as f64 / 1e6,
+                    c.busy_ms,
+                    c.gbps(),
+                    100.0 * c.busy_ms / stats.step_ms.max(1e-9)
                 );
             }
         }

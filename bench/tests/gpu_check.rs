@@ -238,6 +238,7 @@ fn every_row_with_ratio_target_and_verdict_and_the_json_lines() {
             "offload-1.3b/torch",
             "offload-6.7b/strata",
             "offload-6.7b/torch",
+            "trace-1.3b/strata",
             "torch-1.3b/torch"
         ]
     );
@@ -259,7 +260,8 @@ fn every_row_with_ratio_target_and_verdict_and_the_json_lines() {
         .find(|l| l.starts_with("strata-bench") && l.contains("gpt-1.3b-offload-cpu.toml"))
         .expect("strata 1.3B offload call");
     assert!(
-        strata_13.contains("--steps 5 --warmup 1 --json --time-limit "),
+        strata_13.contains("--steps 5 --warmup 1 --json --time-limit ")
+            && strata_13.contains("--profile"),
         "{strata_13}"
     );
     assert!(r.stdout.contains("profile of one step") || !has_python3());

@@ -47,9 +47,12 @@ pub const INSTANT_TARGET: &str = "strata::trace";
 
 /// The track of CUDA kernel times.
 pub const GPU_COMPUTE_TRACK: &str = "gpu compute";
+/// The tracks of CUDA copy times (host to device, device to host), during a profiled step.
+pub const GPU_H2D_TRACK: &str = "gpu h2d";
+pub const GPU_D2H_TRACK: &str = "gpu d2h";
 
 /// Tracks in the order they are shown; others follow.
-const TRACK_ORDER: [&str; 9] = [
+const TRACK_ORDER: [&str; 11] = [
     "host",
     "compute",
     "h2d",
@@ -59,6 +62,8 @@ const TRACK_ORDER: [&str; 9] = [
     "fetch",
     "optimizer",
     GPU_COMPUTE_TRACK,
+    GPU_H2D_TRACK,
+    GPU_D2H_TRACK,
 ];
 
 #[derive(Debug, thiserror::Error)]

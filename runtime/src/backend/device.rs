@@ -217,6 +217,31 @@ pub struct OpTime {
     pub ms: f64,
 }
 
+/// Copies of one queue during a profiled step (CUDA: timed with events on their stream; the CPU
+/// backend's copies are timed by the engine's traffic counters instead).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CopyTime {
+    pub queue: Queue,
+    pub calls: usize,
+    pub bytes: u64,
+    /// Milliseconds the queue spent copying (sum of the copies' own times).
+    pub busy_ms: f64,
+}
+
+impl CopyTime {
+    /// GB/s while copying.
+    pub fn gbps(&self) -> f64 {
+        self.bytes as f64 / (self.busy_ms.max(1e-9) * 1e6)
+    }
+}
+
+/// A profiled step: the compute queue's time per operation, largest first, and the copies.
+#[derive(Clone, Debug, Default)]
+pub struct StepProfile {
+    pub ops: Vec<OpTime>,
+    pub copies: Vec<CopyTime>,
+}
+
 /// Adds one timed call of `op` to a profile table.
 pub fn charge(table: &mut Vec<OpTime>, op: &'static str, ms: f64) {
     match table.iter_mut().find(|t| t.op == op) {
@@ -444,8 +469,9 @@ pub trait Device: Send + Sync {
     // --- profiling ---------------------------------------------------------------------------
     /// Starts timing every operation on the compute queue.
     fn profile_start(&self) -> Result<()>;
-    /// Closes the profile (after the compute queue drains): time per operation, largest first.
-    fn profile_finish(&self) -> Result<Vec<OpTime>>;
+    /// Closes the profile (after the compute queue drains): time per operation, largest first,
+    /// and the copies' time where the backend times them.
+    fn profile_finish(&self) -> Result<StepProfile>;
 
     // --- layer operations (Queue::Compute) ---------------------------------------------------
     /// out (B,T,C) X = wte[inp] + wpe[t]; inp (B,T) i32, wte (≥V,C) X, wpe (≥T,C) X.

@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::walk::HeadMode;
 use super::zero::{clip_segments, Home};
 use super::{BatchError, Engine, EngineError, StepStats};
-use crate::backend::{AdamWHyper, Buf, OpTime, Precision, Queue};
+use crate::backend::{AdamWHyper, Buf, Precision, Queue, StepProfile};
 use crate::model::Batch;
 use crate::optim::{clip_scale, lr_at, StepDecision};
 
@@ -286,7 +286,7 @@ impl Engine {
     pub fn train_step_profiled(
         &mut self,
         batches: &[Batch],
-    ) -> Result<(StepStats, Vec<OpTime>), EngineError> {
+    ) -> Result<(StepStats, StepProfile), EngineError> {
         self.dev.profile_start()?;
         let stats = self.train_step(batches);
         // Closed whatever the step returned, so a failed step leaves no profile open.

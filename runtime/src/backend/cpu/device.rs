@@ -17,8 +17,8 @@ use crate::backend::arena::{Location, Memory, ARENA_ALIGN_BYTES};
 use crate::backend::host_queue::HostQueue;
 use crate::backend::{
     check, check_min, ensure, AdamWHyper, Arena, AttentionActs, AttentionScratch, AttentionShape,
-    Backend, Buf, DType, Device, DeviceError, Event, EventKind, GradMode, HostJob, OpTime,
-    Precision, Queue, Result, NORM_PARTIALS_MAX,
+    Backend, Buf, DType, Device, DeviceError, Event, EventKind, GradMode, HostJob, Precision,
+    Queue, Result, StepProfile, NORM_PARTIALS_MAX,
 };
 
 /// Start-up options of a [`CpuDevice`].
@@ -472,8 +472,11 @@ impl Device for CpuDevice {
         Ok(())
     }
 
-    fn profile_finish(&self) -> Result<Vec<OpTime>> {
-        self.queue(Queue::Compute).profile_finish()
+    fn profile_finish(&self) -> Result<StepProfile> {
+        Ok(StepProfile {
+            ops: self.queue(Queue::Compute).profile_finish()?,
+            copies: Vec::new(),
+        })
     }
 
     fn encoder_forward(

@@ -17,8 +17,8 @@ use super::context::{GpuContext, GpuOptions, Stream};
 use crate::backend::host_queue::HostQueue;
 use crate::backend::{
     ensure, AdamWHyper, Arena, AttentionActs, AttentionScratch, AttentionShape, Backend, Buf,
-    DType, Device, DeviceError, Event, EventKind, GradMode, HostJob, OpTime, Precision, Queue,
-    Result,
+    DType, Device, DeviceError, Event, EventKind, GradMode, HostJob, Precision, Queue, Result,
+    StepProfile,
 };
 
 /// cuBLAS workspace carved from the arena.
@@ -238,14 +238,22 @@ impl Device for CudaDevice {
 
     unsafe fn copy_h2d(&self, queue: Queue, dst: &Buf, src: &[u8]) -> Result<()> {
         let s = device_stream(queue, "copy_h2d")?;
-        // SAFETY: the caller upholds copy_h2d's contract (src lives until the copy completes).
-        unsafe { self.gpu.copy_h2d(s, dst, src) }.map_err(Into::into)
+        self.gpu.timed_copy(queue, s, src.len(), || {
+            // SAFETY: the caller upholds copy_h2d's contract (src lives until the copy
+            // completes).
+            unsafe { self.gpu.copy_h2d(s, dst, src) }
+        })?;
+        Ok(())
     }
 
     unsafe fn copy_d2h(&self, queue: Queue, dst: &mut [u8], src: &Buf) -> Result<()> {
         let s = device_stream(queue, "copy_d2h")?;
-        // SAFETY: the caller upholds copy_d2h's contract (dst untouched until completion).
-        unsafe { self.gpu.copy_d2h(s, dst, src) }.map_err(Into::into)
+        let bytes = dst.len();
+        self.gpu.timed_copy(queue, s, bytes, || {
+            // SAFETY: the caller upholds copy_d2h's contract (dst untouched until completion).
+            unsafe { self.gpu.copy_d2h(s, dst, src) }
+        })?;
+        Ok(())
     }
 
     fn copy_d2d(&self, queue: Queue, dst: &Buf, src: &Buf) -> Result<()> {
@@ -345,7 +353,7 @@ impl Device for CudaDevice {
         Ok(self.gpu.profile_start()?)
     }
 
-    fn profile_finish(&self) -> Result<Vec<OpTime>> {
+    fn profile_finish(&self) -> Result<StepProfile> {
         Ok(self.gpu.profile_finish()?)
     }
 
