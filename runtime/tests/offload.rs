@@ -215,6 +215,43 @@ fn run_world(world: usize) {
     );
 }
 
+/// Without clipping (and without fp16's loss scale) the host optimizer steps each resident
+/// sub-group as its gradient arrives, during backward: still bitwise the device optimizer's run.
+fn early_adamw_world(world: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let no_clip = ["--set", "optim.grad_clip=0.0"];
+    let reference = train(dir.path(), "device", world, "none", "none", &no_clip);
+    for (name, params, optimizer, extra) in [
+        ("p-none-o-cpu", "none", "cpu", &[][..]),
+        ("p-cpu-o-cpu", "cpu", "cpu", &[][..]),
+        (
+            "split",
+            "none",
+            "nvme",
+            &["--set", "offload_optimizer.host_fraction=0.5"][..],
+        ),
+    ] {
+        let mut args = no_clip.to_vec();
+        args.extend_from_slice(extra);
+        let run = train(dir.path(), name, world, params, optimizer, &args);
+        assert_bitwise(
+            &reference,
+            &run,
+            &format!("world {world}, {name}, no clipping"),
+        );
+    }
+}
+
+#[test]
+fn adamw_during_backward_trains_bitwise_alike_at_world_1() {
+    early_adamw_world(1);
+}
+
+#[test]
+fn adamw_during_backward_trains_bitwise_alike_at_world_2() {
+    early_adamw_world(2);
+}
+
 /// A DeepSpeed ZeRO-Infinity JSON (`--deepspeed`) trains exactly as the TOML keys it maps to.
 #[test]
 fn a_deepspeed_config_trains_as_its_toml() {

@@ -345,3 +345,49 @@ fn two_offloaded_ranks_show_every_queue() {
         }
     }
 }
+
+/// Without clipping the host optimizer steps each sub-group as its gradient arrives: on the
+/// optimizer track, AdamW slices start before the step's last gradient intake. With clipping it
+/// waits for the global norm, so every AdamW of the step follows every intake.
+#[test]
+fn without_clipping_host_adamw_starts_during_backward() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (clip, early) in [("0.0", true), ("1.0", false)] {
+        let trace = dir.path().join(format!("clip-{clip}.json"));
+        train(
+            &[
+                "--steps",
+                "2",
+                "--set",
+                "model.n_layer=4",
+                "--set",
+                "offload_param.device=\"none\"",
+                "--set",
+                "offload_optimizer.device=\"cpu\"",
+                "--set",
+                "zero.param_persistence_threshold=0",
+                "--set",
+                &format!("optim.grad_clip={clip}"),
+            ],
+            &trace,
+        );
+        let t = Timeline::read(&trace);
+        // The first step's intakes: the first half of the run's (two steps of the same units).
+        let all: Vec<&Slice> = t.named(0, "optimizer", "gradient intake").collect();
+        let intakes = &all[..all.len() / 2];
+        let updates: Vec<&Slice> = t.named(0, "optimizer", "host adamw").collect();
+        assert!(
+            all.len() % 2 == 0 && intakes.len() > 1 && !updates.is_empty(),
+            "clip {clip}: {} intakes, {} updates",
+            all.len(),
+            updates.len()
+        );
+        let last_intake = intakes.iter().map(|s| s.ts).fold(f64::MIN, f64::max);
+        let first_update = updates.iter().map(|s| s.ts).fold(f64::MAX, f64::min);
+        assert_eq!(
+            first_update < last_intake,
+            early,
+            "clip {clip}: first AdamW at {first_update} µs, last intake at {last_intake} µs"
+        );
+    }
+}

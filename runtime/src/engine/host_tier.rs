@@ -61,6 +61,18 @@ struct HostStates {
     v: HostMem,
 }
 
+/// A step whose AdamW may start during backward (no clipping and no fp16 loss scale, so each
+/// sub-group's update needs only its own gradient): everything the update of a sub-group needs,
+/// given before the step's backward.
+pub struct EarlyStep {
+    /// The step's hyperparameters without and with weight decay.
+    pub hyper: [AdamWHyper; 2],
+    pub shards: Vec<Shard>,
+    pub segments: Vec<Vec<AdamSegment>>,
+    /// Per unit: the device shard its updated compute weights go to, if any.
+    pub device_params: Vec<Option<Buf>>,
+}
+
 /// Where a sub-group's compute weights live off the device.
 enum ParamHome {
     /// Host memory (fp32 compute weights share the master weights' buffer).
@@ -286,6 +298,9 @@ pub struct HostTier {
     grads: Vec<HostMem>,
     /// Per sub-group: when the optimizer has read its gradient (the next intake overwrites it).
     grad_free: Vec<Option<Event>>,
+    /// This step's early AdamW, and per sub-group whether it already ran.
+    early: Option<EarlyStep>,
+    stepped: Vec<bool>,
     /// Per sub-group, with the parameters off the device.
     params: Vec<Option<ParamHome>>,
     /// NVMe optimizer: sub-groups in flight (master, m, v each); the sub-group at
@@ -492,6 +507,8 @@ impl HostTier {
             unit_groups,
             states,
             grad_free: (0..groups.len()).map(|_| None).collect(),
+            early: None,
+            stepped: vec![false; groups.len()],
             grads,
             params,
             opt_sets,
@@ -665,6 +682,17 @@ impl HostTier {
             if let (Some((s, _)), Some(intake)) = (slot, self.intake.as_mut()) {
                 intake.released[s] = Some(dev.record(Queue::Host)?);
             }
+            // Its gradient complete, a resident sub-group is stepped now, during backward.
+            if last && self.states[k].is_some() {
+                if let Some(early) = &self.early {
+                    let hypers = self.hypers(k, &early.shards, &early.segments, &|d| {
+                        early.hyper[usize::from(d)]
+                    });
+                    let device_params = early.device_params[unit].clone();
+                    self.adamw(dev, k, hypers, device_params, true)?;
+                    self.stepped[k] = true;
+                }
+            }
         }
         Ok(dev.record(Queue::D2h)?)
     }
@@ -710,17 +738,16 @@ impl HostTier {
             *done = Some(self.read_set(dev, on_nvme[i])?);
         }
         for &k in &order {
+            if std::mem::take(&mut self.stepped[k]) {
+                continue;
+            }
             let g = self.groups[k];
-            let shard = &shards[g.unit];
-            let abs = shard.range().start + g.start;
-            let segs = clip_segments(&segments[g.unit], &(abs..abs + g.len));
-            let hypers: Vec<(AdamSegment, AdamWHyper)> =
-                segs.into_iter().map(|s| (s, hyper(s.decay))).collect();
+            let hypers = self.hypers(k, shards, segments, hyper);
             let nvme = self.states[k].is_none().then(|| self.position[k]);
             if let Some(e) = nvme.and_then(|i| read[i].take()) {
                 dev.wait(Queue::Host, &e)?;
             }
-            self.adamw(dev, k, hypers, device_params(g.unit))?;
+            self.adamw(dev, k, hypers, device_params(g.unit), false)?;
             if let Some(i) = nvme {
                 self.write_set(dev, k)?;
                 if let Some(&next) = on_nvme.get(i + sets) {
@@ -728,7 +755,31 @@ impl HostTier {
                 }
             }
         }
+        self.early = None;
         Ok(())
+    }
+
+    /// Lets this step's AdamW start during backward: each resident sub-group is stepped as its
+    /// last gradient arrives (`intake_grads`), the others in [`HostTier::step`], which ends it.
+    pub fn begin_early_step(&mut self, early: EarlyStep) {
+        self.stepped.iter_mut().for_each(|s| *s = false);
+        self.early = Some(early);
+    }
+
+    /// The AdamW segments of sub-group `k` with their hyperparameters.
+    fn hypers(
+        &self,
+        k: usize,
+        shards: &[Shard],
+        segments: &[Vec<AdamSegment>],
+        hyper: &dyn Fn(bool) -> AdamWHyper,
+    ) -> Vec<(AdamSegment, AdamWHyper)> {
+        let g = self.groups[k];
+        let abs = shards[g.unit].range().start + g.start;
+        clip_segments(&segments[g.unit], &(abs..abs + g.len))
+            .into_iter()
+            .map(|s| (s, hyper(s.decay)))
+            .collect()
     }
 
     fn set_of(&self, k: usize) -> Result<&HostStates, EngineError> {
@@ -805,8 +856,13 @@ impl HostTier {
         k: usize,
         hypers: Vec<(AdamSegment, AdamWHyper)>,
         device_params: Option<Buf>,
+        early: bool,
     ) -> Result<(), EngineError> {
         let g = self.groups[k];
+        // Early (before the global norm is known): a unit whose gradient is not finite is left
+        // as it is, so the step's non-finite norm stops the run before anything is updated
+        // with it.
+        let guard = early.then(|| (Arc::clone(&self.shared), g.unit));
         let set = self.set_of(k)?;
         let (master, m, v) = (set.master.clone(), set.m.clone(), set.v.clone());
         let grad = self
@@ -834,6 +890,9 @@ impl HostTier {
             Queue::Host,
             "host adamw",
             Box::new(move || {
+                let update = guard.as_ref().is_none_or(|(shared, unit)| {
+                    shared.lock_partials()[*unit].iter().all(|p| p.is_finite())
+                });
                 // SAFETY: the host queue waited for the reads of this sub-group's states (NVMe),
                 // the intake of its gradient, and the last use of `target`; nothing else touches
                 // them until the events recorded after this job.
@@ -842,6 +901,13 @@ impl HostTier {
                     // fp32 compute weights on the host are the master weights themselves;
                     // 16-bit ones are rounded in the update's pass over each chunk.
                     let cast_to = (!target.same(&master)).then_some(&target);
+                    if !update {
+                        // The weights as they are, so the target holds them whatever it held.
+                        if let Some(target) = cast_to {
+                            write_compute_weights(target, x, p);
+                        }
+                        return Ok(());
+                    }
                     for (seg, h) in &hypers {
                         let r = seg.offset..seg.offset + seg.len;
                         crate::optim::adamw_update_any(

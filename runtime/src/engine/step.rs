@@ -195,16 +195,8 @@ impl Engine {
         }
         // torch's clip factor (with its +1e-6), then the loss scale removed.
         let grad_scale = clip_scale(grad_norm, o.grad_clip) / loss_scale;
-        let step = u32::try_from(self.step + 1).unwrap_or(u32::MAX);
-        let hyper = |decay: bool| AdamWHyper {
-            lr,
-            beta1: o.betas[0],
-            beta2: o.betas[1],
-            eps: o.eps,
-            weight_decay: if decay { o.weight_decay } else { 0.0 },
-            step,
-            grad_scale,
-        };
+        let hypers = [false, true].map(|decay| self.adam_hyper(lr, grad_scale, decay));
+        let hyper = |decay: bool| hypers[usize::from(decay)];
         if let Some(tier) = self.host.as_mut() {
             if self.states.iter().all(|s| s.optim.is_none()) {
                 let shards: Vec<_> = self.states.iter().map(|s| s.shard).collect();
@@ -250,10 +242,51 @@ impl Engine {
         Ok((grad_norm, lr))
     }
 
+    /// AdamW's hyperparameters of the coming step.
+    fn adam_hyper(&self, lr: f32, grad_scale: f32, decay: bool) -> AdamWHyper {
+        let o = &self.config.optim;
+        AdamWHyper {
+            lr,
+            beta1: o.betas[0],
+            beta2: o.betas[1],
+            eps: o.eps,
+            weight_decay: if decay { o.weight_decay } else { 0.0 },
+            step: u32::try_from(self.step + 1).unwrap_or(u32::MAX),
+            grad_scale,
+        }
+    }
+
+    /// With the optimizer on the host, no clipping and no fp16 loss scale, each sub-group's
+    /// update needs only its own gradient: the host tier may then step resident sub-groups
+    /// during backward, as their gradients arrive.
+    fn begin_early_step(&mut self) {
+        let o = &self.config.optim;
+        let early = o.grad_clip <= 0.0
+            && self.dev.precision() != Precision::Fp16
+            && self.states.iter().all(|s| s.optim.is_none());
+        if !early || self.host.is_none() {
+            return;
+        }
+        let lr = lr_at(o, self.step, self.config.train.steps);
+        // As optimizer_step computes it: clip_scale is exactly 1 without clipping.
+        let grad_scale = clip_scale(0.0, o.grad_clip) / self.scaler.scale();
+        let hyper = [false, true].map(|decay| self.adam_hyper(lr, grad_scale, decay));
+        let early = super::host_tier::EarlyStep {
+            hyper,
+            shards: self.states.iter().map(|s| s.shard).collect(),
+            segments: self.segments.clone(),
+            device_params: self.states.iter().map(|s| s.params_shard.clone()).collect(),
+        };
+        if let Some(tier) = self.host.as_mut() {
+            tier.begin_early_step(early);
+        }
+    }
+
     /// One optimizer step over `batches` (the micro-batches of gradient accumulation).
     pub fn train_step(&mut self, batches: &[Batch]) -> Result<StepStats, EngineError> {
         let start = Instant::now();
         let step = self.step;
+        self.begin_early_step();
         let loss = self.forward_backward(batches)?;
         if !loss.is_finite() {
             return Err(EngineError::NonFinite {
