@@ -313,11 +313,16 @@ fn describe_run(config: &Config, engine: &Engine) -> String {
         config.data.micro_batch_size * config.model.seq_len * config.data.grad_accum_steps * world;
     let placement = engine.placement();
     format!(
-        "GPT-2, {} params | {device} | {ranks} | {}: parameters on {}, optimizer states and gradients on {} | {tokens_per_step} tokens per step",
+        "GPT-2, {} params | {device} | {ranks} | {}: parameters on {}, optimizer states on {}, gradients on {} | {tokens_per_step} tokens per step",
         format_count(engine.num_params()),
         describe_stage(engine.zero_stage()),
         placement.tiers.params.name(),
-        placement.optimizer_where()
+        placement.optimizer_where(),
+        // An offloaded optimizer sums its gradients in host memory.
+        match placement.tiers.optimizer {
+            crate::engine::placement::Tier::Device => "device",
+            _ => "cpu",
+        }
     )
 }
 

@@ -214,7 +214,7 @@ fn the_log_is_short_plain_and_counts_steps_like_the_metrics() {
         "GPT-2, 0.02M params",
         "cpu, fp32",
         "1 rank",
-        "stage 3 (parameters, gradients and optimizer states sharded): parameters on nvme, optimizer states and gradients on nvme",
+        "stage 3 (parameters, gradients and optimizer states sharded): parameters on nvme, optimizer states on nvme, gradients on cpu",
     ] {
         assert!(
             summary[0].contains(part),
