@@ -352,6 +352,9 @@ fn does_not_fit(e: DeviceError, ledger: &[(&'static str, usize)], config: &Confi
     if !config.train.activation_checkpointing {
         advice.push("set train.activation_checkpointing = true".into());
     }
+    if config.train.attention == crate::backend::AttentionMode::Materialized {
+        advice.push("set train.attention = \"fused\" (no attention scores in memory)".into());
+    }
     if limit == "train.device_memory" {
         advice.push("raise train.device_memory".into());
     }
@@ -475,6 +478,7 @@ fn lay_out(
         t,
         x: sizes.x,
         checkpointing: config.train.activation_checkpointing,
+        attention: config.train.attention,
     };
     Ok(Laid {
         units,
@@ -647,6 +651,7 @@ fn plan_pools(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::AttentionMode;
     use crate::data::Loader;
 
     /// An embedding larger than a block (as in every real GPT-2: 38.6M vs 7.1M elements in the
@@ -669,5 +674,59 @@ mod tests {
         assert!((first - 4000f32.ln()).abs() < 0.1, "{first}");
         loader.fill(&mut batch[0]).unwrap();
         assert!(engine.train_step(&batch).unwrap().loss.is_finite());
+    }
+
+    /// The dry run of GPT-2 124M's shapes at T = 1024: the fused mode's arena is smaller by the
+    /// (B,NH,T,T) scores of the forward's activations and of the backward's scratch (one set of
+    /// each per workspace), plus the per-head copies of q, k, v and of the output and its
+    /// gradient that the materialized mode keeps, less the fused mode's row statistics.
+    #[test]
+    fn fused_attention_plans_less_device_memory_by_the_scores() {
+        let mut config = Config::default();
+        config.model.n_layer = 2;
+        config.model.n_head = 12;
+        config.model.n_embd = 768;
+        config.model.vocab_size = 512;
+        config.model.seq_len = 1024;
+        config.data.micro_batch_size = 2;
+        for (backend, checkpointing) in [
+            (Backend::Cpu, true),
+            (Backend::Cpu, false),
+            (Backend::Cuda, true),
+        ] {
+            config.train.activation_checkpointing = checkpointing;
+            let caps = placement::Capacities::of_this_machine(&config, backend);
+            let device_bytes = |mode: AttentionMode| {
+                let mut config = config.clone();
+                config.train.attention = mode;
+                plan_placements(&config, 1, backend, &caps).unwrap()[0]
+                    .0
+                    .device_bytes
+            };
+            let fused = device_bytes(AttentionMode::Fused);
+            let materialized = device_bytes(AttentionMode::Materialized);
+            let m = &config.model;
+            let (b, t, c, nh) = (2u64, m.seq_len as u64, m.n_embd as u64, m.n_head as u64);
+            let x = resolve_precision(config.train.precision, backend)
+                .unwrap()
+                .dtype()
+                .size_bytes() as u64;
+            // Sets of block activations: one with checkpointing, one per block without; and
+            // one block scratch.
+            let sets = if checkpointing { 1 } else { m.n_layer as u64 } + 1;
+            let scores = b * nh * t * t * x;
+            let expected = sets * (scores + 4 * b * t * c * x - b * nh * t * 4);
+            let saved = materialized - fused;
+            println!(
+                "{} checkpointing={checkpointing}: materialized {materialized} B, fused {fused} B, saved {saved} B, scores {scores} B x {sets}",
+                backend.name()
+            );
+            assert!(saved >= sets * scores, "saved {saved} < {sets} x {scores}");
+            // Within the arena's 256-byte alignment of each of the (up to 3) buffers per set.
+            assert!(
+                saved.abs_diff(expected) <= sets * 3 * 256,
+                "saved {saved}, expected {expected}"
+            );
+        }
     }
 }

@@ -439,10 +439,13 @@ fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
     let (b, t, c) = (s.b, s.t, s.c);
     let qkv = h.rand_x(b * t * 3 * c, 1.0);
     let d_qkv = h.put_x(&qkv)?;
-    let acts = AttentionActs {
+    let acts = AttentionActs::Materialized {
         qkvr: h.poisoned(x, s.qkvr_len())?,
         att: h.poisoned(x, s.scores_len())?,
         vaccum: h.poisoned(x, b * t * c)?,
+    };
+    let AttentionActs::Materialized { att: d_att, .. } = &acts else {
+        unreachable!("made materialized just above")
     };
     let d_out = h.poisoned(x, b * t * c)?;
     h.gpu.attention_forward(&d_out, &acts, &d_qkv, s)?;
@@ -450,11 +453,11 @@ fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
     let (mut qkvr, mut vaccum) = (vec![0.0; s.qkvr_len()], vec![0.0; b * t * c]);
     cpu::attention_forward(&mut out, &mut qkvr, &mut att, &mut vaccum, &qkv, s);
     h.compare("attention_forward/out", &d_out, &out, 2)?;
-    h.compare("attention_forward/att", &acts.att, &att, 1)?;
+    h.compare("attention_forward/att", d_att, &att, 1)?;
 
     let dout = h.rand_x(b * t * c, 1.0);
     let d_dout = h.put_x(&dout)?;
-    let scratch = AttentionScratch {
+    let scratch = AttentionScratch::Materialized {
         dqkvr: h.poisoned(x, s.qkvr_len())?,
         datt: h.poisoned(x, s.scores_len())?,
         dvaccum: h.poisoned(x, b * t * c)?,
@@ -462,9 +465,9 @@ fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
     let mut dqkv = h.rand_x(b * t * 3 * c, 1.0);
     let d_dqkv = h.put_x(&dqkv)?;
     h.gpu
-        .attention_backward(&d_dqkv, &d_dout, &acts, &scratch, s)?;
+        .attention_backward(&d_dqkv, &d_dout, &d_qkv, &d_out, &acts, &scratch, s)?;
     // The reference uses the GPU's (rounded) att so only the backward's own error is measured.
-    let att_x = h.get(&acts.att)?;
+    let att_x = h.get(d_att)?;
 
     let (mut datt, mut dqkvr) = (vec![0.0; s.scores_len()], vec![0.0; s.qkvr_len()]);
     let mut dvaccum = vec![0.0; b * t * c];
