@@ -25,8 +25,10 @@ use crate::backend::AttentionShape;
 use rayon::prelude::*;
 
 /// Query rows and keys per tile (query and key tiles are aligned, so only the diagonal tile
-/// of a query tile is masked).
-pub const TILE: usize = 64;
+/// of a query tile is masked). On 2 cores at GPT-2 124M's shapes (B=4, T=1024, NH=12, HS=64)
+/// 128 is the fastest: forward level with the materialized attention, backward 1.24× (it
+/// recomputes Q·Kᵀ); 64 is 1.3× slower overall, 32 1.8×.
+pub const TILE: usize = 128;
 
 /// A slice that several tasks write at once, each only at elements no other task touches.
 #[derive(Clone, Copy)]

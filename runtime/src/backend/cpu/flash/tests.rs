@@ -67,16 +67,22 @@ fn run_both(s: AttentionShape, seed: u64) -> Both {
 fn fused_matches_materialized_forward_and_backward() {
     // (B, T, C, NH): T = 1, T below, at and past one tile and not a multiple of it, several
     // tiles with a ragged last one; head sizes 1, 4, 8, 16, 32, 64, 128.
+    const {
+        assert!(
+            TILE == 128,
+            "the shapes below are chosen around tiles of 128"
+        )
+    };
     let shapes = [
         (1, 1, 8, 2),
         (2, 3, 4, 4),
-        (1, 63, 16, 2),
-        (2, 64, 24, 3),
-        (1, 65, 32, 1),
+        (1, 127, 16, 2),
+        (2, 128, 24, 3),
+        (1, 129, 32, 1),
         (2, 130, 48, 6),
-        (1, 200, 64, 1),
-        (1, 257, 128, 1),
-        (3, 150, 96, 3),
+        (1, 300, 64, 1),
+        (1, 385, 128, 1),
+        (3, 257, 96, 3),
     ];
     for (i, (b, t, c, nh)) in shapes.into_iter().enumerate() {
         let s = AttentionShape { b, t, c, nh };
@@ -131,10 +137,11 @@ fn logsumexp_is_that_of_the_visible_scaled_scores() {
 
 #[test]
 fn fused_backward_matches_finite_differences() {
-    // T = 70 spans two tiles of 64, so the tile boundary is exercised.
+    // T = 140 spans two tiles of 128, so the tile boundary is exercised.
+    const { assert!(140 > TILE && 140 < 2 * TILE) };
     let s = AttentionShape {
         b: 2,
-        t: 70,
+        t: 140,
         c: 8,
         nh: 2,
     };
