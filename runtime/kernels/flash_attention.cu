@@ -23,6 +23,9 @@
 //   16-byte aligned rows; D = 32, 64, 96, 128. 4 warps, 16 rows (or keys) per warp.
 //   In the fp32 build these entry points exist but trap: the launcher never picks them there.
 // - *_scalar: fp32 CUDA cores, any HS <= 128 and any floatX (the fp32 build; the fallback).
+//
+// runtime/kernels/emu runs every kernel here on the host (a std::thread per CUDA thread, mma.sync
+// computed from its fragments) against a double-precision reference: tests/flash_emu.rs.
 
 #define FLASH_LOG2E 1.4426950408889634f
 #define FLASH_LN2 0.6931471805599453f
