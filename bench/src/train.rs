@@ -212,6 +212,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "peak_rss_bytes": strata::train::peak_rss_bytes(),
         "precision": format!("{:?}", config.train.precision).to_lowercase(),
         "activation_checkpointing": config.train.activation_checkpointing,
+        "attention": config.train.attention.name(),
         "threads": if config.train.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { config.train.threads },
         "init_s": init_s,
         "ms_per_step": secs * 1e3 / timed.len().max(1) as f64,

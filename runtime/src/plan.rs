@@ -149,6 +149,9 @@ fn describe(why: &Misfit, config: &Config) -> String {
             if !config.train.activation_checkpointing {
                 advice.push("set train.activation_checkpointing = true".into());
             }
+            if config.train.attention == crate::backend::AttentionMode::Materialized {
+                advice.push("set train.attention = \"fused\"".into());
+            }
             if config.zero.stage < 3 {
                 advice.push("set zero.stage = 3".into());
             }

@@ -12,7 +12,7 @@
 //! 4. a one-rank NCCL all_reduce through strata-collectives with a closed-form check.
 
 use crate::backend::cuda;
-use crate::backend::Precision;
+use crate::backend::{AttentionMode, Precision};
 use crate::config::{Config, DeviceKind};
 use crate::data::Loader;
 use crate::engine::Engine;
@@ -192,6 +192,28 @@ fn cpu_checks(report: &mut Report) {
         }
         Err(e) => report.error("cpu/checkpointing on vs off", e),
     }
+    // The fused attention against the materialized one: the same math in another order.
+    let mut materialized = config.clone();
+    materialized.train.attention = AttentionMode::Materialized;
+    match Engine::from_config(materialized.clone())
+        .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
+        .and_then(|mut engine| self::losses(&mut engine, &materialized, short))
+    {
+        Ok(other) => {
+            let diff = other
+                .iter()
+                .zip(&losses)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            report.check(
+                "cpu/attention fused vs materialized, 5 steps |dloss|",
+                format!("{diff:.2e}"),
+                "<= 1e-5".into(),
+                diff <= 1e-5 && other.len() == short,
+            );
+        }
+        Err(e) => report.error("cpu/attention fused vs materialized", e),
+    }
     let expected = (config.model.vocab_size as f32).ln();
     let first = losses.first().copied().unwrap_or(f32::NAN);
     report.check(
@@ -216,9 +238,10 @@ fn gpu_checks(report: &mut Report) {
     for precision in [Precision::Fp32, Precision::Bf16] {
         gradient_parity(report, precision);
     }
-    training_parity(report, Precision::Fp32, false);
-    training_parity(report, Precision::Bf16, true);
-    let (_, bf16) = parity_configs(Precision::Bf16, true);
+    training_parity(report, Precision::Fp32, false, AttentionMode::Fused);
+    training_parity(report, Precision::Bf16, true, AttentionMode::Fused);
+    training_parity(report, Precision::Bf16, false, AttentionMode::Materialized);
+    let (_, bf16) = parity_configs(Precision::Bf16, true, AttentionMode::Fused);
     zero_parity(report, &bf16, PARITY_STEPS, BF16_LOSS_TOL_FIRST);
     bandwidth_check(report);
     nccl_check(report);
@@ -294,11 +317,17 @@ fn kernel_checks(report: &mut Report) {
 }
 
 /// The config of the GPU-vs-CPU comparisons: the CPU one, and the GPU one in `precision`.
-fn parity_configs(precision: Precision, checkpointing: bool) -> (Config, Config) {
+/// The GPU runs attention in `attention` mode; the CPU reference in the default mode.
+fn parity_configs(
+    precision: Precision,
+    checkpointing: bool,
+    attention: AttentionMode,
+) -> (Config, Config) {
     let cpu_config = small_config(2, 128, 64, 4, PARITY_STEPS);
     let mut gpu_config = cpu_config.clone();
     gpu_config.train.device = DeviceKind::Cuda;
     gpu_config.train.activation_checkpointing = checkpointing;
+    gpu_config.train.attention = attention;
     gpu_config.train.precision = match precision {
         Precision::Bf16 => crate::config::Precision::Bf16,
         Precision::Fp16 => crate::config::Precision::Fp16,
@@ -311,7 +340,7 @@ fn parity_configs(precision: Precision, checkpointing: bool) -> (Config, Config)
 /// max |gpu − cpu| / max |cpu| per tensor within `GRAD_TOL_FP32` / `GRAD_TOL_BF16`.
 fn gradient_parity(report: &mut Report, precision: Precision) {
     let prefix = format!("grad/{}", precision.name());
-    let (cpu_config, gpu_config) = parity_configs(precision, false);
+    let (cpu_config, gpu_config) = parity_configs(precision, false, AttentionMode::Fused);
     let run = || -> Result<_, Box<dyn std::error::Error>> {
         let mut loader = Loader::from_config(&cpu_config)?;
         let mut engine = Engine::from_config(cpu_config.clone())?;
@@ -378,13 +407,23 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
 }
 
 /// 20 steps on the GPU in `precision` against the CPU engine on the same data and init.
-fn training_parity(report: &mut Report, precision: Precision, checkpointing: bool) {
+fn training_parity(
+    report: &mut Report,
+    precision: Precision,
+    checkpointing: bool,
+    attention: AttentionMode,
+) {
     let name = format!(
-        "train/{}{} vs cpu fp32",
+        "train/{}{}{} vs cpu fp32",
         precision.name(),
-        if checkpointing { "+ckpt" } else { "" }
+        if checkpointing { "+ckpt" } else { "" },
+        if attention == AttentionMode::Fused {
+            ""
+        } else {
+            "+materialized"
+        }
     );
-    let (cpu_config, gpu_config) = parity_configs(precision, checkpointing);
+    let (cpu_config, gpu_config) = parity_configs(precision, checkpointing, attention);
     let run = || -> Result<(Vec<f32>, Vec<f32>), Box<dyn std::error::Error>> {
         let mut engine = Engine::from_config(cpu_config.clone())?;
         let cpu = losses(&mut engine, &cpu_config, PARITY_STEPS)?;

@@ -132,10 +132,11 @@ fn every_launched_kernel_name_is_an_entry_point() {
         "launch_elementwise(",
         "launch_rows(",
         "launch_attention(",
+        "launch_shared(",
     ];
     let mut checked = 0;
     let mut unknown = Vec::new();
-    for file in ["kernels.rs", "attention.rs"] {
+    for file in ["kernels.rs", "attention.rs", "flash.rs"] {
         let text = std::fs::read_to_string(src_dir.join(file)).expect("readable source");
         // Launchers are `pub fn`s; each one's `op` is local to it.
         for chunk in text.split("    pub fn ") {

@@ -80,7 +80,14 @@ fn rel_diff(name: &str, got: &[f32], want: &[f32]) -> f64 {
     rel
 }
 
+/// Both ways of computing attention (`train.attention`); the default first.
+const ATTENTION_MODES: [&str; 2] = ["fused", "materialized"];
+
 fn config(reference: &Reference) -> Config {
+    config_with(reference, ATTENTION_MODES[0])
+}
+
+fn config_with(reference: &Reference, attention: &str) -> Config {
     let c = reference.config();
     let text = format!(
         r#"
@@ -106,6 +113,7 @@ schedule = "cosine"
 [train]
 steps = {steps}
 device = "cpu"
+attention = "{attention}"
 "#,
         n_layer = c["n_layer"],
         n_head = c["n_head"],
@@ -161,8 +169,15 @@ fn param_names(engine: &Engine) -> Vec<String> {
 
 #[test]
 fn gpt2_matches_pytorch_logits_loss_and_gradients() {
+    for attention in ATTENTION_MODES {
+        println!("train.attention = {attention:?}");
+        logits_loss_and_gradients(attention);
+    }
+}
+
+fn logits_loss_and_gradients(attention: &str) {
     let reference = Reference::load();
-    let cfg = config(&reference);
+    let cfg = config_with(&reference, attention);
     let (b, t) = (cfg.data.micro_batch_size, cfg.model.seq_len);
     let mut loader = Loader::from_vec(reference.tokens(), b, t, 0, false).expect("loader");
     let mut engine = Engine::from_config(cfg.clone()).expect("engine");
@@ -205,8 +220,15 @@ fn gpt2_matches_pytorch_logits_loss_and_gradients() {
 
 #[test]
 fn gpt2_matches_pytorch_over_five_adamw_steps() {
+    for attention in ATTENTION_MODES {
+        println!("train.attention = {attention:?}");
+        five_adamw_steps(attention);
+    }
+}
+
+fn five_adamw_steps(attention: &str) {
     let reference = Reference::load();
-    let cfg = config(&reference);
+    let cfg = config_with(&reference, attention);
     let (b, t) = (cfg.data.micro_batch_size, cfg.model.seq_len);
     let mut loader = Loader::from_vec(reference.tokens(), b, t, 0, false).expect("loader");
     let mut engine = Engine::from_config(cfg.clone()).expect("engine");

@@ -162,6 +162,29 @@ pub struct AdamWHyper {
     pub grad_scale: f32,
 }
 
+/// How attention keeps what its backward pass needs (`train.attention`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionMode {
+    /// FlashAttention-2: scores are computed tile by tile and never stored; the forward keeps
+    /// one logsumexp per query row and the backward recomputes the scores.
+    #[default]
+    Fused,
+    /// llm.c's: the (B,NH,T,T) probabilities are stored by the forward and read by the backward.
+    Materialized,
+}
+
+impl AttentionMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionMode::Fused => "fused",
+            AttentionMode::Materialized => "materialized",
+        }
+    }
+}
+
 /// Sizes of one causal self-attention call: B sequences of T tokens, C = NH·HS channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionShape {
@@ -183,28 +206,115 @@ impl AttentionShape {
     pub fn qkvr_len(&self) -> usize {
         3 * self.b * self.t * self.c
     }
+    /// Elements of one per-row statistic (B,NH,T): the fused mode's logsumexp and D.
+    pub fn rows_len(&self) -> usize {
+        self.b * self.nh * self.t
+    }
 }
 
-/// What attention's forward writes and its backward reads (all X).
+/// What attention's forward writes and its backward reads, per [`AttentionMode`].
 #[derive(Debug, Clone)]
-pub struct AttentionActs {
-    /// q, k, v in per-head layout, each (B,NH,T,HS), back to back: 3·B·T·C.
-    pub qkvr: Buf,
-    /// Softmax probabilities (B,NH,T,T), zero above the diagonal.
-    pub att: Buf,
-    /// att·V in per-head layout (B,NH,T,HS): scratch of the forward pass.
-    pub vaccum: Buf,
+pub enum AttentionActs {
+    /// All X.
+    Materialized {
+        /// q, k, v in per-head layout, each (B,NH,T,HS), back to back: 3·B·T·C.
+        qkvr: Buf,
+        /// Softmax probabilities (B,NH,T,T), zero above the diagonal.
+        att: Buf,
+        /// att·V in per-head layout (B,NH,T,HS): scratch of the forward pass.
+        vaccum: Buf,
+    },
+    /// No (T,T) buffer: the backward recomputes the scores from qkv and the output.
+    Fused {
+        /// (B,NH,T) f32: logsumexp over the visible keys of each query row's scaled scores.
+        lse: Buf,
+    },
 }
 
-/// Scratch of attention's backward pass (all X); one set can serve every layer.
+/// Scratch of attention's backward pass; one set can serve every layer.
 #[derive(Debug, Clone)]
-pub struct AttentionScratch {
-    /// dq, dk, dv in per-head layout: 3·B·T·C.
-    pub dqkvr: Buf,
-    /// (B,NH,T,T): d(att), then d(scores) in place.
-    pub datt: Buf,
-    /// dout in per-head layout: B·T·C.
-    pub dvaccum: Buf,
+pub enum AttentionScratch {
+    /// All X.
+    Materialized {
+        /// dq, dk, dv in per-head layout: 3·B·T·C.
+        dqkvr: Buf,
+        /// (B,NH,T,T): d(att), then d(scores) in place.
+        datt: Buf,
+        /// dout in per-head layout: B·T·C.
+        dvaccum: Buf,
+    },
+    Fused {
+        /// (B,NH,T) f32: D = rowsum(dout ∘ out) of each query row and head.
+        delta: Buf,
+    },
+}
+
+/// Ledger names of attention's allocations ("what takes the memory").
+const ATTENTION_ACTS: &str = "block activations";
+const ATTENTION_SCORES: &str = "attention scores";
+const ATTENTION_SCRATCH: &str = "block scratch";
+const ATTENTION_ROWS: &str = "attention row statistics";
+
+impl AttentionActs {
+    /// Allocates (or counts) the activations of one attention call in `mode`, X = `x`.
+    pub fn alloc(arena: &Arena, mode: AttentionMode, s: &AttentionShape, x: DType) -> Result<Self> {
+        Ok(match mode {
+            AttentionMode::Materialized => AttentionActs::Materialized {
+                qkvr: arena.alloc(ATTENTION_ACTS, x, s.qkvr_len())?,
+                att: arena.alloc(ATTENTION_SCORES, x, s.scores_len())?,
+                vaccum: arena.alloc(ATTENTION_ACTS, x, s.b * s.t * s.c)?,
+            },
+            AttentionMode::Fused => AttentionActs::Fused {
+                lse: arena.alloc(ATTENTION_ROWS, DType::F32, s.rows_len())?,
+            },
+        })
+    }
+
+    pub fn mode(&self) -> AttentionMode {
+        match self {
+            AttentionActs::Materialized { .. } => AttentionMode::Materialized,
+            AttentionActs::Fused { .. } => AttentionMode::Fused,
+        }
+    }
+}
+
+impl AttentionScratch {
+    /// Allocates (or counts) the backward scratch of one attention call in `mode`, X = `x`.
+    pub fn alloc(arena: &Arena, mode: AttentionMode, s: &AttentionShape, x: DType) -> Result<Self> {
+        Ok(match mode {
+            AttentionMode::Materialized => AttentionScratch::Materialized {
+                dqkvr: arena.alloc(ATTENTION_SCRATCH, x, s.qkvr_len())?,
+                datt: arena.alloc(ATTENTION_SCORES, x, s.scores_len())?,
+                dvaccum: arena.alloc(ATTENTION_SCRATCH, x, s.b * s.t * s.c)?,
+            },
+            AttentionMode::Fused => AttentionScratch::Fused {
+                delta: arena.alloc(ATTENTION_ROWS, DType::F32, s.rows_len())?,
+            },
+        })
+    }
+
+    pub fn mode(&self) -> AttentionMode {
+        match self {
+            AttentionScratch::Materialized { .. } => AttentionMode::Materialized,
+            AttentionScratch::Fused { .. } => AttentionMode::Fused,
+        }
+    }
+}
+
+/// The error of an attention backward handed acts and scratch of different modes.
+pub fn attention_modes_differ(
+    op: &'static str,
+    acts: &AttentionActs,
+    scratch: &AttentionScratch,
+) -> DeviceError {
+    DeviceError::op(
+        op,
+        format!(
+            "acts are {} but scratch is {}: allocate both for one train.attention mode",
+            acts.mode().name(),
+            scratch.mode().name()
+        ),
+    )
 }
 
 /// Time spent in one kind of operation during a profile.
@@ -563,10 +673,15 @@ pub trait Device: Send + Sync {
         shape: AttentionShape,
     ) -> Result<()>;
     /// dqkv (B,T,3C) X += attention backward of dout (B,T,C) X; `scratch` is overwritten.
+    /// `qkv` and `out` are the forward's input and output, unchanged since (the fused mode
+    /// recomputes the scores from them; the materialized mode reads only `acts`).
+    #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         dqkv: &Buf,
         dout: &Buf,
+        qkv: &Buf,
+        out: &Buf,
         acts: &AttentionActs,
         scratch: &AttentionScratch,
         shape: AttentionShape,

@@ -133,7 +133,8 @@ impl HostBytes {
 }
 
 /// The estimate for the CPU engine (fp32; per block the workspaces of the forward and backward passes,
-/// one set with activation checkpointing, one per block without; attention scores B·heads·T·T), or, on
+/// one set with activation checkpointing, one per block without; attention scores B·heads·T·T when
+/// materialized), or, on
 /// the GPU trainer, the host copy of the weights only (the trainer checks the GPU's memory itself).
 pub fn host_bytes(config: &Config) -> HostBytes {
     let (m, d) = (&config.model, &config.data);
@@ -158,7 +159,13 @@ pub fn host_bytes(config: &Config) -> HostBytes {
         l
     };
     let rows = b * t;
-    let floats = rows * c * (15 * workspaces + 19 + (l + 1) + 4) + b * h * t * t * (workspaces + 1);
+    // Attention per set of activations and the backward's scratch: the (T,T) scores when they
+    // are materialized, one statistic per row (logsumexp, D) when fused.
+    let attention = match config.train.attention {
+        super::AttentionMode::Materialized => b * h * t * t,
+        super::AttentionMode::Fused => b * h * t,
+    };
+    let floats = rows * c * (15 * workspaces + 19 + (l + 1) + 4) + attention * (workspaces + 1);
     HostBytes {
         params,
         states: HOST_BYTES_PER_PARAM_CPU * params,

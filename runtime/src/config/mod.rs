@@ -9,6 +9,7 @@ mod offload;
 mod overrides;
 mod size;
 
+pub use crate::backend::AttentionMode;
 pub use offload::{
     AioBackend, AioSection, MomentsDtype, NvmePaths, OffloadDevice, OffloadOptimizerConfig,
     OffloadParamConfig, TEMP_NVME_PATH,
@@ -300,6 +301,9 @@ pub struct TrainConfig {
     pub device: DeviceKind,
     /// Keep only each unit's input in the forward pass and recompute the unit in the backward pass.
     pub activation_checkpointing: bool,
+    /// `"fused"`: flash attention, no (T,T) scores in memory; `"materialized"`: the scores are
+    /// stored by the forward pass and read by the backward pass.
+    pub attention: AttentionMode,
     /// CPU threads for compute per rank; 0 shares this host's cores among its local ranks.
     pub threads: usize,
     /// Device memory the engine may use: `"auto"` (no limit on the CPU, the card's free memory
@@ -339,6 +343,7 @@ impl Default for TrainConfig {
             precision: Precision::Auto,
             device: DeviceKind::Auto,
             activation_checkpointing: true,
+            attention: AttentionMode::Fused,
             threads: 0,
             device_memory: SizeOrAuto::Auto,
             eval_every: 100,

@@ -34,7 +34,8 @@ use std::time::Duration;
 use strata_collectives::{CommError, Communicator};
 
 use crate::backend::{
-    self, Arena, Backend, Device, DeviceError, DeviceOptions, Event, Precision, Queue,
+    self, Arena, AttentionMode, Backend, Device, DeviceError, DeviceOptions, Event, Precision,
+    Queue,
 };
 use crate::config::{self, Config, DeviceKind, DistConfig};
 use crate::model::gpt2::{Gpt2, Gpt2Shape};
@@ -91,6 +92,23 @@ pub fn resolve_precision(
     })
 }
 
+/// Refuses, before anything is allocated, a GPT-2 whose fused attention the backend cannot run:
+/// the CUDA kernels take head sizes up to [`FLASH_HS_MAX`](backend::cuda::flash::FLASH_HS_MAX).
+fn check_attention(config: &Config, backend: Backend) -> Result<(), EngineError> {
+    let m = &config.model;
+    let hs = m.n_embd / m.n_head.max(1);
+    let max = backend::cuda::flash::FLASH_HS_MAX;
+    if backend == Backend::Cuda && config.train.attention == AttentionMode::Fused && hs > max {
+        return Err(EngineError::Setting {
+            key: "train.attention",
+            message: format!(
+                "\"fused\" on a GPU takes head sizes up to {max}, and model.n_embd / model.n_head is {hs}; set train.attention = \"materialized\""
+            ),
+        });
+    }
+    Ok(())
+}
+
 pub struct Engine {
     config: Config,
     model: Box<dyn Model>,
@@ -136,6 +154,7 @@ impl Engine {
     /// GPT-2 as described by `config.model`, initialised from `model.init_from` or from
     /// `data.seed`, on the device `train.device` resolves to.
     pub fn from_config(config: Config) -> Result<Engine, EngineError> {
+        check_attention(&config, resolve_backend(config.train.device))?;
         let model = Gpt2::new(Gpt2Shape::from_config(&config.model));
         Engine::new(config, Box::new(model))
     }
@@ -352,6 +371,9 @@ fn does_not_fit(e: DeviceError, ledger: &[(&'static str, usize)], config: &Confi
     if !config.train.activation_checkpointing {
         advice.push("set train.activation_checkpointing = true".into());
     }
+    if config.train.attention == AttentionMode::Materialized {
+        advice.push("set train.attention = \"fused\" (no attention scores in memory)".into());
+    }
     if limit == "train.device_memory" {
         advice.push("raise train.device_memory".into());
     }
@@ -475,6 +497,7 @@ fn lay_out(
         t,
         x: sizes.x,
         checkpointing: config.train.activation_checkpointing,
+        attention: config.train.attention,
     };
     Ok(Laid {
         units,
@@ -496,6 +519,7 @@ pub fn plan_placements(
     caps: &placement::Capacities,
 ) -> Result<placement::Candidates, EngineError> {
     let precision = resolve_precision(config.train.precision, backend)?;
+    check_attention(config, backend)?;
     let mut model = Gpt2::new(Gpt2Shape::from_config(&config.model));
     let laid = lay_out(config, &model, world, 0, precision)?;
     placement::candidate_tiers(config)
@@ -669,5 +693,79 @@ mod tests {
         assert!((first - 4000f32.ln()).abs() < 0.1, "{first}");
         loader.fill(&mut batch[0]).unwrap();
         assert!(engine.train_step(&batch).unwrap().loss.is_finite());
+    }
+
+    #[test]
+    fn fused_attention_on_a_gpu_refuses_head_sizes_past_128_naming_the_key() {
+        let mut config = Config::default();
+        config.model.n_embd = 512;
+        config.model.n_head = 2;
+        let err = check_attention(&config, Backend::Cuda)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train.attention") && err.contains("256"),
+            "{err}"
+        );
+        assert!(check_attention(&config, Backend::Cpu).is_ok());
+        config.train.attention = AttentionMode::Materialized;
+        assert!(check_attention(&config, Backend::Cuda).is_ok());
+        config.train.attention = AttentionMode::Fused;
+        config.model.n_head = 4;
+        assert!(check_attention(&config, Backend::Cuda).is_ok());
+    }
+
+    /// The dry run of GPT-2 124M's shapes at T = 1024: the fused mode's arena is smaller by the
+    /// (B,NH,T,T) scores of the forward's activations and of the backward's scratch (one set of
+    /// each per workspace), plus the per-head copies of q, k, v and of the output and its
+    /// gradient that the materialized mode keeps, less the fused mode's row statistics.
+    #[test]
+    fn fused_attention_plans_less_device_memory_by_the_scores() {
+        let mut config = Config::default();
+        config.model.n_layer = 2;
+        config.model.n_head = 12;
+        config.model.n_embd = 768;
+        config.model.vocab_size = 512;
+        config.model.seq_len = 1024;
+        config.data.micro_batch_size = 2;
+        for (backend, checkpointing) in [
+            (Backend::Cpu, true),
+            (Backend::Cpu, false),
+            (Backend::Cuda, true),
+        ] {
+            config.train.activation_checkpointing = checkpointing;
+            let caps = placement::Capacities::of_this_machine(&config, backend);
+            let device_bytes = |mode: AttentionMode| {
+                let mut config = config.clone();
+                config.train.attention = mode;
+                plan_placements(&config, 1, backend, &caps).unwrap()[0]
+                    .0
+                    .device_bytes
+            };
+            let fused = device_bytes(AttentionMode::Fused);
+            let materialized = device_bytes(AttentionMode::Materialized);
+            let m = &config.model;
+            let (b, t, c, nh) = (2u64, m.seq_len as u64, m.n_embd as u64, m.n_head as u64);
+            let x = resolve_precision(config.train.precision, backend)
+                .unwrap()
+                .dtype()
+                .size_bytes() as u64;
+            // Sets of block activations: one with checkpointing, one per block without; and
+            // one block scratch.
+            let sets = if checkpointing { 1 } else { m.n_layer as u64 } + 1;
+            let scores = b * nh * t * t * x;
+            let expected = sets * (scores + 4 * b * t * c * x - b * nh * t * 4);
+            let saved = materialized - fused;
+            println!(
+                "{} checkpointing={checkpointing}: materialized {materialized} B, fused {fused} B, saved {saved} B, scores {scores} B x {sets}",
+                backend.name()
+            );
+            assert!(saved >= sets * scores, "saved {saved} < {sets} x {scores}");
+            // Within the arena's 256-byte alignment of each of the (up to 3) buffers per set.
+            assert!(
+                saved.abs_diff(expected) <= sets * 3 * 256,
+                "saved {saved}, expected {expected}"
+            );
+        }
     }
 }

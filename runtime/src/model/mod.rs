@@ -16,7 +16,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::backend::{Arena, Buf, DType, Device, DeviceError};
+use crate::backend::{Arena, AttentionMode, Buf, DType, Device, DeviceError};
 
 /// How a tensor is initialised.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -191,6 +191,8 @@ pub struct Prepare {
     pub x: DType,
     /// Keep no intermediate activations; `backward` recomputes the stage's forward.
     pub checkpointing: bool,
+    /// How attention keeps what its backward needs (`train.attention`).
+    pub attention: AttentionMode,
 }
 
 /// A model strata can train. The last stage computes the loss; the others map activations to

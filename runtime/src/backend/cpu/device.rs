@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use strata_collectives::Communicator;
 
-use super::{attention, crossentropy, elementwise, encoder, layernorm, matmul};
+use super::{attention, crossentropy, elementwise, encoder, flash, layernorm, matmul};
 use crate::backend::arena::{Location, Memory, ARENA_ALIGN_BYTES};
 use crate::backend::host_queue::HostQueue;
 use crate::backend::{
-    check, check_min, ensure, AdamWHyper, Arena, AttentionActs, AttentionScratch, AttentionShape,
-    Backend, Buf, DType, Device, DeviceError, Event, EventKind, GradMode, HostJob, Precision,
-    Queue, Result, StepProfile, NORM_PARTIALS_MAX,
+    attention_modes_differ, check, check_min, ensure, AdamWHyper, Arena, AttentionActs,
+    AttentionScratch, AttentionShape, Backend, Buf, DType, Device, DeviceError, Event, EventKind,
+    GradMode, HostJob, Precision, Queue, Result, StepProfile, NORM_PARTIALS_MAX,
 };
 
 /// Start-up options of a [`CpuDevice`].
@@ -726,32 +726,49 @@ impl Device for CpuDevice {
         let btc = s.b * s.t * s.c;
         check(op, "out", out, F32, btc)?;
         check(op, "qkv", qkv, F32, 3 * btc)?;
-        check(op, "acts.qkvr", &acts.qkvr, F32, s.qkvr_len())?;
-        check(op, "acts.att", &acts.att, F32, s.scores_len())?;
-        check(op, "acts.vaccum", &acts.vaccum, F32, btc)?;
-        live(op, &[out, qkv, &acts.qkvr, &acts.att, &acts.vaccum])?;
-        disjoint(op, &[out, &acts.qkvr, &acts.att, &acts.vaccum], &[qkv])?;
-        let bufs = [out, qkv, &acts.qkvr, &acts.att, &acts.vaccum].map(Buf::clone);
-        self.compute(op, move || {
-            let [out, qkv, qkvr, att, vaccum] = &bufs;
-            // SAFETY: as in encoder_forward.
-            unsafe {
-                attention::attention_forward(
-                    view_mut(out),
-                    view_mut(qkvr),
-                    view_mut(att),
-                    view_mut(vaccum),
-                    view(qkv),
-                    s,
-                )
-            };
-        })
+        match acts {
+            AttentionActs::Materialized { qkvr, att, vaccum } => {
+                check(op, "acts.qkvr", qkvr, F32, s.qkvr_len())?;
+                check(op, "acts.att", att, F32, s.scores_len())?;
+                check(op, "acts.vaccum", vaccum, F32, btc)?;
+                live(op, &[out, qkv, qkvr, att, vaccum])?;
+                disjoint(op, &[out, qkvr, att, vaccum], &[qkv])?;
+                let bufs = [out, qkv, qkvr, att, vaccum].map(Buf::clone);
+                self.compute(op, move || {
+                    let [out, qkv, qkvr, att, vaccum] = &bufs;
+                    // SAFETY: as in encoder_forward.
+                    unsafe {
+                        attention::attention_forward(
+                            view_mut(out),
+                            view_mut(qkvr),
+                            view_mut(att),
+                            view_mut(vaccum),
+                            view(qkv),
+                            s,
+                        )
+                    };
+                })
+            }
+            AttentionActs::Fused { lse } => {
+                check(op, "acts.lse", lse, F32, s.rows_len())?;
+                live(op, &[out, qkv, lse])?;
+                disjoint(op, &[out, lse], &[qkv])?;
+                let bufs = [out, qkv, lse].map(Buf::clone);
+                self.compute(op, move || {
+                    let [out, qkv, lse] = &bufs;
+                    // SAFETY: as in encoder_forward.
+                    unsafe { flash::flash_forward(view_mut(out), view_mut(lse), view(qkv), s) };
+                })
+            }
+        }
     }
 
     fn attention_backward(
         &self,
         dqkv: &Buf,
         dout: &Buf,
+        qkv: &Buf,
+        out: &Buf,
         acts: &AttentionActs,
         scratch: &AttentionScratch,
         s: AttentionShape,
@@ -760,42 +777,72 @@ impl Device for CpuDevice {
         let btc = s.b * s.t * s.c;
         check(op, "dqkv", dqkv, F32, 3 * btc)?;
         check(op, "dout", dout, F32, btc)?;
-        check(op, "acts.qkvr", &acts.qkvr, F32, s.qkvr_len())?;
-        check(op, "acts.att", &acts.att, F32, s.scores_len())?;
-        check(op, "scratch.dqkvr", &scratch.dqkvr, F32, s.qkvr_len())?;
-        check(op, "scratch.datt", &scratch.datt, F32, s.scores_len())?;
-        check(op, "scratch.dvaccum", &scratch.dvaccum, F32, btc)?;
-        let outputs = [dqkv, &scratch.dqkvr, &scratch.datt, &scratch.dvaccum];
-        let inputs = [dout, &acts.qkvr, &acts.att];
-        live(op, &outputs)?;
-        live(op, &inputs)?;
-        disjoint(op, &outputs, &inputs)?;
-        let bufs = [
-            dqkv,
-            dout,
-            &acts.qkvr,
-            &acts.att,
-            &scratch.dqkvr,
-            &scratch.datt,
-            &scratch.dvaccum,
-        ]
-        .map(Buf::clone);
-        self.compute(op, move || {
-            let [dqkv, dout, qkvr, att, dqkvr, datt, dvaccum] = &bufs;
-            // SAFETY: as in encoder_forward.
-            unsafe {
-                attention::attention_backward(
-                    view_mut(dqkv),
-                    view(dout),
-                    view(qkvr),
-                    view(att),
-                    view_mut(dqkvr),
-                    view_mut(datt),
-                    view_mut(dvaccum),
-                    s,
-                )
-            };
-        })
+        match (acts, scratch) {
+            (
+                AttentionActs::Materialized { qkvr, att, .. },
+                AttentionScratch::Materialized {
+                    dqkvr,
+                    datt,
+                    dvaccum,
+                },
+            ) => {
+                check(op, "acts.qkvr", qkvr, F32, s.qkvr_len())?;
+                check(op, "acts.att", att, F32, s.scores_len())?;
+                check(op, "scratch.dqkvr", dqkvr, F32, s.qkvr_len())?;
+                check(op, "scratch.datt", datt, F32, s.scores_len())?;
+                check(op, "scratch.dvaccum", dvaccum, F32, btc)?;
+                let outputs = [dqkv, dqkvr, datt, dvaccum];
+                let inputs = [dout, qkvr, att];
+                live(op, &outputs)?;
+                live(op, &inputs)?;
+                disjoint(op, &outputs, &inputs)?;
+                let bufs = [dqkv, dout, qkvr, att, dqkvr, datt, dvaccum].map(Buf::clone);
+                self.compute(op, move || {
+                    let [dqkv, dout, qkvr, att, dqkvr, datt, dvaccum] = &bufs;
+                    // SAFETY: as in encoder_forward.
+                    unsafe {
+                        attention::attention_backward(
+                            view_mut(dqkv),
+                            view(dout),
+                            view(qkvr),
+                            view(att),
+                            view_mut(dqkvr),
+                            view_mut(datt),
+                            view_mut(dvaccum),
+                            s,
+                        )
+                    };
+                })
+            }
+            (AttentionActs::Fused { lse }, AttentionScratch::Fused { delta }) => {
+                check(op, "qkv", qkv, F32, 3 * btc)?;
+                check(op, "out", out, F32, btc)?;
+                check(op, "acts.lse", lse, F32, s.rows_len())?;
+                check(op, "scratch.delta", delta, F32, s.rows_len())?;
+                let outputs = [dqkv, delta];
+                let inputs = [dout, qkv, out, lse];
+                live(op, &outputs)?;
+                live(op, &inputs)?;
+                disjoint(op, &outputs, &inputs)?;
+                let bufs = [dqkv, delta, dout, qkv, out, lse].map(Buf::clone);
+                self.compute(op, move || {
+                    let [dqkv, delta, dout, qkv, out, lse] = &bufs;
+                    // SAFETY: as in encoder_forward.
+                    unsafe {
+                        flash::flash_backward(
+                            view_mut(dqkv),
+                            view_mut(delta),
+                            view(dout),
+                            view(qkv),
+                            view(out),
+                            view(lse),
+                            s,
+                        )
+                    };
+                })
+            }
+            (acts, scratch) => Err(attention_modes_differ(op, acts, scratch)),
+        }
     }
 
     fn gelu_forward(&self, out: &Buf, inp: &Buf) -> Result<()> {

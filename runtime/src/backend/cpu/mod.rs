@@ -8,6 +8,7 @@ mod device;
 pub mod elementwise;
 pub mod encoder;
 pub mod fastmath;
+pub mod flash;
 pub mod layernorm;
 pub mod matmul;
 
@@ -16,6 +17,7 @@ pub use crossentropy::softmax_crossentropy;
 pub use device::{CpuDevice, CpuOptions};
 pub use elementwise::{add_into, gelu_backward, gelu_forward, gelu_in_place, residual_forward};
 pub use encoder::{encoder_backward, encoder_forward};
+pub use flash::{flash_backward, flash_forward};
 pub use layernorm::{layernorm_backward, layernorm_forward};
 pub use matmul::{matmul_backward, matmul_forward};
 

@@ -1,12 +1,15 @@
-//! Causal multi-head attention as llm.c's CUDA version: permute qkv to per-head layout,
-//! Q·Kᵀ and att·V as cuBLAS strided-batched GEMMs (B·NH batches), causal softmax kernel,
-//! unpermute. The score matrices are materialized (B,NH,T,T); a fused flash-attention
-//! kernel is the obvious next step for throughput.
+//! Causal multi-head attention in the two modes of `train.attention`:
+//! - materialized, as llm.c's CUDA version: permute qkv to per-head layout, Q·Kᵀ and att·V as
+//!   cuBLAS strided-batched GEMMs (B·NH batches), causal softmax kernel, unpermute; the score
+//!   matrices (B,NH,T,T) are stored;
+//! - fused: the flash-attention kernels of `flash.rs`, no (T,T) buffer anywhere.
 
 use super::context::GpuContext;
 use super::error::{ensure, Result};
 use super::gemm::{BatchStrides, GemmShape};
-use crate::backend::{AttentionActs, AttentionScratch, AttentionShape, Buf};
+use crate::backend::{
+    attention_modes_differ, AttentionActs, AttentionScratch, AttentionShape, Buf,
+};
 
 fn check_shape(s: &AttentionShape) -> Result<()> {
     ensure(
@@ -46,17 +49,69 @@ impl GpuContext {
         s: AttentionShape,
     ) -> Result<()> {
         check_shape(&s)?;
+        check_x(self, "out", out, s.b * s.t * s.c)?;
+        check_x(self, "qkv", qkv, 3 * s.b * s.t * s.c)?;
+        match acts {
+            AttentionActs::Materialized { qkvr, att, vaccum } => {
+                self.materialized_forward(out, qkvr, att, vaccum, qkv, s)
+            }
+            AttentionActs::Fused { lse } => self.flash_forward(out, lse, qkv, s),
+        }
+    }
+
+    /// dqkv (B,T,3C) X += attention backward of dout (B,T,C) X (accumulates, like the CPU
+    /// backend), from the forward's input qkv, output out and `acts`; `scratch` is overwritten.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward(
+        &self,
+        dqkv: &Buf,
+        dout: &Buf,
+        qkv: &Buf,
+        out: &Buf,
+        acts: &AttentionActs,
+        scratch: &AttentionScratch,
+        s: AttentionShape,
+    ) -> Result<()> {
+        check_shape(&s)?;
+        check_x(self, "dqkv", dqkv, 3 * s.b * s.t * s.c)?;
+        check_x(self, "dout", dout, s.b * s.t * s.c)?;
+        match (acts, scratch) {
+            (
+                AttentionActs::Materialized { qkvr, att, .. },
+                AttentionScratch::Materialized {
+                    dqkvr,
+                    datt,
+                    dvaccum,
+                },
+            ) => self.materialized_backward(dqkv, dout, qkvr, att, dqkvr, datt, dvaccum, s),
+            (AttentionActs::Fused { lse }, AttentionScratch::Fused { delta }) => {
+                self.flash_backward(dqkv, delta, dout, qkv, out, lse, s)
+            }
+            (acts, scratch) => {
+                Err(attention_modes_differ("attention_backward", acts, scratch).into())
+            }
+        }
+    }
+
+    /// The materialized forward: acts qkvr (3,B,NH,T,HS), att (B,NH,T,T), vaccum (B,NH,T,HS).
+    fn materialized_forward(
+        &self,
+        out: &Buf,
+        qkvr: &Buf,
+        att: &Buf,
+        vaccum: &Buf,
+        qkv: &Buf,
+        s: AttentionShape,
+    ) -> Result<()> {
         let (b, t, c) = (s.b, s.t, s.c);
         let hs = s.head_size();
         let per_head = b * s.nh * t * hs;
-        check_x(self, "out", out, b * t * c)?;
-        check_x(self, "qkv", qkv, 3 * b * t * c)?;
-        check_x(self, "acts.qkvr", &acts.qkvr, s.qkvr_len())?;
-        check_x(self, "acts.att", &acts.att, s.scores_len())?;
-        check_x(self, "acts.vaccum", &acts.vaccum, b * t * c)?;
-        let q = acts.qkvr.slice(0, per_head)?;
-        let k = acts.qkvr.slice(per_head, per_head)?;
-        let v = acts.qkvr.slice(2 * per_head, per_head)?;
+        check_x(self, "acts.qkvr", qkvr, s.qkvr_len())?;
+        check_x(self, "acts.att", att, s.scores_len())?;
+        check_x(self, "acts.vaccum", vaccum, b * t * c)?;
+        let q = qkvr.slice(0, per_head)?;
+        let k = qkvr.slice(per_head, per_head)?;
+        let v = qkvr.slice(2 * per_head, per_head)?;
         let [bi, ti, nhi, hsi] = self.attention_cfg_args(&s)?;
         self.launch_attention(
             ("attention_permute", "attention_permute_vec"),
@@ -76,7 +131,7 @@ impl GpuContext {
         };
         self.attention_gemm(
             "gemm: attention_forward",
-            &acts.att,
+            att,
             &q,
             &k,
             qk,
@@ -86,7 +141,7 @@ impl GpuContext {
         )?;
         self.launch_rows(
             "attention_softmax_forward",
-            &[acts.att.ptr(), acts.att.ptr()],
+            &[att.ptr(), att.ptr()],
             b * s.nh * t,
             t,
         )?;
@@ -100,8 +155,8 @@ impl GpuContext {
         };
         self.attention_gemm(
             "gemm: attention_forward",
-            &acts.vaccum,
-            &acts.att,
+            vaccum,
+            att,
             &v,
             av,
             batch(&s, t * t, t * hs, t * hs),
@@ -111,38 +166,38 @@ impl GpuContext {
         self.launch_attention(
             ("attention_unpermute", "attention_unpermute_vec"),
             per_head,
-            &[out.ptr(), acts.vaccum.ptr()],
+            &[out.ptr(), vaccum.ptr()],
             [bi, ti, nhi, hsi],
         )
     }
 
-    /// dqkv (B,T,3C) X += attention backward of dout (B,T,C) X (accumulates, like the CPU backend),
-    /// from the forward's `acts`; `scratch` is overwritten.
-    pub fn attention_backward(
+    /// The materialized backward: scratch dqkvr (3,B,NH,T,HS), datt (B,NH,T,T), dvaccum.
+    #[allow(clippy::too_many_arguments)]
+    fn materialized_backward(
         &self,
         dqkv: &Buf,
         dout: &Buf,
-        acts: &AttentionActs,
-        scratch: &AttentionScratch,
+        qkvr: &Buf,
+        att: &Buf,
+        dqkvr: &Buf,
+        datt: &Buf,
+        dvaccum: &Buf,
         s: AttentionShape,
     ) -> Result<()> {
-        check_shape(&s)?;
         let (b, t, c) = (s.b, s.t, s.c);
         let hs = s.head_size();
         let per_head = b * s.nh * t * hs;
-        check_x(self, "dqkv", dqkv, 3 * b * t * c)?;
-        check_x(self, "dout", dout, b * t * c)?;
-        check_x(self, "acts.qkvr", &acts.qkvr, s.qkvr_len())?;
-        check_x(self, "acts.att", &acts.att, s.scores_len())?;
-        check_x(self, "scratch.dqkvr", &scratch.dqkvr, s.qkvr_len())?;
-        check_x(self, "scratch.datt", &scratch.datt, s.scores_len())?;
-        check_x(self, "scratch.dvaccum", &scratch.dvaccum, b * t * c)?;
-        let q = acts.qkvr.slice(0, per_head)?;
-        let k = acts.qkvr.slice(per_head, per_head)?;
-        let v = acts.qkvr.slice(2 * per_head, per_head)?;
-        let dq = scratch.dqkvr.slice(0, per_head)?;
-        let dk = scratch.dqkvr.slice(per_head, per_head)?;
-        let dv = scratch.dqkvr.slice(2 * per_head, per_head)?;
+        check_x(self, "acts.qkvr", qkvr, s.qkvr_len())?;
+        check_x(self, "acts.att", att, s.scores_len())?;
+        check_x(self, "scratch.dqkvr", dqkvr, s.qkvr_len())?;
+        check_x(self, "scratch.datt", datt, s.scores_len())?;
+        check_x(self, "scratch.dvaccum", dvaccum, b * t * c)?;
+        let q = qkvr.slice(0, per_head)?;
+        let k = qkvr.slice(per_head, per_head)?;
+        let v = qkvr.slice(2 * per_head, per_head)?;
+        let dq = dqkvr.slice(0, per_head)?;
+        let dk = dqkvr.slice(per_head, per_head)?;
+        let dv = dqkvr.slice(2 * per_head, per_head)?;
         let [bi, ti, nhi, hsi] = self.attention_cfg_args(&s)?;
         let scale = 1.0 / (hs as f32).sqrt();
         let th = t * hs;
@@ -154,7 +209,7 @@ impl GpuContext {
                 "attention_unpermute_backward_vec",
             ),
             per_head,
-            &[scratch.dvaccum.ptr(), dout.ptr()],
+            &[dvaccum.ptr(), dout.ptr()],
             [bi, ti, nhi, hsi],
         )?;
         // datt (T,T) = dvaccum (T,HS) · v (T,HS)ᵀ
@@ -167,8 +222,8 @@ impl GpuContext {
         };
         self.attention_gemm(
             "gemm: attention_backward",
-            &scratch.datt,
-            &scratch.dvaccum,
+            datt,
+            dvaccum,
             &v,
             g1,
             batch(&s, th, th, tt),
@@ -186,8 +241,8 @@ impl GpuContext {
         self.attention_gemm(
             "gemm: attention_backward",
             &dv,
-            &acts.att,
-            &scratch.dvaccum,
+            att,
+            dvaccum,
             g2,
             batch(&s, tt, th, th),
             1.0,
@@ -196,7 +251,7 @@ impl GpuContext {
         // dpreatt = softmax backward, in place over datt.
         self.launch_rows(
             "attention_softmax_backward",
-            &[scratch.datt.ptr(), scratch.datt.ptr(), acts.att.ptr()],
+            &[datt.ptr(), datt.ptr(), att.ptr()],
             b * s.nh * t,
             t,
         )?;
@@ -211,7 +266,7 @@ impl GpuContext {
         self.attention_gemm(
             "gemm: attention_backward",
             &dq,
-            &scratch.datt,
+            datt,
             &k,
             g3,
             batch(&s, tt, th, th),
@@ -229,7 +284,7 @@ impl GpuContext {
         self.attention_gemm(
             "gemm: attention_backward",
             &dk,
-            &scratch.datt,
+            datt,
             &q,
             g4,
             batch(&s, tt, th, th),

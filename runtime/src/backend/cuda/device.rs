@@ -462,13 +462,15 @@ impl Device for CudaDevice {
         &self,
         dqkv: &Buf,
         dout: &Buf,
+        qkv: &Buf,
+        out: &Buf,
         acts: &AttentionActs,
         scratch: &AttentionScratch,
         shape: AttentionShape,
     ) -> Result<()> {
         Ok(self
             .gpu
-            .attention_backward(dqkv, dout, acts, scratch, shape)?)
+            .attention_backward(dqkv, dout, qkv, out, acts, scratch, shape)?)
     }
 
     fn gelu_forward(&self, out: &Buf, inp: &Buf) -> Result<()> {

@@ -81,7 +81,7 @@ impl Kernels {
 
 /// One kernel argument, in the C type the kernel declares.
 #[derive(Clone, Copy)]
-enum Arg {
+pub(super) enum Arg {
     /// A device pointer (T* / const T*), or 0 for nullptr.
     Ptr(u64),
     /// int
@@ -92,7 +92,7 @@ enum Arg {
     Float(f32),
 }
 
-fn int(v: usize, what: &'static str) -> Result<Arg> {
+pub(super) fn int(v: usize, what: &'static str) -> Result<Arg> {
     i32::try_from(v)
         .map(Arg::Int)
         .map_err(|_| CudaError::precondition(what, format!("{v} exceeds i32")))
@@ -188,8 +188,31 @@ impl GpuContext {
         self.launch(kernel, elementwise_config(count), &args)
     }
 
-    fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    pub(super) fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         self.launch_on(Stream::Compute, name, cfg, args)
+    }
+
+    /// Launches `name` with `cfg.shared_mem_bytes` of dynamic shared memory, opting the kernel
+    /// in first when that is above the default 48 KiB (the device's own limit still applies:
+    /// a launch past it fails naming the kernel).
+    pub(super) fn launch_shared(
+        &self,
+        name: &'static str,
+        cfg: LaunchConfig,
+        args: &[Arg],
+    ) -> Result<()> {
+        let bytes = cfg.shared_mem_bytes as usize;
+        if bytes > SHARED_DEFAULT_MAX_BYTES {
+            let attribute = cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            let value = i32::try_from(bytes).map_err(|_| {
+                CudaError::precondition(name, format!("{bytes} bytes of shared memory"))
+            })?;
+            self.kernels()
+                .get(name)?
+                .set_attribute(attribute, value)
+                .map_err(|e| CudaError::driver(name, e))?;
+        }
+        self.launch(name, cfg, args)
     }
 
     /// Launches `name` on `stream`; profiles time the compute stream only.

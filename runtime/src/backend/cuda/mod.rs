@@ -44,6 +44,7 @@ pub mod attention;
 pub mod context;
 mod device;
 pub mod error;
+pub mod flash;
 pub mod gemm;
 pub mod kernels;
 pub mod loader;

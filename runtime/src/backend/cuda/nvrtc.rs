@@ -59,6 +59,11 @@ pub const KERNEL_FILES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "flash_attention.cu",
+        include_str!("../../../kernels/flash_attention.cu"),
+        super::flash::FLASH_KERNEL_NAMES,
+    ),
+    (
         "crossentropy.cu",
         include_str!("../../../kernels/crossentropy.cu"),
         &["crossentropy_forward_backward"],

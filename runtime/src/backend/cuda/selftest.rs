@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use super::context::{GpuContext, Stream};
 use super::error::Result;
+use super::flash::FlashKernels;
 use super::pinned::CudaRegistrar;
 use super::{DType, Precision};
 use crate::backend::cpu;
@@ -133,6 +134,12 @@ impl<'a> Harness<'a> {
 
     fn compare(&mut self, name: &str, buf: &Buf, want: &[f32], stages: u32) -> Result<()> {
         let got = self.get(buf)?;
+        self.compare_host(name, &got, want, stages);
+        Ok(())
+    }
+
+    /// As `compare`, with the device's values already on the host.
+    fn compare_host(&mut self, name: &str, got: &[f32], want: &[f32], stages: u32) {
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
         let mut max_err = 0.0f32;
         for (g, w) in got.iter().zip(want) {
@@ -150,7 +157,6 @@ impl<'a> Harness<'a> {
             tolerance,
             passed,
         });
-        Ok(())
     }
 }
 
@@ -232,7 +238,17 @@ fn run_all(h: &mut Harness<'_>) -> Result<()> {
     };
     // Each group runs even when an earlier one failed, so one run reports every broken
     // kernel; an error (a launch or precondition failure) becomes a failed check.
-    let groups: [CheckGroup<'_>; 11] = [
+    // The fused kernels: T = 1, odd T, HS = 32, 64, 96, 128 and 18 (scalar only), and the
+    // long sequences they are for (T = 4096, B = 1) at GPT-2's and GPT 1.3B's head sizes.
+    let flash_shapes = [
+        (b, t, c, nh),
+        (1, 1, 64, 1),
+        (2, 131, 256, 2),
+        (1, 200, 384, 4),
+        (1, 4096, 768, 12),
+        (1, 4096, 256, 2),
+    ];
+    let groups: [CheckGroup<'_>; 13] = [
         ("encoder", "", &|h| check_encoder(h, b, t, c, v)),
         ("layernorm", "", &|h| check_layernorm(h, n, c)),
         ("gelu_residual", "", &|h| check_gelu_residual(h, n * 4 * c)),
@@ -248,6 +264,15 @@ fn run_all(h: &mut Harness<'_>) -> Result<()> {
         ("gelu_residual", ODD, &|h| check_gelu_residual(h, 1001)),
         ("matmul", ODD, &|h| check_matmul(h, 37, 72, 100)),
         ("attention", ODD, &|h| check_attention(h, odd_attention)),
+        ("flash_attention", "", &|h| {
+            for (b, t, c, nh) in flash_shapes {
+                check_flash_attention(h, AttentionShape { b, t, c, nh })?;
+            }
+            Ok(())
+        }),
+        ("flash_attention", ODD, &|h| {
+            check_flash_attention(h, odd_attention)
+        }),
     ];
     for (group, tag, run) in groups {
         h.tag = tag;
@@ -439,9 +464,10 @@ fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
     let (b, t, c) = (s.b, s.t, s.c);
     let qkv = h.rand_x(b * t * 3 * c, 1.0);
     let d_qkv = h.put_x(&qkv)?;
-    let acts = AttentionActs {
+    let d_att = h.poisoned(x, s.scores_len())?;
+    let acts = AttentionActs::Materialized {
         qkvr: h.poisoned(x, s.qkvr_len())?,
-        att: h.poisoned(x, s.scores_len())?,
+        att: d_att.clone(),
         vaccum: h.poisoned(x, b * t * c)?,
     };
     let d_out = h.poisoned(x, b * t * c)?;
@@ -450,11 +476,11 @@ fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
     let (mut qkvr, mut vaccum) = (vec![0.0; s.qkvr_len()], vec![0.0; b * t * c]);
     cpu::attention_forward(&mut out, &mut qkvr, &mut att, &mut vaccum, &qkv, s);
     h.compare("attention_forward/out", &d_out, &out, 2)?;
-    h.compare("attention_forward/att", &acts.att, &att, 1)?;
+    h.compare("attention_forward/att", &d_att, &att, 1)?;
 
     let dout = h.rand_x(b * t * c, 1.0);
     let d_dout = h.put_x(&dout)?;
-    let scratch = AttentionScratch {
+    let scratch = AttentionScratch::Materialized {
         dqkvr: h.poisoned(x, s.qkvr_len())?,
         datt: h.poisoned(x, s.scores_len())?,
         dvaccum: h.poisoned(x, b * t * c)?,
@@ -462,9 +488,9 @@ fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
     let mut dqkv = h.rand_x(b * t * 3 * c, 1.0);
     let d_dqkv = h.put_x(&dqkv)?;
     h.gpu
-        .attention_backward(&d_dqkv, &d_dout, &acts, &scratch, s)?;
+        .attention_backward(&d_dqkv, &d_dout, &d_qkv, &d_out, &acts, &scratch, s)?;
     // The reference uses the GPU's (rounded) att so only the backward's own error is measured.
-    let att_x = h.get(&acts.att)?;
+    let att_x = h.get(&d_att)?;
 
     let (mut datt, mut dqkvr) = (vec![0.0; s.scores_len()], vec![0.0; s.qkvr_len()]);
     let mut dvaccum = vec![0.0; b * t * c];
@@ -479,6 +505,75 @@ fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
         s,
     );
     h.compare("attention_backward/dqkv", &d_dqkv, &dqkv, 3)
+}
+
+/// The fused kernels, each set that can run `s` on this device (tensor cores and scalar),
+/// against the CPU's materialized attention: out, and dqkv accumulated onto small random values
+/// (q, k and v parts each against its own scale); lse against the CPU's fused forward.
+fn check_flash_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
+    let x = h.gpu.x();
+    let (btc, rows) = (s.b * s.t * s.c, s.rows_len());
+    let qkv = h.rand_x(3 * btc, 1.0);
+    let dout = h.rand_x(btc, 1.0);
+    let base = h.rand_x(3 * btc, 0.1);
+    let (mut out, mut dqkv) = (vec![0.0; btc], base.clone());
+    {
+        let (mut att, mut datt) = (vec![0.0; s.scores_len()], vec![0.0; s.scores_len()]);
+        let (mut qkvr, mut dqkvr) = (vec![0.0; s.qkvr_len()], vec![0.0; s.qkvr_len()]);
+        let (mut vaccum, mut dvaccum) = (vec![0.0; btc], vec![0.0; btc]);
+        cpu::attention_forward(&mut out, &mut qkvr, &mut att, &mut vaccum, &qkv, s);
+        cpu::attention_backward(
+            &mut dqkv,
+            &dout,
+            &qkvr,
+            &att,
+            &mut dqkvr,
+            &mut datt,
+            &mut dvaccum,
+            s,
+        );
+    }
+    let (mut fused_out, mut lse) = (vec![0.0; btc], vec![0.0; rows]);
+    cpu::flash_forward(&mut fused_out, &mut lse, &qkv, s);
+    // Released at the end (T = 4096 takes tens of MiB per kernel set).
+    let mark = h.gpu.arena().mark();
+    let (d_qkv, d_dout) = (h.put_x(&qkv)?, h.put_x(&dout)?);
+    for kernels in FlashKernels::candidates(h.precision, s.head_size(), h.gpu.sm()) {
+        let name = format!(
+            "flash_attention[{}] B={} T={} HS={}",
+            kernels.name(),
+            s.b,
+            s.t,
+            s.head_size()
+        );
+        let d_out = h.poisoned(x, btc)?;
+        let d_lse = h.poisoned(DType::F32, rows)?;
+        h.gpu
+            .flash_forward_with(kernels, &d_out, &d_lse, &d_qkv, s)?;
+        h.compare(&format!("{name}/out"), &d_out, &out, 2)?;
+        h.compare(&format!("{name}/lse"), &d_lse, &lse, 1)?;
+        let d_dqkv = h.put_x(&base)?;
+        let d_delta = h.poisoned(DType::F32, rows)?;
+        h.gpu.flash_backward_with(
+            kernels, &d_dqkv, &d_delta, &d_dout, &d_qkv, &d_out, &d_lse, s,
+        )?;
+        let got = h.get(&d_dqkv)?;
+        for (part, label) in ["dq", "dk", "dv"].into_iter().enumerate() {
+            // The gradient alone (what was added to `base`), of one part.
+            let pick = |v: &[f32]| -> Vec<f32> {
+                v.chunks_exact(s.c)
+                    .zip(base.chunks_exact(s.c))
+                    .skip(part)
+                    .step_by(3)
+                    .flat_map(|(v, b)| v.iter().zip(b).map(|(v, b)| v - b))
+                    .collect()
+            };
+            h.compare_host(&format!("{name}/{label}"), &pick(&got), &pick(&dqkv), 3);
+        }
+    }
+    h.gpu.synchronize(Stream::Compute)?;
+    h.gpu.arena().reset_to(mark)?;
+    Ok(())
 }
 
 fn check_crossentropy(h: &mut Harness<'_>, r: usize, v: usize, vp: usize) -> Result<()> {

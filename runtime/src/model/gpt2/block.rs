@@ -84,7 +84,6 @@ pub(super) struct BlockScratch {
 }
 
 const ACTS: &str = "block activations";
-const SCORES: &str = "attention scores";
 const SCRATCH: &str = "block scratch";
 
 impl Block {
@@ -102,11 +101,7 @@ impl Block {
             ln1_rstd: arena.alloc(ACTS, DType::F32, bt)?,
             qkv: arena.alloc(ACTS, x, bt * 3 * c)?,
             atty: arena.alloc(ACTS, x, bt * c)?,
-            attention: AttentionActs {
-                qkvr: arena.alloc(ACTS, x, shape.qkvr_len())?,
-                att: arena.alloc(SCORES, x, shape.scores_len())?,
-                vaccum: arena.alloc(ACTS, x, bt * c)?,
-            },
+            attention: AttentionActs::alloc(arena, p.attention, &shape, x)?,
             residual2: arena.alloc(ACTS, x, bt * c)?,
             ln2: arena.alloc(ACTS, x, bt * c)?,
             ln2_mean: arena.alloc(ACTS, DType::F32, bt)?,
@@ -249,6 +244,8 @@ impl Block {
         dev.attention_backward(
             &sc.dqkv,
             &sc.datty,
+            &self.qkv,
+            &self.atty,
             &self.attention,
             &sc.attention,
             self.shape,
@@ -301,11 +298,7 @@ impl BlockScratch {
             dqkv: arena.alloc(SCRATCH, x, bt * 3 * c)?,
             dfch: arena.alloc(SCRATCH, x, bt * 4 * c)?,
             dfch_gelu: arena.alloc(SCRATCH, x, bt * 4 * c)?,
-            attention: AttentionScratch {
-                dqkvr: arena.alloc(SCRATCH, x, shape.qkvr_len())?,
-                datt: arena.alloc(SCORES, x, shape.scores_len())?,
-                dvaccum: arena.alloc(SCRATCH, x, bt * c)?,
-            },
+            attention: AttentionScratch::alloc(arena, p.attention, &shape, x)?,
             recompute_out: if p.checkpointing {
                 Some(arena.alloc(SCRATCH, x, bt * c)?)
             } else {
