@@ -541,8 +541,15 @@ impl PlacementPlan {
                 } else {
                     format!("{} of host buffers", gib(self.host_bytes))
                 };
+                let split = if self.tiers.optimizer == Tier::Nvme
+                    && self.optimizer_on_host.iter().any(|&h| h)
+                {
+                    "lower offload_optimizer.host_fraction (now keeping part of the optimizer states in host memory), "
+                } else {
+                    ""
+                };
                 return Err(format!(
-                    "host memory: the plan needs {what}, {} is available per rank (MemAvailable); move states to NVMe (offload_*.device = \"nvme\"), partition them (zero.stage, more ranks), or lower offload_optimizer.sub_group_size / buffer_count",
+                    "host memory: the plan needs {what}, {} is available per rank (MemAvailable); {split}move states to NVMe (offload_*.device = \"nvme\"), partition them (zero.stage, more ranks), or lower offload_optimizer.sub_group_size / buffer_count",
                     gib(host)
                 ));
             }
@@ -585,7 +592,7 @@ impl PlacementPlan {
                     }
                     Some(free) if *free < share => {
                         return Err(format!(
-                            "NVMe: {} has {} free, the plan writes {} there ({}); free space, add a path, or keep some states in memory",
+                            "NVMe: {} has {} free, the plan writes {} there ({}); free space, add a path, or keep some states in memory (offload_optimizer.host_fraction keeps a share of the optimizer states in host memory)",
                             path.display(),
                             gib(*free),
                             gib(share),
