@@ -223,3 +223,48 @@ fn auto_picks_the_fastest_placement_that_fits() {
         "{text}"
     );
 }
+
+#[test]
+fn auto_keeps_as_much_of_an_nvme_optimizer_in_host_memory_as_fits() {
+    // 13B at world 8 with 20 GiB of host memory per rank: the optimizer on the host needs 29 GiB,
+    // so auto puts it on NVMe — keeping the largest share of its sub-groups in host memory that
+    // leaves a tenth of the host free.
+    let (ok, text) = plan(&[
+        "configs/gpt-13b-nvme.toml",
+        "--world-size",
+        "8",
+        "--set",
+        "offload_optimizer.device=\"auto\"",
+        "--set",
+        "offload_optimizer.nvme_path=\"/nvme/a\"",
+        "--set",
+        "offload_param.nvme_path=\"/nvme/a\"",
+        "--device-memory",
+        "80GiB",
+        "--host-memory",
+        "20GiB",
+        "--nvme-bytes",
+        "1TiB",
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("does not fit: parameters on nvme, optimizer states on cpu"),
+        "{text}"
+    );
+    let at = text
+        .find("optimizer states on nvme (")
+        .unwrap_or_else(|| panic!("no split:\n{text}"));
+    let share: f64 = text[at + "optimizer states on nvme (".len()..]
+        .split('%')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a percentage");
+    assert!(share > 20.0 && share < 60.0, "{share}%:\n{text}");
+    let table = &text[at..];
+    let pool = row(table, "host pool", "cpu");
+    assert!(
+        pool <= 18 << 30 && pool > 15 << 30,
+        "the pool fills 90% of 20 GiB: {pool}\n{text}"
+    );
+    assert!(row(table, "master params (f32)", "cpu") > 0, "{text}");
+}

@@ -526,10 +526,68 @@ pub fn plan_placements(
         .into_iter()
         .map(|tiers| {
             let (plan, _) = dry_run(config, &laid, &mut model, world, tiers)?;
+            let plan = fill_host_memory(config, &laid, world, plan, caps);
             let fits = plan.check(config, caps);
             Ok((plan, fits))
         })
         .collect()
+}
+
+/// With `offload_optimizer.device = "auto"` and the optimizer on NVMe: the largest
+/// `host_fraction` (at least the configured one) whose host pool fits the host memory `caps`
+/// give — and the locked-memory limit when pinning — less a tenth for everything else. NVMe is
+/// the slowest tier, so auto keeps as much as fits in host memory.
+fn fill_host_memory(
+    config: &Config,
+    laid: &Laid,
+    world: usize,
+    plan: placement::PlacementPlan,
+    caps: &placement::Capacities,
+) -> placement::PlacementPlan {
+    use crate::config::OffloadDevice;
+    let (Some(host), placement::Tier::Nvme, OffloadDevice::Auto) = (
+        caps.host_bytes,
+        plan.tiers.optimizer,
+        config.offload_optimizer.device,
+    ) else {
+        return plan;
+    };
+    let arena = if caps.device_in_host {
+        plan.device_bytes
+    } else {
+        0
+    };
+    let mut budget = host.saturating_sub(arena) / 10 * 9;
+    if let (true, Some(limit)) = (plan.host_pinned, caps.memlock_bytes) {
+        budget = budget.min(limit);
+    }
+    let sizes = placement::PlanSizes {
+        layout: &laid.layout,
+        x_bytes: laid.sizes.x.size_bytes(),
+        device_bytes: plan.device_bytes,
+    };
+    let at = |f: f64| {
+        let mut c = config.clone();
+        c.offload_optimizer.host_fraction = f;
+        placement::plan(&c, world, plan.tiers, &sizes)
+    };
+    let (mut lo, mut hi) = (config.offload_optimizer.host_fraction, 1.0f64);
+    if at(lo).host_bytes > budget {
+        return plan;
+    }
+    // Whole percents are enough: the split is by sub-groups anyway.
+    while hi - lo > 0.01 {
+        let mid = (lo + hi) / 2.0;
+        if at(mid).host_bytes <= budget {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    if at(hi).host_bytes <= budget {
+        lo = hi;
+    }
+    at(lo)
 }
 
 /// The device allocations for `tiers` on an arena that only counts, and the plan they make.
@@ -569,6 +627,7 @@ fn choose_placement(
     let mut why = String::new();
     for (i, tiers) in candidates.iter().copied().enumerate() {
         let (plan, counting) = dry_run(config, laid, model, world, tiers)?;
+        let plan = fill_host_memory(config, laid, world, plan, caps);
         match plan.check(config, caps) {
             Ok(()) => return Ok((plan, counting)),
             // The last candidate short of device memory: say what takes it, as the device would.
