@@ -754,6 +754,52 @@ mod tests {
         assert!(engine.train_step(&batch).unwrap().loss.is_finite());
     }
 
+    /// Without clipping the host optimizer steps sub-groups during backward, before the step's
+    /// norm is known; a unit whose gradients are not finite is left as it was, so the step that
+    /// stops the run (its loss is not finite) updated nothing.
+    #[test]
+    fn adamw_during_backward_leaves_weights_alone_when_gradients_are_not_finite() {
+        let mut config = Config::default();
+        config.model.n_layer = 2;
+        config.model.n_embd = 32;
+        config.model.n_head = 2;
+        config.model.vocab_size = 64;
+        config.model.seq_len = 16;
+        config.data.micro_batch_size = 2;
+        config.train.device = DeviceKind::Cpu;
+        config.zero.stage = 1;
+        config.offload_optimizer.device = crate::config::OffloadDevice::Cpu;
+        config.optim.grad_clip = 0.0;
+        config.optim.warmup_steps = 0;
+        // Weights of ~1e30 after the first step: the second step's activations overflow.
+        config.optim.lr = 1e30;
+        config.optim.min_lr = 0.0;
+        let mut loader = Loader::from_config(&config).unwrap();
+        let mut engine = Engine::from_config(config).unwrap();
+        let mut batch = vec![engine.new_batch()];
+        loader.fill(&mut batch[0]).unwrap();
+        assert!(engine.train_step(&batch).unwrap().loss.is_finite());
+        let after_first = engine.params().unwrap();
+        assert!(after_first.iter().flatten().any(|w| w.abs() > 1e20));
+        loader.fill(&mut batch[0]).unwrap();
+        let err = engine.train_step(&batch).unwrap_err().to_string();
+        assert!(
+            err.contains("not finite") || err.contains("non-finite"),
+            "{err}"
+        );
+        let after_second = engine.params().unwrap();
+        let changed = after_first
+            .iter()
+            .flatten()
+            .zip(after_second.iter().flatten())
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            changed, 0,
+            "weights changed by a step with non-finite gradients"
+        );
+    }
+
     #[test]
     fn fused_attention_on_a_gpu_refuses_head_sizes_past_128_naming_the_key() {
         let mut config = Config::default();
