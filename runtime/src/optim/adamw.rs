@@ -14,13 +14,14 @@ pub fn adamw_update(
     v: &mut [f32],
     h: &AdamWHyper,
 ) {
-    assert!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
-    let f = Factors::of(h);
-    params
-        .par_chunks_mut(CHUNK)
-        .zip(grads.par_chunks(CHUNK))
-        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .for_each(|((p, g), (m, v))| adamw_chunk(p, g, m, v, h, &f));
+    adamw_update_any(
+        params,
+        grads,
+        Moments::F32(m),
+        Moments::F32(v),
+        h,
+        Cast::None,
+    );
 }
 
 /// A step's constants: bias corrections and decoupled weight decay.
@@ -121,35 +122,38 @@ pub fn adamw_update_any(
     let casts = cast.chunks(params.len());
     match (m, v) {
         (Moments::F32(m), Moments::F32(v)) => {
-            assert!(
-                grads.len() == params.len() && m.len() == params.len() && v.len() == params.len()
-            );
-            params
-                .par_chunks_mut(CHUNK)
-                .zip(grads.par_chunks(CHUNK))
-                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-                .zip(casts)
-                .for_each(|(((p, g), (m, v)), out)| {
-                    adamw_chunk(p, g, m, v, h, &f);
-                    out.write(p);
-                });
+            by_chunks(params, grads, m, v, casts, |p, g, m, v| {
+                adamw_chunk(p, g, m, v, h, &f)
+            })
         }
         (Moments::Bf16(m), Moments::Bf16(v)) => {
-            assert!(
-                grads.len() == params.len() && m.len() == params.len() && v.len() == params.len()
-            );
-            params
-                .par_chunks_mut(CHUNK)
-                .zip(grads.par_chunks(CHUNK))
-                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-                .zip(casts)
-                .for_each(|(((p, g), (m, v)), out)| {
-                    adamw_chunk_bf16(p, g, m, v, h, &f);
-                    out.write(p);
-                });
+            by_chunks(params, grads, m, v, casts, |p, g, m, v| {
+                adamw_chunk_bf16(p, g, m, v, h, &f)
+            })
         }
         _ => panic!("adamw_update_any: m and v must share a storage type"),
     }
+}
+
+/// `update` over each chunk of `CHUNK` elements in parallel, then the chunk's cast.
+fn by_chunks<M: Send>(
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [M],
+    v: &mut [M],
+    casts: Vec<CastChunk<'_>>,
+    update: impl Fn(&mut [f32], &[f32], &mut [M], &mut [M]) + Sync,
+) {
+    assert!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
+    params
+        .par_chunks_mut(CHUNK)
+        .zip(grads.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        .zip(casts)
+        .for_each(|(((p, g), (m, v)), out)| {
+            update(p, g, m, v);
+            out.write(p);
+        });
 }
 
 /// AdamW with bf16-stored moments (f32 arithmetic).
