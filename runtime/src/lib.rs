@@ -20,6 +20,7 @@ pub mod plan;
 pub mod rng;
 pub mod selftest;
 pub mod tensorboard;
+pub mod testing;
 pub mod threads;
 pub mod trace;
 pub mod train;

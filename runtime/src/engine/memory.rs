@@ -55,6 +55,9 @@ pub struct StepBuffers {
     pub acts: Vec<Buf>,
     /// ∂L/∂(activation) flowing backward through the stages (X), updated in place.
     pub dres: Buf,
+    /// With activation checkpointing: where a stage's forward, run again right before its
+    /// backward, writes its output (X; nothing reads it).
+    pub recompute_out: Option<Buf>,
     /// (2, micro_max, B, T) i32: every micro-batch's inputs, then every micro-batch's targets.
     pub tokens: Buf,
     /// (micro_max, B, T) f32: each token's loss.
@@ -84,6 +87,8 @@ pub struct Sizes {
     /// Stages of the model and elements of the activation between two of them.
     pub stages: usize,
     pub act_len: usize,
+    /// Activation checkpointing: each stage's forward runs again before its backward.
+    pub checkpointing: bool,
     /// Compute type X.
     pub x: DType,
     /// Elements of the two transient pools (the plan's).
@@ -218,6 +223,10 @@ pub fn allocate(
     let buffers = StepBuffers {
         acts,
         dres: arena.alloc("activation gradient", x, sizes.act_len)?,
+        recompute_out: sizes
+            .checkpointing
+            .then(|| arena.alloc("recomputed stage output", x, sizes.act_len))
+            .transpose()?,
         tokens,
         losses: arena.alloc("losses", DType::F32, sizes.micro_max * bt)?,
         norm: arena.alloc("gradient norm", DType::F32, 1)?,
@@ -353,6 +362,7 @@ mod tests {
             micro_max: 1,
             stages: 3,
             act_len: 64,
+            checkpointing: false,
             x: DType::F32,
             param_pool_len: 0,
             grad_pool_len: 0,

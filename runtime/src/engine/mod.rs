@@ -488,6 +488,7 @@ fn lay_out(
         micro_max,
         stages: stage_units.len(),
         act_len: model.activation_len(b, t),
+        checkpointing: config.train.activation_checkpointing,
         x: precision.dtype(),
         param_pool_len: pools.0,
         grad_pool_len: pools.1,
@@ -496,7 +497,7 @@ fn lay_out(
         b,
         t,
         x: sizes.x,
-        checkpointing: config.train.activation_checkpointing,
+        checkpointing: sizes.checkpointing,
         attention: config.train.attention,
     };
     Ok(Laid {

@@ -348,6 +348,12 @@ impl Engine {
                     .forward(dev, stage, params, &tokens, input, output)?;
             }
             UseKind::Backward => {
+                // Activation checkpointing: the stage's activations are recomputed from its
+                // kept input right before its backward reads them (the model's contract).
+                if let Some(out) = &self.bufs.recompute_out {
+                    self.model
+                        .forward(dev, stage, params, &tokens, input, out)?;
+                }
                 self.model
                     .backward(dev, stage, params, grads, &tokens, input, &self.bufs.dres)?;
             }

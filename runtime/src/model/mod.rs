@@ -189,7 +189,11 @@ pub struct Prepare {
     pub t: usize,
     /// Compute type X of activations and compute weights.
     pub x: DType,
-    /// Keep no intermediate activations; `backward` recomputes the stage's forward.
+    /// Activation checkpointing (`train.activation_checkpointing`): the engine keeps only each
+    /// stage's input and, right before [`Model::backward`] of a stage, calls [`Model::forward`]
+    /// of that stage again on the same input and parameters. The model may then share one set
+    /// of activations among all its stages; without checkpointing every stage's activations must
+    /// survive until its backward (the engine runs the whole forward pass first).
     pub checkpointing: bool,
     /// How attention keeps what its backward needs (`train.attention`).
     pub attention: AttentionMode,
@@ -202,6 +206,14 @@ pub struct Prepare {
 /// Backward: parameter gradients accumulate (`+=`, the engine zeroes them once per step), and
 /// the gradient flowing between stages is one buffer `dres`, updated in place: on entry
 /// ∂L/∂(stage output), on exit ∂L/∂(stage input).
+///
+/// The order of calls for one micro-batch: `forward` of every stage but the last, in order;
+/// `head`; then for each stage in reverse, with activation checkpointing ([`Prepare::checkpointing`])
+/// `forward` of that stage again (the engine recomputes it) immediately followed by its
+/// `backward`, and without checkpointing `backward` alone. So `backward` always reads the
+/// activations of the stage's most recent `forward`: a model never recomputes anything itself.
+/// [`crate::testing::check_model_gradients`] checks a model against this contract (gradients
+/// with and without checkpointing, and against finite differences).
 pub trait Model: Send {
     fn units(&self) -> &[UnitSpec];
     /// Forward order; the backward pass walks them in reverse.
@@ -235,7 +247,8 @@ pub trait Model: Send {
         grads: Option<HeadGrads<'_>>,
     ) -> Result<(), DeviceError>;
     /// Backward of a stage other than the last: accumulates into `grads` and turns `dres` from
-    /// ∂L/∂output into ∂L/∂input (stage 0 leaves it as it is).
+    /// ∂L/∂output into ∂L/∂input (stage 0 leaves it as it is). It reads the activations of the
+    /// stage's latest `forward` (with checkpointing, the one the engine ran just before).
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &mut self,

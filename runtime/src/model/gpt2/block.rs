@@ -79,8 +79,6 @@ pub(super) struct BlockScratch {
     dfch: Buf,      // (B,T,4C) X
     dfch_gelu: Buf, // (B,T,4C) X
     attention: AttentionScratch,
-    /// Where a recomputed forward writes its output (nothing reads it); checkpointing only.
-    pub(super) recompute_out: Option<Buf>, // (B,T,C) X
 }
 
 const ACTS: &str = "block activations";
@@ -299,11 +297,6 @@ impl BlockScratch {
             dfch: arena.alloc(SCRATCH, x, bt * 4 * c)?,
             dfch_gelu: arena.alloc(SCRATCH, x, bt * 4 * c)?,
             attention: AttentionScratch::alloc(arena, p.attention, &shape, x)?,
-            recompute_out: if p.checkpointing {
-                Some(arena.alloc(SCRATCH, x, bt * c)?)
-            } else {
-                None
-            },
         })
     }
 }

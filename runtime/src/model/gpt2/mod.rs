@@ -326,9 +326,6 @@ impl Model for Gpt2 {
         let dweights = block::weights(&grads[0], &shape)?;
         let ws = self.workspaces(Some(tokens))?;
         let block = &ws.blocks[if ws.shape.checkpointing { 0 } else { stage - 1 }];
-        if let Some(out) = &ws.scratch.recompute_out {
-            block.forward(dev, &ws.scratch, &weights, input, out)?;
-        }
         block.backward(dev, &ws.scratch, &weights, &dweights, input, dres)
     }
 
