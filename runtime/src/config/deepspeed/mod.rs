@@ -4,13 +4,13 @@
 //!
 //! The JSON is applied over the TOML: what it leaves out, or gives as `"auto"`, keeps the TOML's value
 //! (or strata's default). The exceptions are the ends of DeepSpeed's decaying schedules, which its
-//! scheduler type defines (see [`schedule`]); where such a default replaces the TOML's value, a note says so.
+//! scheduler type defines (see `schedule.rs`); where such a default replaces the TOML's value, a note says so.
 //! DeepSpeed counts some sizes in elements (`stage3_prefetch_bucket_size`, `stage3_max_live_parameters`,
 //! `offload_param.buffer_size`): they become bytes at the compute precision the JSON selects (2 bytes
 //! with bf16 or fp16 enabled, else 4).
 //!
-//! - [`schedule`]: `bf16` / `fp16`, `optimizer`, `scheduler`.
-//! - [`zero`]: `zero_optimization` (stages, offload), `aio`, `activation_checkpointing`.
+//! - `schedule.rs`: `bf16` / `fp16`, `optimizer`, `scheduler`.
+//! - `zero.rs`: `zero_optimization` (stages, offload), `aio`, `activation_checkpointing`.
 
 mod schedule;
 mod zero;
@@ -190,20 +190,17 @@ impl DeepSpeed {
             ConfigError::Invalid { key, message } => (key.to_string(), message),
             other => return other,
         };
-        let named = |json_key: String, strata_key: String, message: String| ConfigError::DeepSpeed {
-            origin: self.origin.clone(),
-            json_key,
-            key: strata_key,
-            message,
-        };
+        let named =
+            |json_key: String, strata_key: String, message: String| ConfigError::DeepSpeed {
+                origin: self.origin.clone(),
+                json_key,
+                key: strata_key,
+                message,
+            };
         if let Some(json_key) = self.json_key(&key) {
             return named(json_key.to_string(), key, message);
         }
-        let mentioned = self
-            .settings
-            .iter()
-            .rev()
-            .find(|s| message.contains(s.key));
+        let mentioned = self.settings.iter().rev().find(|s| message.contains(s.key));
         if let Some(s) = mentioned {
             let message = format!("config key `{key}`: {message}");
             return named(s.from.clone(), s.key.to_string(), message);
@@ -302,7 +299,13 @@ impl Mapper {
         let whole = v.as_u64().or_else(|| {
             v.as_f64()
                 .filter(|f| f.fract() == 0.0 && *f >= 0.0)
-                .map(|f| if f > INTEGER_MAX as f64 { u64::MAX } else { f as u64 })
+                .map(|f| {
+                    if f > INTEGER_MAX as f64 {
+                        u64::MAX
+                    } else {
+                        f as u64
+                    }
+                })
         });
         match whole {
             Some(n) if n <= INTEGER_MAX => Ok(Some(n)),
@@ -409,7 +412,7 @@ impl Mapper {
         }
         let world = world.max(1) as u64;
         // Products beyond u64 cannot equal a count that fits one.
-        let times = |a: u64, b: u64| a.checked_mul(b).unwrap_or(u64::MAX);
+        let times = |a: u64, b: u64| a.saturating_mul(b);
         let (micro, accum) = match (b.total, b.micro, b.accum) {
             (Some(t), Some(m), Some(a)) if t != times(times(m, a), world) => {
                 return Err(self.error(
