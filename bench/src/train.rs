@@ -159,17 +159,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .checked_add(args.steps)
         .context("--warmup + --steps overflows")?;
     let mut overrides = args.set.clone();
-    overrides.push(format!("train.steps={steps}"));
-    for replaced in args
-        .set
-        .iter()
-        .filter(|s| strata::config::override_key(s).as_deref() == Some("train.steps"))
-    {
-        eprintln!("warning: --set {replaced} is replaced: strata-bench train runs --warmup + --steps = {steps} steps");
-    }
+    let steps_set = format!("train.steps={steps}");
+    overrides.push(steps_set.clone());
     let config = Config::load(args.config.or(args.config_flag).as_deref(), &overrides)?;
-    for note in &config.notes {
-        eprintln!("warning: {note}");
+    for (earlier, later) in &config.replaced_sets {
+        if *later == steps_set {
+            eprintln!("warning: --set {earlier} is replaced: strata-bench train runs --warmup + --steps = {steps} steps");
+        } else {
+            eprintln!("warning: --set {earlier} is replaced by the later --set {later}");
+        }
     }
     let (d, m) = (&config.data, &config.model);
     let mut loader = Loader::from_config(&config).context("opening the training data")?;
