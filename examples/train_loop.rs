@@ -8,10 +8,10 @@ use strata::data::Loader;
 use strata::Engine;
 
 fn main() -> anyhow::Result<()> {
-    // The config is found relative to this crate, so the example runs from any directory.
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tiny.toml");
+    // The embedded default (configs/tiny.toml, built into strata), so this runs from any directory and
+    // any crate; Config::load(Some(path), …) reads a file of yours instead.
     let overrides = ["train.steps=120", "data.val=synthetic"].map(String::from);
-    let config = Config::load(Some(path.as_ref()), &overrides)?;
+    let config = Config::load(None, &overrides)?;
 
     let mut loader = Loader::from_config(&config)?;
     let mut val = Loader::val_from_config(&config)?.ok_or(anyhow::anyhow!("no data.val"))?;

@@ -160,6 +160,75 @@ tcp_rank0_stopped() {
 }
 probe "tcp: rank 0 SIGSTOPped" tcp_rank0_stopped
 
+# --- front door: config, command line, DeepSpeed JSON, rendezvous, strata-bench -----------------------------
+# Each error names the input it is about (the --set, the JSON key, the variable, the path), once; nothing given
+# is silently dropped; strata-bench refuses what it cannot measure and leaves nothing behind.
+BENCH=$(dirname "$STRATA")/strata-bench
+printf '{"stage": 3,}' > ds-comma.json
+printf '{"train_micro_batch_size_per_gpu": 18446744073709551615}' > ds-huge.json
+printf '{"bf16": {"enabled": true}}' > ds-bf16.json
+printf '{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}, "offload_optimizer": {"device": "cpu"}}}' > ds-nvme.json
+printf '{"zero_optimization": {"stage": "auto"}, "scheduler": {"type": "WarmupLR"}}' > ds-auto.json
+printf '{"zero_optimization": {"offload_parm": {}}}' > ds-unknown.json
+printf '[zero]\nstage = 3\n[offload_param]\ndevice = "cpu"\n[offload_optimizer]\ndevice = "cpu"\n' > zero3.toml
+printf '[model]\nn_layer = 1\n' > plain.toml
+INPUTS+=(ds-comma.json ds-huge.json ds-bf16.json ds-nvme.json ds-auto.json ds-unknown.json zero3.toml plain.toml)
+echo x > afile
+
+probe "--steps 2 --set train.steps=1e3" train --steps 2 --set train.steps=1e3
+probe "--set \"model\".n_layr=2 (a quoted key)" train --set '"model".n_layr=2'
+probe "--set train.steps=2^64+" train --set train.steps=99999999999999999999
+probe "launch -- strata train --nproc 2" "$STRATA" launch --nproc-per-node 2 --grace-s 1 -- "$STRATA" train "${TINY[@]}" --nproc 2 --steps 1
+probe "WORLD_SIZE=0" env RANK=0 WORLD_SIZE=0 "$STRATA" train "${TINY[@]}" --steps 1
+probe "DeepSpeed JSON with a trailing comma" train --deepspeed "$W/ds-comma.json"
+probe "DeepSpeed integer beyond i64" train --deepspeed "$W/ds-huge.json"
+probe "DeepSpeed bf16 on the CPU" train --steps 1 --deepspeed "$W/ds-bf16.json"
+probe "DeepSpeed nvme without nvme_path" "$STRATA" train "$W/plain.toml" --deepspeed "$W/ds-nvme.json"
+probe "DeepSpeed unknown key" train --deepspeed "$W/ds-unknown.json"
+resolved=$("$STRATA" train "$W/zero3.toml" --deepspeed "$W/ds-auto.json" --print-config 2>/dev/null |
+    awk '/^\[zero\]/{z=1} z&&/^stage/{print "zero.stage " $3; exit}')
+rows+=("| DeepSpeed \"stage\": \"auto\" over a stage-3 TOML | - | resolves to ${resolved:-nothing} | - | - |")
+probe "strata-bench io --path missing" "$BENCH" io --path "$W/mnt/nvme0" --size 4MiB
+rows+=("| ↳ the missing path afterwards | - | $([ -e "$W/mnt" ] && echo created || echo 'not created') | - | - |")
+probe "strata-bench io --path a file" "$BENCH" io --path "$W/afile" --size 4MiB
+probe "strata-bench train --steps 0" "$BENCH" train --steps 0
+probe "strata-bench error, RUST_BACKTRACE=1" env RUST_BACKTRACE=1 "$BENCH" train --set model.n_layr=1
+rows+=("| ↳ its stderr | - | $(env RUST_BACKTRACE=1 "$BENCH" train --set model.n_layr=1 2>&1 | wc -l) line(s) | - | - |")
+if unshare -m sh -c "mount -t tmpfs -o size=1M tmpfs '$W/adir'" 2>/dev/null; then
+    probe "strata-bench io on a full disk" unshare -m sh -c 'mount -t tmpfs -o size=1M tmpfs "$0" && "$1" io --path "$0" --size 8MiB --block-size 1MiB --queue-depth 4 --buffered; rc=$?; ls -A "$0" > "$0.left"; exit $rc' "$W/adir" "$BENCH"
+    rows+=("| ↳ files left on that disk | - | $(wc -l < "$W/adir.left") | - | - |")
+else
+    rows+=("| strata-bench io on a full disk | skipped | needs root and unshare -m to mount a tmpfs | - | - |")
+fi
+store_address() {  # the address rank 0's store listens on, under strata train --nproc 2
+    "$STRATA" train "${TINY[@]}" --nproc 2 --steps 1000000 --set train.metrics_file="$W/s.jsonl" >/dev/null 2>&1 &
+    local launcher=$!
+    for _ in $(seq 600); do [ -s "$W/s.jsonl" ] && break; sleep 0.05; done
+    python3 - "$launcher" <<'PY'
+import os, sys
+launcher = sys.argv[1]
+kids = [p for p in os.listdir("/proc") if p.isdigit() and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == launcher]
+inodes = set()
+for k in kids:
+    for fd in os.listdir(f"/proc/{k}/fd"):
+        try:
+            link = os.readlink(f"/proc/{k}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+out = []
+for line in open("/proc/net/tcp").read().splitlines()[1:]:
+    f = line.split()
+    if f[3] == "0A" and f[9] in inodes:
+        ip, port = f[1].split(":")
+        out.append(".".join(str(b) for b in bytes.fromhex(ip)[::-1]) + ":" + str(int(port, 16)))
+print(" ".join(out) or "none")
+PY
+    kill -KILL "$launcher" 2>/dev/null; wait "$launcher" 2>/dev/null
+}
+rows+=("| rendezvous store of strata train --nproc 2 | - | listens on $(store_address) | - | - |")
+
 # --- table ----------------------------------------------------------------------------------------------
 echo "strata fault probes, $(date -u +%Y-%m-%dT%H:%MZ), $("$STRATA" --version), $(uname -sr)"
 echo

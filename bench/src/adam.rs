@@ -26,7 +26,20 @@ pub struct AdamArgs {
     cast: bool,
 }
 
+/// Most threads `--threads` may ask for.
+const THREADS_MAX: usize = 1024;
+
 pub fn run(args: AdamArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.params >= 1, "--params must be at least 1");
+    anyhow::ensure!(
+        args.steps >= 1,
+        "--steps must be at least 1 (after one untimed step)"
+    );
+    anyhow::ensure!(
+        args.threads <= THREADS_MAX,
+        "--threads {} must lie between 0 (every core) and {THREADS_MAX}",
+        args.threads
+    );
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)
         .build()?;

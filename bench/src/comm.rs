@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use strata_collectives::bench::{parse_bytes, sweep, Collective, Row, SweepOptions};
+use strata::config::ByteSize;
+use strata_collectives::bench::{sweep, Collective, Row, SweepOptions};
 use strata_collectives::{init_from_env, Backend, CommError, DType, DistConfig};
 
 #[derive(clap::Args)]
@@ -45,7 +46,43 @@ pub struct CommArgs {
     json: bool,
 }
 
+/// The largest buffer the sweep allocates (per rank, send and receive).
+const BYTES_MAX: usize = 16 << 30;
+
+/// A size argument, by strata's one rule for sizes (`ByteSize`), at most [`BYTES_MAX`].
+fn size(flag: &str, text: &str) -> anyhow::Result<usize> {
+    let bytes = text
+        .parse::<ByteSize>()
+        .map_err(|e| anyhow::anyhow!("{flag} {e}"))?
+        .bytes();
+    usize::try_from(bytes)
+        .ok()
+        .filter(|b| *b <= BYTES_MAX)
+        .ok_or_else(|| anyhow::anyhow!("{flag} {text}: at most {}", ByteSize(BYTES_MAX as u64)))
+}
+
 pub fn run(args: CommArgs) -> anyhow::Result<()> {
+    let (min_bytes, max_bytes) = (
+        size("--min-bytes", &args.min_bytes)?,
+        size("--max-bytes", &args.max_bytes)?,
+    );
+    anyhow::ensure!(
+        min_bytes <= max_bytes,
+        "--min-bytes {} is above --max-bytes {}",
+        args.min_bytes,
+        args.max_bytes
+    );
+    anyhow::ensure!(
+        args.step_factor >= 2,
+        "--step-factor {} must be at least 2",
+        args.step_factor
+    );
+    anyhow::ensure!(args.iters >= 1, "--iters must be at least 1");
+    anyhow::ensure!(
+        args.timeout_s.is_finite() && args.timeout_s > 0.0 && args.timeout_s <= 1e6,
+        "--timeout-s {} must lie in (0, 1e6] seconds",
+        args.timeout_s
+    );
     let backend: Backend = args.backend.parse()?;
     let dtype = match args.dtype.as_str() {
         "f32" => DType::F32,
@@ -61,7 +98,7 @@ pub fn run(args: CommArgs) -> anyhow::Result<()> {
         backend,
         timeout: Duration::from_secs_f64(args.timeout_s),
         gpu: matches!(backend, Backend::Auto | Backend::Nccl),
-        shm_slot_bytes: parse_bytes(&args.shm_slot_bytes)?,
+        shm_slot_bytes: size("--shm-slot-bytes", &args.shm_slot_bytes)?,
     };
     let comm = init_from_env(&config).map_err(|e| match e {
         CommError::Env(_) => anyhow::anyhow!(
@@ -72,8 +109,8 @@ pub fn run(args: CommArgs) -> anyhow::Result<()> {
     let options = SweepOptions {
         collectives,
         dtype,
-        min_bytes: parse_bytes(&args.min_bytes)?,
-        max_bytes: parse_bytes(&args.max_bytes)?,
+        min_bytes,
+        max_bytes,
         step_factor: args.step_factor,
         warmup_iters: args.warmup_iters,
         iters: args.iters,

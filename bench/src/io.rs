@@ -8,10 +8,11 @@
 //! GB/s are decimal (1e9 bytes per second), as dd prints them.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use strata::config::ByteSize;
 use strata_offload::{
     AioConfig, BackendKind, EngineKind, HostBuf, HostPool, IoHandle, OnExhausted, PoolConfig,
     SwapStore,
@@ -58,24 +59,72 @@ pub struct IoArgs {
     keep: bool,
 }
 
-/// Parse "4GiB", "1MiB", "256KiB", "4G", "512M", "4096" into bytes (K/M/G are binary here too).
-pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("size {text:?}: expected a number with an optional unit"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => bail!("size {text:?}: unknown unit {other:?} (use KiB, MiB, GiB)"),
-    };
-    n.checked_mul(mult)
-        .with_context(|| format!("size {text:?} overflows"))
+/// A size argument (`4GiB`, `1MB`, `512M`, `4096`), by strata's one rule for sizes (`ByteSize`).
+fn parse_size(flag: &str, text: &str) -> anyhow::Result<u64> {
+    text.parse::<ByteSize>()
+        .map(ByteSize::bytes)
+        .map_err(|e| anyhow::anyhow!("{flag} {e}"))
+}
+
+/// Refuses a `--path` that is not an existing directory, as `strata train` refuses an `nvme_path`: a
+/// missing mount point must not be created on whatever disk holds its parent and benchmarked there.
+fn check_path(path: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => bail!(
+            "--path {}: not a directory (give the directory the swap file goes in, on the drive to measure)",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "--path {}: does not exist; strata-bench io does not create it, so that a missing mount is not \
+             measured on the disk below it: mount the drive or create the directory",
+            path.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("--path {}", path.display())),
+    }
+}
+
+/// The swap files of a run: removed at the end unless `--keep`, and, when the run fails, those it
+/// created (a failed write on a full disk leaves no file behind).
+struct SwapFiles {
+    files: Vec<(PathBuf, bool)>,
+    keep: bool,
+    finished: bool,
+}
+
+impl SwapFiles {
+    fn new(dirs: &[PathBuf], keep: bool) -> Self {
+        let files = dirs
+            .iter()
+            .map(|d| {
+                let file = d.join(FILE_NAME);
+                let existed = file.symlink_metadata().is_ok();
+                (file, existed)
+            })
+            .collect();
+        SwapFiles {
+            files,
+            keep,
+            finished: false,
+        }
+    }
+}
+
+impl Drop for SwapFiles {
+    fn drop(&mut self) {
+        for (file, existed) in &self.files {
+            let remove = if self.finished { !self.keep } else { !existed };
+            if !remove {
+                continue;
+            }
+            match std::fs::remove_file(file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    eprintln!("# could not remove {}: {e}", file.display())
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 struct Row {
@@ -96,16 +145,24 @@ fn gbps(bytes: u64, secs: f64) -> f64 {
 }
 
 pub fn run(args: IoArgs) -> anyhow::Result<()> {
-    let size = parse_bytes(&args.size)?;
-    let chunk_min = parse_bytes(&args.chunk)?;
+    let size = parse_size("--size", &args.size)?;
+    let chunk_min = parse_size("--chunk", &args.chunk)?;
     let block_sizes = args
         .block_size
         .iter()
-        .map(|b| parse_bytes(b).map(|v| v as usize))
+        .map(|b| parse_size("--block-size", b).map(|v| v as usize))
         .collect::<anyhow::Result<Vec<usize>>>()?;
     if size == 0 || args.inflight == 0 || args.queue_depth.is_empty() || block_sizes.is_empty() {
         bail!("--size, --inflight, --block-size and --queue-depth must be non-empty and > 0");
     }
+    // O_DIRECT moves whole 4 KiB blocks: "4MB" is 976.6 of them, measured as 977.
+    let size = size
+        .checked_next_multiple_of(4096)
+        .context("--size overflows")?;
+    for dir in &args.path {
+        check_path(dir)?;
+    }
+    let mut swap_files = SwapFiles::new(&args.path, args.keep);
     let mut header_done = false;
     let mut warmed = false;
     let mut rows = Vec::new();
@@ -162,14 +219,8 @@ pub fn run(args: IoArgs) -> anyhow::Result<()> {
             rows.push(row);
         }
     }
-    if !args.keep {
-        for dir in &args.path {
-            let file = dir.join(FILE_NAME);
-            if let Err(e) = std::fs::remove_file(&file) {
-                eprintln!("# could not remove {}: {e}", file.display());
-            }
-        }
-    }
+    swap_files.finished = true;
+    drop(swap_files);
     let wrong: u64 = rows.iter().map(|r| r.wrong).sum();
     let best_w = rows
         .iter()
@@ -221,7 +272,9 @@ fn print_header(args: &IoArgs, store: &SwapStore, size: u64) {
     table_line(
         args,
         &format!(
-            "# strata-bench io: {:?}, {size} bytes per row, {engine}, {mode}{fixed}, {} ops in flight",
+            "# strata-bench io: {:?}, {size} bytes per row, {engine}, {mode}{fixed}; {} chunks outstanding \
+             (a chunk: the larger of --chunk and block_size x queue_depth, written as block_size requests, \
+             queue_depth of them in flight per ring)",
             args.path, args.inflight
         ),
     );
@@ -409,15 +462,19 @@ impl<'a> Bench<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_bytes;
+    use super::parse_size as size;
 
     #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_bytes("4GiB").unwrap(), 4 << 30);
-        assert_eq!(parse_bytes("256KiB").unwrap(), 256 << 10);
-        assert_eq!(parse_bytes("1M").unwrap(), 1 << 20);
-        assert_eq!(parse_bytes("4096").unwrap(), 4096);
-        assert!(parse_bytes("4XB").is_err());
-        assert!(parse_bytes("GiB").is_err());
+    fn sizes_follow_strata_s_one_rule() {
+        assert_eq!(size("--size", "4GiB").unwrap(), 4 << 30);
+        assert_eq!(size("--size", "256KiB").unwrap(), 256 << 10);
+        assert_eq!(size("--size", "1M").unwrap(), 1 << 20);
+        assert_eq!(size("--size", "1MB").unwrap(), 1_000_000);
+        assert_eq!(size("--size", "4096").unwrap(), 4096);
+        assert!(size("--size", "4XB")
+            .unwrap_err()
+            .to_string()
+            .starts_with("--size "));
+        assert!(size("--size", "GiB").is_err());
     }
 }

@@ -6,6 +6,7 @@ mod io;
 mod train;
 
 use clap::{Parser, Subcommand};
+use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(name = "strata-bench", version, about = "strata benchmarks")]
@@ -26,12 +27,20 @@ enum Command {
     Adam(adam::AdamArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Io(args) => io::run(args),
         Command::Comm(args) => comm::run(args),
         Command::Train(args) => train::run(args),
         Command::Adam(args) => adam::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // As `strata`: the chain once (an OS error last), no backtrace for a user's error.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -22,9 +22,12 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// TOML config (the embedded tiny default when omitted).
-    #[arg(long)]
+    /// TOML config (the embedded tiny default when omitted), as `strata train CONFIG`.
+    #[arg(value_name = "CONFIG", conflicts_with = "config_flag")]
     config: Option<PathBuf>,
+    /// The same as CONFIG.
+    #[arg(long = "config", value_name = "CONFIG")]
+    config_flag: Option<PathBuf>,
     /// Override config keys, as `strata train --set`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -118,7 +121,31 @@ pub fn spread(values: &[f64]) -> Spread {
     }
 }
 
+/// Refuses arguments that cannot give a figure (no timed step, a limit or peak that is not a
+/// positive number) before anything is built.
+fn check(args: &TrainArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.steps >= 1,
+        "--steps {}: time at least one step (--warmup steps are not timed)",
+        args.steps
+    );
+    if let Some(s) = args.time_limit {
+        anyhow::ensure!(
+            s.is_finite() && s >= 0.0,
+            "--time-limit {s} must be a number of seconds, 0 or more"
+        );
+    }
+    if let Some(p) = args.peak_tflops {
+        anyhow::ensure!(
+            p.is_finite() && p > 0.0,
+            "--peak-tflops {p} must be a positive number"
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    check(&args)?;
     let started = Instant::now();
     let trace = args.trace.as_deref().map(Trace::start).transpose()?;
     if let Some(t) = &trace {
@@ -127,9 +154,21 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             .try_init()
             .context("installing the trace layer")?;
     }
+    let steps = args
+        .warmup
+        .checked_add(args.steps)
+        .context("--warmup + --steps overflows")?;
     let mut overrides = args.set.clone();
-    overrides.push(format!("train.steps={}", args.warmup + args.steps));
-    let config = Config::load(args.config.as_deref(), &overrides)?;
+    let steps_set = format!("train.steps={steps}");
+    overrides.push(steps_set.clone());
+    let config = Config::load(args.config.or(args.config_flag).as_deref(), &overrides)?;
+    for (earlier, later) in &config.replaced_sets {
+        if *later == steps_set {
+            eprintln!("warning: --set {earlier} is replaced: strata-bench train runs --warmup + --steps = {steps} steps");
+        } else {
+            eprintln!("warning: --set {earlier} is replaced by the later --set {later}");
+        }
+    }
     let (d, m) = (&config.data, &config.model);
     let mut loader = Loader::from_config(&config).context("opening the training data")?;
     let build = Instant::now();

@@ -11,34 +11,6 @@ use crate::elem::DType;
 use crate::error::{CommError, Result};
 use crate::Backend;
 
-/// Parses a byte size: `65536`, `64K`, `64KiB`, `64M`, `1G` (binary multiples).
-pub fn parse_bytes(text: &str) -> Result<usize> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        _ => {
-            return Err(CommError::InvalidArgument {
-                op: "bench",
-                detail: format!("size {text:?}: unknown unit"),
-            })
-        }
-    };
-    let n: usize = digits.parse().map_err(|_| CommError::InvalidArgument {
-        op: "bench",
-        detail: format!("size {text:?} is not a number"),
-    })?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| CommError::InvalidArgument {
-            op: "bench",
-            detail: format!("size {text:?} overflows"),
-        })
-}
-
 /// A collective the sweep measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Collective {
@@ -334,11 +306,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_bus_factors() {
-        assert_eq!(parse_bytes("64MiB").ok(), Some(64 << 20));
-        assert_eq!(parse_bytes("1K").ok(), Some(1024));
-        assert_eq!(parse_bytes("4096").ok(), Some(4096));
-        assert!(parse_bytes("3X").is_err());
+    fn bus_factors() {
         assert_eq!(Collective::AllReduce.bus_factor(4), 1.5);
         assert_eq!(Collective::AllGather.bus_factor(4), 0.75);
         assert_eq!(Collective::ReduceScatter.bus_factor(2), 0.5);

@@ -62,6 +62,13 @@ impl RankInfo {
         let world_size = required_usize(get, "WORLD_SIZE")?;
         let local_rank = optional_usize(get, "LOCAL_RANK")?.unwrap_or(rank);
         let local_world_size = optional_usize(get, "LOCAL_WORLD_SIZE")?;
+        let counts = Self::counted(
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            EnvSource::Torchrun,
+        )?;
         let master_addr = match get("MASTER_ADDR") {
             Some(addr) => addr,
             None if world_size == 1 => "127.0.0.1".into(),
@@ -73,13 +80,9 @@ impl RankInfo {
             None => return Err(missing("MASTER_PORT", "needed when WORLD_SIZE > 1")),
         };
         Self {
-            rank,
-            world_size,
-            local_rank,
-            local_world_size,
             master_addr,
             master_port,
-            source: EnvSource::Torchrun,
+            ..counts
         }
         .validated()
     }
@@ -94,6 +97,13 @@ impl RankInfo {
             }
             _ => None,
         };
+        let counts = Self::counted(
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            EnvSource::Slurm,
+        )?;
         let master_addr = match get("MASTER_ADDR") {
             Some(addr) => addr,
             None => {
@@ -113,13 +123,9 @@ impl RankInfo {
             None => DEFAULT_MASTER_PORT,
         };
         Self {
-            rank,
-            world_size,
-            local_rank,
-            local_world_size,
             master_addr,
             master_port,
-            source: EnvSource::Slurm,
+            ..counts
         }
         .validated()
     }
@@ -129,6 +135,13 @@ impl RankInfo {
         let world_size = required_usize(get, "OMPI_COMM_WORLD_SIZE")?;
         let local_rank = required_usize(get, "OMPI_COMM_WORLD_LOCAL_RANK")?;
         let local_world_size = optional_usize(get, "OMPI_COMM_WORLD_LOCAL_SIZE")?;
+        let counts = Self::counted(
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            EnvSource::OpenMpi,
+        )?;
         let single_node = local_world_size == Some(world_size);
         let master_addr = match get("MASTER_ADDR") {
             Some(addr) => addr,
@@ -145,18 +158,35 @@ impl RankInfo {
             None => DEFAULT_MASTER_PORT,
         };
         Self {
-            rank,
-            world_size,
-            local_rank,
-            local_world_size,
             master_addr,
             master_port,
-            source: EnvSource::OpenMpi,
+            ..counts
         }
         .validated()
     }
 
-    fn validated(self) -> Result<Self> {
+    /// The counts, checked before anything else is read, so that a wrong count is named rather than a
+    /// variable that only a larger job needs (`WORLD_SIZE=0` is not "MASTER_ADDR is not set").
+    fn counted(
+        rank: usize,
+        world_size: usize,
+        local_rank: usize,
+        local_world_size: Option<usize>,
+        source: EnvSource,
+    ) -> Result<Self> {
+        Self {
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            master_addr: String::new(),
+            master_port: 0,
+            source,
+        }
+        .counts_checked()
+    }
+
+    fn counts_checked(self) -> Result<Self> {
         let (rank_var, world_var, local_var, local_world_var) = match self.source {
             EnvSource::Torchrun => ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
             EnvSource::Slurm => (
@@ -208,6 +238,12 @@ impl RankInfo {
                 self.local_rank, self.world_size
             ));
         }
+        Ok(self)
+    }
+
+    /// The rank-0 address and port, once the counts are known to be right.
+    fn validated(self) -> Result<Self> {
+        let bad = |msg: String| Err(CommError::Env(msg));
         if self.master_addr.trim().is_empty() {
             return bad("MASTER_ADDR is empty".into());
         }
@@ -386,6 +422,23 @@ mod tests {
             ("MASTER_PORT", "1")
         ])
         .contains("WORLD_SIZE=100000 exceeds the maximum 65536"));
+        // A wrong count is named before the variables only a larger job needs.
+        assert_eq!(
+            err(&[("RANK", "0"), ("WORLD_SIZE", "0")]),
+            "rendezvous environment: WORLD_SIZE=0: a job needs at least one rank"
+        );
+        assert!(err(&[
+            ("SLURM_PROCID", "3"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_LOCALID", "0")
+        ])
+        .contains("SLURM_PROCID=3 is not below SLURM_NTASKS=2"));
+        assert!(err(&[
+            ("OMPI_COMM_WORLD_RANK", "0"),
+            ("OMPI_COMM_WORLD_SIZE", "0"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+        ])
+        .contains("OMPI_COMM_WORLD_SIZE=0"));
         let single = info(&[("RANK", "0"), ("WORLD_SIZE", "1")]);
         assert!(single.is_ok());
     }

@@ -1,5 +1,6 @@
 //! `strata launch`: starts this node's ranks with the rendezvous variables set, prefixes their
-//! output with the rank, and when one fails stops the others and reports which and how.
+//! output with the rank (unless `--no-prefix`), and when one fails stops the others and reports which
+//! and how.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -33,6 +34,10 @@ pub struct LaunchArgs {
     /// long again before SIGKILL).
     #[arg(long, default_value_t = 5.0)]
     pub grace_s: f64,
+    /// Pass the ranks' output through as it is, without the `[rank N] ` prefix on each line (for JSON
+    /// lines a program reads; lines stay whole).
+    #[arg(long)]
+    pub no_prefix: bool,
     /// The command each rank runs.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -161,22 +166,27 @@ fn pump(
     rank: usize,
     source: impl Read + Send + 'static,
     to_stderr: bool,
+    prefix: bool,
     closed_at: ClosedAt,
 ) -> Option<JoinHandle<()>> {
+    let prefix = if prefix {
+        format!("[rank {rank}] ")
+    } else {
+        String::new()
+    };
     std::thread::Builder::new()
         .name(format!("launch-r{rank}"))
         .spawn(move || {
-            pump_lines(rank, source, to_stderr);
+            pump_lines(&prefix, source, to_stderr);
             let mut closed = closed_at.lock().unwrap_or_else(PoisonError::into_inner);
             closed[usize::from(to_stderr)] = Some(Instant::now());
         })
         .ok()
 }
 
-fn pump_lines(rank: usize, source: impl Read, to_stderr: bool) {
+fn pump_lines(prefix: &str, source: impl Read, to_stderr: bool) {
     let mut reader = BufReader::new(source);
     let mut line = Vec::new();
-    let prefix = format!("[rank {rank}] ");
     loop {
         line.clear();
         match reader.read_until(b'\n', &mut line) {
@@ -316,10 +326,22 @@ pub fn run(args: LaunchArgs) -> Result<ExitCode> {
         let closed_at: ClosedAt = Arc::new(Mutex::new([None, None]));
         let spawned = spawn_rank(&args, local, port, &blame).and_then(|mut child| {
             if let Some(out) = child.stdout.take() {
-                pumps.extend(pump(rank, out, false, Arc::clone(&closed_at)));
+                pumps.extend(pump(
+                    rank,
+                    out,
+                    false,
+                    !args.no_prefix,
+                    Arc::clone(&closed_at),
+                ));
             }
             if let Some(err) = child.stderr.take() {
-                pumps.extend(pump(rank, err, true, Arc::clone(&closed_at)));
+                pumps.extend(pump(
+                    rank,
+                    err,
+                    true,
+                    !args.no_prefix,
+                    Arc::clone(&closed_at),
+                ));
             }
             let pid = child.id();
             let tx = exits_tx.clone();
@@ -541,6 +563,7 @@ mod bounds_tests {
             master_addr: "127.0.0.1".into(),
             master_port: None,
             grace_s,
+            no_prefix: false,
             command: vec!["true".into()],
         }
     }

@@ -173,8 +173,21 @@ pub fn init(config: &DistConfig, info: &RankInfo) -> Result<Box<dyn Communicator
         return single();
     }
     let store = if rank == 0 {
-        let server = StoreServer::bind(info.master_port, rank)?;
-        StoreClient::connect("127.0.0.1", server.port(), rank, config.timeout)?.keep_server(server)
+        let server = StoreServer::bind(&info.master_addr, info.master_port, rank)?;
+        let addr = server.addr();
+        if let Some(local) = info
+            .local_world_size
+            .filter(|l| addr.ip().is_loopback() && *l < world)
+        {
+            return Err(CommError::Env(format!(
+                "MASTER_ADDR={} is a loopback address ({}) on rank 0, which the ranks on other nodes cannot \
+                 reach ({local} of the {world} ranks run on this node): set MASTER_ADDR to this node's network address",
+                info.master_addr,
+                addr.ip()
+            )));
+        }
+        StoreClient::connect(&addr.ip().to_string(), addr.port(), rank, config.timeout)?
+            .keep_server(server)
     } else {
         StoreClient::connect(&info.master_addr, info.master_port, rank, config.timeout)?
     };

@@ -2,10 +2,16 @@
 //!
 //! Each rank keeps one connection open for its lifetime; when it closes (the process exited or
 //! was killed) the server records `closed/<rank>`, which is how a survivor learns who died.
+//!
+//! What it accepts, and from whom: it listens only on the address MASTER_ADDR resolves to on rank 0
+//! (127.0.0.1 for one node's `strata launch`), serves at most 4096 connections and frames of at
+//! most 16 MiB (`CONNECTIONS_MAX`, `FRAME_BYTES_MAX`), and does not authenticate: any process that can reach
+//! MASTER_ADDR:MASTER_PORT while the job runs can read and set its keys (addresses, the NCCL id), as with
+//! torchrun's store. Across hosts, run it on a network only the job's hosts share.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -123,25 +129,51 @@ struct ServerState {
 pub struct StoreServer {
     state: Arc<ServerState>,
     accept_thread: Option<JoinHandle<()>>,
-    port: u16,
+    addr: SocketAddr,
 }
 
 impl StoreServer {
-    /// Listens on all interfaces at `port` (0 picks a free port; see `port()`).
-    pub fn bind(port: u16, rank: usize) -> Result<Self> {
-        let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| CommError::Store {
+    /// Listens on the address `host` resolves to (MASTER_ADDR: the address the ranks were told, so a
+    /// loopback address stays loopback) at `port` (0 picks a free port; see `port()`). Where `host`
+    /// resolves to several addresses, the first this machine can listen on.
+    pub fn bind(host: &str, port: u16, rank: usize) -> Result<Self> {
+        let shown = format!("{host}:{port}");
+        let fail = |detail: String| CommError::Store {
             rank,
-            addr: format!("0.0.0.0:{port}"),
-            detail: format!("rank 0 cannot listen on MASTER_PORT={port}: {e}"),
-        })?;
-        let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
+            addr: shown.clone(),
+            detail,
+        };
+        let candidates: Vec<SocketAddr> = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| fail(format!("rank 0 cannot resolve MASTER_ADDR={host}: {e}")))?
+            .collect();
+        let mut last_error = format!("MASTER_ADDR={host} resolves to no address");
+        let mut bound = None;
+        for addr in &candidates {
+            match TcpListener::bind(addr) {
+                Ok(listener) => {
+                    bound = Some(listener);
+                    break;
+                }
+                Err(e) => {
+                    last_error = format!(
+                        "rank 0 cannot listen on {addr} (MASTER_ADDR={host}, MASTER_PORT={port}): {e}{}",
+                        if e.kind() == ErrorKind::AddrNotAvailable {
+                            "; MASTER_ADDR must be an address of rank 0's host"
+                        } else {
+                            ""
+                        }
+                    )
+                }
+            }
+        }
+        let listener = bound.ok_or_else(|| fail(last_error))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| fail(format!("cannot read the listening address: {e}")))?;
         listener
             .set_nonblocking(true)
-            .map_err(|e| CommError::Store {
-                rank,
-                addr: format!("0.0.0.0:{port}"),
-                detail: format!("cannot make the listener non-blocking: {e}"),
-            })?;
+            .map_err(|e| fail(format!("cannot make the listener non-blocking: {e}")))?;
         let state = Arc::new(ServerState {
             map: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
@@ -151,21 +183,22 @@ impl StoreServer {
         let accept_thread = std::thread::Builder::new()
             .name("strata-store".into())
             .spawn(move || accept_loop(listener, accept_state))
-            .map_err(|e| CommError::Store {
-                rank,
-                addr: format!("0.0.0.0:{port}"),
-                detail: format!("cannot start: {e}"),
-            })?;
+            .map_err(|e| fail(format!("cannot start: {e}")))?;
         Ok(Self {
             state,
             accept_thread: Some(accept_thread),
-            port,
+            addr,
         })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// The port it listens on.
     pub fn port(&self) -> u16 {
-        self.port
+        self.addr.port()
     }
 }
 
@@ -590,7 +623,8 @@ mod tests {
 
     #[test]
     fn set_get_wait_add_and_closed_ranks() -> Result<()> {
-        let server = StoreServer::bind(0, 0)?;
+        let server = StoreServer::bind("127.0.0.1", 0, 0)?;
+        assert!(server.addr().ip().is_loopback());
         let timeout = Duration::from_secs(1);
         let a = StoreClient::connect("127.0.0.1", server.port(), 0, timeout)?;
         let b = StoreClient::connect("127.0.0.1", server.port(), 1, timeout)?;
@@ -616,6 +650,28 @@ mod tests {
             .unwrap_or_default();
         assert!(err.contains("[1]"), "{err}");
         Ok(())
+    }
+
+    #[test]
+    fn the_store_listens_on_master_addr_only() {
+        // Loopback stays loopback: the store is not reachable through this host's other addresses.
+        let server = StoreServer::bind("127.0.0.1", 0, 0).expect("binds");
+        assert_eq!(server.addr().ip(), std::net::Ipv4Addr::LOCALHOST);
+        let other = StoreServer::bind("127.0.0.2", 0, 0).expect("binds 127.0.0.2");
+        let err = StoreClient::connect("127.0.0.1", other.port(), 1, Duration::from_millis(200))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("not reachable"), "{err}");
+        // An address of another host cannot be listened on, and the error says why.
+        let err = StoreServer::bind("192.0.2.1", 0, 0)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("MASTER_ADDR=192.0.2.1") && err.contains("an address of rank 0's host"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -136,58 +136,83 @@ fn run(mut cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
     if let Command::Train { nproc: Some(n), .. } = &cli.command {
         strata_collectives::launch::check_nproc("--nproc", *n)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    if let Command::Train { resume, set, .. } = &mut cli.command {
-        if let Some(which) = resume.take() {
-            set.push(format!("train.resume={}", toml::Value::String(which)));
+        if let Some(world) = std::env::var_os("WORLD_SIZE") {
+            anyhow::bail!(
+                "--nproc {n}: this process is already one of {} ranks started by a launcher (WORLD_SIZE is set), \
+                 so it starts none itself: leave out --nproc and give the launcher the number of ranks \
+                 (strata launch --nproc-per-node N)",
+                world.to_string_lossy()
+            );
         }
+    }
+    // The shortcuts are --set's of their keys, after the others, so they win; what they replace is said
+    // (and still checked) with the rest.
+    let mut shortcuts = Vec::new();
+    if let Command::Train {
+        resume, steps, set, ..
+    } = &mut cli.command
+    {
+        if let Some(which) = resume.take() {
+            let arg = format!("train.resume={}", toml::Value::String(which.clone()));
+            shortcuts.push((arg, format!("--resume {which}")));
+        }
+        if let Some(n) = steps.take() {
+            shortcuts.push((format!("train.steps={n}"), format!("--steps {n}")));
+        }
+        set.extend(shortcuts.iter().map(|(arg, _)| arg.clone()));
     }
     match cli.command {
         Command::Train {
             config,
             set,
-            steps,
             print_config,
             nproc: Some(n),
             trace: trace_path,
             deepspeed,
-            resume: _,
+            ..
         } if relaunches(Some(n)) => relaunch(
             n,
             Relaunch {
                 config,
                 set,
-                steps,
                 print_config,
                 trace: trace_path,
                 deepspeed,
             },
+            &shortcuts,
         ),
         Command::Train {
             config,
             set,
-            steps,
             print_config,
-            nproc: _,
-            trace: _,
             deepspeed,
-            resume: _,
+            ..
         } => {
-            let mut overrides = set;
-            if let Some(n) = steps {
-                overrides.push(format!("train.steps={n}"));
-            }
-            let world = strata_collectives::RankInfo::from_env().map_or(1, |r| r.world_size);
+            let rank = strata_collectives::RankInfo::from_env().ok();
+            let world = rank.as_ref().map_or(1, |r| r.world_size);
             let config = Config::load_with_deepspeed(
                 config.as_deref(),
                 deepspeed.as_deref().map(|p| (p, world)),
-                &overrides,
+                &set,
             )?;
+            if rank.as_ref().is_none_or(|r| r.rank == 0) {
+                say_replaced(&config, &shortcuts);
+            }
             if print_config {
                 print!("{}", config.to_toml());
                 return Ok(ExitCode::SUCCESS);
             }
-            let summary = strata::train::run_traced(config, trace)?;
+            // An error the engine finds in a value the DeepSpeed JSON set names the JSON key.
+            let named = config.clone();
+            let summary = strata::train::run_traced(config, trace).map_err(|e| match &e {
+                strata::train::TrainError::Engine(strata::engine::EngineError::Setting {
+                    key,
+                    message,
+                }) => named
+                    .blame_deepspeed(key, message)
+                    .map_or_else(|| anyhow::Error::new(e), anyhow::Error::new),
+                _ => anyhow::Error::new(e),
+            })?;
             if summary.rank == 0 {
                 println!("{summary}");
             }
@@ -235,33 +260,49 @@ fn run(mut cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// One line per `--set` that a later one replaced, naming a shortcut (`--steps 2`) by what was typed.
+fn say_replaced(config: &Config, shortcuts: &[(String, String)]) {
+    for (earlier, later) in &config.replaced_sets {
+        match shortcuts.iter().find(|(arg, _)| arg == later) {
+            Some((_, typed)) => tracing::warn!("--set {earlier} is replaced by {typed}"),
+            None => tracing::warn!("--set {earlier} is replaced by the later --set {later}"),
+        }
+    }
+}
+
 /// The `strata train` arguments a relaunch passes on to its ranks.
 struct Relaunch {
     config: Option<PathBuf>,
     set: Vec<String>,
-    steps: Option<usize>,
     print_config: bool,
     trace: Option<PathBuf>,
     deepspeed: Option<PathBuf>,
 }
 
 /// `strata train --nproc N …`: runs `strata launch --nproc-per-node N -- <this binary> train …`.
-fn relaunch(nproc: usize, r: Relaunch) -> anyhow::Result<ExitCode> {
-    // Check the config once here rather than N times in the ranks.
-    Config::load_with_deepspeed(
+fn relaunch(nproc: usize, r: Relaunch, shortcuts: &[(String, String)]) -> anyhow::Result<ExitCode> {
+    // Check the config once here rather than N times in the ranks, and say here what the command
+    // line replaced: the ranks get only the --set's in effect.
+    let config = Config::load_with_deepspeed(
         r.config.as_deref(),
         r.deepspeed.as_deref().map(|p| (p, nproc)),
         &r.set,
     )?;
+    say_replaced(&config, shortcuts);
     let exe = std::env::current_exe().context("locating the strata binary to relaunch")?;
     let mut command = vec![exe.display().to_string(), "train".to_string()];
     command.extend(r.config.map(|c| c.display().to_string()));
-    for s in r.set {
+    let keys: Vec<_> = r
+        .set
+        .iter()
+        .map(|s| strata::config::override_key(s))
+        .collect();
+    for (i, s) in r.set.into_iter().enumerate() {
+        if keys[i + 1..].contains(&keys[i]) {
+            continue;
+        }
         command.push("--set".into());
         command.push(s);
-    }
-    if let Some(n) = r.steps {
-        command.push(format!("--steps={n}"));
     }
     if r.print_config {
         command.push("--print-config".into());
@@ -281,6 +322,7 @@ fn relaunch(nproc: usize, r: Relaunch) -> anyhow::Result<ExitCode> {
         master_addr: "127.0.0.1".into(),
         master_port: None,
         grace_s: 5.0,
+        no_prefix: false,
         command,
     };
     Ok(strata_collectives::launch::run(args)?)

@@ -78,7 +78,16 @@ pub fn run(args: &PlanArgs) -> Result<PlanReport, PlanError> {
             *free = Some(n.bytes());
         }
     }
-    let plans = crate::engine::plan_placements(&config, args.world_size, backend, &caps)?;
+    // A setting the engine refuses that the DeepSpeed JSON set names the JSON key.
+    let plans =
+        crate::engine::plan_placements(&config, args.world_size, backend, &caps).map_err(|e| {
+            match &e {
+                EngineError::Setting { key, message } => config
+                    .blame_deepspeed(key, message)
+                    .map_or(PlanError::Engine(e), PlanError::Config),
+                _ => PlanError::Engine(e),
+            }
+        })?;
     let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
     let mut text = format!(
         "GPT-2 {} layers × {} wide, vocabulary {}, sequence {}: {} parameters; {} backend, {} rank{}\n",

@@ -147,8 +147,13 @@ impl TcpComm {
         let listener: TcpListener = runtime.block_on(async {
             let socket = TcpSocket::new_v4().map_err(io(prev_rank, "listen"))?;
             let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+            // The interface that reaches rank 0, the one published: loopback stays loopback.
+            let ip = match local_ip {
+                std::net::IpAddr::V4(v4) => v4,
+                std::net::IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+            };
             socket
-                .bind((std::net::Ipv4Addr::UNSPECIFIED, 0).into())
+                .bind((ip, 0).into())
                 .map_err(io(prev_rank, "listen"))?;
             socket.listen(16).map_err(io(prev_rank, "listen"))
         })?;

@@ -584,7 +584,7 @@ pub trait Device: Send + Sync {
     fn profile_finish(&self) -> Result<StepProfile>;
 
     // --- layer operations (Queue::Compute) ---------------------------------------------------
-    /// out (B,T,C) X = wte[inp] + wpe[t]; inp (B,T) i32, wte (≥V,C) X, wpe (≥T,C) X.
+    /// out (B,T,C) X = `wte[inp] + wpe[t]`; inp (B,T) i32, wte (≥V,C) X, wpe (≥T,C) X.
     #[allow(clippy::too_many_arguments)]
     fn encoder_forward(
         &self,
@@ -695,7 +695,7 @@ pub trait Device: Send + Sync {
     /// dst (N) X += src (N) X.
     fn accumulate(&self, dst: &Buf, src: &Buf) -> Result<()>;
     /// Fused softmax + cross-entropy over logits (R,Vp) X with the real vocabulary V ≤ Vp:
-    /// losses (R) f32 = -log p[target]; targets (R) i32. With `dloss = Some(d)` the logits are
+    /// losses (R) f32 = `-log p[target]`; targets (R) i32. With `dloss = Some(d)` the logits are
     /// overwritten with dlogits = (p − onehot)·d (0 in the padding columns).
     #[allow(clippy::too_many_arguments)]
     fn crossentropy_forward_backward(

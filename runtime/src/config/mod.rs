@@ -14,7 +14,7 @@ pub use offload::{
     AioBackend, AioSection, MomentsDtype, NvmePaths, OffloadDevice, OffloadOptimizerConfig,
     OffloadParamConfig, TEMP_NVME_PATH,
 };
-pub use overrides::apply_override;
+pub use overrides::{override_key, Override};
 pub use size::{ByteSize, SizeOrAuto};
 
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 /// A configuration error; the message names the key (`optim.lr`) or the file it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{origin}: not valid TOML: {message}")]
+    /// The file is not TOML (or JSON, for `--deepspeed`); the message says which and where.
+    #[error("{origin}: {message}")]
     Syntax { origin: String, message: String },
     #[error("{origin}: key `{key}`: {message}")]
     Key {
@@ -61,6 +62,37 @@ fn embedded_default_table() -> toml::Table {
     toml::from_str(EMBEDDED_DEFAULT).unwrap_or_default()
 }
 
+/// Reads a TOML config file (bounded in size) into its tree.
+fn read_toml_file(p: &Path) -> Result<toml::Table, ConfigError> {
+    let origin = p.display().to_string();
+    let bytes = crate::inputs::read_bounded(p, CONFIG_FILE_BYTES_MAX, "a config file")?;
+    let text = String::from_utf8(bytes).map_err(|e| ConfigError::Syntax {
+        origin: origin.clone(),
+        message: format!(
+            "not UTF-8 text (byte offset {})",
+            e.utf8_error().valid_up_to()
+        ),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+        origin,
+        message: format!("not valid TOML: {e}"),
+    })
+}
+
+impl ConfigError {
+    /// A rule's error (`validate`) named by the input that broke it.
+    fn named_by(self, origin: &str) -> ConfigError {
+        match self {
+            ConfigError::Invalid { key, message } => ConfigError::Key {
+                origin: origin.to_string(),
+                key: key.to_string(),
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
 /// The largest config file read (a config is a few hundred bytes; this bounds a mistaken path).
 pub const CONFIG_FILE_BYTES_MAX: u64 = 1 << 20;
 
@@ -91,6 +123,14 @@ pub struct Config {
     /// accepted without using them as DeepSpeed does.
     #[serde(skip)]
     pub deepspeed: Option<(PathBuf, Vec<String>)>,
+    /// Each strata key the DeepSpeed JSON set and the JSON key that set it, so that an error found
+    /// after loading (by the engine) names the JSON key ([`Config::blame_deepspeed`]).
+    #[serde(skip)]
+    pub deepspeed_keys: Vec<(String, String)>,
+    /// Each `--set` that a later `--set` of the same key replaced with another value, and that later
+    /// one (the last is in effect), for a line at the start of the run.
+    #[serde(skip)]
+    pub replaced_sets: Vec<(String, String)>,
 }
 
 /// `[zero]`: how states are partitioned across the data-parallel ranks (DeepSpeed's ZeRO stages).
@@ -368,6 +408,10 @@ impl Config {
 
     /// [`Config::load`] with a DeepSpeed JSON config (`--deepspeed`, for `world` ranks) applied
     /// over the file, before the overrides.
+    ///
+    /// An error names the input it is about: the file (or the embedded default), then the JSON, then each
+    /// `--set` in turn is checked as it is applied, so a bad value is reported even where a later `--set`
+    /// replaces it; a rule across keys (`validate`) names the `--set`, the JSON key or the file that broke it.
     pub fn load_with_deepspeed(
         path: Option<&Path>,
         deepspeed: Option<(&Path, usize)>,
@@ -375,51 +419,79 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let (origin, mut table) = match path {
             None => ("embedded default".to_string(), embedded_default_table()),
-            Some(p) => {
-                let bytes = crate::inputs::read_bounded(p, CONFIG_FILE_BYTES_MAX, "a config file")?;
-                let text = String::from_utf8(bytes).map_err(|e| ConfigError::Syntax {
-                    origin: p.display().to_string(),
-                    message: format!(
-                        "not UTF-8 text (byte offset {})",
-                        e.utf8_error().valid_up_to()
-                    ),
-                })?;
-                let table: toml::Table =
-                    toml::from_str(&text).map_err(|e| ConfigError::Syntax {
-                        origin: p.display().to_string(),
-                        message: e.to_string(),
-                    })?;
-                (p.display().to_string(), table)
-            }
+            Some(p) => (p.display().to_string(), read_toml_file(p)?),
         };
+        let file_config = Config::from_table(table.clone(), &origin)?;
         let ds = deepspeed
             .map(|(p, world)| deepspeed::read(p, world).map(|ds| (p, ds)))
             .transpose()?;
+        let mut changed_by_ds = Vec::new();
         if let Some((_, ds)) = &ds {
-            for s in &ds.settings {
-                overrides::set_key(&mut table, s.key, s.value.clone());
-            }
+            changed_by_ds = ds.apply(&mut table);
+            Config::from_table(table.clone(), &origin).map_err(|e| ds.blame(e))?;
         }
-        for arg in overrides {
-            apply_override(&mut table, arg)?;
+        let before_sets = table.clone();
+        let sets = overrides
+            .iter()
+            .map(|arg| Override::parse(arg))
+            .collect::<Result<Vec<_>, _>>()?;
+        for set in &sets {
+            set.apply(&mut table)?;
+            Config::from_table(table.clone(), &origin).map_err(|e| set.blame(e))?;
         }
-        let mut config = Config::from_table(table, &origin)
-            .and_then(|config| config.validate().map(|()| config))
-            .map_err(|err| match &ds {
-                Some((_, ds)) => overrides::blame_deepspeed(err, ds, overrides),
-                None => err,
-            })
-            .map_err(|err| overrides::blame_override(err, overrides))?;
+        let mut config = Config::from_table(table, &origin)?;
+        if let Err(err) = config.validate() {
+            let err = match overrides::blame_override(err, &sets) {
+                Ok(named) => named,
+                Err(err) => {
+                    let file_ok = file_config.validate().is_ok();
+                    match &ds {
+                        Some((_, ds))
+                            if file_ok
+                                && Config::from_table(before_sets, &origin)
+                                    .is_ok_and(|c| c.validate().is_err()) =>
+                        {
+                            ds.blame(err)
+                        }
+                        _ if !file_ok && path.is_some() => err.named_by(&origin),
+                        _ => err,
+                    }
+                }
+            };
+            return Err(err);
+        }
         config.source = path.map(Path::to_path_buf);
-        config.deepspeed = ds.map(|(p, ds)| (p.to_path_buf(), ds.notes));
+        config.replaced_sets = overrides::replaced(&sets);
+        if let Some((p, ds)) = ds {
+            config.deepspeed_keys = ds
+                .settings
+                .iter()
+                .map(|s| (s.key.to_string(), s.from.clone()))
+                .collect();
+            let notes = ds.notes.into_iter().chain(changed_by_ds).collect();
+            config.deepspeed = Some((p.to_path_buf(), notes));
+        }
         Ok(config)
+    }
+
+    /// An error about `key` found after loading (by the engine: `bf16` on a machine without a GPU), named by
+    /// the DeepSpeed JSON key that set it; `None` when the JSON did not set it.
+    pub fn blame_deepspeed(&self, key: &str, message: &str) -> Option<ConfigError> {
+        let (path, _) = self.deepspeed.as_ref()?;
+        let (_, json_key) = self.deepspeed_keys.iter().rev().find(|(k, _)| k == key)?;
+        Some(ConfigError::DeepSpeed {
+            origin: path.display().to_string(),
+            json_key: json_key.clone(),
+            key: key.to_string(),
+            message: message.to_string(),
+        })
     }
 
     /// Parses a TOML string (used by tests and the library API).
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
         let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             origin: "config".into(),
-            message: e.to_string(),
+            message: format!("not valid TOML: {e}"),
         })?;
         let config = Config::from_table(table, "config")?;
         config.validate()?;

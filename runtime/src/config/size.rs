@@ -1,10 +1,15 @@
-//! Byte sizes written as `"64MiB"`, `"1.5GB"` or a plain integer of bytes.
+//! Byte sizes written as `"64MiB"`, `"1.5GB"` or a plain integer of bytes: strata's one rule for sizes,
+//! in config files, `--set`, `strata plan` and `strata-bench`.
+//!
+//! `kB`, `MB`, `GB`, `TB` are powers of 1000 (as DeepSpeed users, disk vendors and `--device-memory 80GB`
+//! mean them); `KiB`, `MiB`, `GiB`, `TiB`, and the single letters `K`, `M`, `G`, `T` (as `dd bs=1M` and
+//! nccl-tests write them), powers of 1024. Units are case-insensitive; `B` is one byte.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::str::FromStr;
 
-/// A number of bytes. In TOML: an integer, or a string with a unit (`B`, `KB`, `KiB`, `MB`, `MiB`, `GB`, `GiB`, `TB`, `TiB`).
+/// A number of bytes. In TOML: an integer, or a string with a unit (see the module's rule).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct ByteSize(pub u64);
 
@@ -20,7 +25,7 @@ impl ByteSize {
     }
 }
 
-const UNITS: [(&str, u64); 9] = [
+const UNITS: [(&str, u64); 13] = [
     ("TiB", 1 << 40),
     ("GiB", 1 << 30),
     ("MiB", 1 << 20),
@@ -29,6 +34,10 @@ const UNITS: [(&str, u64); 9] = [
     ("GB", 1_000_000_000),
     ("MB", 1_000_000),
     ("KB", 1_000),
+    ("T", 1 << 40),
+    ("G", 1 << 30),
+    ("M", 1 << 20),
+    ("K", 1 << 10),
     ("B", 1),
 ];
 
@@ -46,20 +55,33 @@ impl FromStr for ByteSize {
         } else {
             UNITS
                 .iter()
-                .find(|(name, _)| name.eq_ignore_ascii_case(unit) && name.len() == unit.len())
+                .find(|(name, _)| name.eq_ignore_ascii_case(unit))
                 .map(|(_, m)| *m)
                 .ok_or_else(|| {
-                    format!("`{s}`: unknown size unit `{unit}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
+                    format!(
+                        "`{s}`: unknown size unit `{unit}` (kB, MB, GB, TB are powers of 1000; \
+                         KiB, MiB, GiB, TiB and K, M, G, T powers of 1024)"
+                    )
                 })?
         };
-        let number: f64 = number
-            .replace('_', "")
-            .parse()
-            .map_err(|_| format!("`{s}` is not a size (examples: \"64MiB\", \"1.5GB\", 4096)"))?;
-        if !number.is_finite() || number < 0.0 {
-            return Err(format!("`{s}` is not a non-negative size"));
-        }
-        Ok(ByteSize((number * multiplier as f64).round() as u64))
+        let digits = number.replace('_', "");
+        let not_a_size = || format!("`{s}` is not a size (examples: \"64MiB\", \"1.5GB\", 4096)");
+        let too_large = || format!("`{s}` is beyond the largest size, {} bytes", u64::MAX);
+        // Whole numbers exactly; fractions ("1.5GB") through f64, rounded to the byte.
+        let bytes = if let Ok(whole) = digits.parse::<u64>() {
+            whole.checked_mul(multiplier).ok_or_else(too_large)?
+        } else {
+            let number: f64 = digits.parse().map_err(|_| not_a_size())?;
+            if !number.is_finite() || number < 0.0 {
+                return Err(not_a_size());
+            }
+            let bytes = (number * multiplier as f64).round();
+            if bytes >= u64::MAX as f64 {
+                return Err(too_large());
+            }
+            bytes as u64
+        };
+        Ok(ByteSize(bytes))
     }
 }
 
@@ -119,6 +141,27 @@ mod tests {
         assert_eq!("2 kib".parse::<ByteSize>().unwrap(), ByteSize(2048));
         assert!("12 parsecs".parse::<ByteSize>().is_err());
         assert!("MiB".parse::<ByteSize>().is_err());
+        // One rule: SI with B, IEC with iB and the single letters (dd, nccl-tests).
+        for (text, bytes) in [
+            ("80GB", 80_000_000_000),
+            ("1MB", 1_000_000),
+            ("1kB", 1_000),
+            ("1M", 1 << 20),
+            ("64K", 64 << 10),
+            ("2T", 2 << 40),
+            ("18446744073709551615", u64::MAX),
+        ] {
+            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(bytes)), "{text}");
+        }
+        for text in [
+            "18446744073709551616",
+            "20000000TiB",
+            "1e30GB",
+            "-1",
+            "1.5.2GB",
+        ] {
+            assert!(text.parse::<ByteSize>().is_err(), "{text}");
+        }
         assert_eq!(ByteSize(64 << 20).to_string(), "64MiB");
         assert_eq!(ByteSize(1000).to_string(), "1000B");
     }

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-/// out (B, T, C) = wte[token] + wpe[t].
+/// out (B, T, C) = `wte[token] + wpe[t]`.
 pub fn encoder_forward(
     out: &mut [f32],
     tokens: &[u32],
@@ -25,7 +25,7 @@ pub fn encoder_forward(
         });
 }
 
-/// dwte[token] += dout; dwpe[t] += dout. Split over channel blocks so threads never write the same element.
+/// `dwte[token] += dout; dwpe[t] += dout`. Split over channel blocks so threads never write the same element.
 pub fn encoder_backward(
     dwte: &mut [f32],
     dwpe: &mut [f32],

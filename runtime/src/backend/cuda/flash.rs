@@ -254,7 +254,7 @@ impl GpuContext {
         self.flash_backward_with(kernels, dqkv, delta, dout, qkv, out, lse, s)
     }
 
-    /// [`GpuContext::flash_forward`] with a given kernel set (the self-test runs each).
+    /// `GpuContext::flash_forward` with a given kernel set (the self-test runs each).
     pub fn flash_forward_with(
         &self,
         kernels: FlashKernels,
@@ -286,7 +286,7 @@ impl GpuContext {
         self.launch_shared(kernels.names().forward, cfg, &args)
     }
 
-    /// [`GpuContext::flash_backward`] with a given kernel set (the self-test runs each).
+    /// `GpuContext::flash_backward` with a given kernel set (the self-test runs each).
     #[allow(clippy::too_many_arguments)]
     pub fn flash_backward_with(
         &self,

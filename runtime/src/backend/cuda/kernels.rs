@@ -259,7 +259,7 @@ impl GpuContext {
         self.launch(name, cfg, &args)
     }
 
-    /// out (B,T,C) X = wte[inp] + wpe[t]; inp (B,T) i32, wte (V,C) X, wpe (≥T,C) X.
+    /// out (B,T,C) X = `wte[inp] + wpe[t]`; inp (B,T) i32, wte (V,C) X, wpe (≥T,C) X.
     #[allow(clippy::too_many_arguments)]
     pub fn encoder_forward(
         &self,
@@ -588,7 +588,7 @@ impl GpuContext {
     }
 
     /// Fused softmax + cross-entropy over logits (R,Vp) X with real vocab V ≤ Vp:
-    /// losses (R) f32 = -log p[target], targets (R) i32. With `dloss = Some(d)` the logits
+    /// losses (R) f32 = `-log p[target]`, targets (R) i32. With `dloss = Some(d)` the logits
     /// are overwritten with dlogits = (p - onehot)·d (0 in the padding), d = grad_scale/(B·T).
     #[allow(clippy::too_many_arguments)]
     pub fn crossentropy_forward_backward(

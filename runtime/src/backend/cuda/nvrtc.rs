@@ -1,7 +1,7 @@
 //! NVRTC compilation of the kernel sources in runtime/kernels, embedded with `include_str!`.
 //!
 //! One translation unit per kernel file and precision:
-//! `#define STRATA_FLOATX_<P>` + common.cuh + <file>.cu. PTX is compiled once per process and
+//! `#define STRATA_FLOATX_<P>` + common.cuh + `<file>.cu`. PTX is compiled once per process and
 //! (precision, arch) and cached; each `GpuContext` loads the cached PTX into its own modules.
 
 use std::collections::HashMap;
