@@ -120,7 +120,9 @@ pub fn spread(values: &[f64]) -> Spread {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let trace = args.trace.as_deref().map(Trace::start).transpose()?;
+    // The trace's file is checked against the run's inputs (and locked) once the config is read;
+    // nothing is written before.
+    let mut trace = args.trace.as_deref().map(Trace::start).transpose()?;
     if let Some(t) = &trace {
         tracing_subscriber::registry()
             .with(t.layer())
@@ -130,6 +132,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut overrides = args.set.clone();
     overrides.push(format!("train.steps={}", args.warmup + args.steps));
     let config = Config::load(args.config.as_deref(), &overrides)?;
+    if let Some(t) = trace.as_mut() {
+        t.prepare(strata::outputs::input_files(&config))?;
+    }
     let (d, m) = (&config.data, &config.model);
     let mut loader = Loader::from_config(&config).context("opening the training data")?;
     let build = Instant::now();

@@ -1,13 +1,23 @@
 //! Sharded checkpoints. A checkpoint is a directory `step-NNNNNNNN` in which every rank writes
 //! its part of every unit's fp32 master weights and Adam moments (`rank{r}.bin`, with
-//! `rank{r}.json`: its layout, length and crc32c) and rank 0 a manifest (`manifest.json`: format
-//! version, model, world size, stage, units, step, data position, loss scale). It is written into
-//! `step-NNNNNNNN.tmp`, fsynced, then renamed: a crash mid-save leaves the previous checkpoint
+//! `rank{r}.json`: its layout, step, length and crc32c) and rank 0 a manifest (`manifest.json`:
+//! format version, model, world size, stage, units, step, the save's sequence number, the data
+//! position in rows and the global batch, the loss scale, and every rank's index). It is written
+//! into `step-NNNNNNNN.tmp`, fsynced, then renamed: a crash mid-save leaves the previous checkpoint
 //! whole. States stream unit by unit from whatever tier holds them (the device, host memory,
 //! NVMe), so the host never holds more than one unit's shard.
 //!
+//! The manifest ties the checkpoint together: a rank file whose length or crc32c differs from the
+//! manifest's entry (another checkpoint's, or damaged), a rank index that is not the manifest's, a
+//! step that disagrees with the rank files or the directory's name, and a `.tmp` directory are
+//! refused naming the file. `latest` is the save with the highest sequence number (one more than
+//! the highest in the directory when it was written), so after a resume from an earlier step the
+//! new saves are the latest, whatever their step; retention keeps the newest saves.
+//!
 //! Loading at the same world size and stage reads this rank's own file; at another, each unit is
 //! rebuilt from every rank file of the checkpoint (one unit at a time) and cut to the new shard.
+//! Any world size, micro-batch size and accumulation whose global batch (rows per step) is the
+//! checkpoint's continues at its data position; another global batch is refused naming the keys.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -21,7 +31,10 @@ use crate::backend::Queue;
 use crate::config::ModelConfig;
 
 pub const FORMAT: &str = "strata-checkpoint";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// What a checkpoint's directory name starts with; a save in progress ends with [`TMP_SUFFIX`].
+const DIR_PREFIX: &str = "step-";
+const TMP_SUFFIX: &str = ".tmp";
 
 /// `manifest.json`, written by rank 0.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -30,8 +43,15 @@ pub struct Manifest {
     pub version: u32,
     /// Optimizer steps taken.
     pub step: usize,
-    /// Micro-batches read from the training data by all ranks together.
-    pub micro_batches: u64,
+    /// This save's place among the saves in its directory: one more than the highest there when it
+    /// was written. `latest` and retention go by it.
+    pub sequence: u64,
+    /// Rows of training data (sequences of `model.seq_len` + 1 tokens) read by all ranks together.
+    pub rows: u64,
+    /// Rows per optimizer step: `micro_batch_size × grad_accum_steps × world_size`.
+    pub global_batch_rows: u64,
+    pub micro_batch_size: usize,
+    pub grad_accum_steps: usize,
     pub world_size: usize,
     pub zero_stage: u8,
     pub model: ModelConfig,
@@ -39,6 +59,8 @@ pub struct Manifest {
     /// The loss scaler: its scale and steps since the last change.
     pub loss_scale: f32,
     pub loss_scale_good_steps: u32,
+    /// Every rank's index, as the rank wrote it: the checkpoint's rank files are these.
+    pub ranks: Vec<RankIndex>,
 }
 
 /// One unit as the checkpoint holds it.
@@ -57,6 +79,8 @@ pub struct UnitEntry {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RankIndex {
     pub rank: usize,
+    /// The step the file was written at.
+    pub step: usize,
     pub bytes: u64,
     pub crc32c: u32,
     /// Per unit: (element offset of the part within the padded unit, elements). The file holds,
@@ -91,28 +115,77 @@ fn sync_dir(path: &Path) -> Result<(), EngineError> {
 
 /// The name of step `step`'s checkpoint directory.
 pub fn dir_name(step: usize) -> String {
-    format!("step-{step:08}")
+    format!("{DIR_PREFIX}{step:08}")
 }
 
-/// The complete checkpoints under `root` (a manifest present), oldest first.
-pub fn list(root: &Path) -> Vec<(usize, PathBuf)> {
+/// A complete checkpoint in a directory of checkpoints.
+#[derive(Clone, Debug)]
+pub struct Saved {
+    pub path: PathBuf,
+    pub step: usize,
+    pub sequence: u64,
+}
+
+/// Every complete-looking checkpoint under `root` (`step-N` with a manifest.json; `.tmp` never),
+/// with its manifest or the error reading it.
+fn scan(root: &Path) -> Vec<(PathBuf, Result<Manifest, EngineError>)> {
     let Ok(entries) = std::fs::read_dir(root) else {
         return Vec::new();
     };
-    let mut out: Vec<(usize, PathBuf)> = entries
+    entries
         .filter_map(Result::ok)
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let step = name.strip_prefix("step-")?.parse().ok()?;
+            name.strip_prefix(DIR_PREFIX)?.parse::<usize>().ok()?;
             let path = e.path();
-            path.join("manifest.json").is_file().then_some((step, path))
+            path.join("manifest.json")
+                .is_file()
+                .then(|| (path.clone(), read_manifest(&path)))
         })
-        .collect();
-    out.sort();
-    out
+        .collect()
 }
 
-/// `latest` (the newest complete checkpoint under `root`) or a checkpoint directory.
+/// Every checkpoint directory under `root`, complete or not (`step-*`, `.tmp` too).
+pub fn dirs(root: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(DIR_PREFIX))
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+/// The complete checkpoints under `root`, oldest save first; a manifest that cannot be read is an
+/// error naming it (which save is the newest cannot be told without it).
+pub fn list(root: &Path) -> Result<Vec<Saved>, EngineError> {
+    let mut out = scan(root)
+        .into_iter()
+        .map(|(path, manifest)| {
+            manifest.map(|m| Saved {
+                path,
+                step: m.step,
+                sequence: m.sequence,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    out.sort_by_key(|s| (s.sequence, s.step));
+    Ok(out)
+}
+
+/// The newest complete save under `root`.
+pub fn latest(root: &Path) -> Result<PathBuf, EngineError> {
+    list(root)?.pop().map(|s| s.path).ok_or_else(|| {
+        error(
+            root,
+            "holds no complete checkpoint (step-NNNNNNNN with a manifest.json) to resume from",
+        )
+    })
+}
+
+/// `latest` (the newest complete save under `root`) or a checkpoint directory.
 pub fn resolve(which: &str, root: Option<&Path>) -> Result<PathBuf, EngineError> {
     if which != "latest" {
         return Ok(PathBuf::from(which));
@@ -122,12 +195,34 @@ pub fn resolve(which: &str, root: Option<&Path>) -> Result<PathBuf, EngineError>
             "--resume latest needs train.checkpoint_dir (where the checkpoints are)".into(),
         )
     })?;
-    list(root).pop().map(|(_, p)| p).ok_or_else(|| {
-        error(
-            root,
-            "holds no complete checkpoint (step-NNNNNNNN with a manifest.json) to resume from",
-        )
-    })
+    latest(root)
+}
+
+/// The sequence number of the next save under `root`.
+fn next_sequence(root: &Path) -> u64 {
+    scan(root)
+        .into_iter()
+        .filter_map(|(_, m)| m.ok().map(|m| m.sequence))
+        .max()
+        .map_or(1, |s| s + 1)
+}
+
+/// Removes all but the newest `keep` saves under `root` (0 keeps all). A checkpoint whose manifest
+/// cannot be read is left alone. A failure is a warning: the run's own checkpoint is written.
+pub fn prune(root: &Path, keep: usize) {
+    if keep == 0 {
+        return;
+    }
+    let mut saved: Vec<(u64, usize, PathBuf)> = scan(root)
+        .into_iter()
+        .filter_map(|(path, m)| m.ok().map(|m| (m.sequence, m.step, path)))
+        .collect();
+    saved.sort();
+    for (_, _, old) in saved.iter().take(saved.len().saturating_sub(keep)) {
+        if let Err(e) = std::fs::remove_dir_all(old) {
+            tracing::warn!("cannot remove the old checkpoint {}: {e}", old.display());
+        }
+    }
 }
 
 /// f32 slice as little-endian bytes.
@@ -173,9 +268,9 @@ impl Engine {
     }
 
     /// Saves a checkpoint of the current step under `root` (collective: every rank calls it);
-    /// `micro_batches` is how many micro-batches all ranks together have read. Returns the
+    /// `rows` is how many rows of training data all ranks together have read. Returns the
     /// checkpoint's directory.
-    pub fn save_checkpoint(&self, root: &Path, micro_batches: u64) -> Result<PathBuf, EngineError> {
+    pub fn save_checkpoint(&self, root: &Path, rows: u64) -> Result<PathBuf, EngineError> {
         let final_dir = root.join(dir_name(self.step));
         let tmp = root.join(format!("{}.tmp", dir_name(self.step)));
         let rank = self.comm.rank();
@@ -196,7 +291,7 @@ impl Engine {
         self.meet(written.is_ok(), "writing a rank file")?;
         written?;
         let committed = if rank == 0 {
-            self.write_manifest(&tmp, micro_batches).and_then(|()| {
+            self.write_manifest(root, &tmp, rows).and_then(|()| {
                 if final_dir.exists() {
                     std::fs::remove_dir_all(&final_dir).map_err(|e| error(&final_dir, e))?;
                 }
@@ -232,6 +327,7 @@ impl Engine {
         file.sync_all().map_err(|e| error(&path, e))?;
         let index = RankIndex {
             rank,
+            step: self.step,
             bytes,
             crc32c: crc,
             parts,
@@ -239,14 +335,29 @@ impl Engine {
         write_json(&dir.join(format!("rank{rank}.json")), &index)
     }
 
-    fn write_manifest(&self, dir: &Path, micro_batches: u64) -> Result<(), EngineError> {
+    /// Rows of training data per optimizer step: micro-batch × accumulation × ranks.
+    fn global_batch_rows(&self) -> u64 {
+        let d = &self.config.data;
+        (d.micro_batch_size * d.grad_accum_steps * self.comm.world_size()) as u64
+    }
+
+    /// The manifest of the save in `dir` (under `root`), with every rank's index as written there.
+    fn write_manifest(&self, root: &Path, dir: &Path, rows: u64) -> Result<(), EngineError> {
         let (scale, good_steps) = self.scaler.state();
+        let world_size = self.comm.world_size();
+        let ranks = (0..world_size)
+            .map(|r| read_json::<RankIndex>(&dir.join(format!("rank{r}.json"))))
+            .collect::<Result<Vec<_>, _>>()?;
         let manifest = Manifest {
             format: FORMAT.into(),
             version: VERSION,
             step: self.step,
-            micro_batches,
-            world_size: self.comm.world_size(),
+            sequence: next_sequence(root),
+            rows,
+            global_batch_rows: self.global_batch_rows(),
+            micro_batch_size: self.config.data.micro_batch_size,
+            grad_accum_steps: self.config.data.grad_accum_steps,
+            world_size,
             zero_stage: self.config.zero.stage,
             model: ModelConfig {
                 init_from: None,
@@ -263,16 +374,59 @@ impl Engine {
                 .collect(),
             loss_scale: scale,
             loss_scale_good_steps: good_steps,
+            ranks,
         };
         write_json(&dir.join("manifest.json"), &manifest)?;
         sync_dir(dir)
     }
 
+    /// Refuses a checkpoint whose global batch is not this run's: its data position and its
+    /// learning-rate schedule count steps of its own size.
+    fn check_batch(&self, dir: &Path, manifest: &Manifest) -> Result<(), EngineError> {
+        let d = &self.config.data;
+        let world = self.comm.world_size();
+        let now = self.global_batch_rows();
+        if manifest.global_batch_rows != now {
+            return Err(error(
+                dir,
+                format!(
+                    "saved with a global batch of {} rows per step (data.micro_batch_size {} × data.grad_accum_steps {} × {} rank{}), \
+                     this run's is {now} (data.micro_batch_size {} × data.grad_accum_steps {} × {world} rank{}); its data position and \
+                     learning-rate schedule count steps of {} rows: set data.micro_batch_size, data.grad_accum_steps and the number of \
+                     ranks so that their product is {}",
+                    manifest.global_batch_rows,
+                    manifest.micro_batch_size,
+                    manifest.grad_accum_steps,
+                    manifest.world_size,
+                    if manifest.world_size == 1 { "" } else { "s" },
+                    d.micro_batch_size,
+                    d.grad_accum_steps,
+                    if world == 1 { "" } else { "s" },
+                    manifest.global_batch_rows,
+                    manifest.global_batch_rows
+                ),
+            ));
+        }
+        let expected = (manifest.step as u64).checked_mul(now);
+        if expected != Some(manifest.rows) {
+            return Err(error(
+                &dir.join("manifest.json"),
+                format!(
+                    "says {} rows were read in {} steps of {now} rows (edited or damaged)",
+                    manifest.rows, manifest.step
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Loads the checkpoint in `dir` into every state class on its tier, the step, the loss
-    /// scale (collective). Returns its manifest (the data position is the caller's).
+    /// scale (collective). Returns its manifest: the data position (`rows`) is the caller's, and
+    /// continues at micro-batch `rows / data.micro_batch_size` of the data's rule.
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<Manifest, EngineError> {
         let manifest = read_manifest(dir)?;
         check_model(dir, &manifest, &self.config.model, &self.states)?;
+        self.check_batch(dir, &manifest)?;
         let reader = CheckpointReader::open(dir, &manifest)?;
         self.dev.synchronize_all()?;
         let dev = std::sync::Arc::clone(&self.dev);
@@ -314,8 +468,20 @@ impl Engine {
     }
 }
 
-/// Reads and checks `dir/manifest.json`.
+/// Reads and checks `dir/manifest.json`: not a save in progress, this format, a step that agrees
+/// with the directory's name and with every rank's index.
 pub fn read_manifest(dir: &Path) -> Result<Manifest, EngineError> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.ends_with(TMP_SUFFIX) {
+        return Err(error(
+            dir,
+            "is a save in progress or one a crash interrupted (`.tmp` directories are never read); \
+             resume from a complete step-NNNNNNNN",
+        ));
+    }
     let path = dir.join("manifest.json");
     if !path.is_file() {
         return Err(error(
@@ -323,13 +489,66 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, EngineError> {
             "is not a checkpoint (no manifest.json): an interrupted save, or another directory",
         ));
     }
-    let manifest: Manifest = read_json(&path)?;
+    let manifest: Manifest = read_json(&path).map_err(|e| {
+        // A manifest of the first format lacks the fields this one reads: say so.
+        match read_json::<serde_json::Value>(&path) {
+            Ok(v)
+                if v["version"]
+                    .as_u64()
+                    .is_some_and(|v| v != u64::from(VERSION)) =>
+            {
+                error(
+                    &path,
+                    format!(
+                        "format {} version {}; this strata reads {FORMAT} version {VERSION}",
+                        v["format"], v["version"]
+                    ),
+                )
+            }
+            _ => e,
+        }
+    })?;
     if manifest.format != FORMAT || manifest.version != VERSION {
         return Err(error(
             &path,
             format!(
                 "format {} version {}; this strata reads {FORMAT} version {VERSION}",
                 manifest.format, manifest.version
+            ),
+        ));
+    }
+    if let Some(named) = name
+        .strip_prefix(DIR_PREFIX)
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        if named != manifest.step {
+            return Err(error(
+                &path,
+                format!(
+                    "says step {}, but its directory is named for step {named} (edited, or another checkpoint's)",
+                    manifest.step
+                ),
+            ));
+        }
+    }
+    if manifest.ranks.len() != manifest.world_size
+        || manifest.ranks.iter().enumerate().any(|(r, i)| i.rank != r)
+    {
+        return Err(error(
+            &path,
+            format!(
+                "lists {} rank indexes for a world of {} (edited or damaged)",
+                manifest.ranks.len(),
+                manifest.world_size
+            ),
+        ));
+    }
+    if let Some(index) = manifest.ranks.iter().find(|i| i.step != manifest.step) {
+        return Err(error(
+            &path,
+            format!(
+                "says step {}, but rank {}'s file was written at step {} (edited, or another checkpoint's)",
+                manifest.step, index.rank, index.step
             ),
         ));
     }
@@ -383,11 +602,12 @@ pub struct CheckpointReader {
 }
 
 impl CheckpointReader {
-    /// Opens every rank file's index and checks each file's length and crc32c.
+    /// Checks every rank file against the manifest — its index the manifest's entry, its length
+    /// and crc32c those the entry gives — and opens the checkpoint.
     pub fn open(dir: &Path, manifest: &Manifest) -> Result<CheckpointReader, EngineError> {
         let mut indexes = Vec::with_capacity(manifest.world_size);
         let mut offsets = Vec::with_capacity(manifest.world_size);
-        for r in 0..manifest.world_size {
+        for (r, listed) in manifest.ranks.iter().enumerate() {
             let index_path = dir.join(format!("rank{r}.json"));
             if !index_path.is_file() {
                 return Err(error(
@@ -399,6 +619,16 @@ impl CheckpointReader {
                 ));
             }
             let index: RankIndex = read_json(&index_path)?;
+            if index != *listed {
+                return Err(error(
+                    &index_path,
+                    format!(
+                        "is not the index manifest.json lists for rank {r} (step {} and crc32c {:#010x} there, step {} and crc32c {:#010x} here): \
+                         a rank file of another checkpoint",
+                        listed.step, listed.crc32c, index.step, index.crc32c
+                    ),
+                ));
+            }
             if index.parts.len() != manifest.units.len() {
                 return Err(error(
                     &index_path,
@@ -411,7 +641,7 @@ impl CheckpointReader {
                 return Err(error(
                     &path,
                     format!(
-                        "is {bytes} bytes, {} were written (truncated or replaced)",
+                        "is {bytes} bytes, manifest.json lists {} (truncated, or replaced by another checkpoint's)",
                         index.bytes
                     ),
                 ));
@@ -419,7 +649,7 @@ impl CheckpointReader {
             if crc != index.crc32c {
                 return Err(error(
                     &path,
-                    format!("checksum mismatch: crc32c {crc:#010x}, {:#010x} was written (the file is corrupted)", index.crc32c),
+                    format!("checksum mismatch: crc32c {crc:#010x}, manifest.json lists {:#010x} (the file is corrupted, or another checkpoint's)", index.crc32c),
                 ));
             }
             let mut at = 0u64;
