@@ -42,7 +42,7 @@ use tracing_subscriber::registry::LookupSpan;
 use crate::engine::{Engine, EngineError, StepStats};
 use crate::model::Batch;
 
-use crate::outputs::{OutputError, OutputFile, ReadyOutput};
+use crate::outputs::{OutputError, OutputFile, TraceFiles};
 pub use files::rank_path;
 use files::{merge, Sink};
 
@@ -516,8 +516,8 @@ pub const TRACE_KEY: &str = "--trace";
 pub struct Trace {
     recorder: Arc<Recorder>,
     /// This rank's checked, locked files (from [`Trace::open`]): its own, and on rank 0 of
-    /// several, FILE.
-    files: Vec<ReadyOutput>,
+    /// several, FILE; the directories made for them go last, if the run left them empty.
+    files: TraceFiles,
 }
 
 impl Trace {
@@ -537,7 +537,7 @@ impl Trace {
             .map_err(|_| TraceError::AlreadyActive)?;
         Ok(Trace {
             recorder,
-            files: Vec::new(),
+            files: TraceFiles::default(),
         })
     }
 
@@ -570,9 +570,10 @@ impl Trace {
 
     /// Starts recording into this rank's file, `files` being the trace's files after the run's
     /// checks ([`Trace::files`]' first list, checked and locked); they stay locked until the end.
-    pub fn open(&mut self, files: Vec<ReadyOutput>) -> Result<(), TraceError> {
+    pub fn open(&mut self, files: TraceFiles) -> Result<(), TraceError> {
         let own = self.recorder.path();
         let ready = files
+            .files
             .iter()
             .find(|f| f.path == own)
             .ok_or(TraceError::NotPrepared { path: own.clone() })?;
@@ -586,13 +587,18 @@ impl Trace {
     pub fn prepare(&mut self, inputs: Vec<crate::outputs::InputFile>) -> Result<(), TraceError> {
         crate::outputs::cleanup::install();
         let (outputs, elsewhere) = self.files();
+        let made = outputs
+            .iter()
+            .map(|f| crate::outputs::make_parent(&f.key, &f.path, &inputs))
+            .collect::<Result<Vec<_>, _>>()?;
         let files = crate::outputs::RunFiles {
             inputs,
             outputs,
             elsewhere,
             checkpoints: None,
         };
-        self.open(crate::outputs::prepare_run(&files)?.files)
+        let files = crate::outputs::prepare_run(&files)?.files;
+        self.open(TraceFiles { files, made })
     }
 
     /// The layer to add to the process's subscriber.
@@ -624,13 +630,14 @@ impl Trace {
         if rec.rank != 0 {
             return Ok(rec.path());
         }
-        let merged =
-            self.files
-                .iter()
-                .find(|f| f.path == rec.target)
-                .ok_or(TraceError::NotPrepared {
-                    path: rec.target.clone(),
-                })?;
+        let merged = self
+            .files
+            .files
+            .iter()
+            .find(|f| f.path == rec.target)
+            .ok_or(TraceError::NotPrepared {
+                path: rec.target.clone(),
+            })?;
         let parts: Vec<PathBuf> = (0..rec.world)
             .map(|r| rank_path(&rec.target, r, rec.world))
             .collect();

@@ -575,6 +575,14 @@ fn a_failed_run_leaves_the_previous_trace_whole() {
         Some("the previous trace")
     );
     assert_no_leftovers(d);
+    // The trace's directory is made for it, and removed again when the run fails.
+    let mut c = train_in(d, &["--steps", "2"]);
+    c.args(set("model.init_from", &nan))
+        .arg("--trace")
+        .arg(d.join("new/dir/t.json"));
+    let ran = run(c, LIMIT);
+    assert_refused(&ran, &["holds NaN"]);
+    assert!(!d.join("new").exists(), "{}", ran.stderr);
     // A run that ends writes it.
     let mut c = train_in(d, &["--steps", "1"]);
     c.arg("--trace").arg(&trace);

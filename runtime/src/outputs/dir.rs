@@ -27,7 +27,13 @@ pub(super) struct ResolvedDir {
 /// Resolves a directory output: an existing directory (or a link to one), or a path whose nearest existing
 /// ancestor is a directory.
 pub(super) fn resolve(key: &str, path: &Path) -> Result<ResolvedDir, OutputError> {
-    let abs = super::absolute(path);
+    resolve_for(key, path, path)
+}
+
+/// [`resolve`] of `dir`, the directory that output `key` = `path` needs (itself, or the directory of a
+/// file output); errors name `path`.
+fn resolve_for(key: &str, path: &Path, dir: &Path) -> Result<ResolvedDir, OutputError> {
+    let abs = super::absolute(dir);
     let io = |what: &str| {
         let what = what.to_string();
         move |error| OutputError::Io {
@@ -39,8 +45,12 @@ pub(super) fn resolve(key: &str, path: &Path) -> Result<ResolvedDir, OutputError
     };
     let not_dir = |at: &Path, meta: std::fs::Metadata| OutputError::NotDirectory {
         key: key.into(),
-        path: at.into(),
-        kind: kind_of(meta.file_type()),
+        path: path.into(),
+        what: if at == abs && dir == path {
+            format!(" is {}", kind_of(meta.file_type()))
+        } else {
+            format!(": {} is {}", at.display(), kind_of(meta.file_type()))
+        },
     };
     match std::fs::metadata(&abs) {
         Ok(meta) if meta.is_dir() => {
@@ -51,7 +61,7 @@ pub(super) fn resolve(key: &str, path: &Path) -> Result<ResolvedDir, OutputError
                 missing: Vec::new(),
             });
         }
-        Ok(meta) => return Err(not_dir(path, meta)),
+        Ok(meta) => return Err(not_dir(&abs, meta)),
         // Absent, or below something that is not a directory: the ancestors say which.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {}
@@ -193,7 +203,7 @@ pub fn make_parent(
     let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
         return Ok(MadeDirs::default());
     };
-    let dir = resolve(key, parent)?;
+    let dir = resolve_for(key, path, parent)?;
     let out = OutputFile {
         key: key.into(),
         path: path.into(),

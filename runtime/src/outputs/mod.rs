@@ -32,7 +32,7 @@ pub use dir::{make_parent, MadeDirs, ReadyDir};
 pub use lines::LineFile;
 pub use lock::{OutputLock, LOCK_SUFFIX};
 pub use space::free_bytes;
-pub use train::{input_files, TrainOutputs};
+pub use train::{input_files, TraceFiles, TrainOutputs};
 
 use crate::inputs::kind_of;
 use std::os::unix::fs::MetadataExt;
@@ -84,11 +84,12 @@ pub enum OutputError {
         input_key: String,
         input_path: PathBuf,
     },
-    #[error("{key} = {path} is {kind}; it must be a directory (or absent: it is made)")]
+    /// `what`: " is a regular file", or ": DIR is a regular file" about a directory above `path`.
+    #[error("{key} = {path}{what}; it must be a directory (or absent: it is made)")]
     NotDirectory {
         key: String,
         path: PathBuf,
-        kind: &'static str,
+        what: String,
     },
     #[error("{key} = {path} lies inside the checkpoint {checkpoint} of {dir_key} = {dir}, which saves and retention replace; choose another path")]
     InCheckpoint {

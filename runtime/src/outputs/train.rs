@@ -2,7 +2,9 @@
 //! file, the exported weights, the directory of checkpoints and the trace (`--trace`), against the config
 //! file, the DeepSpeed JSON, the token file, the initial weights and the checkpoint resumed from.
 
-use super::{InputFile, LineFile, OutputError, OutputFile, ReadyDir, ReadyOutput, RunFiles};
+use super::{
+    InputFile, LineFile, MadeDirs, OutputError, OutputFile, ReadyDir, ReadyOutput, RunFiles,
+};
 use crate::config::bounds::gpt2_params;
 use crate::config::Config;
 use std::path::Path;
@@ -27,8 +29,16 @@ pub struct TrainOutputs {
     metrics: Option<ReadyOutput>,
     export: Option<ReadyOutput>,
     checkpoints: Option<ReadyDir>,
-    /// This rank's trace files, until [`TrainOutputs::take_trace`].
-    trace: Vec<ReadyOutput>,
+    /// This rank's trace files and the directories made for them, until [`TrainOutputs::take_trace`].
+    trace: TraceFiles,
+}
+
+/// A rank's trace files after the run's checks, locked, and the directories made for them (the
+/// trace's directory is made, as it always was); both stay with the trace until it ends.
+#[derive(Debug, Default)]
+pub struct TraceFiles {
+    pub files: Vec<ReadyOutput>,
+    pub made: Vec<MadeDirs>,
 }
 
 /// Whether this process writes the run's outputs: rank 0, or a process started without a launcher.
@@ -147,21 +157,29 @@ impl TrainOutputs {
             files.outputs = output_files(config);
             files.checkpoints = checkpoint_dir(config);
         }
+        let mut made = Vec::new();
         if let Some(trace) = trace {
             let (here, elsewhere) = trace.files();
+            for file in &here {
+                made.push(super::make_parent(&file.key, &file.path, &files.inputs)?);
+            }
             files.outputs.extend(here);
             files.elsewhere = elsewhere;
         }
         let ready = super::prepare_run(&files)?;
         let mut outputs = TrainOutputs {
             checkpoints: ready.checkpoints,
+            trace: TraceFiles {
+                files: Vec::new(),
+                made,
+            },
             ..TrainOutputs::default()
         };
         for file in ready.files {
             match file.key.as_str() {
                 METRICS_KEY => outputs.metrics = Some(file),
                 EXPORT_KEY => outputs.export = Some(file),
-                _ => outputs.trace.push(file),
+                _ => outputs.trace.files.push(file),
             }
         }
         Ok(outputs)
@@ -202,7 +220,7 @@ impl TrainOutputs {
     }
 
     /// This rank's trace files, checked and locked, for [`crate::trace::Trace::open`].
-    pub fn take_trace(&mut self) -> Vec<ReadyOutput> {
+    pub fn take_trace(&mut self) -> TraceFiles {
         std::mem::take(&mut self.trace)
     }
 }
