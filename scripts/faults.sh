@@ -59,9 +59,12 @@ INPUTS=(train.bin init.safetensors run.toml text.txt huge.safetensors short.safe
 # --- probes ---------------------------------------------------------------------------------------------
 rows=()
 sums() { sha256sum "${INPUTS[@]}" 2>/dev/null; }
-leftovers() { find "$W" -name '*.strata-tmp' -o -name '*.strata-lock' -o -name '*.safetensors.tmp' -o -name 'step-*.tmp' | wc -l; }
+leftovers() {  # strata's temporary and lock files, and unfinished saves (tmpck holds a probe's own .tmp copy)
+    find "$W" -path "$W/tmpck" -prune -o \( -name '*.strata-tmp' -o -name '*.strata-lock' -o -name '*.safetensors.tmp' \
+        -o -name 'step-*.tmp' \) -print | wc -l
+}
 message() {  # the error line, with the work directory shortened to $W
-    grep -E '^(\[rank [0-9]+\] )?(error|rank [0-9]+: error)' "$1" | tail -n 1 | sed "s|$W|\$W|g" | cut -c1-330
+    grep -E '^(\[rank [0-9]+\] )?(error|Error|rank [0-9]+: error)' "$1" | tail -n 1 | sed "s|$W|\$W|g" | cut -c1-330
 }
 record() {  # probe rc errfile intact
     local msg; msg=$(message "$3"); msg=${msg//|/\\|}
@@ -215,7 +218,8 @@ rc=$?
 rows+=("| --resume latest after resuming step 2 and saving step 3 (step 4 abandoned) | $rc | $(grep -o 'resumed from [^ ]*' "$W/err" | sed "s|$W|\$W|g") | - | $(leftovers) |")
 
 # Two runs on one checkpoint_dir; checkpoint_dir a file, or read-only.
-train --steps 1000000 --set train.checkpoint_dir="$W/ck4" --set train.metrics_file="$W/first4.jsonl" >/dev/null 2>&1 &
+"$STRATA" train "${TINY[@]}" --steps 1000000 --set train.checkpoint_dir="$W/ck4" --set train.metrics_file="$W/first4.jsonl" \
+    >/dev/null 2>&1 &
 first=$!
 for _ in $(seq 300); do [ -s "$W/first4.jsonl" ] && break; sleep 0.05; done
 probe "second run on the same checkpoint_dir" train --steps 2 --set train.checkpoint_dir="$W/sub/../ck4"
@@ -267,7 +271,8 @@ train --steps 5 --set train.log_every=1 --set train.checkpoint_dir="$W/ck5" --se
 train --steps 6 --set train.checkpoint_dir="$W/ck5" --set train.metrics_file="$W/m5.jsonl" \
     --resume "$W/ck5/step-00000003" >/dev/null 2>&1
 rows+=("| metrics_file after a resume from step 3 of a 5-step run | - | steps $(grep -o '"step":[0-9]*' "$W/m5.jsonl" | cut -d: -f2 | tr '\n' ' ') | - | $(leftovers) |")
-train --nproc 2 --steps 1000000 --set train.checkpoint_dir="$W/ck6" --set train.metrics_file="$W/m6.jsonl" >"$W/out" 2>"$W/err" &
+"$STRATA" train "${TINY[@]}" --nproc 2 --steps 1000000 --set train.checkpoint_dir="$W/ck6" --set train.metrics_file="$W/m6.jsonl" \
+    >"$W/out" 2>"$W/err" &
 launcher=$!
 for _ in $(seq 400); do [ -s "$W/m6.jsonl" ] && break; sleep 0.05; done
 kill -TERM "$launcher"; wait "$launcher"; rc=$?
@@ -276,7 +281,7 @@ rows+=("| SIGTERM to a 2-rank run that saves checkpoints | $rc | $(grep -c 'erro
 # Scratch directories of killed processes (TMPDIR is $W/tmp); then strata doctor.
 rm -rf "$W/tmp"/*
 # The embedded default keeps its swap files in a fresh directory under $TMPDIR ("@tmp").
-train --nproc 2 --steps 1000000 --set train.metrics_file="$W/m7.jsonl" >/dev/null 2>&1 &
+"$STRATA" train "${TINY[@]}" --nproc 2 --steps 1000000 --set train.metrics_file="$W/m7.jsonl" >/dev/null 2>&1 &
 launcher=$!
 for _ in $(seq 400); do [ -s "$W/m7.jsonl" ] && break; sleep 0.05; done
 kill -KILL "$launcher"; wait "$launcher" 2>/dev/null; sleep 1
@@ -291,8 +296,8 @@ rows+=("| ↳ its line | - | $(grep O_DIRECT "$W/out" | sed "s|$W|\$W|g;s/  */ /
 probe "doctor: a missing offload path" "$STRATA" doctor "$W/no/such/dir"
 rows+=("| ↳ its line | - | $(grep O_DIRECT "$W/out" | sed "s|$W|\$W|g;s/  */ /g") | - | - |")
 mkdir -p "$W/swap"
-train --steps 1000000 --set offload_param.nvme_path="\"$W/swap\"" --set offload_optimizer.nvme_path="\"$W/swap\"" \
-    --set train.metrics_file="$W/m8.jsonl" >/dev/null 2>&1 &
+"$STRATA" train "${TINY[@]}" --steps 1000000 --set offload_param.nvme_path="\"$W/swap\"" \
+    --set offload_optimizer.nvme_path="\"$W/swap\"" --set train.metrics_file="$W/m8.jsonl" >/dev/null 2>&1 &
 first=$!
 for _ in $(seq 300); do [ -s "$W/m8.jsonl" ] && break; sleep 0.05; done
 probe "second run on the same nvme_path" train --steps 2 \
