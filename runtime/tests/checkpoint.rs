@@ -522,6 +522,24 @@ fn the_export_reads_back_to_the_same_loss() {
     }
 }
 
+/// The embedded default made small (one block of width 64, sequences of 32), for the tests
+/// below, which run many short trainings.
+const SMALL: [&str; 8] = [
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.n_embd=64",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.seq_len=32",
+];
+
+/// [`train`] of the [`SMALL`] model.
+fn train_small(dir: &Path, name: &str, steps: usize, extra: &[&str]) -> (Output, Vec<f32>) {
+    train(dir, name, steps, &[&SMALL[..], extra].concat())
+}
+
 /// A run's checkpoint directory, the checkpoints in it by name.
 fn saved(root: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(root)
@@ -540,7 +558,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 /// `strata ARGS` fails before any step, naming everything in `needles`.
 fn refused_before_step_1(args: &[&str], needles: &[&str]) {
-    let out = strata().args(args).output().expect("run");
+    let out = strata().args(args).args(SMALL).output().expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{args:?}:\n{stderr}");
     assert!(
@@ -582,10 +600,10 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn a_resume_with_another_split_of_the_global_batch_continues_at_the_same_row() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (out, straight) = train(dir.path(), "straight", 4, &[]);
+    let (out, straight) = train_small(dir.path(), "straight", 4, &[]);
     ok(&out, "straight");
     let root = dir.path().join("ckpt");
-    let (out, _) = train(dir.path(), "first", 2, &refs(&checkpoint_args(&root, 0)));
+    let (out, _) = train_small(dir.path(), "first", 2, &refs(&checkpoint_args(&root, 0)));
     ok(&out, "first");
     let step2 = root.join("step-00000002").display().to_string();
     let splits: [(&str, &[&str]); 2] = [
@@ -605,7 +623,7 @@ fn a_resume_with_another_split_of_the_global_batch_continues_at_the_same_row() {
     ];
     for (name, split) in splits {
         let args = [split, &["--resume", step2.as_str()]].concat();
-        let (out, resumed) = train(dir.path(), &name.replace(' ', "-"), 4, &args);
+        let (out, resumed) = train_small(dir.path(), &name.replace(' ', "-"), 4, &args);
         ok(&out, name);
         assert_eq!(resumed.len(), 2, "{name}");
         for (i, (a, b)) in resumed.iter().zip(&straight[2..]).enumerate() {
@@ -639,7 +657,7 @@ fn rank_files_and_manifests_of_another_checkpoint_are_refused_naming_the_file() 
         set("train.keep_last=0".into()).to_vec(),
     ]
     .concat();
-    let (out, _) = train(d, "two", 4, &refs(&args));
+    let (out, _) = train_small(d, "two", 4, &refs(&args));
     ok(&out, "2 ranks");
     let (step2, step4) = (root.join("step-00000002"), root.join("step-00000004"));
     let before = snapshot(&root);
@@ -713,16 +731,16 @@ fn rank_files_and_manifests_of_another_checkpoint_are_refused_naming_the_file() 
 fn latest_is_the_newest_save_and_retention_keeps_the_newest_saves() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let (out, straight) = train(d, "straight", 5, &[]);
+    let (out, straight) = train_small(d, "straight", 5, &[]);
     ok(&out, "straight");
     let root = d.join("ckpt");
-    let (out, _) = train(d, "first", 4, &refs(&checkpoint_args(&root, 2)));
+    let (out, _) = train_small(d, "first", 4, &refs(&checkpoint_args(&root, 2)));
     ok(&out, "first");
     assert_eq!(saved(&root), ["step-00000002", "step-00000004"]);
     // Back to step 2, on to step 3: step 3 is now the newest save, step 2 the oldest.
     let step2 = root.join("step-00000002").display().to_string();
     let again = [checkpoint_args(&root, 0), vec!["--resume".into(), step2]].concat();
-    let (out, _) = train(d, "again", 3, &refs(&again));
+    let (out, _) = train_small(d, "again", 3, &refs(&again));
     ok(&out, "again");
     assert_eq!(saved(&root), ["step-00000003", "step-00000004"]);
     let latest = [
@@ -730,7 +748,7 @@ fn latest_is_the_newest_save_and_retention_keeps_the_newest_saves() {
         vec!["--resume".into(), "latest".into()],
     ]
     .concat();
-    let (out, resumed) = train(d, "latest", 5, &refs(&latest));
+    let (out, resumed) = train_small(d, "latest", 5, &refs(&latest));
     ok(&out, "latest");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("step-00000003 (step 3,"), "{stderr}");
@@ -749,7 +767,7 @@ fn export_writes_nothing_into_a_checkpoint_and_checks_both_files_first() {
         set("train.keep_last=0".into()).to_vec(),
     ]
     .concat();
-    let (out, _) = train(d, "run", 4, &refs(&args));
+    let (out, _) = train_small(d, "run", 4, &refs(&args));
     ok(&out, "run");
     let before = snapshot(&root);
     let root_s = root.display().to_string();
@@ -826,12 +844,12 @@ fn a_resumed_run_continues_its_metrics_file() {
         set("train.keep_last=0".into()).to_vec(),
     ]
     .concat();
-    let (out, first) = train(d, "m", 5, &refs(&args));
+    let (out, first) = train_small(d, "m", 5, &refs(&args));
     ok(&out, "first");
     let old = std::fs::read_to_string(d.join("m.jsonl")).expect("metrics");
     let step3 = root.join("step-00000003").display().to_string();
     let again = [args.clone(), vec!["--resume".into(), step3]].concat();
-    let (out, all) = train(d, "m", 6, &refs(&again));
+    let (out, all) = train_small(d, "m", 6, &refs(&again));
     ok(&out, "resumed");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -862,6 +880,7 @@ fn a_signal_stop_is_not_an_error_on_any_rank() {
     let child = strata()
         .env("TMPDIR", dir.path())
         .args(["train", "--nproc", "2", "--steps", "100000"])
+        .args(SMALL)
         .args(checkpoint_args(&root, 0))
         .args([
             "--set",
