@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Fault probes for issue 16 ("nothing a user gives strata is destroyed"), run against the release binary.
+# Fault probes for issues 16 and 27 ("nothing a user gives strata is destroyed"; a second sweep: outputs,
+# checkpoints, resume, leftovers), run against the release binary.
 # Each probe gives strata a bad input or a fault, then records the exit code, the error message, whether every
 # input file is byte-for-byte as it was (sha256 before and after), and whether any temporary or lock file of
 # strata's is left in the work directory. Prints a Markdown table.
 #
-#   cargo build --release -p strata && scripts/faults.sh [path/to/strata]
+#   cargo build --release -p strata -p strata-bench && scripts/faults.sh [path/to/strata]
 #
 # The full-disk probes mount a small tmpfs in a private mount namespace (`unshare -m`, needs root); where that
-# is not possible they are reported as skipped. Takes about half a minute.
+# is not possible they are reported as skipped. Takes about a minute and a half. Every strata process runs with
+# TMPDIR inside the work directory, so the scratch directories of the processes it kills stay there.
 
 set -u
 STRATA=${1:-$(dirname "$0")/../target/release/strata}
@@ -15,6 +17,8 @@ STRATA=$(realpath "$STRATA") || { echo "no strata binary at $STRATA: cargo build
 W=$(mktemp -d /tmp/strata-faults.XXXXXX)
 trap 'rm -rf "$W"' EXIT
 cd "$W" || exit 2
+mkdir -p "$W/tmp" && export TMPDIR="$W/tmp"
+BENCH="$(dirname "$STRATA")/strata-bench"
 TINY=(--set model.n_layer=1 --set model.n_embd=32 --set model.n_head=2 --set model.seq_len=16
       --set data.micro_batch_size=2 --set train.log_every=100000)
 LIMIT_S=60
@@ -55,9 +59,12 @@ INPUTS=(train.bin init.safetensors run.toml text.txt huge.safetensors short.safe
 # --- probes ---------------------------------------------------------------------------------------------
 rows=()
 sums() { sha256sum "${INPUTS[@]}" 2>/dev/null; }
-leftovers() { find "$W" -name '*.strata-tmp' -o -name '*.strata-lock' -o -name '*.safetensors.tmp' | wc -l; }
+leftovers() {  # strata's temporary and lock files, and unfinished saves (tmpck holds a probe's own .tmp copy)
+    find "$W" -path "$W/tmpck" -prune -o \( -name '*.strata-tmp' -o -name '*.strata-lock' -o -name '*.safetensors.tmp' \
+        -o -name 'step-*.tmp' \) -print | wc -l
+}
 message() {  # the error line, with the work directory shortened to $W
-    grep -E '^(\[rank [0-9]+\] )?(error|rank [0-9]+: error)' "$1" | tail -n 1 | sed "s|$W|\$W|g" | cut -c1-330
+    grep -E '^(\[rank [0-9]+\] )?(error|Error|rank [0-9]+: error)' "$1" | tail -n 1 | sed "s|$W|\$W|g" | cut -c1-330
 }
 record() {  # probe rc errfile intact
     local msg; msg=$(message "$3"); msg=${msg//|/\\|}
@@ -228,6 +235,143 @@ PY
     kill -KILL "$launcher" 2>/dev/null; wait "$launcher" 2>/dev/null
 }
 rows+=("| rendezvous store of strata train --nproc 2 | - | listens on $(store_address) | - | - |")
+
+# --- issue 27: outputs, checkpoints, resume, leftovers ---------------------------------------------------
+echo '{"train_micro_batch_size_per_gpu": 2}' > ds.json
+train --steps 4 --set train.checkpoint_dir="$W/ck" --set train.checkpoint_every=2 --set train.keep_last=0 >/dev/null 2>&1
+INPUTS+=(ds.json ck/step-00000002/rank0.bin ck/step-00000002/manifest.json ck/step-00000004/rank0.bin ck/step-00000004/manifest.json)
+probe "--trace = the config" train "$W/run.toml" --trace "$W/run.toml"
+probe "--trace = data.train" train --steps 2 --set data.train="$W/train.bin" --trace "$W/train.bin"
+probe "--trace = model.init_from" train --steps 2 --set model.init_from="$W/init.safetensors" --trace "$W/init.safetensors"
+probe "--trace = the --deepspeed JSON" train --steps 2 --deepspeed "$W/ds.json" --trace "$W/ds.json"
+probe "--trace = train.metrics_file" train --steps 2 --set train.metrics_file="$W/tm.jsonl" --trace "$W/tm.jsonl"
+probe "--trace = train.export_to" train --steps 2 --set train.export_to="$W/te.safetensors" --trace "$W/sub/../te.safetensors"
+probe "--trace = rank0.bin of the checkpoint resumed" train --steps 6 --set data.micro_batch_size=2 \
+    --resume "$W/ck/step-00000004" --trace "$W/ck/step-00000004/rank0.bin"
+probe "--trace at 2 ranks: rank 1's file = metrics_file" train --nproc 2 --steps 2 \
+    --set train.metrics_file="$W/tr.rank1.json" --trace "$W/tr.json"
+if [ -x "$BENCH" ]; then
+    probe "strata-bench train --trace = its config" "$BENCH" train --config "$W/run.toml" --steps 1 --warmup 0 --trace "$W/run.toml"
+else
+    rows+=("| strata-bench train --trace = its config | skipped | no strata-bench beside $STRATA | - | - |")
+fi
+
+# A resume at another split of the same global batch (2 rows: 1 rank × 2 → 2 ranks × 1) continues on the rows the
+# uninterrupted run reads next; another global batch is refused.
+train --steps 4 --set train.log_every=1 --set train.metrics_file="$W/straight.jsonl" >/dev/null 2>&1
+train --steps 2 --set train.checkpoint_dir="$W/ck2" >/dev/null 2>&1
+train --nproc 2 --steps 4 --set data.micro_batch_size=1 --set train.metrics_file="$W/split.jsonl" \
+    --resume "$W/ck2/step-00000002" >/dev/null 2>"$W/err"
+rc=$?
+same=$(python3 -c 'import json,sys; a=[json.loads(l)["loss"] for l in open(sys.argv[1])][2:]; b=[json.loads(l)["loss"] for l in open(sys.argv[2])]
+print("same losses as the uninterrupted run" if len(a)==len(b)==2 and all(abs(x-y)<=1e-5*abs(y) for x,y in zip(a,b)) else f"DIFFERENT: {b} vs {a}")' \
+    "$W/straight.jsonl" "$W/split.jsonl" 2>&1)
+rows+=("| resume: 1 rank × 2 rows → 2 ranks × 1 row | $rc | steps 3-4: $same | - | $(leftovers) |")
+probe "resume with another global batch" train --steps 4 --set data.micro_batch_size=4 --resume "$W/ck2/step-00000002"
+
+# Rank files and manifests of another checkpoint; a save in progress.
+mkdir -p "$W/mix/step-00000004" "$W/edit/step-00000002" "$W/tmpck"
+cp "$W"/ck/step-00000004/* "$W/mix/step-00000004/" && cp "$W"/ck/step-00000002/rank0.* "$W/mix/step-00000004/"
+cp "$W"/ck/step-00000002/* "$W/edit/step-00000002/"
+sed -i 's/"step": 2,/"step": 3,/' "$W/edit/step-00000002/manifest.json"
+cp -r "$W/ck/step-00000004" "$W/tmpck/step-00000004.tmp"
+probe "rank0.* of step 2 copied into step 4" train --steps 6 --resume "$W/mix/step-00000004"
+probe "manifest of step 2 edited to say 3" train --steps 6 --resume "$W/edit/step-00000002"
+probe "--resume a .tmp directory" train --steps 6 --resume "$W/tmpck/step-00000004.tmp"
+
+# latest after going back: the newest save, not the highest step.
+train --steps 4 --set train.checkpoint_dir="$W/ck3" --set train.checkpoint_every=2 >/dev/null 2>&1
+train --steps 3 --set train.checkpoint_dir="$W/ck3" --resume "$W/ck3/step-00000002" >/dev/null 2>&1
+train --steps 5 --set train.checkpoint_dir="$W/ck3" --set train.log_every=1 --resume latest >"$W/out" 2>"$W/err"
+rc=$?
+rows+=("| --resume latest after resuming step 2 and saving step 3 (step 4 abandoned) | $rc | $(grep -o 'resumed from [^ ]*' "$W/err" | sed "s|$W|\$W|g") | - | $(leftovers) |")
+
+# Two runs on one checkpoint_dir; checkpoint_dir a file, or read-only.
+"$STRATA" train "${TINY[@]}" --steps 1000000 --set train.checkpoint_dir="$W/ck4" --set train.metrics_file="$W/first4.jsonl" \
+    >/dev/null 2>&1 &
+first=$!
+for _ in $(seq 300); do [ -s "$W/first4.jsonl" ] && break; sleep 0.05; done
+probe "second run on the same checkpoint_dir" train --steps 2 --set train.checkpoint_dir="$W/sub/../ck4"
+kill -TERM "$first"; wait "$first"; rc=$?
+rows+=("| first run, after SIGTERM | $rc | $(ls "$W/ck4" | tr '\n' ' ') | - | $(leftovers) |")
+echo "not a directory" > "$W/afile"
+INPUTS+=(afile)
+probe "checkpoint_dir = a regular file" train --steps 3 --set train.checkpoint_dir="$W/afile"
+probe "checkpoint_dir below a regular file" train --steps 3 --set train.checkpoint_dir="$W/afile/ck"
+if unshare -m sh -c "mount -t tmpfs -o ro,size=8m tmpfs '$W/adir'" 2>/dev/null; then
+    probe "checkpoint_dir on a read-only file system" unshare -m sh -c 'mount -t tmpfs -o ro,size=8m tmpfs "$0" && exec "$@"' \
+        "$W/adir" "$STRATA" train "${TINY[@]}" --steps 3 --set train.checkpoint_dir="$W/adir/ck"
+fi
+
+# One tensor under two names; a shape beyond its bytes.
+python3 - <<'PY'
+import json, struct
+def st(path, tensors):  # tensors: [(name, shape, floats)]
+    header, data = {}, b""
+    for name, shape, values in tensors:
+        b = struct.pack(f"<{len(values)}f", *values)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data) + len(b)]}
+        data += b
+    h = json.dumps(header).encode(); h += b" " * (-len(h) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(h)) + h + data)
+b = bytearray(open("init.safetensors", "rb").read()); n = struct.unpack("<Q", b[:8])[0]
+head = json.loads(b[8:8 + n]); head.pop("__metadata__", None)
+tensors = []
+for name, t in head.items():
+    s, e = t["data_offsets"]; tensors.append((name, t["shape"], list(struct.unpack(f"<{(e - s) // 4}f", b[8 + n + s:8 + n + e]))))
+c = [t for t in tensors if t[0] == "transformer.h.0.attn.c_attn.weight"][0]
+st("twice.safetensors", tensors + [("h.0.attn.c_attn.weight", c[1], [v + 1 for v in c[2]])])
+st("badshape.safetensors", [("a", [2], [0.0, 0.0]), ("b", [2, 2], [0.0, 0.0])])
+PY
+INPUTS+=(twice.safetensors badshape.safetensors)
+probe "init_from: one tensor under two names" train --steps 1 --set model.init_from="$W/twice.safetensors"
+probe "init_from: shape [2,2] over 8 bytes" train --steps 1 --set model.init_from="$W/badshape.safetensors"
+
+# strata export into the checkpoint it reads, beside it, and with config.json a directory.
+probe "export -o its checkpoint's rank0.bin" "$STRATA" export "$W/ck" -o "$W/ck/step-00000004/rank0.bin"
+probe "export -o another checkpoint's rank0.bin" "$STRATA" export "$W/ck/step-00000004" -o "$W/ck/step-00000002/rank0.bin"
+mkdir -p "$W/hf/config.json"
+probe "export: config.json is a directory" "$STRATA" export "$W/ck" -o "$W/hf/m.safetensors"
+rows+=("| ↳ left in \$W/hf | - | $(ls -A "$W/hf" | tr '\n' ' ') | - | - |")
+
+# A resumed run's metrics file; a signal stop at 2 ranks.
+train --steps 5 --set train.log_every=1 --set train.checkpoint_dir="$W/ck5" --set train.checkpoint_every=3 \
+    --set train.keep_last=0 --set train.metrics_file="$W/m5.jsonl" >/dev/null 2>&1
+train --steps 6 --set train.checkpoint_dir="$W/ck5" --set train.metrics_file="$W/m5.jsonl" \
+    --resume "$W/ck5/step-00000003" >/dev/null 2>&1
+rows+=("| metrics_file after a resume from step 3 of a 5-step run | - | steps $(grep -o '"step":[0-9]*' "$W/m5.jsonl" | cut -d: -f2 | tr '\n' ' ') | - | $(leftovers) |")
+"$STRATA" train "${TINY[@]}" --nproc 2 --steps 1000000 --set train.checkpoint_dir="$W/ck6" --set train.metrics_file="$W/m6.jsonl" \
+    >"$W/out" 2>"$W/err" &
+launcher=$!
+for _ in $(seq 400); do [ -s "$W/m6.jsonl" ] && break; sleep 0.05; done
+kill -TERM "$launcher"; wait "$launcher"; rc=$?
+rows+=("| SIGTERM to a 2-rank run that saves checkpoints | $rc | $(grep -c 'error' "$W/err") lines say error; $(grep -o 'stopped by SIGTERM after step [0-9]*' "$W/out" | head -1) | - | $(leftovers) |")
+
+# Scratch directories of killed processes (TMPDIR is $W/tmp); then strata doctor.
+rm -rf "$W/tmp"/*
+# The embedded default keeps its swap files in a fresh directory under $TMPDIR ("@tmp").
+"$STRATA" train "${TINY[@]}" --nproc 2 --steps 1000000 --set train.metrics_file="$W/m7.jsonl" >/dev/null 2>&1 &
+launcher=$!
+for _ in $(seq 400); do [ -s "$W/m7.jsonl" ] && break; sleep 0.05; done
+kill -KILL "$launcher"; wait "$launcher" 2>/dev/null; sleep 1
+left=$(ls "$W/tmp" | tr '\n' ' ')
+probe "strata doctor after SIGKILL of a launcher" "$STRATA" doctor
+rows+=("| ↳ in \$TMPDIR before / after | - | before: $left / after: $(ls "$W/tmp" | tr '\n' ' ') | - | - |")
+
+# Messages.
+probe "optim.lr = 1e30 (a non-finite loss)" train --steps 5 --set optim.lr=1e30 --set optim.warmup_steps=0
+probe "doctor: a regular file as offload path" "$STRATA" doctor "$W/afile"
+rows+=("| ↳ its line | - | $(grep O_DIRECT "$W/out" | sed "s|$W|\$W|g;s/  */ /g") | - | - |")
+probe "doctor: a missing offload path" "$STRATA" doctor "$W/no/such/dir"
+rows+=("| ↳ its line | - | $(grep O_DIRECT "$W/out" | sed "s|$W|\$W|g;s/  */ /g") | - | - |")
+mkdir -p "$W/swap"
+"$STRATA" train "${TINY[@]}" --steps 1000000 --set offload_param.nvme_path="\"$W/swap\"" \
+    --set offload_optimizer.nvme_path="\"$W/swap\"" --set train.metrics_file="$W/m8.jsonl" >/dev/null 2>&1 &
+first=$!
+for _ in $(seq 300); do [ -s "$W/m8.jsonl" ] && break; sleep 0.05; done
+probe "second run on the same nvme_path" train --steps 2 \
+    --set offload_param.nvme_path="\"$W/swap\"" --set offload_optimizer.nvme_path="\"$W/swap\""
+kill -KILL "$first"; wait "$first" 2>/dev/null
 
 # --- table ----------------------------------------------------------------------------------------------
 echo "strata fault probes, $(date -u +%Y-%m-%dT%H:%MZ), $("$STRATA" --version), $(uname -sr)"

@@ -147,7 +147,9 @@ fn check(args: &TrainArgs) -> anyhow::Result<()> {
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     check(&args)?;
     let started = Instant::now();
-    let trace = args.trace.as_deref().map(Trace::start).transpose()?;
+    // The trace's file is checked against the run's inputs (and locked) once the config is read;
+    // nothing is written before.
+    let mut trace = args.trace.as_deref().map(Trace::start).transpose()?;
     if let Some(t) = &trace {
         tracing_subscriber::registry()
             .with(t.layer())
@@ -168,6 +170,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         } else {
             eprintln!("warning: --set {earlier} is replaced by the later --set {later}");
         }
+    }
+    if let Some(t) = trace.as_mut() {
+        t.prepare(strata::outputs::input_files(&config))?;
     }
     let (d, m) = (&config.data, &config.model);
     let mut loader = Loader::from_config(&config).context("opening the training data")?;

@@ -114,6 +114,41 @@ fn trace_writes_a_timeline_of_the_run() {
     );
 }
 
+/// Issue 27: the trace is an output checked before the run, not a file truncated at start-up.
+#[test]
+fn a_trace_path_that_is_an_input_is_refused_and_left_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, "[train]\nsteps = 3\n").expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_strata-bench"))
+        .args(["train", "--steps", "1", "--warmup", "0", "--config"])
+        .arg(&config)
+        .args(SMALL)
+        .arg("--trace")
+        .arg(&config)
+        .output()
+        .expect("run strata-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "--trace = {} is the input the config file",
+            config.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&config).ok().as_deref(),
+        Some("[train]\nsteps = 3\n")
+    );
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
 #[test]
 fn time_limit_stops_after_the_first_timed_step_past_it_and_says_so() {
     // Past the limit from the start: the warm-up step still runs, then one timed step.

@@ -47,25 +47,31 @@ pub struct LaunchArgs {
 /// rank it blames (file `rank-<r>` holding the blamed rank).
 pub const BLAME_DIR_VAR: &str = "STRATA_LAUNCH_BLAME_DIR";
 
-/// The blame directory; removed on drop.
-struct BlameDir(std::path::PathBuf);
+/// The blame directory: a scratch directory, removed on drop (and by a later sweep if this
+/// launcher is killed).
+struct BlameDir(crate::scratch::ScratchDir);
 
 impl BlameDir {
     fn create() -> Result<Self> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let path =
-            std::env::temp_dir().join(format!("strata-launch-{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&path)
-            .map_err(|e| CommError::Launch(format!("cannot create {}: {e}", path.display())))?;
-        Ok(Self(path))
+        // Those of launchers that were killed first.
+        crate::scratch::sweep(crate::scratch::LAUNCH_PREFIX);
+        crate::scratch::ScratchDir::create(crate::scratch::LAUNCH_PREFIX)
+            .map(Self)
+            .map_err(|e| {
+                CommError::Launch(format!(
+                    "cannot create a directory under {}: {e}",
+                    std::env::temp_dir().display()
+                ))
+            })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
     }
 
     /// rank -> the rank it blames.
     fn read(&self) -> Vec<(usize, usize)> {
-        let Ok(entries) = std::fs::read_dir(&self.0) else {
+        let Ok(entries) = std::fs::read_dir(self.path()) else {
             return Vec::new();
         };
         entries
@@ -85,12 +91,6 @@ impl BlameDir {
                 Some((rank, blamed))
             })
             .collect()
-    }
-}
-
-impl Drop for BlameDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -236,7 +236,7 @@ fn spawn_rank(args: &LaunchArgs, local_rank: usize, port: u16, blame: &BlameDir)
         .env("GROUP_RANK", args.node_rank.to_string())
         .env("MASTER_ADDR", &args.master_addr)
         .env("MASTER_PORT", port.to_string())
-        .env(BLAME_DIR_VAR, &blame.0)
+        .env(BLAME_DIR_VAR, blame.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

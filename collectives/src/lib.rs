@@ -17,6 +17,7 @@ pub mod env;
 mod error;
 pub mod launch;
 pub mod nccl;
+pub mod scratch;
 mod shm;
 mod single;
 pub mod store;

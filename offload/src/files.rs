@@ -66,7 +66,7 @@ impl SwapFile {
             let e = io::Error::last_os_error();
             return Err(open_error(
                 &path,
-                "lock (another process or store uses this swap file; give each a distinct aio.file_name)",
+                "lock (another process, or another swap store of this one, holds it: give each run its own nvme_path directory)",
                 e,
             ));
         }

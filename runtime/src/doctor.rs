@@ -26,8 +26,9 @@ pub struct GpuInfo {
 #[derive(Debug, Clone)]
 pub struct PathCheck {
     pub path: PathBuf,
-    /// Ok(()) when a file there can be opened and written with O_DIRECT.
+    /// Ok(()) when the path is a directory in which a file can be written with O_DIRECT.
     pub o_direct: Result<(), String>,
+    /// The free space of the path's file system, when it is a directory.
     pub free_bytes: Option<u64>,
 }
 
@@ -47,6 +48,8 @@ pub struct DoctorReport {
     pub is_root: bool,
     pub mem_available_bytes: Option<u64>,
     pub mem_total_bytes: Option<u64>,
+    /// Scratch directories of strata processes that are gone (swap files, launcher files), removed.
+    pub swept: Vec<strata_collectives::scratch::Swept>,
     /// Things that must be fixed before strata can use what is configured.
     pub fixes: Vec<String>,
     /// Advice that does not block anything.
@@ -83,6 +86,7 @@ pub fn collect(paths: &[PathBuf]) -> DoctorReport {
         is_root: unsafe { libc::geteuid() } == 0,
         mem_available_bytes: meminfo_kib(&meminfo, "MemAvailable:").map(|k| k * 1024),
         mem_total_bytes: meminfo_kib(&meminfo, "MemTotal:").map(|k| k * 1024),
+        swept: strata_collectives::scratch::sweep_all(),
         fixes: Vec::new(),
         notes: Vec::new(),
     };
@@ -127,22 +131,28 @@ fn probe_io_uring() -> Result<(), String> {
     Ok(())
 }
 
+/// An offload path is a directory that exists (strata does not make it, so that a missing mount is
+/// not filled instead): O_DIRECT is tried by writing a file there, and its free space read.
 fn probe_path(path: &Path) -> PathCheck {
-    let free_bytes = free_space(path);
-    let o_direct = if path.is_dir() {
-        let probe = path.join(format!(".strata-doctor-{}", std::process::id()));
-        let result = write_o_direct(&probe);
-        let _ = std::fs::remove_file(&probe);
-        result
-    } else if path.is_file() {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    } else {
-        Err("does not exist".into())
+    let (o_direct, free_bytes) = match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            let probe = path.join(format!(".strata-doctor-{}", std::process::id()));
+            let result = write_o_direct(&probe);
+            let _ = std::fs::remove_file(&probe);
+            (result, crate::outputs::free_bytes(path).ok())
+        }
+        Ok(meta) => (
+            Err(format!(
+                "is {}; an offload path must be a directory",
+                crate::inputs::kind_of(meta.file_type())
+            )),
+            None,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+            Err("does not exist (strata does not create it: make the directory, or mount the drive)".into()),
+            None,
+        ),
+        Err(e) => (Err(format!("cannot read its metadata: {e}")), None),
     };
     PathCheck {
         path: path.to_path_buf(),
@@ -165,21 +175,6 @@ fn write_o_direct(file: &Path) -> Result<(), String> {
     let block = Block([0u8; 4096]);
     f.write_all(&block.0)
         .map_err(|e| format!("4 KiB O_DIRECT write: {e}"))
-}
-
-fn free_space(path: &Path) -> Option<u64> {
-    let existing = path.ancestors().find(|p| p.exists())?;
-    let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).ok()?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-    // SAFETY: c is a valid C path; st is a valid out-pointer for one statvfs.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: statvfs succeeded and filled the struct.
-    let st = unsafe { st.assume_init() };
-    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 fn memlock() -> (Option<u64>, Option<u64>) {
@@ -373,6 +368,25 @@ impl fmt::Display for DoctorReport {
                     p.path.display()
                 )?,
             }
+        }
+        match self.swept.len() {
+            0 => writeln!(
+                f,
+                "  {:<18} none left by ended processes",
+                "$TMPDIR scratch"
+            )?,
+            n => writeln!(
+                f,
+                "  {:<18} removed {n} director{} left by ended strata processes ({}): {}",
+                "$TMPDIR scratch",
+                if n == 1 { "y" } else { "ies" },
+                bytes(self.swept.iter().map(|s| s.bytes).sum()),
+                self.swept
+                    .iter()
+                    .map(|s| s.path.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?,
         }
         let lim = |v: Option<u64>| v.map(bytes).unwrap_or_else(|| "unlimited".into());
         let root = if self.is_root {

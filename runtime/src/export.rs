@@ -4,6 +4,10 @@
 //! reads it back). The file is written unit by unit: the header first (every tensor's shape is
 //! known from the model), then each unit's tensors as the checkpoint's rank files give them, so
 //! the host holds about one unit, not the model.
+//!
+//! Both files are outputs like `strata train`'s: checked before anything is written (not inside the
+//! checkpoint read or a checkpoint beside it, regular files or absent, room for them, locked), written
+//! under temporary names and renamed into place only when both are whole.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,6 +16,7 @@ use crate::engine::checkpoint::{self, CheckpointReader};
 use crate::engine::EngineError;
 use crate::model::gpt2::{Gpt2, Gpt2Shape};
 use crate::model::Model;
+use crate::outputs::{InputFile, OutputFile};
 
 /// Element type of the exported tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -46,21 +51,44 @@ impl From<crate::outputs::OutputError> for ExportError {
     }
 }
 
+/// The checkpoint `CHECKPOINT` names: itself, or the newest save in a directory of checkpoints.
+fn checkpoint_of(arg: &Path) -> Result<PathBuf, EngineError> {
+    let name = arg.file_name().map(|n| n.to_string_lossy().into_owned());
+    if arg.join("manifest.json").is_file() || name.is_some_and(|n| n.ends_with(".tmp")) {
+        return Ok(arg.to_path_buf());
+    }
+    let saved = checkpoint::list(arg)?;
+    saved.last().map(|s| s.path.clone()).ok_or_else(|| {
+        EngineError::Checkpoint(format!(
+            "{}: neither a checkpoint (manifest.json) nor a directory of checkpoints",
+            arg.display()
+        ))
+    })
+}
+
+/// The files an export reads: the checkpoint, and the checkpoints beside it (none is written into).
+fn export_inputs(dir: &Path) -> Vec<InputFile> {
+    let mut inputs = vec![InputFile {
+        key: "CHECKPOINT".into(),
+        path: dir.to_path_buf(),
+    }];
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        inputs.extend(
+            checkpoint::dirs(parent)
+                .into_iter()
+                .filter(|d| d.as_path() != dir)
+                .map(|path| InputFile {
+                    key: "a checkpoint beside it".into(),
+                    path,
+                }),
+        );
+    }
+    inputs
+}
+
 /// Writes the export; returns a one-line report.
 pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
-    let dir = if args.checkpoint.join("manifest.json").is_file() {
-        args.checkpoint.clone()
-    } else {
-        checkpoint::list(&args.checkpoint)
-            .pop()
-            .map(|(_, p)| p)
-            .ok_or_else(|| {
-                EngineError::Checkpoint(format!(
-                    "{}: neither a checkpoint (manifest.json) nor a directory of checkpoints",
-                    args.checkpoint.display()
-                ))
-            })?
-    };
+    let dir = checkpoint_of(&args.checkpoint)?;
     let manifest = checkpoint::read_manifest(&dir)?;
     let reader = CheckpointReader::open(&dir, &manifest)?;
     let model = Gpt2::new(Gpt2Shape::from_config(&manifest.model));
@@ -107,16 +135,31 @@ pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
     while (8 + text.len()) % 8 != 0 {
         text.push(' ');
     }
-    // The output's directory is made, as `strata prepare` makes its own.
-    if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| {
-            EngineError::Checkpoint(format!(
-                "{}: cannot create the directory: {e}",
-                parent.display()
-            ))
-        })?;
-    }
-    let mut file = crate::outputs::AtomicFile::create(&args.output)?;
+    let config_path = hf_config_path(&args.output);
+    let config_text = hf_config(&manifest.model, args.dtype)?;
+    // The output's directory is made, as `strata prepare` makes its own (and removed again if the
+    // export fails before writing into it).
+    crate::outputs::cleanup::install();
+    let inputs = export_inputs(&dir);
+    let _made = crate::outputs::make_parent(OUTPUT_KEY, &args.output, &inputs)?;
+    let ready = crate::outputs::prepare(
+        &inputs,
+        &[
+            OutputFile {
+                key: OUTPUT_KEY.into(),
+                path: args.output.clone(),
+                size_bytes: (8 + text.len() + at) as u64,
+                size_detail: format!("{} tensors in {dtype}", header.len() - 1),
+            },
+            OutputFile {
+                key: format!("{OUTPUT_KEY}'s config.json"),
+                path: config_path.clone(),
+                size_bytes: config_text.len() as u64,
+                size_detail: "the model's config".into(),
+            },
+        ],
+    )?;
+    let mut file = crate::outputs::AtomicFile::create(&ready[0].target)?;
     let target = args.output.clone();
     let fail = |e: std::io::Error| EngineError::Checkpoint(format!("{}: {e}", target.display()));
     {
@@ -146,29 +189,41 @@ pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
         }
         out.flush().map_err(fail)?;
     }
+    let mut config = crate::outputs::AtomicFile::create(&ready[1].target)?;
+    config
+        .file()
+        .write_all(config_text.as_bytes())
+        .map_err(|e| config.error("writing", e))?;
+    // Both are whole: into place, the weights first.
     file.commit()?;
-    let config = write_hf_config(&args.output, &manifest.model, args.dtype)?;
+    config.commit()?;
     Ok(format!(
         "wrote {} ({} tensors, {}, step {}) and {}",
         args.output.display(),
         units.iter().map(|u| u.tensors.len()).sum::<usize>(),
         dtype,
         manifest.step,
-        config.display()
+        config_path.display()
     ))
 }
 
-/// `config.json` for transformers' GPT2LMHeadModel beside `output`.
-fn write_hf_config(
-    output: &Path,
-    model: &crate::config::ModelConfig,
-    dtype: ExportDtype,
-) -> Result<PathBuf, ExportError> {
-    let path = output
+/// The key that names the export's output in errors.
+const OUTPUT_KEY: &str = "--output";
+
+/// `config.json` beside `output`.
+fn hf_config_path(output: &Path) -> PathBuf {
+    output
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
-        .join("config.json");
+        .join("config.json")
+}
+
+/// The text of `config.json` for transformers' GPT2LMHeadModel.
+fn hf_config(
+    model: &crate::config::ModelConfig,
+    dtype: ExportDtype,
+) -> Result<String, ExportError> {
     let config = serde_json::json!({
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -190,12 +245,8 @@ fn write_hf_config(
         "eos_token_id": model.vocab_size.min(50257) - 1,
         "torch_dtype": match dtype { ExportDtype::Fp32 => "float32", ExportDtype::Bf16 => "bfloat16" },
     });
-    let mut file = crate::outputs::AtomicFile::create(&path)?;
-    let text = serde_json::to_string_pretty(&config)
-        .map_err(|e| EngineError::Checkpoint(e.to_string()))?;
-    file.file()
-        .write_all(text.as_bytes())
-        .map_err(|e| EngineError::Checkpoint(format!("{}: {e}", path.display())))?;
-    file.commit()?;
-    Ok(path)
+    Ok(
+        serde_json::to_string_pretty(&config)
+            .map_err(|e| EngineError::Checkpoint(e.to_string()))?,
+    )
 }

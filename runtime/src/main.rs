@@ -109,7 +109,8 @@ fn fail(e: anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// `strata train --trace FILE` in a rank (not in the process that starts `--nproc` ranks).
+/// `strata train --trace FILE` in a rank (not in the process that starts `--nproc` ranks): no file
+/// is touched until the run has checked its outputs.
 fn start_trace(cli: &Cli) -> Result<Option<Trace>, strata::trace::TraceError> {
     match &cli.command {
         Command::Train {
@@ -216,7 +217,12 @@ fn run(mut cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
             if summary.rank == 0 {
                 println!("{summary}");
             }
-            Ok(ExitCode::SUCCESS)
+            // A run a signal stopped (after saving) is not an error, but it did not finish: the
+            // exit status a shell gives a process that the signal ended.
+            Ok(match &summary.stopped {
+                Some(s) => ExitCode::from(u8::try_from(128 + s.signal).unwrap_or(1)),
+                None => ExitCode::SUCCESS,
+            })
         }
         Command::Prepare {
             input,

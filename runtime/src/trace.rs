@@ -10,18 +10,21 @@
 //! events with one track per thread — `host` (the training loop), `compute`, `h2d`, `d2h`,
 //! `comm`, `io` — and `pid` = the rank, so every rank's tracks are apart.
 //!
-//! Files: a world of one writes FILE. With N ranks, rank r writes [`rank_path`] (FILE with
-//! `.rank{r}` before the extension) while it runs; at the end every rank closes its file, the
-//! ranks meet at a barrier, and rank 0 merges the rank files it can read into FILE and removes
+//! Files: the trace is an output like the others ([`crate::outputs`]). [`Trace::start`] touches no
+//! file (events before [`Trace::open`] are not recorded); the run checks FILE and the rank files
+//! with its other outputs — not an input, not another output, locked — and opens the trace before
+//! step 1. Every file is written under a temporary name and renamed when whole, so a run that fails
+//! leaves FILE as it was. A world of one writes FILE. With N ranks, rank r writes [`rank_path`]
+//! (FILE with `.rank{r}` before the extension); at the end every rank renames its file into place,
+//! the ranks meet at a barrier, and rank 0 merges the rank files it can read into FILE and removes
 //! them. Times are CLOCK_MONOTONIC, which the processes of one host share, so the merged ranks
 //! line up; a rank on another host keeps its own file there, and rank 0 names it.
 //!
 //! Bounds: at most [`EVENTS_MAX`] events per rank; later ones are counted, dropped and reported.
 //! Each file is written as one event per line, so it can be merged without reading it whole.
 
-use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+mod files;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -38,6 +41,10 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::engine::{Engine, EngineError, StepStats};
 use crate::model::Batch;
+
+use crate::outputs::{OutputError, OutputFile, TraceFiles};
+pub use files::rank_path;
+use files::{merge, Sink};
 
 /// Most events one rank records; later ones are dropped (and counted).
 pub const EVENTS_MAX: u64 = 4_000_000;
@@ -87,21 +94,16 @@ pub enum TraceError {
     Clock(#[source] std::io::Error),
     #[error("trace: the ranks did not meet to merge their files")]
     Comm(#[source] strata_collectives::CommError),
+    #[error(transparent)]
+    Output(Box<OutputError>),
+    #[error("--trace {path}: this rank's file was not among the outputs checked for the run")]
+    NotPrepared { path: PathBuf },
 }
 
-/// The file rank `rank` of `world` writes: `path` itself for a world of one, else `path` with
-/// `.rank{rank}` before its extension (`trace.json` → `trace.rank1.json`).
-pub fn rank_path(path: &Path, rank: usize, world: usize) -> PathBuf {
-    if world <= 1 {
-        return path.to_path_buf();
+impl From<OutputError> for TraceError {
+    fn from(e: OutputError) -> Self {
+        TraceError::Output(Box::new(e))
     }
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-    let name = match (stem, path.extension()) {
-        (Some(stem), Some(ext)) => format!("{stem}.rank{rank}.{}", ext.to_string_lossy()),
-        (Some(stem), None) => format!("{stem}.rank{rank}"),
-        (None, _) => format!("trace.rank{rank}.json"),
-    };
-    path.with_file_name(name)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: one clock for every process of a host.
@@ -165,91 +167,17 @@ fn sort_index(track: &str) -> usize {
         .unwrap_or(TRACK_ORDER.len())
 }
 
-/// One rank's trace file, written as events arrive: a header line, one event per line, a footer.
-struct Sink {
-    path: PathBuf,
-    out: Option<BufWriter<File>>,
-    events: u64,
-    events_max: u64,
-    dropped: u64,
-    error: Option<std::io::Error>,
-    /// Threads and tracks whose names are written.
-    named: HashSet<u64>,
-    /// Tracks that are not threads (the GPU's), by name.
-    tracks: HashMap<String, u64>,
-}
-
-impl Sink {
-    fn create(path: &Path, other_data: Value, events_max: u64) -> Result<Sink, TraceError> {
-        let io = |what| {
-            let path = path.to_path_buf();
-            move |source| TraceError::Io { what, path, source }
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io("create the directory of"))?;
-        }
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io("create"))?);
-        let header = json!({"displayTimeUnit": "ms", "otherData": other_data}).to_string();
-        // `{"displayTimeUnit":…,"otherData":{…}` and then the array of events.
-        let open = format!("{},\"traceEvents\":[\n", &header[..header.len() - 1]);
-        out.write_all(open.as_bytes()).map_err(io("write"))?;
-        Ok(Sink {
-            path: path.to_path_buf(),
-            out: Some(out),
-            events: 0,
-            events_max,
-            dropped: 0,
-            error: None,
-            named: HashSet::new(),
-            tracks: HashMap::new(),
-        })
-    }
-
-    /// Appends one event (metadata events too); the first error stops the writing and is kept.
-    fn push(&mut self, event: &Value) {
-        let Some(out) = self.out.as_mut().filter(|_| self.error.is_none()) else {
-            return;
-        };
-        if self.events >= self.events_max {
-            self.dropped += 1;
-            return;
-        }
-        let separator: &[u8] = if self.events == 0 { b"" } else { b",\n" };
-        let written = out
-            .write_all(separator)
-            .and_then(|()| serde_json::to_writer(&mut *out, event).map_err(Into::into));
-        match written {
-            Ok(()) => self.events += 1,
-            Err(e) => self.error = Some(e),
-        }
-    }
-
-    /// Writes the footer and closes the file; the first error of the whole file is returned.
-    fn close(&mut self) -> Result<(), TraceError> {
-        let Some(mut out) = self.out.take() else {
-            return Ok(());
-        };
-        let result = match self.error.take() {
-            Some(e) => Err(e),
-            None => out.write_all(b"\n]}\n").and_then(|()| out.flush()),
-        };
-        result.map_err(|source| TraceError::Io {
-            what: "write",
-            path: self.path.clone(),
-            source,
-        })
-    }
-}
-
-/// Records one process's (one rank's) events into its trace file.
+/// Records one process's (one rank's) events into its trace file, from [`Recorder::open`] on.
 pub struct Recorder {
     rank: usize,
     world: usize,
     /// The file the user asked for (the merged file with several ranks).
     target: PathBuf,
-    /// Time 0 of this file's events; the header gives it on CLOCK_MONOTONIC.
+    /// Time 0 of this file's events, and the same moment on CLOCK_MONOTONIC (in the header).
     origin: Instant,
-    sink: Mutex<Sink>,
+    origin_ns: u64,
+    /// None until opened (events are not recorded), and again once discarded.
+    sink: Mutex<Option<Sink>>,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -265,26 +193,42 @@ impl std::fmt::Debug for Recorder {
 }
 
 impl Recorder {
-    /// Creates rank `rank`'s file for `target` (see [`rank_path`]), with its parent directory.
-    pub fn create(target: &Path, rank: usize, world: usize) -> Result<Recorder, TraceError> {
+    /// Rank `rank`'s recorder for `target` (see [`rank_path`]); no file is touched until
+    /// [`Recorder::open`].
+    pub fn new(target: &Path, rank: usize, world: usize) -> Result<Recorder, TraceError> {
         let (origin, origin_ns) = paired_now()?;
-        let path = rank_path(target, rank, world);
-        let other = json!({
-            "strata_rank": rank,
-            "strata_world_size": world,
-            "strata_clock": "CLOCK_MONOTONIC",
-            "strata_origin_ns": origin_ns,
-        });
-        let mut sink = Sink::create(&path, other, EVENTS_MAX)?;
-        sink.push(&json!({"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": format!("rank {rank}")}}));
-        sink.push(&json!({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0, "args": {"sort_index": rank}}));
         Ok(Recorder {
             rank,
             world,
             target: target.to_path_buf(),
             origin,
-            sink: Mutex::new(sink),
+            origin_ns,
+            sink: Mutex::new(None),
         })
+    }
+
+    /// [`Recorder::new`] and [`Recorder::open`] at its own [`Recorder::path`] (tests, tools).
+    pub fn create(target: &Path, rank: usize, world: usize) -> Result<Recorder, TraceError> {
+        let recorder = Recorder::new(target, rank, world)?;
+        recorder.open(&recorder.path())?;
+        Ok(recorder)
+    }
+
+    /// Starts writing this rank's file, which will replace `path` (its path checked, and locked, by
+    /// the caller: [`crate::outputs`]).
+    pub fn open(&self, path: &Path) -> Result<(), TraceError> {
+        let (rank, world) = (self.rank, self.world);
+        let other = json!({
+            "strata_rank": rank,
+            "strata_world_size": world,
+            "strata_clock": "CLOCK_MONOTONIC",
+            "strata_origin_ns": self.origin_ns,
+        });
+        let mut sink = Sink::create(path, other, EVENTS_MAX)?;
+        sink.push(&json!({"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": format!("rank {rank}")}}));
+        sink.push(&json!({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0, "args": {"sort_index": rank}}));
+        *self.lock() = Some(sink);
+        Ok(())
     }
 
     /// The file this rank writes.
@@ -292,7 +236,7 @@ impl Recorder {
         rank_path(&self.target, self.rank, self.world)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Sink> {
+    fn lock(&self) -> MutexGuard<'_, Option<Sink>> {
         self.sink.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -320,12 +264,14 @@ impl Recorder {
         args: Map<String, Value>,
     ) {
         let tid = thread_tid();
-        let event = self.slice_event(tid, name, cat, start, end, args);
-        let mut sink = self.lock();
+        let mut guard = self.lock();
+        let Some(sink) = guard.as_mut() else {
+            return;
+        };
         if !sink.named.contains(&tid) {
-            self.name_track(&mut sink, tid, &thread_track(tid));
+            self.name_track(sink, tid, &thread_track(tid));
         }
-        sink.push(&event);
+        sink.push(&self.slice_event(tid, name, cat, start, end, args));
     }
 
     fn slice_event(
@@ -346,9 +292,12 @@ impl Recorder {
     pub fn instant(&self, name: &str, at: Instant) {
         let tid = thread_tid();
         let event = json!({"name": name, "cat": "instant", "ph": "i", "s": "t", "ts": self.micros(at), "pid": self.rank, "tid": tid});
-        let mut sink = self.lock();
+        let mut guard = self.lock();
+        let Some(sink) = guard.as_mut() else {
+            return;
+        };
         if !sink.named.contains(&tid) {
-            self.name_track(&mut sink, tid, &thread_track(tid));
+            self.name_track(sink, tid, &thread_track(tid));
         }
         sink.push(&event);
     }
@@ -356,7 +305,10 @@ impl Recorder {
     /// Slices on the track named `track` (not a thread: the GPU's compute stream): `(name,
     /// begin_ms, end_ms)` after `anchor`, the host time at which the stream reached its start.
     pub fn track_slices(&self, track: &str, anchor: Instant, slices: &[(&str, f64, f64)]) {
-        let mut sink = self.lock();
+        let mut guard = self.lock();
+        let Some(sink) = guard.as_mut() else {
+            return;
+        };
         let tid = match sink.tracks.get(track) {
             Some(&tid) => tid,
             None => {
@@ -364,7 +316,7 @@ impl Recorder {
                 static NEXT: AtomicU64 = AtomicU64::new(1 << 32);
                 let tid = NEXT.fetch_add(1, Ordering::Relaxed);
                 sink.tracks.insert(track.to_string(), tid);
-                self.name_track(&mut sink, tid, track);
+                self.name_track(sink, tid, track);
                 tid
             }
         };
@@ -376,11 +328,20 @@ impl Recorder {
         }
     }
 
-    /// Closes the file; returns (events written, events dropped over [`EVENTS_MAX`]).
+    /// Closes the file and renames it into place; returns (events written, events dropped over
+    /// [`EVENTS_MAX`]). A recorder never opened has nothing to close.
     pub fn close(&self) -> Result<(u64, u64), TraceError> {
-        let mut sink = self.lock();
+        let mut guard = self.lock();
+        let Some(sink) = guard.as_mut() else {
+            return Ok((0, 0));
+        };
         sink.close()?;
         Ok((sink.events, sink.dropped))
+    }
+
+    /// Stops recording and removes the unfinished file (the file it would replace stays as it was).
+    pub fn discard(&self) {
+        drop(self.lock().take());
     }
 }
 
@@ -544,11 +505,19 @@ pub fn active() -> Option<&'static Arc<Recorder>> {
     ACTIVE.get()
 }
 
-/// `--trace FILE` for this process: its rank's file is open from [`Trace::start`] on, written
-/// through [`Trace::layer`], and closed (and merged, with several ranks) by [`Trace::finish`]. A
-/// trace dropped without `finish` (a failed run) still closes its file, so it stays valid JSON.
+/// The key that names the trace in errors about its files.
+pub const TRACE_KEY: &str = "--trace";
+
+/// `--trace FILE` for this process: started before the run reads its config ([`Trace::start`]:
+/// no file is touched), its files checked and locked with the run's other outputs
+/// ([`Trace::files`], then [`Trace::open`] before step 1), written through [`Trace::layer`],
+/// renamed into place (and merged, with several ranks) by [`Trace::finish`]. A trace dropped
+/// without `finish` (a failed run) removes its unfinished file and leaves FILE as it was.
 pub struct Trace {
     recorder: Arc<Recorder>,
+    /// This rank's checked, locked files (from [`Trace::open`]): its own, and on rank 0 of
+    /// several, FILE; the directories made for them go last, if the run left them empty.
+    files: TraceFiles,
 }
 
 impl Trace {
@@ -562,11 +531,74 @@ impl Trace {
             Ok(info) if launched => (info.rank, info.world_size),
             _ => (0, 1),
         };
-        let recorder = Arc::new(Recorder::create(path, rank, world)?);
+        let recorder = Arc::new(Recorder::new(path, rank, world)?);
         ACTIVE
             .set(Arc::clone(&recorder))
             .map_err(|_| TraceError::AlreadyActive)?;
-        Ok(Trace { recorder })
+        Ok(Trace {
+            recorder,
+            files: TraceFiles::default(),
+        })
+    }
+
+    /// The trace's files for the run's output checks: (those this process writes, those other
+    /// ranks write). One rank writes FILE; with several, rank r writes its [`rank_path`] and rank 0
+    /// also FILE (and keeps the other ranks' files apart from its outputs).
+    pub fn files(&self) -> (Vec<OutputFile>, Vec<OutputFile>) {
+        let rec = &self.recorder;
+        let file = |r: Option<usize>| OutputFile {
+            key: match r {
+                Some(r) => format!("{TRACE_KEY} (rank {r}'s file)"),
+                None => TRACE_KEY.into(),
+            },
+            path: r.map_or_else(
+                || rec.target.clone(),
+                |r| rank_path(&rec.target, r, rec.world),
+            ),
+            size_bytes: 0,
+            size_detail: "a timeline of unknown size".into(),
+        };
+        if rec.world <= 1 {
+            return (vec![file(None)], Vec::new());
+        }
+        if rec.rank != 0 {
+            return (vec![file(Some(rec.rank))], Vec::new());
+        }
+        let others = (1..rec.world).map(|r| file(Some(r))).collect();
+        (vec![file(None), file(Some(0))], others)
+    }
+
+    /// Starts recording into this rank's file, `files` being the trace's files after the run's
+    /// checks ([`Trace::files`]' first list, checked and locked); they stay locked until the end.
+    pub fn open(&mut self, files: TraceFiles) -> Result<(), TraceError> {
+        let own = self.recorder.path();
+        let ready = files
+            .files
+            .iter()
+            .find(|f| f.path == own)
+            .ok_or(TraceError::NotPrepared { path: own.clone() })?;
+        self.recorder.open(&ready.target)?;
+        self.files = files;
+        Ok(())
+    }
+
+    /// For a tool whose only output is the trace (`strata-bench train`): checks the trace's files
+    /// against `inputs` and each other, locks them and opens the trace.
+    pub fn prepare(&mut self, inputs: Vec<crate::outputs::InputFile>) -> Result<(), TraceError> {
+        crate::outputs::cleanup::install();
+        let (outputs, elsewhere) = self.files();
+        let made = outputs
+            .iter()
+            .map(|f| crate::outputs::make_parent(&f.key, &f.path, &inputs))
+            .collect::<Result<Vec<_>, _>>()?;
+        let files = crate::outputs::RunFiles {
+            inputs,
+            outputs,
+            elsewhere,
+            checkpoints: None,
+        };
+        let files = crate::outputs::prepare_run(&files)?.files;
+        self.open(TraceFiles { files, made })
     }
 
     /// The layer to add to the process's subscriber.
@@ -598,11 +630,19 @@ impl Trace {
         if rec.rank != 0 {
             return Ok(rec.path());
         }
+        let merged = self
+            .files
+            .files
+            .iter()
+            .find(|f| f.path == rec.target)
+            .ok_or(TraceError::NotPrepared {
+                path: rec.target.clone(),
+            })?;
         let parts: Vec<PathBuf> = (0..rec.world)
             .map(|r| rank_path(&rec.target, r, rec.world))
             .collect();
         let (found, missing): (Vec<_>, Vec<_>) = parts.into_iter().partition(|p| p.exists());
-        merge(&found, &rec.target)?;
+        merge(&found, &merged.target)?;
         for part in &found {
             std::fs::remove_file(part).map_err(|source| TraceError::Io {
                 what: "remove the merged rank file",
@@ -626,113 +666,9 @@ impl Trace {
 
 impl Drop for Trace {
     fn drop(&mut self) {
-        // Closing twice is a no-op; a failure here can only be reported.
-        if let Err(e) = self.recorder.close() {
-            eprintln!("warning: {e}");
-        }
+        // After `finish` the file is in place and this removes nothing; before, the run failed.
+        self.recorder.discard();
     }
-}
-
-/// One rank file, read line by line: its header's `otherData` and its events.
-fn read_part(
-    path: &Path,
-    mut each: impl FnMut(Value) -> Result<(), TraceError>,
-) -> Result<Map<String, Value>, TraceError> {
-    let bad = |line: usize, message: String| TraceError::Format {
-        path: path.to_path_buf(),
-        line,
-        message,
-    };
-    let file = File::open(path).map_err(|source| TraceError::Io {
-        what: "open",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut lines = BufReader::new(file).lines().enumerate();
-    let mut next = || -> Result<Option<(usize, String)>, TraceError> {
-        match lines.next() {
-            None => Ok(None),
-            Some((i, Ok(line))) => Ok(Some((i + 1, line))),
-            Some((_, Err(source))) => Err(TraceError::Io {
-                what: "read",
-                path: path.to_path_buf(),
-                source,
-            }),
-        }
-    };
-    let (_, header) = next()?.ok_or_else(|| bad(1, "empty".into()))?;
-    let header: Value = serde_json::from_str(&format!("{header}]}}"))
-        .map_err(|e| bad(1, format!("not a strata trace header: {e}")))?;
-    let other = header
-        .get("otherData")
-        .and_then(Value::as_object)
-        .cloned()
-        .ok_or_else(|| bad(1, "no otherData".into()))?;
-    while let Some((n, line)) = next()? {
-        if line == "]}" {
-            return Ok(other);
-        }
-        let event = line.strip_suffix(',').unwrap_or(&line);
-        each(serde_json::from_str(event).map_err(|e| bad(n, e.to_string()))?)?;
-    }
-    Err(bad(
-        0,
-        "ends before its closing `]}` (the rank did not finish)".into(),
-    ))
-}
-
-/// Writes one trace at `target` holding the events of every file in `parts`, their times moved
-/// onto the earliest file's origin.
-fn merge(parts: &[PathBuf], target: &Path) -> Result<(), TraceError> {
-    let origin_of =
-        |other: &Map<String, Value>| other.get("strata_origin_ns").and_then(Value::as_u64);
-    let mut origins = Vec::with_capacity(parts.len());
-    for part in parts {
-        // Only the header line is read here.
-        let file = File::open(part).map_err(|source| TraceError::Io {
-            what: "open",
-            path: part.clone(),
-            source,
-        })?;
-        let mut header = String::new();
-        BufReader::new(file)
-            .read_line(&mut header)
-            .map_err(|source| TraceError::Io {
-                what: "read",
-                path: part.clone(),
-                source,
-            })?;
-        let other = serde_json::from_str::<Value>(&format!("{}]}}", header.trim_end()))
-            .ok()
-            .and_then(|h| h.get("otherData").and_then(Value::as_object).cloned());
-        let origin = other
-            .as_ref()
-            .and_then(origin_of)
-            .ok_or_else(|| TraceError::Format {
-                path: part.clone(),
-                line: 1,
-                message: "no strata_origin_ns in its header".into(),
-            })?;
-        origins.push(origin);
-    }
-    let base = origins.iter().copied().min().unwrap_or(0);
-    let world = parts.len();
-    let mut sink = Sink::create(
-        target,
-        json!({"strata_world_size": world, "strata_clock": "CLOCK_MONOTONIC", "strata_origin_ns": base}),
-        EVENTS_MAX * world as u64,
-    )?;
-    for (part, origin) in parts.iter().zip(origins) {
-        let shift_us = (origin - base) as f64 / 1e3;
-        read_part(part, |mut event| {
-            if let Some(ts) = event.get("ts").and_then(Value::as_f64) {
-                event["ts"] = json!(ts + shift_us);
-            }
-            sink.push(&event);
-            Ok(())
-        })?;
-    }
-    sink.close()
 }
 
 /// One training step through [`Engine::train_step`]; while a trace is recorded on CUDA, through

@@ -7,7 +7,7 @@
 
 use crate::config::Config;
 use crate::data::{DataError, Loader};
-use crate::engine::{Engine, EngineError, StepStats};
+use crate::engine::{checkpoint, Engine, EngineError, StepStats};
 use crate::model::Batch;
 use crate::tensorboard::{EventWriter, TensorBoardError};
 use crate::trace::{Trace, TraceError};
@@ -33,9 +33,12 @@ pub enum TrainError {
     TensorBoard(#[from] TensorBoardError),
     #[error(transparent)]
     Trace(#[from] TraceError),
-    #[error("stopped by a signal after step {step}; {saved}")]
-    Interrupted { step: usize, saved: String },
 }
+
+mod summary;
+
+use summary::summarize;
+pub use summary::{Stopped, Summary};
 
 impl From<crate::outputs::OutputError> for TrainError {
     fn from(e: crate::outputs::OutputError) -> Self {
@@ -58,50 +61,6 @@ fn describe_export(
             "exporting the weights to {} failed too: {e}",
             target.display()
         ),
-    }
-}
-
-/// What a run did, printed at its end.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Summary {
-    pub steps: usize,
-    pub params: usize,
-    pub first_loss: f32,
-    /// Mean loss of the last (up to) 10 steps.
-    pub final_loss: f32,
-    /// The last validation loss (after the last step), when `data.val` is set.
-    pub val_loss: Option<f32>,
-    pub tokens: usize,
-    pub seconds: f64,
-    /// Mean over steps after the first (which includes warm-up effects).
-    pub tokens_per_s: f64,
-    pub tflops: f64,
-    /// The data-parallel rank that wrote this summary (only rank 0 prints it).
-    pub rank: usize,
-}
-
-impl std::fmt::Display for Summary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.steps == 0 {
-            return write!(
-                f,
-                "done: 0 steps, {} params: the run was already at train.steps",
-                self.params
-            );
-        }
-        write!(
-            f,
-            "done: {} steps, {} params, loss {:.4} -> {:.4} (mean of last 10), ",
-            self.steps, self.params, self.first_loss, self.final_loss
-        )?;
-        if let Some(v) = self.val_loss {
-            write!(f, "val loss {v:.4}, ")?;
-        }
-        write!(
-            f,
-            "{} tokens in {:.1}s, {:.0} tokens/s, {:.3} TFLOP/s",
-            self.tokens, self.seconds, self.tokens_per_s, self.tflops
-        )
     }
 }
 
@@ -248,20 +207,6 @@ impl Reporter {
     fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
-        }
-    }
-}
-
-/// Removes all but the newest `keep` checkpoints under `root` (0 keeps all); a failure is a
-/// warning (the run's own checkpoint is written).
-fn prune_checkpoints(root: &std::path::Path, keep: usize) {
-    if keep == 0 {
-        return;
-    }
-    let all = crate::engine::checkpoint::list(root);
-    for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
-        if let Err(e) = std::fs::remove_dir_all(old) {
-            tracing::warn!("cannot remove the old checkpoint {}: {e}", old.display());
         }
     }
 }
@@ -456,10 +401,28 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
 
 /// [`run`], recording a timeline into `trace` (`strata train --trace FILE`), which it finishes at
 /// the end (with several ranks, rank 0 merges their files).
-pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, TrainError> {
-    // Before anything heavy: outputs resolved, checked against the inputs and for space, and
-    // locked; the data opened and checked.
-    let outputs = crate::outputs::TrainOutputs::prepare(&config)?;
+pub fn run_traced(config: Config, mut trace: Option<Trace>) -> Result<Summary, TrainError> {
+    // What killed strata processes left in $TMPDIR (swap files, launcher files) goes first.
+    for swept in strata_collectives::scratch::sweep_all() {
+        tracing::info!(
+            "removed {} ({}): its strata process is gone",
+            swept.path.display(),
+            crate::engine::human_bytes(swept.bytes as usize)
+        );
+    }
+    // Before anything heavy: the checkpoint to resume found; outputs (the trace's too) resolved,
+    // checked against the inputs and for space, and locked; the data opened and checked.
+    let resume = config
+        .train
+        .resume
+        .as_ref()
+        .map(|which| checkpoint::resolve(which, config.train.checkpoint_dir.as_deref()))
+        .transpose()?;
+    let mut outputs =
+        crate::outputs::TrainOutputs::prepare(&config, resume.as_deref(), trace.as_ref())?;
+    if let Some(trace) = trace.as_mut() {
+        trace.open(outputs.take_trace())?;
+    }
     let loader = Loader::from_config(&config)?;
     let mut engine =
         tracing::trace_span!("engine init").in_scope(|| Engine::from_config(config.clone()))?;
@@ -469,8 +432,6 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
     let d = &config.data;
     let mut loader = loader.shard(rank, world);
     let mut validation = Validation::new(&config, &engine)?;
-    // Rank 0's outputs only (TrainOutputs is empty elsewhere).
-    let mut metrics = outputs.metrics_file()?;
     let mut tensorboard = match (&config.train.tensorboard_dir, lead) {
         (Some(dir), true) => Some(EventWriter::create(dir)?),
         _ => None,
@@ -504,15 +465,26 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
     }
     let steps = config.train.steps;
     let (log_every, eval_every) = (config.train.log_every, config.train.eval_every);
-    // Micro-batches all ranks have read; a resumed run continues from the checkpoint's.
+    // Micro-batches all ranks have read; a resumed run continues at the checkpoint's row, which
+    // is a whole micro-batch of this run's (its global batch is the checkpoint's).
     let per_step = (d.grad_accum_steps * world) as u64;
+    let rows_per_micro_batch = d.micro_batch_size as u64;
     let mut consumed = 0u64;
     let mut first_step = 1;
-    if let Some(which) = &config.train.resume {
-        let dir =
-            crate::engine::checkpoint::resolve(which, config.train.checkpoint_dir.as_deref())?;
-        let manifest = engine.load_checkpoint(&dir)?;
-        consumed = manifest.micro_batches;
+    if let Some(dir) = &resume {
+        let manifest = engine.load_checkpoint(dir)?;
+        // strata train saves after whole steps: the position is a whole number of them.
+        if Some(manifest.rows) != (manifest.step as u64).checked_mul(manifest.global_batch_rows) {
+            return Err(EngineError::Checkpoint(format!(
+                "{}: its data position, {} rows, is not {} steps of {} rows (edited or damaged)",
+                dir.join("manifest.json").display(),
+                manifest.rows,
+                manifest.step,
+                manifest.global_batch_rows
+            ))
+            .into());
+        }
+        consumed = manifest.rows / rows_per_micro_batch;
         loader.seek(consumed + rank as u64);
         first_step = manifest.step + 1;
         if lead {
@@ -526,6 +498,8 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
             );
         }
     }
+    // Rank 0's metrics only (TrainOutputs has none elsewhere); a resumed run continues the file.
+    let mut metrics = outputs.metrics_file(resume.is_some().then(|| first_step - 1))?;
     let checkpoints = config.train.checkpoint_dir.clone();
     if checkpoints.is_some() {
         // A signal now saves a checkpoint and ends the run (a second one ends it at once).
@@ -536,14 +510,15 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
             return Ok(None);
         };
         let dir = tracing::trace_span!("checkpoint")
-            .in_scope(|| engine.save_checkpoint(root, consumed))?;
+            .in_scope(|| engine.save_checkpoint(root, consumed * rows_per_micro_batch))?;
         if lead {
             tracing::info!("checkpoint written to {}", dir.display());
-            prune_checkpoints(root, config.train.keep_last);
+            checkpoint::prune(root, config.train.keep_last);
         }
         Ok(Some(dir))
     };
     let mut saved_at = None;
+    let mut stopped = None;
     let mut batches: Vec<_> = (0..d.grad_accum_steps)
         .map(|_| engine.new_batch())
         .collect();
@@ -610,40 +585,49 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
             saved_at = Some(step);
         }
         // Rank 0 alone writes metrics, and each rank sees its own signals: every rank learns
-        // whether any must stop, and all stop together.
-        let signalled = crate::outputs::cleanup::stop_requested();
+        // whether any must stop (a failed metrics write, SIGINT, SIGTERM), and all stop together.
+        let signal = crate::outputs::cleanup::stop_signal();
         let mut stop = [
-            f32::from(u8::from(metrics_failure.is_some())) + 2.0 * f32::from(u8::from(signalled))
-        ];
+            metrics_failure.is_some(),
+            signal == Some(libc::SIGINT),
+            signal == Some(libc::SIGTERM),
+        ]
+        .map(|b| f32::from(u8::from(b)));
         if world > 1 {
             engine
                 .communicator()
                 .all_reduce(&mut stop)
                 .map_err(EngineError::from)?;
         }
-        if stop[0] >= 2.0 && metrics_failure.is_none() {
-            let saved = match save(&engine, consumed)? {
-                Some(dir) => format!(
-                    "checkpoint written to {} (resume with --resume latest)",
-                    dir.display()
-                ),
-                None => "train.checkpoint_dir is not set, so nothing was saved".into(),
-            };
-            return Err(TrainError::Interrupted { step, saved });
-        }
         if stop[0] > 0.0 {
             break;
         }
+        if stop[1] > 0.0 || stop[2] > 0.0 {
+            if let Some(checkpoint) = save(&engine, consumed)? {
+                let signal = if stop[1] > 0.0 {
+                    libc::SIGINT
+                } else {
+                    libc::SIGTERM
+                };
+                stopped = Some(Stopped {
+                    signal,
+                    step,
+                    checkpoint,
+                });
+            }
+            break;
+        }
     }
-    // The final checkpoint (unless the last step was just saved).
-    if history.last().is_some_and(|s| saved_at != Some(s.step + 1)) {
+    // The final checkpoint (unless the last step was just saved, or a signal's save was).
+    if stopped.is_none() && history.last().is_some_and(|s| saved_at != Some(s.step + 1)) {
         save(&engine, consumed)?;
     }
     reporter.finish();
     // Every rank takes part in the export (shards are gathered); rank 0 checked its path and writes.
     let export_path = outputs
         .export_target()
-        .or(config.train.export_to.as_deref());
+        .or(config.train.export_to.as_deref())
+        .filter(|_| stopped.is_none());
     let export = export_path.map(|target| {
         let result = tracing::trace_span!("export").in_scope(|| engine.save_weights(target));
         (target, result)
@@ -676,31 +660,8 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
     }
     let mut summary = summarize(&history, engine.num_params(), rank);
     summary.val_loss = last_val;
+    summary.stopped = stopped;
     Ok(summary)
-}
-
-fn summarize(history: &[StepStats], params: usize, rank: usize) -> Summary {
-    let tail = &history[history.len().saturating_sub(10)..];
-    let timed = if history.len() > 1 {
-        &history[1..]
-    } else {
-        history
-    };
-    let seconds_timed: f64 = timed.iter().map(|s| s.step_ms / 1e3).sum();
-    let tokens_timed: usize = timed.iter().map(|s| s.tokens).sum();
-    let flops_timed: f64 = timed.iter().map(|s| s.tflops * s.step_ms / 1e3).sum();
-    Summary {
-        steps: history.len(),
-        params,
-        first_loss: history.first().map_or(f32::NAN, |s| s.loss),
-        final_loss: tail.iter().map(|s| s.loss).sum::<f32>() / tail.len().max(1) as f32,
-        val_loss: None,
-        tokens: history.iter().map(|s| s.tokens).sum(),
-        seconds: history.iter().map(|s| s.step_ms / 1e3).sum(),
-        tokens_per_s: tokens_timed as f64 / seconds_timed.max(1e-9),
-        tflops: flops_timed / seconds_timed.max(1e-9),
-        rank,
-    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 use crate::model::UnitSpec;
 use half::{bf16, f16};
 use safetensors::{tensor::TensorView, Dtype, SafeTensorError, SafeTensors};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +25,12 @@ pub enum WeightsError {
     Unknown { path: PathBuf, name: String },
     #[error("{path}: tensor `{name}` is missing")]
     Missing { path: PathBuf, name: String },
+    #[error("{path}: tensors `{first}` and `{second}` are one parameter of this model (a name with and without `transformer.`); a file must hold each once")]
+    Duplicate {
+        path: PathBuf,
+        first: String,
+        second: String,
+    },
     #[error("{path}: tensor `{name}` has shape {found:?}, the model expects {expected:?}")]
     Shape {
         path: PathBuf,
@@ -94,12 +100,50 @@ fn header_error(path: &Path, bytes: &[u8], e: SafeTensorError) -> WeightsError {
         SafeTensorError::InvalidOffset(name) => {
             format!("tensor `{name}`: its data offsets do not follow the previous tensor's")
         }
+        SafeTensorError::TensorInvalidInfo | SafeTensorError::ValidationOverflow => {
+            invalid_tensor(bytes).unwrap_or_else(|| format!("{e:?}"))
+        }
         other => format!("{other:?}"),
     };
     WeightsError::Format {
         path: path.into(),
         message: format!("{what} (header length {header_len} bytes, file length {file_len} bytes)"),
     }
+}
+
+/// The first tensor, in the order of its data, whose shape and dtype do not fit its data offsets (what
+/// safetensors reports as `TensorInvalidInfo` or `ValidationOverflow` without a name), in words.
+fn invalid_tensor(bytes: &[u8]) -> Option<String> {
+    let header_len = usize::try_from(u64::from_le_bytes(*bytes.first_chunk::<8>()?)).ok()?;
+    let header = bytes.get(8..8usize.checked_add(header_len)?)?;
+    let entries: HashMap<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let mut tensors: Vec<(String, safetensors::tensor::TensorInfo)> = entries
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .filter_map(|(name, v)| Some((name, serde_json::from_value(v).ok()?)))
+        .collect();
+    tensors.sort_by(|a, b| (a.1.data_offsets, &a.0).cmp(&(b.1.data_offsets, &b.0)));
+    tensors.iter().find_map(|(name, t)| {
+        let (start, end) = t.data_offsets;
+        let need = t
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|n| n.checked_mul(t.dtype.size()));
+        match need {
+            None => Some(format!(
+                "tensor `{name}`: shape {:?} of {:?} has more bytes than can be counted",
+                t.shape, t.dtype
+            )),
+            Some(need) if end.saturating_sub(start) != need => Some(format!(
+                "tensor `{name}`: shape {:?} of {:?} is {need} bytes, but its data offsets [{start}, {end}] hold {}",
+                t.shape,
+                t.dtype,
+                end.saturating_sub(start)
+            )),
+            Some(_) => None,
+        }
+    })
 }
 
 /// The first non-finite value of a tensor, as an error naming it.
@@ -179,9 +223,12 @@ pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<
             wanted.insert(canonical(&t.name), (u, i));
         }
     }
-    let mut seen: HashSet<&str> = HashSet::new();
+    // The file's name of each parameter found. In name order, so an error is the same every run.
+    let mut seen: HashMap<&str, String> = HashMap::new();
     let mut head = None;
-    for (name, view) in st.tensors() {
+    let mut tensors = st.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, view) in tensors {
         if is_buffer(&name) {
             continue;
         }
@@ -198,6 +245,13 @@ pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<
                     path: path.into(),
                     name: name.clone(),
                 })?;
+        if let Some(first) = seen.get(key) {
+            return Err(WeightsError::Duplicate {
+                path: path.into(),
+                first: first.clone(),
+                second: name,
+            });
+        }
         let spec = &units[u].tensors[i];
         let expected: Vec<usize> = if spec.stored_transposed {
             spec.shape.iter().rev().copied().collect()
@@ -220,11 +274,11 @@ pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<
         // The tensor's rows come first in its range; padding rows after them stay zero.
         let start = units[u].ranges()[i].start;
         params[u][start..start + data.len()].copy_from_slice(&data);
-        seen.insert(key);
+        seen.insert(key, name);
     }
     let mut missing: Vec<&str> = wanted
         .keys()
-        .filter(|k| !seen.contains(*k))
+        .filter(|k| !seen.contains_key(*k))
         .copied()
         .collect();
     missing.sort_unstable();

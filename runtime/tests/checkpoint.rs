@@ -137,7 +137,9 @@ fn sigkill_mid_save(world: usize) {
     let mut killed_mid_save = false;
     for _attempt in 0..3 {
         let _ = std::fs::remove_dir_all(&root);
+        // Its own TMPDIR: the swap files of a killed run go with the test's directory.
         let mut child = strata()
+            .env("TMPDIR", dir.path())
             .args(["train", "--steps", "8"])
             .args(&larger)
             .args(checkpoint_args(&root, 1))
@@ -168,8 +170,21 @@ fn sigkill_mid_save(world: usize) {
             }
             std::thread::sleep(Duration::from_micros(200));
         };
+        // At 2 ranks the launcher's children (the ranks) die with it: wait until they have, so
+        // that the resumed run does not find the killed run still holding its checkpoint_dir.
+        let pid = child.id();
+        let ranks =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
         child.kill().expect("SIGKILL");
         child.wait().expect("wait");
+        let started = Instant::now();
+        while ranks
+            .split_whitespace()
+            .any(|r| Path::new(&format!("/proc/{r}")).exists())
+        {
+            assert!(started.elapsed() < Duration::from_secs(60), "ranks live on");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if tmp.is_some_and(|t| t.exists()) {
             killed_mid_save = true;
             break;
@@ -241,12 +256,17 @@ fn sigterm_saves_a_checkpoint_and_stops_then_the_run_resumes_bitwise() {
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().expect("wait");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    // Not an error, but not the end of the run: the exit status of a process SIGTERM ended.
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
     assert!(
-        stderr.contains("stopped by a signal after step")
-            && stderr.contains("checkpoint written to"),
-        "{stderr}"
+        stdout.contains("stopped by SIGTERM after step")
+            && stdout.contains("checkpoint written to"),
+        "{stdout}"
     );
     let done = losses(&metrics).len();
     assert!(done < 30, "{stderr}");
@@ -342,8 +362,21 @@ fn another_model_a_missing_rank_file_or_a_corrupted_shard_is_refused_naming_the_
     ok(&out, "2 ranks");
     let ckpt: PathBuf = root.join("step-00000002");
     let ckpt_s = ckpt.display().to_string();
+    // At one rank, the global batch of 2 ranks × 8 rows is one micro-batch of 16.
     fn resume<'a>(ckpt: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-        [&["train", "--steps", "4", "--resume", ckpt], extra].concat()
+        [
+            &[
+                "train",
+                "--steps",
+                "4",
+                "--set",
+                "data.micro_batch_size=16",
+                "--resume",
+                ckpt,
+            ],
+            extra,
+        ]
+        .concat()
     }
     refused(
         &resume(&ckpt_s, &["--set", "model.n_layer=3"]),
@@ -487,4 +520,394 @@ fn the_export_reads_back_to_the_same_loss() {
         assert_eq!(u.dtype(), safetensors::Dtype::BF16);
         assert_eq!(u.data().len() * 2, t.data().len());
     }
+}
+
+/// The embedded default made small (one block of width 64, sequences of 32), for the tests
+/// below, which run many short trainings.
+const SMALL: [&str; 8] = [
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.n_embd=64",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.seq_len=32",
+];
+
+/// [`train`] of the [`SMALL`] model.
+fn train_small(dir: &Path, name: &str, steps: usize, extra: &[&str]) -> (Output, Vec<f32>) {
+    train(dir, name, steps, &[&SMALL[..], extra].concat())
+}
+
+/// A run's checkpoint directory, the checkpoints in it by name.
+fn saved(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .expect("read")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    names.sort();
+    names
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// `strata ARGS` fails before any step, naming everything in `needles`.
+fn refused_before_step_1(args: &[&str], needles: &[&str]) {
+    let out = strata().args(args).args(SMALL).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}:\n{stderr}");
+    assert!(
+        !stderr.contains("step     "),
+        "a step ran: {args:?}\n{stderr}"
+    );
+    for n in needles {
+        assert!(stderr.contains(n), "{n:?} missing:\n{stderr}");
+    }
+}
+
+/// Every file under `dir`, by path, with its bytes.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read").filter_map(Result::ok) {
+        let p = e.path();
+        if p.is_dir() {
+            files.extend(snapshot(&p));
+        } else {
+            files.push((p.clone(), std::fs::read(&p).expect("read")));
+        }
+    }
+    files.sort();
+    files
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from)
+        .expect("read")
+        .filter_map(Result::ok)
+    {
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+/// Issue 27, item 2: the data position is kept in rows, so any split of the same global batch
+/// (ranks × micro-batch × accumulation) continues on the rows the uninterrupted run reads next.
+#[test]
+fn a_resume_with_another_split_of_the_global_batch_continues_at_the_same_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out, straight) = train_small(dir.path(), "straight", 4, &[]);
+    ok(&out, "straight");
+    let root = dir.path().join("ckpt");
+    let (out, _) = train_small(dir.path(), "first", 2, &refs(&checkpoint_args(&root, 0)));
+    ok(&out, "first");
+    let step2 = root.join("step-00000002").display().to_string();
+    let splits: [(&str, &[&str]); 2] = [
+        (
+            "two ranks of 4",
+            &["--nproc", "2", "--set", "data.micro_batch_size=4"],
+        ),
+        (
+            "one rank of 2 x 4",
+            &[
+                "--set",
+                "data.micro_batch_size=2",
+                "--set",
+                "data.grad_accum_steps=4",
+            ],
+        ),
+    ];
+    for (name, split) in splits {
+        let args = [split, &["--resume", step2.as_str()]].concat();
+        let (out, resumed) = train_small(dir.path(), &name.replace(' ', "-"), 4, &args);
+        ok(&out, name);
+        assert_eq!(resumed.len(), 2, "{name}");
+        for (i, (a, b)) in resumed.iter().zip(&straight[2..]).enumerate() {
+            assert!(
+                ((a - b) / b).abs() <= 1e-5,
+                "{name}, step {}: {a} vs {b}",
+                i + 3
+            );
+        }
+    }
+    refused_before_step_1(
+        &["train", "--steps", "4", "--resume", &step2, "--set", "data.micro_batch_size=4"],
+        &[
+            "saved with a global batch of 8 rows per step (data.micro_batch_size 8 × data.grad_accum_steps 1 × 1 rank)",
+            "this run's is 4 (data.micro_batch_size 4 × data.grad_accum_steps 1 × 1 rank)",
+            "so that their product is 8",
+        ],
+    );
+}
+
+/// Issue 27, item 3: the manifest lists every rank file; another checkpoint's file, an edited
+/// step and a `.tmp` directory are refused naming the file.
+#[test]
+fn rank_files_and_manifests_of_another_checkpoint_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let root = d.join("ckpt");
+    let args = [
+        vec!["--nproc".to_string(), "2".into()],
+        checkpoint_args(&root, 2),
+        set("train.keep_last=0".into()).to_vec(),
+    ]
+    .concat();
+    let (out, _) = train_small(d, "two", 4, &refs(&args));
+    ok(&out, "2 ranks");
+    let (step2, step4) = (root.join("step-00000002"), root.join("step-00000004"));
+    let before = snapshot(&root);
+    // At one rank the global batch of 2 ranks × 8 is one micro-batch of 16.
+    let resume = |ck: &Path, needles: &[&str]| {
+        let ck = ck.display().to_string();
+        refused_before_step_1(
+            &[
+                "train",
+                "--steps",
+                "6",
+                "--set",
+                "data.micro_batch_size=16",
+                "--resume",
+                &ck,
+            ],
+            needles,
+        );
+    };
+    let a = d.join("a/step-00000004");
+    copy_dir(&step4, &a);
+    for name in ["rank1.bin", "rank1.json"] {
+        std::fs::copy(step2.join(name), a.join(name)).expect("copy");
+    }
+    resume(
+        &a,
+        &[
+            &a.join("rank1.json").display().to_string(),
+            "is not the index manifest.json lists for rank 1",
+            "a rank file of another checkpoint",
+        ],
+    );
+    let b = d.join("b/step-00000004");
+    copy_dir(&step4, &b);
+    std::fs::copy(step2.join("rank1.bin"), b.join("rank1.bin")).expect("copy");
+    resume(
+        &b,
+        &[
+            &b.join("rank1.bin").display().to_string(),
+            "checksum mismatch",
+            "another checkpoint's",
+        ],
+    );
+    let edit_step = |at: &Path| {
+        let path = at.join("manifest.json");
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        m["step"] = 3.into();
+        std::fs::write(&path, serde_json::to_vec_pretty(&m).expect("json")).expect("write");
+    };
+    let c = d.join("c/step-00000002");
+    copy_dir(&step2, &c);
+    edit_step(&c);
+    resume(&c, &["says step 3, but its directory is named for step 2"]);
+    let renamed = d.join("c/best");
+    copy_dir(&step2, &renamed);
+    edit_step(&renamed);
+    resume(
+        &renamed,
+        &["says step 3, but rank 0's file was written at step 2"],
+    );
+    let tmp = d.join("d/step-00000004.tmp");
+    copy_dir(&step4, &tmp);
+    resume(&tmp, &["`.tmp` directories are never read"]);
+    assert_eq!(snapshot(&root), before, "a checkpoint changed");
+}
+
+/// Issue 27, item 8: `latest` is the newest save, not the highest step; retention keeps the
+/// newest saves.
+#[test]
+fn latest_is_the_newest_save_and_retention_keeps_the_newest_saves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (out, straight) = train_small(d, "straight", 5, &[]);
+    ok(&out, "straight");
+    let root = d.join("ckpt");
+    let (out, _) = train_small(d, "first", 4, &refs(&checkpoint_args(&root, 2)));
+    ok(&out, "first");
+    assert_eq!(saved(&root), ["step-00000002", "step-00000004"]);
+    // Back to step 2, on to step 3: step 3 is now the newest save, step 2 the oldest.
+    let step2 = root.join("step-00000002").display().to_string();
+    let again = [checkpoint_args(&root, 0), vec!["--resume".into(), step2]].concat();
+    let (out, _) = train_small(d, "again", 3, &refs(&again));
+    ok(&out, "again");
+    assert_eq!(saved(&root), ["step-00000003", "step-00000004"]);
+    let latest = [
+        checkpoint_args(&root, 0),
+        vec!["--resume".into(), "latest".into()],
+    ]
+    .concat();
+    let (out, resumed) = train_small(d, "latest", 5, &refs(&latest));
+    ok(&out, "latest");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("step-00000003 (step 3,"), "{stderr}");
+    assert_eq!(bits(&resumed), bits(&straight[3..]));
+}
+
+/// Issue 27, item 6 and 13: `strata export` writes nothing into a checkpoint, and checks both of
+/// its files before writing either.
+#[test]
+fn export_writes_nothing_into_a_checkpoint_and_checks_both_files_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let root = d.join("ckpt");
+    let args = [
+        checkpoint_args(&root, 2),
+        set("train.keep_last=0".into()).to_vec(),
+    ]
+    .concat();
+    let (out, _) = train_small(d, "run", 4, &refs(&args));
+    ok(&out, "run");
+    let before = snapshot(&root);
+    let root_s = root.display().to_string();
+    let step4 = root.join("step-00000004");
+    let export = |from: &Path, to: &Path| {
+        vec![
+            "export".to_string(),
+            from.display().to_string(),
+            "-o".into(),
+            to.display().to_string(),
+        ]
+    };
+    for (from, to, needle) in [
+        (
+            root.clone(),
+            step4.join("rank0.bin"),
+            "lies inside the input CHECKPOINT",
+        ),
+        (
+            root.clone(),
+            root.join("step-00000002/rank0.bin"),
+            "lies inside the input a checkpoint beside it",
+        ),
+        (
+            step4.clone(),
+            step4.join("new/model.safetensors"),
+            "lies inside the input CHECKPOINT",
+        ),
+    ] {
+        refused(
+            &refs(&export(&from, &to)),
+            &["--output", &to.display().to_string(), needle],
+        );
+    }
+    assert_eq!(snapshot(&root), before, "a checkpoint changed");
+    assert!(!step4.join("new").exists());
+    // config.json is a directory: nothing is written, the directory made for the export is gone.
+    let hf = d.join("hf");
+    std::fs::create_dir_all(hf.join("config.json")).expect("mkdir");
+    refused(
+        &[
+            "export",
+            &root_s,
+            "-o",
+            &hf.join("m.safetensors").display().to_string(),
+        ],
+        &["config.json", "is a directory"],
+    );
+    let made = d.join("new/sub");
+    let out = strata()
+        .args(export(&root, &made.join("m.safetensors")))
+        .args(["--dtype", "bf16"])
+        .output()
+        .expect("export");
+    ok(&out, "export into a new directory");
+    assert!(made.join("config.json").is_file());
+    let names: Vec<String> = std::fs::read_dir(&hf)
+        .expect("read")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["config.json"]);
+}
+
+/// Issue 24, item 6: a resumed run continues its metrics file: the lines up to the checkpoint's
+/// step stay as they were, later ones (of the first run) are dropped, the new ones follow.
+#[test]
+fn a_resumed_run_continues_its_metrics_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let root = d.join("ckpt");
+    let args = [
+        checkpoint_args(&root, 3),
+        set("train.keep_last=0".into()).to_vec(),
+    ]
+    .concat();
+    let (out, first) = train_small(d, "m", 5, &refs(&args));
+    ok(&out, "first");
+    let old = std::fs::read_to_string(d.join("m.jsonl")).expect("metrics");
+    let step3 = root.join("step-00000003").display().to_string();
+    let again = [args.clone(), vec!["--resume".into(), step3]].concat();
+    let (out, all) = train_small(d, "m", 6, &refs(&again));
+    ok(&out, "resumed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("continued after its 3 lines up to step 3 (2 later lines dropped)"),
+        "{stderr}"
+    );
+    let text = std::fs::read_to_string(d.join("m.jsonl")).expect("metrics");
+    let steps: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["step"]
+                .as_u64()
+                .expect("step")
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    let kept: Vec<&str> = old.lines().take(3).collect();
+    assert_eq!(text.lines().take(3).collect::<Vec<_>>(), kept);
+    assert_eq!(bits(&all[3..5]), bits(&first[3..5]));
+}
+
+/// Issue 24, item 6: SIGTERM to a 2-rank run saves and stops it; no rank calls that an error.
+#[test]
+fn a_signal_stop_is_not_an_error_on_any_rank() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("ckpt");
+    let metrics = dir.path().join("stopped.jsonl");
+    let child = strata()
+        .env("TMPDIR", dir.path())
+        .args(["train", "--nproc", "2", "--steps", "100000"])
+        .args(SMALL)
+        .args(checkpoint_args(&root, 0))
+        .args([
+            "--set",
+            &format!("train.metrics_file=\"{}\"", metrics.display()),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    while losses(&metrics).len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(60), "no step 2");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: sending a signal to our own child process (the launcher, which passes it on).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().expect("wait");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
+    assert!(
+        stdout.contains("[rank 0] stopped by SIGTERM after step") && !stdout.contains("[rank 1]"),
+        "{stdout}"
+    );
+    let done = losses(&metrics).len();
+    assert_eq!(saved(&root), [format!("step-{done:08}")]);
 }

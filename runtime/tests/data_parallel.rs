@@ -116,7 +116,9 @@ fn kill_rank_1_during_training(extra: &[&str]) {
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().expect("tempdir");
     let metrics = dir.path().join("metrics.jsonl");
+    // Its own TMPDIR: the swap files of the killed rank go with the test's directory.
     let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .env("TMPDIR", dir.path())
         .args([
             "train",
             "--nproc",

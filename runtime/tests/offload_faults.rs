@@ -295,3 +295,43 @@ fn a_swap_file_truncated_mid_run_stops_the_run_naming_file_and_offset() {
     });
     assert_stopped_naming_file_and_offset(&out, &losses, "truncated");
 }
+
+/// Issue 27: two runs on one nvme_path — the second is refused before step 1, naming the setting
+/// and what to do (not an `aio` key that does not exist).
+#[test]
+fn a_second_run_on_the_same_nvme_path_is_refused_naming_the_setting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let swap = dir.path().join("swap");
+    std::fs::create_dir(&swap).expect("mkdir");
+    let (first_metrics, metrics) = (dir.path().join("first.jsonl"), dir.path().join("m.jsonl"));
+    let mut first = Command::new(strata())
+        .args(command(&swap, &first_metrics, 100_000, &[]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    while std::fs::read_to_string(&first_metrics).map_or(true, |m| m.is_empty()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "step 1 never came"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = Command::new(strata())
+        .args(command(&swap, &metrics, 2, &[]))
+        .output()
+        .expect("run");
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_refused_before_step_1(
+        &out,
+        &metrics,
+        &[
+            "offload_param.nvme_path",
+            "strata-params.rank0.swap",
+            "give each run its own nvme_path directory",
+        ],
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("aio.file_name"));
+}

@@ -294,14 +294,20 @@ fn an_unwritable_trace_path_is_an_error_that_names_it() {
         .expect("run strata");
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // Checked with the run's other outputs, before anything is written.
     assert!(
         stderr.starts_with(&format!(
-            "error: cannot create the directory of trace file {}: ",
-            trace.display()
+            "error: --trace = {}: {} is a regular file; it must be a directory",
+            trace.display(),
+            blocker.display()
         )),
         "{stderr}"
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&blocker).ok().as_deref(),
+        Some("not a directory")
+    );
 }
 
 /// Two ranks of the embedded default (ZeRO-3, parameters and optimizer states on NVMe): every

@@ -1,134 +1,40 @@
 //! Sharded checkpoints. A checkpoint is a directory `step-NNNNNNNN` in which every rank writes
 //! its part of every unit's fp32 master weights and Adam moments (`rank{r}.bin`, with
-//! `rank{r}.json`: its layout, length and crc32c) and rank 0 a manifest (`manifest.json`: format
-//! version, model, world size, stage, units, step, data position, loss scale). It is written into
-//! `step-NNNNNNNN.tmp`, fsynced, then renamed: a crash mid-save leaves the previous checkpoint
+//! `rank{r}.json`: its layout, step, length and crc32c) and rank 0 a manifest (`manifest.json`:
+//! format version, model, world size, stage, units, step, the save's sequence number, the data
+//! position in rows and the global batch, the loss scale, and every rank's index). It is written
+//! into `step-NNNNNNNN.tmp`, fsynced, then renamed: a crash mid-save leaves the previous checkpoint
 //! whole. States stream unit by unit from whatever tier holds them (the device, host memory,
 //! NVMe), so the host never holds more than one unit's shard.
 //!
+//! The manifest ties the checkpoint together: a rank file whose length or crc32c differs from the
+//! manifest's entry (another checkpoint's, or damaged), a rank index that is not the manifest's, a
+//! step that disagrees with the rank files or the directory's name, and a `.tmp` directory are
+//! refused naming the file. `latest` is the save with the highest sequence number (one more than
+//! the highest in the directory when it was written), so after a resume from an earlier step the
+//! new saves are the latest, whatever their step; retention keeps the newest saves.
+//!
 //! Loading at the same world size and stage reads this rank's own file; at another, each unit is
 //! rebuilt from every rank file of the checkpoint (one unit at a time) and cut to the new shard.
+//! Any world size, micro-batch size and accumulation whose global batch (rows per step) is the
+//! checkpoint's continues at its data position; another global batch is refused naming the keys.
+
+mod manifest;
+
+pub use manifest::{
+    dir_name, dirs, latest, list, prune, read_manifest, resolve, Manifest, RankIndex, Saved,
+    UnitEntry, FORMAT, VERSION,
+};
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-
-use serde::{Deserialize, Serialize};
 
 use super::host_tier::OptimStates;
 use super::zero::Home;
 use super::{Engine, EngineError};
 use crate::backend::Queue;
 use crate::config::ModelConfig;
-
-pub const FORMAT: &str = "strata-checkpoint";
-pub const VERSION: u32 = 1;
-
-/// `manifest.json`, written by rank 0.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    pub version: u32,
-    /// Optimizer steps taken.
-    pub step: usize,
-    /// Micro-batches read from the training data by all ranks together.
-    pub micro_batches: u64,
-    pub world_size: usize,
-    pub zero_stage: u8,
-    pub model: ModelConfig,
-    pub units: Vec<UnitEntry>,
-    /// The loss scaler: its scale and steps since the last change.
-    pub loss_scale: f32,
-    pub loss_scale_good_steps: u32,
-}
-
-/// One unit as the checkpoint holds it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct UnitEntry {
-    /// Elements of the unit (its layout, padding rows included).
-    pub numel: usize,
-    /// Elements after padding to world × 64.
-    pub padded: usize,
-    /// Whether each rank holds only its shard (else every rank holds the whole unit; rank 0's
-    /// copy is read).
-    pub sharded: bool,
-}
-
-/// `rank{r}.json`: where each unit's states are in `rank{r}.bin`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RankIndex {
-    pub rank: usize,
-    pub bytes: u64,
-    pub crc32c: u32,
-    /// Per unit: (element offset of the part within the padded unit, elements). The file holds,
-    /// unit after unit, the part's master weights, m, then v (f32, little-endian).
-    pub parts: Vec<(usize, usize)>,
-}
-
-/// A checkpoint's files and the error that names them.
-fn error(path: &Path, message: impl std::fmt::Display) -> EngineError {
-    EngineError::Checkpoint(format!("{}: {message}", path.display()))
-}
-
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), EngineError> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| error(path, e))?;
-    let mut f = std::fs::File::create(path).map_err(|e| error(path, e))?;
-    f.write_all(text.as_bytes()).map_err(|e| error(path, e))?;
-    f.sync_all().map_err(|e| error(path, e))
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, EngineError> {
-    let bytes = crate::inputs::read_bounded(path, 64 << 20, "a checkpoint file")
-        .map_err(|e| EngineError::Checkpoint(e.to_string()))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| error(path, format!("not a valid checkpoint file: {e}")))
-}
-
-fn sync_dir(path: &Path) -> Result<(), EngineError> {
-    std::fs::File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| error(path, e))
-}
-
-/// The name of step `step`'s checkpoint directory.
-pub fn dir_name(step: usize) -> String {
-    format!("step-{step:08}")
-}
-
-/// The complete checkpoints under `root` (a manifest present), oldest first.
-pub fn list(root: &Path) -> Vec<(usize, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return Vec::new();
-    };
-    let mut out: Vec<(usize, PathBuf)> = entries
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let step = name.strip_prefix("step-")?.parse().ok()?;
-            let path = e.path();
-            path.join("manifest.json").is_file().then_some((step, path))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// `latest` (the newest complete checkpoint under `root`) or a checkpoint directory.
-pub fn resolve(which: &str, root: Option<&Path>) -> Result<PathBuf, EngineError> {
-    if which != "latest" {
-        return Ok(PathBuf::from(which));
-    }
-    let root = root.ok_or_else(|| {
-        EngineError::Checkpoint(
-            "--resume latest needs train.checkpoint_dir (where the checkpoints are)".into(),
-        )
-    })?;
-    list(root).pop().map(|(_, p)| p).ok_or_else(|| {
-        error(
-            root,
-            "holds no complete checkpoint (step-NNNNNNNN with a manifest.json) to resume from",
-        )
-    })
-}
+use manifest::{error, next_sequence, read_json, sync_dir, write_json};
 
 /// f32 slice as little-endian bytes.
 fn le_bytes(values: &[f32]) -> &[u8] {
@@ -173,9 +79,9 @@ impl Engine {
     }
 
     /// Saves a checkpoint of the current step under `root` (collective: every rank calls it);
-    /// `micro_batches` is how many micro-batches all ranks together have read. Returns the
+    /// `rows` is how many rows of training data all ranks together have read. Returns the
     /// checkpoint's directory.
-    pub fn save_checkpoint(&self, root: &Path, micro_batches: u64) -> Result<PathBuf, EngineError> {
+    pub fn save_checkpoint(&self, root: &Path, rows: u64) -> Result<PathBuf, EngineError> {
         let final_dir = root.join(dir_name(self.step));
         let tmp = root.join(format!("{}.tmp", dir_name(self.step)));
         let rank = self.comm.rank();
@@ -196,7 +102,7 @@ impl Engine {
         self.meet(written.is_ok(), "writing a rank file")?;
         written?;
         let committed = if rank == 0 {
-            self.write_manifest(&tmp, micro_batches).and_then(|()| {
+            self.write_manifest(root, &tmp, rows).and_then(|()| {
                 if final_dir.exists() {
                     std::fs::remove_dir_all(&final_dir).map_err(|e| error(&final_dir, e))?;
                 }
@@ -232,6 +138,7 @@ impl Engine {
         file.sync_all().map_err(|e| error(&path, e))?;
         let index = RankIndex {
             rank,
+            step: self.step,
             bytes,
             crc32c: crc,
             parts,
@@ -239,14 +146,29 @@ impl Engine {
         write_json(&dir.join(format!("rank{rank}.json")), &index)
     }
 
-    fn write_manifest(&self, dir: &Path, micro_batches: u64) -> Result<(), EngineError> {
+    /// Rows of training data per optimizer step: micro-batch × accumulation × ranks.
+    fn global_batch_rows(&self) -> u64 {
+        let d = &self.config.data;
+        (d.micro_batch_size * d.grad_accum_steps * self.comm.world_size()) as u64
+    }
+
+    /// The manifest of the save in `dir` (under `root`), with every rank's index as written there.
+    fn write_manifest(&self, root: &Path, dir: &Path, rows: u64) -> Result<(), EngineError> {
         let (scale, good_steps) = self.scaler.state();
+        let world_size = self.comm.world_size();
+        let ranks = (0..world_size)
+            .map(|r| read_json::<RankIndex>(&dir.join(format!("rank{r}.json"))))
+            .collect::<Result<Vec<_>, _>>()?;
         let manifest = Manifest {
             format: FORMAT.into(),
             version: VERSION,
             step: self.step,
-            micro_batches,
-            world_size: self.comm.world_size(),
+            sequence: next_sequence(root),
+            rows,
+            global_batch_rows: self.global_batch_rows(),
+            micro_batch_size: self.config.data.micro_batch_size,
+            grad_accum_steps: self.config.data.grad_accum_steps,
+            world_size,
             zero_stage: self.config.zero.stage,
             model: ModelConfig {
                 init_from: None,
@@ -263,16 +185,49 @@ impl Engine {
                 .collect(),
             loss_scale: scale,
             loss_scale_good_steps: good_steps,
+            ranks,
         };
         write_json(&dir.join("manifest.json"), &manifest)?;
         sync_dir(dir)
     }
 
+    /// Refuses a checkpoint whose global batch is not this run's: its data position and its
+    /// learning-rate schedule count steps of its own size.
+    fn check_batch(&self, dir: &Path, manifest: &Manifest) -> Result<(), EngineError> {
+        let d = &self.config.data;
+        let world = self.comm.world_size();
+        let now = self.global_batch_rows();
+        if manifest.global_batch_rows != now {
+            return Err(error(
+                dir,
+                format!(
+                    "saved with a global batch of {} rows per step (data.micro_batch_size {} × data.grad_accum_steps {} × {} rank{}), \
+                     this run's is {now} (data.micro_batch_size {} × data.grad_accum_steps {} × {world} rank{}); its data position and \
+                     learning-rate schedule count steps of {} rows: set data.micro_batch_size, data.grad_accum_steps and the number of \
+                     ranks so that their product is {}",
+                    manifest.global_batch_rows,
+                    manifest.micro_batch_size,
+                    manifest.grad_accum_steps,
+                    manifest.world_size,
+                    if manifest.world_size == 1 { "" } else { "s" },
+                    d.micro_batch_size,
+                    d.grad_accum_steps,
+                    if world == 1 { "" } else { "s" },
+                    manifest.global_batch_rows,
+                    manifest.global_batch_rows
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Loads the checkpoint in `dir` into every state class on its tier, the step, the loss
-    /// scale (collective). Returns its manifest (the data position is the caller's).
+    /// scale (collective). Returns its manifest: the data position (`rows`) is the caller's, and
+    /// continues at micro-batch `rows / data.micro_batch_size` of the data's rule.
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<Manifest, EngineError> {
         let manifest = read_manifest(dir)?;
         check_model(dir, &manifest, &self.config.model, &self.states)?;
+        self.check_batch(dir, &manifest)?;
         let reader = CheckpointReader::open(dir, &manifest)?;
         self.dev.synchronize_all()?;
         let dev = std::sync::Arc::clone(&self.dev);
@@ -312,28 +267,6 @@ impl Engine {
             .restore(manifest.loss_scale, manifest.loss_scale_good_steps);
         Ok(manifest)
     }
-}
-
-/// Reads and checks `dir/manifest.json`.
-pub fn read_manifest(dir: &Path) -> Result<Manifest, EngineError> {
-    let path = dir.join("manifest.json");
-    if !path.is_file() {
-        return Err(error(
-            dir,
-            "is not a checkpoint (no manifest.json): an interrupted save, or another directory",
-        ));
-    }
-    let manifest: Manifest = read_json(&path)?;
-    if manifest.format != FORMAT || manifest.version != VERSION {
-        return Err(error(
-            &path,
-            format!(
-                "format {} version {}; this strata reads {FORMAT} version {VERSION}",
-                manifest.format, manifest.version
-            ),
-        ));
-    }
-    Ok(manifest)
 }
 
 /// The checkpoint's model must be this model: the same shape keys and units.
@@ -383,11 +316,12 @@ pub struct CheckpointReader {
 }
 
 impl CheckpointReader {
-    /// Opens every rank file's index and checks each file's length and crc32c.
+    /// Checks every rank file against the manifest — its index the manifest's entry, its length
+    /// and crc32c those the entry gives — and opens the checkpoint.
     pub fn open(dir: &Path, manifest: &Manifest) -> Result<CheckpointReader, EngineError> {
         let mut indexes = Vec::with_capacity(manifest.world_size);
         let mut offsets = Vec::with_capacity(manifest.world_size);
-        for r in 0..manifest.world_size {
+        for (r, listed) in manifest.ranks.iter().enumerate() {
             let index_path = dir.join(format!("rank{r}.json"));
             if !index_path.is_file() {
                 return Err(error(
@@ -399,6 +333,16 @@ impl CheckpointReader {
                 ));
             }
             let index: RankIndex = read_json(&index_path)?;
+            if index != *listed {
+                return Err(error(
+                    &index_path,
+                    format!(
+                        "is not the index manifest.json lists for rank {r} (step {} and crc32c {:#010x} there, step {} and crc32c {:#010x} here): \
+                         a rank file of another checkpoint",
+                        listed.step, listed.crc32c, index.step, index.crc32c
+                    ),
+                ));
+            }
             if index.parts.len() != manifest.units.len() {
                 return Err(error(
                     &index_path,
@@ -411,7 +355,7 @@ impl CheckpointReader {
                 return Err(error(
                     &path,
                     format!(
-                        "is {bytes} bytes, {} were written (truncated or replaced)",
+                        "is {bytes} bytes, manifest.json lists {} (truncated, or replaced by another checkpoint's)",
                         index.bytes
                     ),
                 ));
@@ -419,7 +363,7 @@ impl CheckpointReader {
             if crc != index.crc32c {
                 return Err(error(
                     &path,
-                    format!("checksum mismatch: crc32c {crc:#010x}, {:#010x} was written (the file is corrupted)", index.crc32c),
+                    format!("checksum mismatch: crc32c {crc:#010x}, manifest.json lists {:#010x} (the file is corrupted, or another checkpoint's)", index.crc32c),
                 ));
             }
             let mut at = 0u64;

@@ -21,7 +21,8 @@ pub enum EngineError {
     Collective(#[from] CommError),
     #[error(transparent)]
     Weights(#[from] WeightsError),
-    #[error("step {step}: {what} is not finite ({value}); the update was skipped and the weights are unchanged")]
+    /// `step`: the steps taken before (the message counts from 1, as the log does).
+    #[error("step {}: {what} is not finite ({value}); the update was skipped and the weights are unchanged", .step + 1)]
     NonFinite {
         step: usize,
         what: &'static str,

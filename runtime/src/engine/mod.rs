@@ -174,7 +174,7 @@ impl Engine {
             .then(TempSwapDir::create)
             .transpose()?;
         let config = match &swap_dir {
-            Some(dir) => config.with_temp_nvme_path(&dir.path),
+            Some(dir) => config.with_temp_nvme_path(dir.dir.path()),
             None => config,
         };
         let laid = lay_out(&config, model.as_ref(), world, rank, precision)?;
@@ -409,43 +409,36 @@ fn does_not_fit(e: DeviceError, ledger: &[(&'static str, usize)], config: &Confi
     ))
 }
 
-/// A fresh directory under `$TMPDIR` for swap files, removed (with anything left in it) on drop.
+/// A fresh directory under `$TMPDIR` for swap files, removed (with anything left in it) on drop;
+/// if the process is killed, a later run's sweep removes it (`strata_collectives::scratch`).
 struct TempSwapDir {
-    path: std::path::PathBuf,
-    _on_signal: crate::outputs::cleanup::Registration,
+    dir: strata_collectives::scratch::ScratchDir,
+    /// Its owner file and itself (emptied of the registered swap files), removed on a signal.
+    _on_signal: [crate::outputs::cleanup::Registration; 2],
 }
 
 impl TempSwapDir {
     fn create() -> Result<TempSwapDir, EngineError> {
-        let base = std::env::temp_dir();
-        let path = base.join(format!(
-            "strata-swap-{}-{:x}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos())
-        ));
-        std::fs::create_dir(&path).map_err(|e| EngineError::Setting {
-            key: "offload_param.nvme_path",
-            message: format!(
-                "\"{}\": cannot create {}: {e}",
-                config::TEMP_NVME_PATH,
-                path.display()
-            ),
+        let prefix = strata_collectives::scratch::SWAP_PREFIX;
+        let dir = strata_collectives::scratch::ScratchDir::create(prefix).map_err(|e| {
+            EngineError::Setting {
+                key: "offload_param.nvme_path",
+                message: format!(
+                    "\"{}\": cannot create a directory under {}: {e}",
+                    config::TEMP_NVME_PATH,
+                    std::env::temp_dir().display()
+                ),
+            }
         })?;
         crate::outputs::cleanup::install();
+        let owner = dir.path().join(strata_collectives::scratch::OWNER_FILE);
         Ok(TempSwapDir {
-            _on_signal: crate::outputs::cleanup::register(&path),
-            path,
+            _on_signal: [
+                crate::outputs::cleanup::register(&owner),
+                crate::outputs::cleanup::register(dir.path()),
+            ],
+            dir,
         })
-    }
-}
-
-impl Drop for TempSwapDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.path) {
-            tracing::warn!("cannot remove {}: {e}", self.path.display());
-        }
     }
 }
 

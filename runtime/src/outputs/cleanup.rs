@@ -11,7 +11,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
 use std::sync::Once;
 
 /// Paths registered at once at most; a path beyond is simply not cleaned up on a signal.
@@ -61,28 +61,30 @@ pub fn register(path: &Path) -> Registration {
     Registration(None)
 }
 
-/// Set when a signal asked a run that saves checkpoints to stop (see [`stop_gracefully`]).
-static STOP: AtomicBool = AtomicBool::new(false);
+/// The signal that asked a run that saves checkpoints to stop (see [`stop_gracefully`]); 0: none.
+static STOP: AtomicI32 = AtomicI32::new(0);
 /// Whether the first SIGINT/SIGTERM only asks the run to stop.
 static GRACEFUL: AtomicBool = AtomicBool::new(false);
 
-/// From now on the first SIGINT or SIGTERM only sets [`stop_requested`] (the run saves a
+/// From now on the first SIGINT or SIGTERM only sets [`stop_signal`] (the run saves a
 /// checkpoint and ends); a second one ends the process at once, as before.
 pub fn stop_gracefully() {
     install();
     GRACEFUL.store(true, Ordering::SeqCst);
 }
 
-/// Whether a signal asked the run to stop.
-pub fn stop_requested() -> bool {
-    STOP.load(Ordering::SeqCst)
+/// The signal (SIGINT or SIGTERM) that asked the run to stop, if one did.
+pub fn stop_signal() -> Option<i32> {
+    Some(STOP.load(Ordering::SeqCst)).filter(|&s| s != 0)
 }
 
 extern "C" fn on_signal(signal: libc::c_int) {
     // Atomics are async-signal-safe.
     if signal != libc::SIGHUP
         && GRACEFUL.load(Ordering::SeqCst)
-        && !STOP.swap(true, Ordering::SeqCst)
+        && STOP
+            .compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     {
         return;
     }

@@ -3,16 +3,19 @@
 //!
 //! A run that fails before its first line leaves the previous file whole. A failed write (a full disk) cuts
 //! the file back to its last whole line, so the file never ends in half a record.
+//!
+//! A resumed run continues the file ([`LineFile::continuing`]): the temporary file starts with the old
+//! file's lines up to the checkpoint's step, so that at the first new line the file is the whole run.
 
 use super::{AtomicFile, OutputError};
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug)]
 enum State {
-    /// No line yet: the target is untouched.
-    Pending(AtomicFile),
+    /// No new line yet: the target is untouched; the temporary file holds `kept_bytes` of earlier lines.
+    Pending(AtomicFile, u64),
     /// Renamed into place; `whole_bytes` is the length up to the last whole line.
     Live { file: File, whole_bytes: u64 },
     /// A write failed; nothing more is written.
@@ -35,8 +38,61 @@ impl LineFile {
         Ok(LineFile {
             key: key.into(),
             target: atomic.target().to_path_buf(),
-            state: State::Pending(atomic),
+            state: State::Pending(atomic, 0),
         })
+    }
+
+    /// Starts a stream that continues the file at `path`: its lines whose JSON `"step"` is at most
+    /// `last_step` are kept (in order), the others dropped, and the file is replaced with them and the
+    /// new lines at the first new line. Returns the stream and the lines kept and dropped.
+    pub fn continuing(
+        key: &str,
+        path: &Path,
+        last_step: usize,
+    ) -> Result<(LineFile, usize, usize), OutputError> {
+        let mut atomic = AtomicFile::create(path)?;
+        let old = match File::open(atomic.target()) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(error) => {
+                return Err(OutputError::Io {
+                    key: key.into(),
+                    path: path.into(),
+                    what: "cannot read the lines to continue".into(),
+                    error,
+                })
+            }
+        };
+        let (mut kept, mut dropped, mut kept_bytes) = (0, 0, 0u64);
+        let read_error = |error| OutputError::Io {
+            key: key.into(),
+            path: path.into(),
+            what: "cannot read the lines to continue".into(),
+            error,
+        };
+        for line in old.map(|f| BufReader::new(f).lines()).into_iter().flatten() {
+            let line = line.map_err(read_error)?;
+            let step = serde_json::from_str::<serde_json::Value>(&line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
+            if step.is_some_and(|s| s <= last_step as u64) {
+                let written = atomic
+                    .file()
+                    .write_all(line.as_bytes())
+                    .and_then(|()| atomic.file().write_all(b"\n"));
+                written.map_err(|e| atomic.error("copying the earlier lines", e))?;
+                kept += 1;
+                kept_bytes += line.len() as u64 + 1;
+            } else {
+                dropped += 1;
+            }
+        }
+        let lines = LineFile {
+            key: key.into(),
+            target: atomic.target().to_path_buf(),
+            state: State::Pending(atomic, kept_bytes),
+        };
+        Ok((lines, kept, dropped))
     }
 
     /// The file the lines go to.
@@ -50,7 +106,7 @@ impl LineFile {
         bytes.extend_from_slice(line.as_bytes());
         bytes.push(b'\n');
         match std::mem::replace(&mut self.state, State::Failed) {
-            State::Pending(mut atomic) => {
+            State::Pending(mut atomic, kept_bytes) => {
                 let written = atomic.file().write_all(&bytes);
                 if let Err(e) = written {
                     return Err(atomic.error("writing the first line", e));
@@ -58,7 +114,7 @@ impl LineFile {
                 let file = atomic.commit()?;
                 self.state = State::Live {
                     file,
-                    whole_bytes: bytes.len() as u64,
+                    whole_bytes: kept_bytes + bytes.len() as u64,
                 };
                 Ok(())
             }

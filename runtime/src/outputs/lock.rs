@@ -65,7 +65,12 @@ impl OutputLock {
     /// Takes the lock of the output `target` (named `key` = `path` in errors), or fails at once naming the
     /// process that holds it.
     pub fn acquire(key: &str, path: &Path, target: &Path) -> Result<OutputLock, OutputError> {
-        let lock = lock_path(target);
+        OutputLock::acquire_file(key, path, &lock_path(target))
+    }
+
+    /// Takes the lock file `lock` for the output `key` = `path` (a directory's lock file is inside it).
+    pub fn acquire_file(key: &str, path: &Path, lock: &Path) -> Result<OutputLock, OutputError> {
+        let lock = lock.to_path_buf();
         let io = |what: String| {
             let lock = lock.clone();
             move |error| OutputError::Io {

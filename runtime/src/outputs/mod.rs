@@ -10,22 +10,29 @@
 //! - takes each output's lock ([`OutputLock`]): a second run on the same path fails at once, naming the
 //!   process that holds it. Creating the lock file also proves the directory writable.
 //!
-//! Files are then written with [`AtomicFile`] (whole files, such as exported weights) or [`LineFile`]
-//! (the metrics stream). Library code that writes outputs later (checkpoints, traces, swap files) should
-//! go through [`prepare`] at start-up and [`AtomicFile`] when writing.
+//! An input may be a directory (a checkpoint being resumed or exported): no output may lie inside it.
+//! A run's files are prepared together ([`prepare_run`]): the outputs this process writes, the files other
+//! ranks of the run write (kept apart from these, neither counted nor locked here), and a directory of
+//! checkpoints ([`ReadyDir`]: made if absent, locked for the run, no other output inside its checkpoints).
+//!
+//! Files are then written with [`AtomicFile`] (whole files: exported weights, the trace) or [`LineFile`]
+//! (the metrics stream). Library code that writes outputs later should go through [`prepare`] at start-up
+//! and [`AtomicFile`] when writing.
 
 mod atomic;
 pub mod cleanup;
+mod dir;
 mod lines;
 mod lock;
 mod space;
 mod train;
 
 pub use atomic::{AtomicFile, TEMP_SUFFIX};
+pub use dir::{make_parent, MadeDirs, ReadyDir};
 pub use lines::LineFile;
 pub use lock::{OutputLock, LOCK_SUFFIX};
 pub use space::free_bytes;
-pub use train::TrainOutputs;
+pub use train::{input_files, TraceFiles, TrainOutputs};
 
 use crate::inputs::kind_of;
 use std::os::unix::fs::MetadataExt;
@@ -70,6 +77,28 @@ pub enum OutputError {
         input_path: PathBuf,
         how: String,
     },
+    #[error("{key} = {path} lies inside the input {input_key} = {input_path}; strata never writes its inputs: choose another path")]
+    InsideInput {
+        key: String,
+        path: PathBuf,
+        input_key: String,
+        input_path: PathBuf,
+    },
+    /// `what`: " is a regular file", or ": DIR is a regular file" about a directory above `path`.
+    #[error("{key} = {path}{what}; it must be a directory (or absent: it is made)")]
+    NotDirectory {
+        key: String,
+        path: PathBuf,
+        what: String,
+    },
+    #[error("{key} = {path} lies inside the checkpoint {checkpoint} of {dir_key} = {dir}, which saves and retention replace; choose another path")]
+    InCheckpoint {
+        key: String,
+        path: PathBuf,
+        checkpoint: PathBuf,
+        dir_key: String,
+        dir: PathBuf,
+    },
     #[error("{key} = {path} and {other_key} = {other_path} are the same file{how}; give each output its own path")]
     SameOutput {
         key: String,
@@ -104,12 +133,32 @@ pub enum OutputError {
     },
 }
 
-/// A file the run reads: outputs may not alias it.
+/// A file the run reads: outputs may not alias it. A directory (a checkpoint) holds no output.
 #[derive(Clone, Debug)]
 pub struct InputFile {
     /// The config key (`data.train`) or role (`config file`) that names it.
     pub key: String,
     pub path: PathBuf,
+}
+
+/// Every file of a run, for [`prepare_run`].
+#[derive(Clone, Debug, Default)]
+pub struct RunFiles {
+    pub inputs: Vec<InputFile>,
+    /// The files this process writes: checked, counted against the free space, locked.
+    pub outputs: Vec<OutputFile>,
+    /// Files other processes of the run write (the other ranks' trace files): kept apart from the
+    /// outputs where they can be resolved here; neither counted nor locked.
+    pub elsewhere: Vec<OutputFile>,
+    /// The directory of checkpoints this process writes (`size_bytes`: one checkpoint).
+    pub checkpoints: Option<OutputFile>,
+}
+
+/// A run's outputs after checks, with their locks held.
+#[derive(Debug, Default)]
+pub struct ReadyRun {
+    pub files: Vec<ReadyOutput>,
+    pub checkpoints: Option<ReadyDir>,
 }
 
 /// A file the run will write, with the bytes it will need.
@@ -134,11 +183,12 @@ pub struct ReadyOutput {
     _lock: OutputLock,
 }
 
-/// A path with its links resolved, and the inode it names when it exists.
+/// A path with its links resolved, the inode it names when it exists, and whether that is a directory.
 #[derive(Clone, Debug)]
 struct Resolved {
     target: PathBuf,
     inode: Option<(u64, u64)>,
+    is_dir: bool,
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -158,8 +208,12 @@ fn inode(meta: &std::fs::Metadata) -> (u64, u64) {
 /// An input as far as it can be resolved (an input that does not exist fails where it is read).
 fn resolve_input(path: &Path) -> Resolved {
     let target = std::fs::canonicalize(path).unwrap_or_else(|_| absolute(path));
-    let inode = std::fs::metadata(path).ok().map(|m| inode(&m));
-    Resolved { target, inode }
+    let meta = std::fs::metadata(path).ok();
+    Resolved {
+        target,
+        inode: meta.as_ref().map(inode),
+        is_dir: meta.is_some_and(|m| m.is_dir()),
+    }
 }
 
 /// An I/O error about output `key` = `path`, while doing `what`.
@@ -236,7 +290,11 @@ fn resolve_output(key: &str, path: &Path) -> Result<Resolved, OutputError> {
     };
     let dir = target.parent().unwrap_or(Path::new("/"));
     match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => Ok(Resolved { target, inode }),
+        Ok(meta) if meta.is_dir() => Ok(Resolved {
+            target,
+            inode,
+            is_dir: false,
+        }),
         Ok(meta) => Err(OutputError::NotRegular {
             key: key.into(),
             path: dir.into(),
@@ -270,15 +328,22 @@ pub fn prepare(
     inputs: &[InputFile],
     outputs: &[OutputFile],
 ) -> Result<Vec<ReadyOutput>, OutputError> {
-    let inputs: Vec<(&InputFile, Resolved)> =
-        inputs.iter().map(|i| (i, resolve_input(&i.path))).collect();
-    let mut resolved: Vec<(&OutputFile, Resolved)> = Vec::with_capacity(outputs.len());
-    for out in outputs {
-        let r = resolve_output(&out.key, &out.path)?;
-        if let Some((input, how)) = inputs
-            .iter()
-            .find_map(|(i, ir)| same_file(&r, ir).map(|how| (i, how)))
-        {
+    let files = RunFiles {
+        inputs: inputs.to_vec(),
+        outputs: outputs.to_vec(),
+        ..RunFiles::default()
+    };
+    prepare_run(&files).map(|ready| ready.files)
+}
+
+/// Refuses output `out` (resolved to `r`) when it is an input or lies inside an input directory.
+fn apart_from_inputs(
+    out: &OutputFile,
+    r: &Resolved,
+    inputs: &[(&InputFile, Resolved)],
+) -> Result<(), OutputError> {
+    for (input, ir) in inputs {
+        if let Some(how) = same_file(r, ir) {
             return Err(OutputError::IsInput {
                 key: out.key.clone(),
                 path: out.path.clone(),
@@ -287,9 +352,54 @@ pub fn prepare(
                 how,
             });
         }
+        if ir.is_dir && r.target.starts_with(&ir.target) {
+            return Err(OutputError::InsideInput {
+                key: out.key.clone(),
+                path: out.path.clone(),
+                input_key: input.key.clone(),
+                input_path: input.path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Resolves and checks every output of a run — against the inputs, each other, the files other ranks
+/// write and the directory of checkpoints — then checks the free space, makes the directory of
+/// checkpoints if it is absent, and takes every lock.
+pub fn prepare_run(files: &RunFiles) -> Result<ReadyRun, OutputError> {
+    let inputs: Vec<(&InputFile, Resolved)> = files
+        .inputs
+        .iter()
+        .map(|i| (i, resolve_input(&i.path)))
+        .collect();
+    let checkpoints = match &files.checkpoints {
+        Some(out) => {
+            let d = dir::resolve(&out.key, &out.path)?;
+            let r = Resolved {
+                target: d.target.clone(),
+                inode: None,
+                is_dir: true,
+            };
+            apart_from_inputs(out, &r, &inputs)?;
+            Some((out, d))
+        }
+        None => None,
+    };
+    // (output, resolved, written by this process)
+    let mut resolved: Vec<(&OutputFile, Resolved, bool)> = Vec::new();
+    let here = files.outputs.iter().map(|o| (o, true));
+    for (out, written_here) in here.chain(files.elsewhere.iter().map(|o| (o, false))) {
+        let r = match resolve_output(&out.key, &out.path) {
+            Ok(r) => r,
+            Err(e) if written_here => return Err(e),
+            // Another rank's file that cannot be resolved here is that rank's to check.
+            Err(_) => continue,
+        };
+        apart_from_inputs(out, &r, &inputs)?;
         if let Some((other, how)) = resolved
             .iter()
-            .find_map(|(o, or)| same_file(&r, or).map(|how| (o, how)))
+            .find_map(|(o, or, _)| same_file(&r, or).map(|how| (o, how)))
         {
             return Err(OutputError::SameOutput {
                 key: other.key.clone(),
@@ -299,16 +409,26 @@ pub fn prepare(
                 how,
             });
         }
-        resolved.push((out, r));
+        if let Some((dir_out, d)) = &checkpoints {
+            d.keep_apart(out, &r.target, dir_out)?;
+        }
+        resolved.push((out, r, written_here));
     }
-    let placed: Vec<(&OutputFile, &Path)> = resolved
+    resolved.retain(|(_, _, written_here)| *written_here);
+    let mut placed: Vec<(&OutputFile, &Path)> = resolved
         .iter()
-        .map(|(o, r)| (*o, r.target.parent().unwrap_or(Path::new("/"))))
+        .map(|(o, r, _)| (*o, r.target.parent().unwrap_or(Path::new("/"))))
         .collect();
+    if let Some((out, d)) = &checkpoints {
+        placed.push((out, d.existing.as_path()));
+    }
     space::check(&placed)?;
-    resolved
+    let checkpoints = checkpoints
+        .map(|(out, d)| ReadyDir::make(&out.key, &out.path, d))
+        .transpose()?;
+    let files = resolved
         .into_iter()
-        .map(|(out, r)| {
+        .map(|(out, r, _)| {
             let lock = OutputLock::acquire(&out.key, &out.path, &r.target)?;
             Ok(ReadyOutput {
                 key: out.key.clone(),
@@ -317,7 +437,8 @@ pub fn prepare(
                 _lock: lock,
             })
         })
-        .collect()
+        .collect::<Result<_, OutputError>>()?;
+    Ok(ReadyRun { files, checkpoints })
 }
 
 #[cfg(test)]

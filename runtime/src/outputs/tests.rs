@@ -210,3 +210,145 @@ fn a_line_file_replaces_the_old_file_only_at_its_first_line() {
     );
     assert!(leftovers(dir.path()).is_empty());
 }
+
+fn dir_output(key: &str, path: &Path) -> OutputFile {
+    OutputFile {
+        size_bytes: 10,
+        ..output(key, path)
+    }
+}
+
+#[test]
+fn no_output_lies_inside_an_input_directory_or_another_ranks_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let checkpoint = d.join("ck/step-00000002");
+    std::fs::create_dir_all(&checkpoint).expect("mkdir");
+    std::fs::write(checkpoint.join("rank0.bin"), b"states").expect("write");
+    let inputs = [input("train.resume", &checkpoint)];
+    let e = err(&inputs, &[output("--trace", &checkpoint.join("rank0.bin"))]);
+    assert!(
+        e.contains("lies inside the input train.resume") && e.contains("strata never writes"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(checkpoint.join("rank0.bin")).ok().as_deref(),
+        Some(&b"states"[..])
+    );
+    // Another rank's file is kept apart from this rank's outputs, and neither counted nor locked.
+    let files = RunFiles {
+        outputs: vec![output("train.metrics_file", &d.join("t.rank1.json"))],
+        elsewhere: vec![output("--trace (rank 1's file)", &d.join("t.rank1.json"))],
+        ..RunFiles::default()
+    };
+    let e = prepare_run(&files)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("--trace (rank 1's file)") && e.contains("same file"),
+        "{e}"
+    );
+    let files = RunFiles {
+        outputs: vec![output("--trace", &d.join("t.json"))],
+        elsewhere: vec![
+            output("--trace (rank 1's file)", &d.join("t.rank1.json")),
+            // On another host: not resolvable here, that rank's to check.
+            output("--trace (rank 2's file)", &d.join("no/such/t.rank2.json")),
+        ],
+        ..RunFiles::default()
+    };
+    let ready = prepare_run(&files).expect("prepare");
+    assert_eq!(ready.files.len(), 1);
+    assert_eq!(leftovers(d), [".t.json.strata-lock"]);
+    drop(ready);
+    assert!(leftovers(d).is_empty());
+}
+
+#[test]
+fn a_checkpoint_directory_is_made_locked_kept_apart_and_removed_if_still_empty() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let ck = d.join("runs/a/ck");
+    let files = RunFiles {
+        outputs: vec![output("train.metrics_file", &d.join("m.jsonl"))],
+        checkpoints: Some(dir_output("train.checkpoint_dir", &ck)),
+        ..RunFiles::default()
+    };
+    let ready = prepare_run(&files).expect("prepare");
+    assert!(ck.join(".strata-lock").is_file());
+    let e = prepare_run(&files)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("train.checkpoint_dir")
+            && e.contains(&format!("in use by process {}", std::process::id())),
+        "{e}"
+    );
+    drop(ready);
+    assert!(!d.join("runs").exists(), "made for nothing, removed again");
+    // Inside a checkpoint of the directory: refused; beside them: fine.
+    std::fs::create_dir_all(ck.join("step-00000002")).expect("mkdir");
+    let inside = RunFiles {
+        outputs: vec![output("--trace", &ck.join("step-00000002/rank0.bin"))],
+        checkpoints: Some(dir_output("train.checkpoint_dir", &ck)),
+        ..RunFiles::default()
+    };
+    let e = prepare_run(&inside)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("lies inside the checkpoint") && e.contains("train.checkpoint_dir"),
+        "{e}"
+    );
+    let beside = RunFiles {
+        outputs: vec![output("train.metrics_file", &ck.join("metrics.jsonl"))],
+        ..inside
+    };
+    let ready = prepare_run(&beside).expect("beside the checkpoints");
+    drop(ready);
+    // Not made by this run: stays.
+    assert!(ck.join("step-00000002").is_dir());
+    // A regular file, or a path through one, is no directory.
+    std::fs::write(d.join("afile"), b"x").expect("write");
+    for path in [d.join("afile"), d.join("afile/ck")] {
+        let files = RunFiles {
+            checkpoints: Some(dir_output("train.checkpoint_dir", &path)),
+            ..RunFiles::default()
+        };
+        let e = prepare_run(&files)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("is a regular file; it must be a directory"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_continued_line_file_keeps_the_lines_up_to_the_step_and_replaces_the_file_at_the_first_new_one()
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("metrics.jsonl");
+    let old = "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\nhalf a li";
+    std::fs::write(&path, old).expect("write");
+    let (mut lines, kept, dropped) =
+        LineFile::continuing("train.metrics_file", &path, 2).expect("continue");
+    assert_eq!((kept, dropped), (2, 2));
+    assert_eq!(std::fs::read_to_string(&path).ok().as_deref(), Some(old));
+    lines.write_line("{\"step\":3,\"new\":true}").expect("line");
+    lines.write_line("{\"step\":4}").expect("line");
+    assert_eq!(
+        std::fs::read_to_string(&path).ok().as_deref(),
+        Some("{\"step\":1}\n{\"step\":2}\n{\"step\":3,\"new\":true}\n{\"step\":4}\n")
+    );
+    assert!(leftovers(dir.path()).is_empty());
+    // No file yet: a fresh one.
+    let fresh = dir.path().join("fresh.jsonl");
+    let (_, kept, dropped) = LineFile::continuing("train.metrics_file", &fresh, 2).expect("fresh");
+    assert_eq!((kept, dropped), (0, 0));
+}

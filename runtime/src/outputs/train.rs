@@ -1,6 +1,10 @@
-//! The files `strata train` reads and writes, checked and locked before the engine is built.
+//! The files `strata train` reads and writes, checked and locked before the engine is built: the metrics
+//! file, the exported weights, the directory of checkpoints and the trace (`--trace`), against the config
+//! file, the DeepSpeed JSON, the token file, the initial weights and the checkpoint resumed from.
 
-use super::{InputFile, LineFile, OutputError, OutputFile, ReadyOutput};
+use super::{
+    InputFile, LineFile, MadeDirs, OutputError, OutputFile, ReadyDir, ReadyOutput, RunFiles,
+};
 use crate::config::bounds::gpt2_params;
 use crate::config::Config;
 use std::path::Path;
@@ -10,11 +14,31 @@ pub const METRICS_LINE_BYTES: u64 = 256;
 /// Header bytes of an exported safetensors file per tensor (name, dtype, shape, offsets), generously.
 const EXPORT_HEADER_BYTES_PER_TENSOR: u64 = 256;
 
-/// The checked, locked outputs of one run; empty on ranks other than 0, which write nothing.
+/// Bytes per parameter of a checkpoint: fp32 master weights, Adam m and v.
+const CHECKPOINT_BYTES_PER_PARAM: u64 = 12;
+/// Bytes of a checkpoint's manifest and rank indexes, generously.
+const CHECKPOINT_INDEX_BYTES: u64 = 1 << 20;
+
+const METRICS_KEY: &str = "train.metrics_file";
+const EXPORT_KEY: &str = "train.export_to";
+const CHECKPOINTS_KEY: &str = "train.checkpoint_dir";
+
+/// The checked, locked outputs of one run. Ranks other than 0 write only their own trace file.
 #[derive(Debug, Default)]
 pub struct TrainOutputs {
     metrics: Option<ReadyOutput>,
     export: Option<ReadyOutput>,
+    checkpoints: Option<ReadyDir>,
+    /// This rank's trace files and the directories made for them, until [`TrainOutputs::take_trace`].
+    trace: TraceFiles,
+}
+
+/// A rank's trace files after the run's checks, locked, and the directories made for them (the
+/// trace's directory is made, as it always was); both stay with the trace until it ends.
+#[derive(Debug, Default)]
+pub struct TraceFiles {
+    pub files: Vec<ReadyOutput>,
+    pub made: Vec<MadeDirs>,
 }
 
 /// Whether this process writes the run's outputs: rank 0, or a process started without a launcher.
@@ -22,7 +46,8 @@ pub fn writes_outputs() -> bool {
     strata_collectives::RankInfo::from_env().map_or(true, |info| info.rank == 0)
 }
 
-/// The files a run reads: the config file, the token file, the initial weights.
+/// The files a run reads: the config file, the DeepSpeed JSON, the token file, the initial weights (and,
+/// beside these, the checkpoint resumed from).
 pub fn input_files(config: &Config) -> Vec<InputFile> {
     let mut inputs = Vec::new();
     if let Some(path) = &config.source {
@@ -61,13 +86,35 @@ pub fn export_bytes(config: &Config) -> u64 {
         .saturating_add(8 + tensors * EXPORT_HEADER_BYTES_PER_TENSOR)
 }
 
-/// The files a run writes, with their sizes.
+/// Bytes of one checkpoint of the model: its states, the manifest and the indexes.
+pub fn checkpoint_bytes(config: &Config) -> u64 {
+    let params = u64::try_from(gpt2_params(&config.model)).unwrap_or(u64::MAX);
+    params
+        .saturating_mul(CHECKPOINT_BYTES_PER_PARAM)
+        .saturating_add(CHECKPOINT_INDEX_BYTES)
+}
+
+/// The directory of checkpoints a run writes, with the bytes of one checkpoint.
+fn checkpoint_dir(config: &Config) -> Option<OutputFile> {
+    let path = config.train.checkpoint_dir.as_ref()?;
+    Some(OutputFile {
+        key: CHECKPOINTS_KEY.into(),
+        path: path.clone(),
+        size_bytes: checkpoint_bytes(config),
+        size_detail: format!(
+            "one checkpoint: {} parameters × {CHECKPOINT_BYTES_PER_PARAM} bytes (fp32 weights, Adam m and v)",
+            gpt2_params(&config.model)
+        ),
+    })
+}
+
+/// The files a run's rank 0 writes, with their sizes (the trace's aside).
 pub fn output_files(config: &Config) -> Vec<OutputFile> {
     let mut outputs = Vec::new();
     if let Some(path) = &config.train.metrics_file {
         let steps = config.train.steps as u64;
         outputs.push(OutputFile {
-            key: "train.metrics_file".into(),
+            key: METRICS_KEY.into(),
             path: path.clone(),
             size_bytes: steps.saturating_mul(METRICS_LINE_BYTES),
             size_detail: format!("{steps} steps × {METRICS_LINE_BYTES} bytes per line"),
@@ -75,7 +122,7 @@ pub fn output_files(config: &Config) -> Vec<OutputFile> {
     }
     if let Some(path) = &config.train.export_to {
         outputs.push(OutputFile {
-            key: "train.export_to".into(),
+            key: EXPORT_KEY.into(),
             path: path.clone(),
             size_bytes: export_bytes(config),
             size_detail: format!(
@@ -88,33 +135,92 @@ pub fn output_files(config: &Config) -> Vec<OutputFile> {
 }
 
 impl TrainOutputs {
-    /// On the writing rank: resolves and checks every output against the inputs and each other, checks
-    /// the free space and takes the locks. Elsewhere: nothing.
-    pub fn prepare(config: &Config) -> Result<TrainOutputs, OutputError> {
-        if !writes_outputs() {
-            return Ok(TrainOutputs::default());
-        }
+    /// Resolves and checks every output of this rank against the inputs (with `resume`, the checkpoint
+    /// resumed from), each other and the other ranks' trace files, checks the free space, makes the
+    /// directory of checkpoints and takes the locks. Rank 0 writes the metrics, the export and the
+    /// checkpoints' manifests; every rank its own trace file.
+    pub fn prepare(
+        config: &Config,
+        resume: Option<&Path>,
+        trace: Option<&crate::trace::Trace>,
+    ) -> Result<TrainOutputs, OutputError> {
         super::cleanup::install();
-        let mut outputs = TrainOutputs::default();
-        for ready in super::prepare(&input_files(config), &output_files(config))? {
-            match ready.key.as_str() {
-                "train.metrics_file" => outputs.metrics = Some(ready),
-                _ => outputs.export = Some(ready),
+        let mut files = RunFiles {
+            inputs: input_files(config),
+            ..RunFiles::default()
+        };
+        files.inputs.extend(resume.map(|path| InputFile {
+            key: "train.resume".into(),
+            path: path.into(),
+        }));
+        if writes_outputs() {
+            files.outputs = output_files(config);
+            files.checkpoints = checkpoint_dir(config);
+        }
+        let mut made = Vec::new();
+        if let Some(trace) = trace {
+            let (here, elsewhere) = trace.files();
+            for file in &here {
+                made.push(super::make_parent(&file.key, &file.path, &files.inputs)?);
+            }
+            files.outputs.extend(here);
+            files.elsewhere = elsewhere;
+        }
+        let ready = super::prepare_run(&files)?;
+        let mut outputs = TrainOutputs {
+            checkpoints: ready.checkpoints,
+            trace: TraceFiles {
+                files: Vec::new(),
+                made,
+            },
+            ..TrainOutputs::default()
+        };
+        for file in ready.files {
+            match file.key.as_str() {
+                METRICS_KEY => outputs.metrics = Some(file),
+                EXPORT_KEY => outputs.export = Some(file),
+                _ => outputs.trace.files.push(file),
             }
         }
         Ok(outputs)
     }
 
-    /// The metrics stream, when `train.metrics_file` is set on this rank.
-    pub fn metrics_file(&self) -> Result<Option<LineFile>, OutputError> {
-        self.metrics
-            .as_ref()
-            .map(|m| LineFile::create(&m.key, &m.target))
-            .transpose()
+    /// The metrics stream, when `train.metrics_file` is set on this rank; a resumed run continues the
+    /// file after its lines up to step `resumed_at` (dropping later ones, of a run that went further).
+    pub fn metrics_file(&self, resumed_at: Option<usize>) -> Result<Option<LineFile>, OutputError> {
+        let Some(m) = &self.metrics else {
+            return Ok(None);
+        };
+        let Some(step) = resumed_at else {
+            return LineFile::create(&m.key, &m.target).map(Some);
+        };
+        let (lines, kept, dropped) = LineFile::continuing(&m.key, &m.target, step)?;
+        if kept + dropped > 0 {
+            tracing::info!(
+                "{} = {}: continued after its {kept} lines up to step {step}{}",
+                m.key,
+                m.path.display(),
+                match dropped {
+                    0 => String::new(),
+                    n => format!(" ({n} later line{} dropped)", if n == 1 { "" } else { "s" }),
+                }
+            );
+        }
+        Ok(Some(lines))
     }
 
     /// Where the final weights go, when `train.export_to` is set on this rank.
     pub fn export_target(&self) -> Option<&Path> {
         self.export.as_ref().map(|e| e.target.as_path())
+    }
+
+    /// The directory of checkpoints, made and locked, when `train.checkpoint_dir` is set on this rank.
+    pub fn checkpoint_dir(&self) -> Option<&Path> {
+        self.checkpoints.as_ref().map(|d| d.target.as_path())
+    }
+
+    /// This rank's trace files, checked and locked, for [`crate::trace::Trace::open`].
+    pub fn take_trace(&mut self) -> TraceFiles {
+        std::mem::take(&mut self.trace)
     }
 }

@@ -1,4 +1,6 @@
 use super::*;
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
 use std::time::Duration;
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -52,7 +54,7 @@ fn rank_files_insert_the_rank_before_the_extension() {
 #[test]
 fn spans_become_slices_on_their_threads_tracks() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("nested/dir/trace.json");
+    let path = dir.path().join("trace.json");
     let recorder = Arc::new(Recorder::create(&path, 0, 1).expect("recorder"));
     let subscriber = tracing_subscriber::registry()
         .with(TraceLayer::new(Arc::clone(&recorder)).with_filter(TraceFilter));
@@ -226,19 +228,71 @@ fn an_unfinished_rank_file_is_refused_with_its_name() {
     let part = dir.path().join("trace.rank1.json");
     let recorder = Recorder::create(&dir.path().join("trace.json"), 1, 2).expect("recorder");
     recorder.slice("x", "job", Instant::now(), Instant::now(), Map::new());
-    // Flushed but not closed: no footer, as after a crash.
-    recorder
-        .lock()
-        .out
-        .as_mut()
-        .expect("open")
-        .flush()
-        .expect("flush");
+    // Flushed but not closed: no footer, as after a crash (a copy of the temporary file in its
+    // place).
+    {
+        let mut guard = recorder.lock();
+        let sink = guard.as_mut().expect("open");
+        sink.out.as_mut().expect("open").flush().expect("flush");
+        std::fs::copy(sink.file.as_ref().expect("open").temp(), &part).expect("copy");
+    }
     let err = merge(std::slice::from_ref(&part), &dir.path().join("merged.json"))
         .expect_err("unfinished")
         .to_string();
     assert!(
         err.contains("trace.rank1.json") && err.contains("did not finish"),
         "{err}"
+    );
+}
+
+/// The names in `dir`.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn nothing_is_written_before_open_and_the_file_is_replaced_only_at_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("trace.json");
+    std::fs::write(&path, "old").expect("write");
+    let recorder = Recorder::new(&path, 0, 1).expect("recorder");
+    let now = Instant::now();
+    recorder.slice("before", "job", now, now, Map::new());
+    assert_eq!(names(dir.path()), ["trace.json"]);
+    recorder.open(&path).expect("open");
+    recorder.slice("after", "job", now, now, Map::new());
+    assert_eq!(std::fs::read_to_string(&path).ok().as_deref(), Some("old"));
+    recorder.close().expect("close");
+    let trace = read_json(&path);
+    assert!(slices(&trace, "before").is_empty());
+    assert_eq!(slices(&trace, "after").len(), 1);
+    assert_eq!(names(dir.path()), ["trace.json"]);
+}
+
+#[test]
+fn a_discarded_trace_leaves_the_old_file_and_no_temporary_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("trace.json");
+    std::fs::write(&path, "old").expect("write");
+    let recorder = Recorder::create(&path, 0, 1).expect("recorder");
+    let now = Instant::now();
+    recorder.slice("x", "job", now, now, Map::new());
+    assert_eq!(names(dir.path()).len(), 2, "the temporary file");
+    recorder.discard();
+    assert_eq!(std::fs::read_to_string(&path).ok().as_deref(), Some("old"));
+    assert_eq!(names(dir.path()), ["trace.json"]);
+    // A recorder never opened has nothing to close.
+    assert_eq!(
+        Recorder::new(&path, 0, 1)
+            .expect("new")
+            .close()
+            .expect("close"),
+        (0, 0)
     );
 }

@@ -290,3 +290,43 @@ pub fn in_small_tmpfs(mount: &Path, size: &str, script: &str, args: &[String]) -
         .args(args);
     c
 }
+
+/// Runs `command` with `dir` as its `TMPDIR`, so whatever it leaves there goes with the test's directory.
+pub fn in_tmpdir(command: &mut Command, dir: &Path) {
+    command.env("TMPDIR", dir);
+}
+
+/// The names in `dir` that start with `prefix`.
+pub fn names_starting(dir: &Path, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    names
+}
+
+/// `safetensors` bytes of `tensors` (name, shape, f32 values), written independently of strata.
+pub fn safetensors_bytes(tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            let bytes: &[u8] = bytemuck::cast_slice(values);
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .expect("view");
+            (name.to_string(), view)
+        })
+        .collect();
+    safetensors::serialize(views, &None).expect("serialize")
+}
+
+/// A safetensors file whose header is `header` (JSON) followed by `data_bytes` zero bytes.
+pub fn safetensors_with_header(header: &str, data_bytes: usize) -> Vec<u8> {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.resize(bytes.len() + data_bytes, 0);
+    bytes
+}
