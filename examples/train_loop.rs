@@ -8,11 +8,14 @@ use strata::data::Loader;
 use strata::Engine;
 
 fn main() -> anyhow::Result<()> {
-    // The config is found relative to this crate, so the example runs from any directory.
+    // The config is found relative to this crate, so the example runs from any directory; arguments
+    // KEY=VALUE override it further (`train_loop data.micro_batch_size=16`).
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tiny.toml");
-    let overrides = ["train.steps=120", "data.val=synthetic"].map(String::from);
+    let mut overrides = vec!["train.steps=120".to_string(), "data.val=synthetic".into()];
+    overrides.extend(std::env::args().skip(1));
     let config = Config::load(Some(path.as_ref()), &overrides)?;
 
+    // This rank's micro-batches: under `strata launch` (torchrun, srun) each rank reads its own.
     let mut loader = Loader::from_config(&config)?;
     let mut val = Loader::val_from_config(&config)?.ok_or(anyhow::anyhow!("no data.val"))?;
     let mut engine = Engine::from_config(config.clone())?;
@@ -25,7 +28,7 @@ fn main() -> anyhow::Result<()> {
         let step = stats.step + 1; // StepStats counts from 0, the CLI's log from 1
         if step % 20 == 0 {
             let (loss, lr) = (stats.loss, stats.lr);
-            println!("step {step:>4} | loss {loss:.4} | lr {lr:.2e}");
+            println!("step {step:>4} | loss {loss:.6} | lr {lr:.2e}");
         }
     }
 
@@ -35,7 +38,7 @@ fn main() -> anyhow::Result<()> {
         val.fill(&mut batch)?;
         sum += engine.eval_loss(&batch)?;
     }
-    println!("val loss {:.4}", sum / config.train.eval_batches as f32);
+    println!("val loss {:.6}", sum / config.train.eval_batches as f32);
     let out = std::env::temp_dir().join("strata-example.safetensors");
     engine.save_weights(&out)?;
     println!("weights written to {}", out.display());
