@@ -53,7 +53,8 @@ pub enum DataError {
     Format { path: PathBuf, message: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    /// A command-line argument that cannot be used (`strata prepare`'s input patterns, fractions).
+    /// An argument or input that cannot be used (`strata prepare`'s patterns, fractions, a chat template that
+    /// does not compile), in a message that names it.
     #[error("{0}")]
     Usage(String),
     /// The launcher's variables (RANK, WORLD_SIZE, …) are set but do not say a rank.

@@ -612,6 +612,6 @@ fn load_template(
             return Ok((None, why));
         }
     };
-    let template = ChatTemplate::new(&source, origin).map_err(DataError::Tokenizer)?;
+    let template = ChatTemplate::new(&source, origin).map_err(DataError::Usage)?;
     Ok((Some(template), String::new()))
 }
