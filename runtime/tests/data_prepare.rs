@@ -360,6 +360,8 @@ fn several_inputs_and_a_pattern_are_read_in_order() {
 
 /// Runs `strata ARGS` and returns its peak resident memory in MiB (from `wait4`'s rusage of that child).
 fn peak_rss_mib(args: &[&std::ffi::OsStr]) -> f64 {
+    // Reaped by wait4 below, which also gives its rusage.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(env!("CARGO_BIN_EXE_strata"))
         .args(args)
         .stdout(std::process::Stdio::null())
