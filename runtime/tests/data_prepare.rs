@@ -236,6 +236,14 @@ fn val_fraction_holds_out_every_nth_document_beside_the_output() {
     a.threads = Some(1);
     run(&a).expect("prepare");
     assert_eq!(read(&out, 50257).0, kept);
+    // Too few documents for one to be held out: an error, and no training file is left either.
+    let lone = jsonl(dir.path(), "lone.jsonl", &records[..2]);
+    let lone_out = dir.path().join("lone/train.bin");
+    let mut b = PrepareArgs::new(&[&lone], &lone_out, "gpt2");
+    b.val_fraction = 0.2;
+    let e = run(&b).expect_err("no held-out document").to_string();
+    assert!(e.contains("no tokens for the validation file"), "{e}");
+    assert!(!dir.path().join("lone").exists());
 }
 
 /// What is left in `dir` besides `keep`.

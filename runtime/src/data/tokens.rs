@@ -456,7 +456,13 @@ impl TokenWriter {
     }
 
     /// Completes the file and renames it over the target; returns its layout.
-    pub fn finish(mut self) -> Result<Layout, DataError> {
+    pub fn finish(self) -> Result<Layout, DataError> {
+        self.seal()?.commit()
+    }
+
+    /// Completes the file under its temporary name: the mask appended, the header written, ready to
+    /// [`Sealed::commit`] (so that several files can be completed before any replaces its target).
+    pub fn seal(mut self) -> Result<Sealed, DataError> {
         self.flush()?;
         self.layout.masked = self.any_masked;
         let header = self.layout.header(self.file.target())?;
@@ -469,8 +475,10 @@ impl TokenWriter {
             .seek(SeekFrom::Start(0))
             .and_then(|_| file.write_all(&header));
         written.map_err(|e| DataError::from(self.file.error("writing the header", e)))?;
-        self.file.commit()?;
-        Ok(self.layout)
+        Ok(Sealed {
+            file: self.file,
+            layout: self.layout,
+        })
     }
 
     fn append_mask(&mut self) -> std::io::Result<()> {
@@ -485,6 +493,20 @@ impl TokenWriter {
             }
             file.write_all(&buf[..n])?;
         }
+    }
+}
+
+/// A complete token file under its temporary name.
+pub struct Sealed {
+    file: AtomicFile,
+    pub layout: Layout,
+}
+
+impl Sealed {
+    /// Renames the file over its target.
+    pub fn commit(self) -> Result<Layout, DataError> {
+        self.file.commit()?;
+        Ok(self.layout)
     }
 }
 

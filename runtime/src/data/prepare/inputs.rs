@@ -1,8 +1,9 @@
 //! Reading the inputs as a stream of units, in bounded batches: a text file as pieces of at most
-//! [`PIECE_BYTES_MAX`] bytes (cut as [`super::pieces`] says), a JSON-lines file (`.jsonl`, `.ndjson`) as one
-//! unit per non-blank line. Only the batch being read and those queued are in memory, whatever the input size.
+//! [`TEXT_UNIT_BYTES`] bytes (cut as [`super::pieces`] says, so the tokens are those of the whole text), a
+//! JSON-lines file (`.jsonl`, `.ndjson`) as one unit per non-blank line. Only the batch being read and those
+//! queued are in memory, whatever the input size.
 
-use super::pieces::{cut, PIECE_BYTES_MAX};
+use super::pieces::cut;
 use crate::data::DataError;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -11,6 +12,8 @@ use std::path::{Path, PathBuf};
 pub const BATCH_BYTES: usize = 4 << 20;
 /// The longest JSON line read.
 pub const LINE_BYTES_MAX: usize = 256 << 20;
+/// The most bytes of a text file in one unit: the grain of `--val-fraction` and of the parallel work.
+pub const TEXT_UNIT_BYTES: usize = 8 << 10;
 /// Bytes read from a text file at once.
 const READ_BYTES: usize = 1 << 20;
 
@@ -183,9 +186,9 @@ fn read_text<F: FnMut(Vec<Unit>) -> bool>(
         let mut used = 0;
         // Cut whole pieces while more than one piece's worth is here (the cut looks one byte past it), or
         // everything at the end of the file.
-        while text.len() - used > PIECE_BYTES_MAX || (eof && used < text.len()) {
+        while text.len() - used > TEXT_UNIT_BYTES || (eof && used < text.len()) {
             let rest = &text[used..];
-            let n = cut(rest, PIECE_BYTES_MAX);
+            let n = cut(rest, TEXT_UNIT_BYTES);
             let last = eof && n == rest.len();
             batch.push(Unit {
                 file: index,

@@ -17,7 +17,7 @@ pub mod inputs;
 pub mod pieces;
 pub mod tokenizer;
 
-use super::tokens::{Layout, TokenWriter, HEADER_BYTES};
+use super::tokens::{Layout, Sealed, TokenWriter, HEADER_BYTES};
 use super::DataError;
 use crate::outputs::{InputFile, OutputFile};
 use chat::ChatTemplate;
@@ -60,7 +60,7 @@ pub struct PrepareArgs {
     /// Prompt/completion records: train on the completion only (the prompt's targets are masked).
     #[arg(long)]
     pub mask_prompt: bool,
-    /// Hold out this share (0 to 1) of the documents (of a text file: of its pieces of at most 64 KiB) in a
+    /// Hold out this share (0 to 1) of the documents (of a text file: of its pieces of at most 8 KiB) in a
     /// validation file.
     #[arg(long, value_name = "F", default_value_t = 0.0)]
     pub val_fraction: f64,
@@ -398,7 +398,8 @@ impl Sink {
         Ok(())
     }
 
-    fn finish(self, what: &str) -> Result<Written, DataError> {
+    /// Completes the file under its temporary name; an empty one is an error (`what` names it).
+    fn seal(self, what: &str) -> Result<(Sealed, Written), DataError> {
         let path = self.writer.path().to_path_buf();
         if self.writer.count() == 0 {
             return Err(DataError::Usage(format!(
@@ -411,13 +412,14 @@ impl Sink {
                 }
             )));
         }
-        let layout = self.writer.finish()?;
-        Ok(Written {
+        let sealed = self.writer.seal()?;
+        let written = Written {
             path,
-            layout,
+            layout: sealed.layout,
             masked: self.masked,
             documents: self.documents,
-        })
+        };
+        Ok((sealed, written))
     }
 }
 
@@ -574,8 +576,14 @@ pub fn run(args: &PrepareArgs) -> Result<Report, DataError> {
     }
     tokenized?;
     read?;
-    let train = train.finish("training")?;
-    let val = val.map(|v| v.finish("validation")).transpose()?;
+    // Both files complete before either replaces its target: an empty validation file leaves no training file.
+    let (train_file, train) = train.seal("training")?;
+    let val = val.map(|v| v.seal("validation")).transpose()?;
+    train_file.commit()?;
+    let val = match val {
+        Some((file, written)) => file.commit().map(|_| Some(written))?,
+        None => None,
+    };
     dirs.into_iter().for_each(CreatedDirs::keep);
     drop(ready);
     Ok(Report {
