@@ -120,9 +120,10 @@ impl std::fmt::Display for Report {
                 String::new()
             };
             format!(
-                "{} tokens (uint{bits}{mask}) from {} documents to {}",
+                "{} tokens (uint{bits}{mask}) from {} document{} to {}",
                 w.layout.count,
                 w.documents,
+                if w.documents == 1 { "" } else { "s" },
                 w.path.display()
             )
         };
@@ -386,6 +387,8 @@ struct Sink {
     writer: TokenWriter,
     masked: usize,
     documents: usize,
+    /// The text file whose pieces came last.
+    last_text_file: Option<usize>,
 }
 
 impl Sink {
@@ -508,6 +511,7 @@ pub fn run(args: &PrepareArgs) -> Result<Report, DataError> {
             writer: TokenWriter::create(path, vocab_size)?,
             masked: 0,
             documents: 0,
+            last_text_file: None,
         })
     };
     let mut train = sink(&ready[0].target)?;
@@ -548,11 +552,12 @@ pub fn run(args: &PrepareArgs) -> Result<Report, DataError> {
                     _ => &mut train,
                 };
                 to.push(&doc)?;
-                let ends_document = match &unit.body {
-                    Body::Text { last, .. } => *last,
+                // A text file split between the files counts as a document in each.
+                let new_document = match &unit.body {
+                    Body::Text { .. } => to.last_text_file.replace(unit.file) != Some(unit.file),
                     Body::Record(_) => !doc.ids.is_empty(),
                 };
-                to.documents += usize::from(ends_document);
+                to.documents += usize::from(new_document);
                 unit_index += 1;
                 done_bytes += unit.bytes() as u64;
             }
