@@ -9,10 +9,13 @@ use strata::Engine;
 
 fn main() -> anyhow::Result<()> {
     // The embedded default (configs/tiny.toml, built into strata), so this runs from any directory and
-    // any crate; Config::load(Some(path), …) reads a file of yours instead.
-    let overrides = ["train.steps=120", "data.val=synthetic"].map(String::from);
+    // any crate; Config::load(Some(path), …) reads a file of yours instead. Arguments KEY=VALUE override
+    // it further (`train_loop data.micro_batch_size=16`).
+    let mut overrides = vec!["train.steps=120".to_string(), "data.val=synthetic".into()];
+    overrides.extend(std::env::args().skip(1));
     let config = Config::load(None, &overrides)?;
 
+    // This rank's micro-batches: under `strata launch` (torchrun, srun) each rank reads its own.
     let mut loader = Loader::from_config(&config)?;
     let mut val = Loader::val_from_config(&config)?.ok_or(anyhow::anyhow!("no data.val"))?;
     let mut engine = Engine::from_config(config.clone())?;
@@ -25,7 +28,7 @@ fn main() -> anyhow::Result<()> {
         let step = stats.step + 1; // StepStats counts from 0, the CLI's log from 1
         if step % 20 == 0 {
             let (loss, lr) = (stats.loss, stats.lr);
-            println!("step {step:>4} | loss {loss:.4} | lr {lr:.2e}");
+            println!("step {step:>4} | loss {loss:.6} | lr {lr:.2e}");
         }
     }
 
@@ -35,7 +38,7 @@ fn main() -> anyhow::Result<()> {
         val.fill(&mut batch)?;
         sum += engine.eval_loss(&batch)?;
     }
-    println!("val loss {:.4}", sum / config.train.eval_batches as f32);
+    println!("val loss {:.6}", sum / config.train.eval_batches as f32);
     let out = std::env::temp_dir().join("strata-example.safetensors");
     engine.save_weights(&out)?;
     println!("weights written to {}", out.display());

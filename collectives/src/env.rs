@@ -38,6 +38,22 @@ impl RankInfo {
         Self::from_vars(|name| std::env::var(name).ok())
     }
 
+    /// Reads the process environment; `None` when no launcher variable is set at all (a process that runs
+    /// alone), an error when some are set but do not say a rank.
+    pub fn from_env_if_launched() -> Result<Option<Self>> {
+        Self::from_vars_if_launched(|name| std::env::var(name).ok())
+    }
+
+    /// [`RankInfo::from_env_if_launched`] through `get`.
+    pub fn from_vars_if_launched(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        const LAUNCHER_VARS: [&str; 4] =
+            ["WORLD_SIZE", "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"];
+        if !LAUNCHER_VARS.iter().any(|v| get(v).is_some()) {
+            return Ok(None);
+        }
+        Self::from_vars(get).map(Some)
+    }
+
     /// Reads the variables through `get` (the process environment in `from_env`). torchrun's
     /// variables win over SLURM's, which win over Open MPI's (torchrun under SLURM sets both).
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
@@ -338,6 +354,31 @@ mod tests {
             (i.master_addr.as_str(), i.master_port, i.source),
             ("10.0.0.1", 29501, EnvSource::Torchrun)
         );
+        Ok(())
+    }
+
+    #[test]
+    fn no_launcher_variables_is_a_world_of_one_and_bad_ones_an_error() -> Result<()> {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(
+            RankInfo::from_vars_if_launched(vars(&[("HOME", "/root")]))?,
+            None
+        );
+        let i = RankInfo::from_vars_if_launched(vars(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "5"),
+        ]))?;
+        assert_eq!(i.map(|i| (i.rank, i.world_size)), Some((1, 2)));
+        assert!(RankInfo::from_vars_if_launched(vars(&[("RANK", "1")])).is_err());
         Ok(())
     }
 

@@ -6,7 +6,6 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use strata::config::Config;
-use strata::data::prepare::{prepare, Tokenizer};
 use strata::trace::Trace;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -60,14 +59,9 @@ enum Command {
     /// Write a checkpoint's weights as one safetensors file with Hugging Face GPT-2 names (and a
     /// config.json beside it), unit by unit.
     Export(strata::export::ExportArgs),
-    /// Tokenize a text file into the llm.c token format.
-    Prepare {
-        input: PathBuf,
-        #[arg(short, long)]
-        output: PathBuf,
-        #[arg(long, value_enum, default_value_t = Tokenizer::Gpt2)]
-        tokenizer: Tokenizer,
-    },
+    /// Tokenize text, JSON lines or chat JSON lines into a token file (llm.c's format, uint32 tokens and a
+    /// loss mask where needed), in parallel over the cores.
+    Prepare(strata::data::prepare::PrepareArgs),
     /// Start local ranks with the rendezvous variables set (torchrun-style).
     Launch(strata_collectives::launch::LaunchArgs),
     /// Say what strata finds on this machine (GPUs, CUDA libraries, io_uring, O_DIRECT, memlock) and what to fix.
@@ -224,18 +218,10 @@ fn run(mut cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
                 None => ExitCode::SUCCESS,
             })
         }
-        Command::Prepare {
-            input,
-            output,
-            tokenizer,
-        } => {
-            // The error names the file and what failed (reading the text, creating the directory, writing).
-            let n = prepare(&input, &output, tokenizer)?;
-            println!(
-                "wrote {n} tokens to {} ({tokenizer:?}, vocab {})",
-                output.display(),
-                tokenizer.vocab_size()
-            );
+        Command::Prepare(args) => {
+            // The error names the file and line, or what failed (reading, creating the directory, writing).
+            let report = strata::data::prepare::run(&args)?;
+            println!("{report}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Launch(args) => Ok(strata_collectives::launch::run(args)?),

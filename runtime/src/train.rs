@@ -430,7 +430,9 @@ pub fn run_traced(config: Config, mut trace: Option<Trace>) -> Result<Summary, T
     let (rank, world) = (engine.rank(), engine.world_size());
     let lead = rank == 0;
     let d = &config.data;
-    let mut loader = loader.shard(rank, world);
+    // The loader read the rank from the launcher's variables, as the engine's communicator did.
+    assert_eq!(loader.rank_and_world(), (rank, world));
+    let mut loader = loader;
     let mut validation = Validation::new(&config, &engine)?;
     let mut tensorboard = match (&config.train.tensorboard_dir, lead) {
         (Some(dir), true) => Some(EventWriter::create(dir)?),

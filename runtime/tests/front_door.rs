@@ -77,7 +77,7 @@ fn prepare_creates_directories_and_says_what_failed_once() {
     assert!(stdout.contains("wrote 1400 tokens"), "{stdout}");
     let tokens = strata::data::tokens::TokenFile::open(&output, 256).expect("a token file");
     assert_eq!(tokens.len(), 1400);
-    assert_eq!(tokens.token(0).expect("token 0"), u16::from(b'h'));
+    assert_eq!(tokens.token(0).expect("token 0"), u32::from(b'h'));
 
     // A missing input: its path, once.
     let missing = dir.path().join("missing.txt");

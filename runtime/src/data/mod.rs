@@ -5,12 +5,15 @@
 //! N tokens; row b holds tokens `[p_j + b·T, p_j + b·T + T + 1)`: inputs are the first T, targets the last T.
 //! With `shuffle = true`, row b of micro-batch j starts at an offset drawn uniformly from `[0, N − T − 1]` by
 //! a generator seeded with (seed, j, b).
+//!
+//! A token file with a loss mask (see [`tokens`]) gives [`IGNORE_TARGET`] for every target whose mask byte
+//! is 0: the data says what to train on, whatever the config.
 
 pub mod prepare;
 pub mod synthetic;
 pub mod tokens;
 
-use crate::model::Batch;
+use crate::model::{Batch, IGNORE_TARGET};
 use crate::rng::Rng;
 use std::path::{Path, PathBuf};
 use tokens::TokenFile;
@@ -50,6 +53,20 @@ pub enum DataError {
     Format { path: PathBuf, message: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// An argument or input that cannot be used (`strata prepare`'s patterns, fractions, a chat template that
+    /// does not compile), in a message that names it.
+    #[error("{0}")]
+    Usage(String),
+    /// The launcher's variables (RANK, WORLD_SIZE, …) are set but do not say a rank.
+    #[error("data-parallel rank: {0}")]
+    Rank(String),
+    /// A record of an input (a line of a text or JSONL file) that cannot be made into tokens.
+    #[error("{}:{line}: {message}", path.display())]
+    Record {
+        path: PathBuf,
+        line: u64,
+        message: String,
+    },
     #[error(transparent)]
     Input(#[from] crate::inputs::InputError),
     #[error(transparent)]
@@ -83,27 +100,61 @@ impl DataError {
     }
 }
 
+/// Tokens in memory or in a file, with their loss mask (1: a target the loss counts, 0: ignored).
 enum Tokens {
     File(TokenFile),
-    Memory(Vec<u16>),
+    Memory {
+        ids: Vec<u32>,
+        mask: Option<Vec<u8>>,
+    },
 }
 
 impl Tokens {
     fn len(&self) -> usize {
         match self {
             Tokens::File(f) => f.len(),
-            Tokens::Memory(v) => v.len(),
+            Tokens::Memory { ids, .. } => ids.len(),
         }
     }
+
+    fn masked(&self) -> bool {
+        match self {
+            Tokens::File(f) => f.layout().masked,
+            Tokens::Memory { mask, .. } => mask.is_some(),
+        }
+    }
+
     /// Copies tokens `[start, start + out.len())` into `out`.
-    fn read(&self, start: usize, out: &mut [u16]) -> Result<(), DataError> {
+    fn read(&self, start: usize, out: &mut [u32]) -> Result<(), DataError> {
         match self {
             Tokens::File(f) => f.read(start, out),
-            Tokens::Memory(v) => {
-                out.copy_from_slice(&v[start..start + out.len()]);
+            Tokens::Memory { ids, .. } => {
+                out.copy_from_slice(&ids[start..start + out.len()]);
                 Ok(())
             }
         }
+    }
+
+    /// Copies mask bytes `[start, start + out.len())` into `out` (all ones without a mask).
+    fn read_mask(&self, start: usize, out: &mut [u8]) -> Result<(), DataError> {
+        match self {
+            Tokens::File(f) => f.read_mask(start, out),
+            Tokens::Memory { mask: None, .. } => {
+                out.fill(1);
+                Ok(())
+            }
+            Tokens::Memory { mask: Some(m), .. } => {
+                out.copy_from_slice(&m[start..start + out.len()]);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn memory(tokens: Vec<u16>) -> Tokens {
+    Tokens::Memory {
+        ids: tokens.into_iter().map(u32::from).collect(),
+        mask: None,
     }
 }
 
@@ -132,6 +183,16 @@ fn open_token_file(source: &str, vocab_size: usize) -> Result<Tokens, DataError>
     }
 }
 
+/// This process's data-parallel rank and the world size, from the launcher's variables as the engine's
+/// communicator reads them (`strata launch`, torchrun, srun, mpirun); `(0, 1)` when none are set.
+pub fn rank_from_env() -> Result<(usize, usize), DataError> {
+    match strata_collectives::RankInfo::from_env_if_launched() {
+        Ok(Some(info)) => Ok((info.rank, info.world_size)),
+        Ok(None) => Ok((0, 1)),
+        Err(e) => Err(DataError::Rank(e.to_string())),
+    }
+}
+
 /// Produces micro-batches in the documented order.
 pub struct Loader {
     tokens: Tokens,
@@ -144,12 +205,17 @@ pub struct Loader {
     next: u64,
     /// How far j advances per micro-batch: the number of data-parallel ranks.
     stride: u64,
+    /// This loader's rank among `stride` ranks.
+    rank: u64,
     /// One row's tokens (T + 1), read at once.
-    window: Vec<u16>,
+    window: Vec<u32>,
+    /// One row's mask bytes (T + 1); empty when the data has no mask.
+    window_mask: Vec<u8>,
 }
 
 impl Loader {
-    /// `source` is `"synthetic"` or the path of a token file.
+    /// `source` is `"synthetic"` or the path of a token file. The loader reads every micro-batch (a world of
+    /// one); [`Loader::shard`] makes it a rank's.
     pub fn new(
         source: &str,
         vocab_size: usize,
@@ -161,7 +227,7 @@ impl Loader {
         let (tokens, origin) = if source == "synthetic" {
             check_synthetic_vocab(vocab_size)?;
             (
-                Tokens::Memory(synthetic::synthetic_tokens(vocab_size, seed)),
+                memory(synthetic::synthetic_tokens(vocab_size, seed)),
                 "synthetic".to_string(),
             )
         } else {
@@ -170,8 +236,21 @@ impl Loader {
         Loader::from_tokens(tokens, origin, b, t, seed, shuffle)
     }
 
-    /// The loader `config` describes (`data.train`, `data.micro_batch_size`, `model.seq_len`, …).
+    /// This rank's loader of the training data `config` describes (`data.train`, `data.micro_batch_size`,
+    /// `model.seq_len`, …): the rank and world size are the launcher's ([`rank_from_env`]), as the engine's
+    /// communicator reads them, so under `strata launch` each rank reads its own micro-batches.
     pub fn from_config(config: &crate::config::Config) -> Result<Loader, DataError> {
+        let (rank, world) = rank_from_env()?;
+        Loader::for_rank(config, rank, world)
+    }
+
+    /// The training loader `config` describes, for `rank` of `world` data-parallel ranks: micro-batches
+    /// j ≡ rank (mod world).
+    pub fn for_rank(
+        config: &crate::config::Config,
+        rank: usize,
+        world: usize,
+    ) -> Result<Loader, DataError> {
         let (d, m) = (&config.data, &config.model);
         Loader::new(
             &d.train,
@@ -181,12 +260,14 @@ impl Loader {
             d.seed,
             d.shuffle,
         )
+        .map(|l| l.shard(rank, world))
         .map_err(|e| e.for_key("data.train"))
     }
 
     /// The validation loader `config` describes, if `data.val` is set: the token file read in order from its
     /// start, or for `"synthetic"` a stream of the training set's Markov chain from another seed
-    /// ([`synthetic::synthetic_val_tokens`]), so that it is held out but has the same best loss.
+    /// ([`synthetic::synthetic_val_tokens`]), so that it is held out but has the same best loss. It reads
+    /// every micro-batch whatever the rank; [`Loader::shard`] shares them out.
     pub fn val_from_config(config: &crate::config::Config) -> Result<Option<Loader>, DataError> {
         let (d, m) = (&config.data, &config.model);
         let Some(source) = d.val.as_deref() else {
@@ -196,7 +277,7 @@ impl Loader {
         let (tokens, origin) = if source == "synthetic" {
             check_synthetic_vocab(m.vocab_size)?;
             (
-                Tokens::Memory(synthetic::synthetic_val_tokens(m.vocab_size, d.seed)),
+                memory(synthetic::synthetic_val_tokens(m.vocab_size, d.seed)),
                 "synthetic, held-out stream".to_string(),
             )
         } else {
@@ -215,7 +296,24 @@ impl Loader {
         seed: u64,
         shuffle: bool,
     ) -> Result<Loader, DataError> {
-        Loader::from_tokens(Tokens::Memory(tokens), "memory".into(), b, t, seed, shuffle)
+        Loader::from_tokens(memory(tokens), "memory".into(), b, t, seed, shuffle)
+    }
+
+    /// A loader over tokens in memory with a loss mask (`mask[i]` = 0: token i is never a target).
+    pub fn from_masked(
+        tokens: Vec<u32>,
+        mask: Vec<u8>,
+        b: usize,
+        t: usize,
+        seed: u64,
+        shuffle: bool,
+    ) -> Result<Loader, DataError> {
+        assert_eq!(tokens.len(), mask.len());
+        let tokens = Tokens::Memory {
+            ids: tokens,
+            mask: Some(mask),
+        };
+        Loader::from_tokens(tokens, "memory".into(), b, t, seed, shuffle)
     }
 
     fn from_tokens(
@@ -236,6 +334,11 @@ impl Loader {
                 ),
             });
         }
+        let window_mask = if tokens.masked() {
+            vec![0; t + 1]
+        } else {
+            Vec::new()
+        };
         Ok(Loader {
             tokens,
             origin,
@@ -245,7 +348,9 @@ impl Loader {
             shuffle,
             next: 0,
             stride: 1,
+            rank: 0,
             window: vec![0; t + 1],
+            window_mask,
         })
     }
 
@@ -255,6 +360,7 @@ impl Loader {
     pub fn shard(mut self, rank: usize, world: usize) -> Loader {
         assert!(rank < world);
         self.next = rank as u64;
+        self.rank = rank as u64;
         self.stride = world as u64;
         self
     }
@@ -267,6 +373,16 @@ impl Loader {
         self.tokens.len()
     }
 
+    /// Whether the data carries a loss mask: then masked targets are [`IGNORE_TARGET`].
+    pub fn masked(&self) -> bool {
+        self.tokens.masked()
+    }
+
+    /// This loader's rank and the number of ranks it shares the data with.
+    pub fn rank_and_world(&self) -> (usize, usize) {
+        (self.rank as usize, self.stride as usize)
+    }
+
     /// Index of the next micro-batch (for resuming: `seek`).
     pub fn position(&self) -> u64 {
         self.next
@@ -277,7 +393,8 @@ impl Loader {
     }
 
     /// Fills `batch` (shaped B × T) with the next micro-batch, or says why the data cannot be read
-    /// (a token file that shrank or changed under the running job: the file and offset).
+    /// (a token file that shrank or changed under the running job: the file and offset). A target whose
+    /// mask byte is 0 is [`IGNORE_TARGET`].
     pub fn fill(&mut self, batch: &mut Batch) -> Result<(), DataError> {
         let (b, t) = (self.b, self.t);
         assert!(
@@ -301,9 +418,15 @@ impl Loader {
                 &mut batch.inputs[row * t..(row + 1) * t],
                 &mut batch.targets[row * t..(row + 1) * t],
             );
-            for (i, (x, y)) in inputs.iter_mut().zip(targets).enumerate() {
-                *x = u32::from(self.window[i]);
-                *y = u32::from(self.window[i + 1]);
+            inputs.copy_from_slice(&self.window[..t]);
+            targets.copy_from_slice(&self.window[1..]);
+            if !self.window_mask.is_empty() {
+                self.tokens.read_mask(start, &mut self.window_mask)?;
+                for (y, &m) in targets.iter_mut().zip(&self.window_mask[1..]) {
+                    if m == 0 {
+                        *y = IGNORE_TARGET;
+                    }
+                }
             }
         }
         Ok(())

@@ -60,9 +60,9 @@ fn header_errors_are_clear() {
 #[test]
 fn sequential_batches_follow_the_llmc_rule_and_wrap() {
     let dir = tempfile::tempdir().unwrap();
-    let toks: Vec<u16> = (0..30).collect();
+    let toks: Vec<u32> = (0..30).collect();
     let path = dir.path().join("seq.bin");
-    write_token_file(&path, &toks).unwrap();
+    write_token_file(&path, &toks, None, 64).unwrap();
     // B=2, T=4: 8 tokens per micro-batch; ⌊29/8⌋ = 3 micro-batches fit, then it wraps.
     let mut loader = Loader::new(path.to_str().unwrap(), 64, 2, 4, 0, false).unwrap();
     let mut batch = Batch::zeros(2, 4);
@@ -116,27 +116,26 @@ fn prepare_writes_bytes_and_gpt2_tokens() {
     let input = dir.path().join("in.txt");
     std::fs::write(&input, "Hello world").unwrap();
     let out = dir.path().join("bytes.bin");
-    assert_eq!(
-        prepare::prepare(&input, &out, prepare::Tokenizer::Bytes).unwrap(),
-        11
-    );
+    let report = prepare::run(&prepare::PrepareArgs::new(&[&input], &out, "bytes")).unwrap();
+    // No separator: the bytes tokenizer has no EOS.
+    assert_eq!(report.train.layout.count, 11);
     let f = TokenFile::open(&out, 256).unwrap();
-    assert_eq!(f.token(0).unwrap(), b'H' as u16);
+    assert_eq!(f.token(0).unwrap(), u32::from(b'H'));
     let out = dir.path().join("gpt2.bin");
-    assert_eq!(
-        prepare::prepare(&input, &out, prepare::Tokenizer::Gpt2).unwrap(),
-        2
-    );
+    let report = prepare::run(&prepare::PrepareArgs::new(&[&input], &out, "gpt2")).unwrap();
+    assert_eq!(report.train.layout.count, 3);
     let f = TokenFile::open(&out, 50257).unwrap();
-    // GPT-2 BPE: "Hello" = 15496, " world" = 995.
-    assert_eq!((f.token(0).unwrap(), f.token(1).unwrap()), (15496, 995));
+    // GPT-2 BPE: "Hello" = 15496, " world" = 995, then <|endoftext|> after the document.
+    let mut ids = [0u32; 3];
+    f.read(0, &mut ids).unwrap();
+    assert_eq!(ids, [15496, 995, 50256]);
 }
 
 #[test]
 fn a_token_file_changed_under_a_loader_is_an_error_with_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shrinks.bin");
-    write_token_file(&path, &(0..100).collect::<Vec<u16>>()).unwrap();
+    write_token_file(&path, &(0..100).collect::<Vec<u32>>(), None, 100).unwrap();
     let mut loader = Loader::new(path.to_str().unwrap(), 100, 2, 4, 0, false).unwrap();
     let mut batch = Batch::zeros(2, 4);
     loader.fill(&mut batch).unwrap();
@@ -154,7 +153,7 @@ fn a_token_file_changed_under_a_loader_is_an_error_with_file_and_offset() {
         "{e}"
     );
     // Rewritten in place with a token the model cannot embed.
-    write_token_file(&path, &[7; 100]).unwrap();
+    write_token_file(&path, &[7; 100], None, 100).unwrap();
     let mut loader = Loader::new(path.to_str().unwrap(), 100, 2, 4, 0, false).unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[HEADER_BYTES + 2 * 3] = 200;
@@ -233,4 +232,150 @@ fn a_missing_token_file_names_the_key_and_the_fix() {
         .unwrap()
         .to_string();
     assert!(e.starts_with("token file "), "{e}");
+}
+
+fn header_words(path: &Path) -> Vec<i32> {
+    let bytes = std::fs::read(path).unwrap();
+    bytes[..20]
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[test]
+fn wide_and_masked_token_files_round_trip_and_llmc_files_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ids past 65,535 (Llama 3's vocabulary): version 2, four bytes per token.
+    let wide: Vec<u32> = (0..50).map(|i| 128_200 + i).collect();
+    let path = dir.path().join("wide.bin");
+    let layout = write_token_file(&path, &wide, None, 128_256).unwrap();
+    assert_eq!((layout.token_bytes, layout.masked), (4, false));
+    assert_eq!(header_words(&path), [tokens::MAGIC, 2, 50, 4, 0]);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 1024 + 200);
+    let f = TokenFile::open(&path, 128_256).unwrap();
+    let mut back = vec![0u32; 50];
+    f.read(0, &mut back).unwrap();
+    assert_eq!(back, wide);
+    let e = TokenFile::open(&path, 128_210).err().unwrap().to_string();
+    assert!(
+        e.contains(
+            "token 128210 at index 10 (byte offset 1064) is not below model.vocab_size = 128210"
+        ),
+        "{e}"
+    );
+
+    // A mask: version 2, flag 1, one byte per token after the tokens.
+    let ids: Vec<u32> = (0..50).collect();
+    let mask: Vec<u8> = (0..50).map(|i| u8::from(i % 3 != 0)).collect();
+    let path = dir.path().join("masked.bin");
+    let layout = write_token_file(&path, &ids, Some(&mask), 256).unwrap();
+    assert_eq!((layout.token_bytes, layout.masked), (2, true));
+    assert_eq!(header_words(&path), [tokens::MAGIC, 2, 50, 2, 1]);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 1024 + 100 + 50);
+    let f = TokenFile::open(&path, 256).unwrap();
+    let mut m = vec![9u8; 50];
+    f.read_mask(0, &mut m).unwrap();
+    assert_eq!(m, mask);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1024 + 100 + 7] = 2;
+    std::fs::write(&path, &bytes).unwrap();
+    let e = TokenFile::open(&path, 256).err().unwrap().to_string();
+    assert!(
+        e.contains("mask byte 2 at index 7 (byte offset 1131) is not 0 or 1"),
+        "{e}"
+    );
+
+    // An all-ones mask is left out: llm.c's version 1, readable by llm.c.
+    let path = dir.path().join("plain.bin");
+    let layout = write_token_file(&path, &ids, Some(&[1; 50]), 256).unwrap();
+    assert!(!layout.masked);
+    assert_eq!(header_words(&path)[..3], [tokens::MAGIC, 1, 50]);
+
+    // llm.c's Llama 3 files: magic 20240801, version 7, uint32 tokens.
+    let path = dir.path().join("llmc-llama3.bin");
+    let mut bytes = Vec::new();
+    let mut h = [0i32; 256];
+    h[..3].copy_from_slice(&[tokens::LLMC_LLAMA3_MAGIC, tokens::LLMC_LLAMA3_VERSION, 3]);
+    h.iter()
+        .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+    [128_000u32, 5, 128_001]
+        .iter()
+        .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+    std::fs::write(&path, &bytes).unwrap();
+    let f = TokenFile::open(&path, 128_256).unwrap();
+    assert_eq!(
+        (f.token(0).unwrap(), f.token(2).unwrap()),
+        (128_000, 128_001)
+    );
+
+    // A version-2 header with an unknown width or flag is refused, naming the word.
+    for (words, needle) in [
+        (
+            [tokens::MAGIC, 2, 3, 3, 0],
+            "3 bytes per token at offset 12",
+        ),
+        (
+            [tokens::MAGIC, 2, 3, 2, 6],
+            "unknown flags 0x6 at offset 16",
+        ),
+    ] {
+        let path = dir.path().join("bad.bin");
+        let mut bytes = vec![0u8; 1024 + 6];
+        for (i, w) in words.iter().enumerate() {
+            bytes[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let e = TokenFile::open(&path, 256).err().unwrap().to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+}
+
+#[test]
+fn masked_tokens_become_ignored_targets_and_inputs_stay() {
+    let ids: Vec<u32> = (0..33).collect();
+    // Tokens 3..6 and 20 are not targets (a prompt, a separator).
+    let mask: Vec<u8> = (0..33)
+        .map(|i| u8::from(!((3..6).contains(&i) || i == 20)))
+        .collect();
+    let mut loader = Loader::from_masked(ids, mask.clone(), 2, 8, 0, false).unwrap();
+    assert!(loader.masked());
+    let mut batch = Batch::zeros(2, 8);
+    for _ in 0..2 {
+        loader.fill(&mut batch).unwrap();
+        for (k, (&x, &y)) in batch.inputs.iter().zip(&batch.targets).enumerate() {
+            let next = x as usize + 1;
+            assert_eq!(x as usize % 16, k, "inputs are never masked");
+            let want = if mask[next] == 0 {
+                IGNORE_TARGET
+            } else {
+                next as u32
+            };
+            assert_eq!(y, want, "target {k}");
+        }
+    }
+    assert!(batch.targets.contains(&IGNORE_TARGET));
+    // Unmasked data has no ignored target.
+    let mut plain = Loader::from_vec((0..40).collect(), 2, 8, 0, false).unwrap();
+    assert!(!plain.masked());
+    plain.fill(&mut batch).unwrap();
+    assert!(!batch.targets.contains(&IGNORE_TARGET));
+}
+
+#[test]
+fn the_rank_loader_reads_every_world_th_micro_batch() {
+    let config = crate::config::Config::default();
+    let mut whole = Loader::for_rank(&config, 0, 1).unwrap();
+    let mut rank1 = Loader::for_rank(&config, 1, 2).unwrap();
+    assert_eq!(rank1.rank_and_world(), (1, 2));
+    let b = config.data.micro_batch_size;
+    let (mut x, mut y) = (
+        Batch::zeros(b, config.model.seq_len),
+        Batch::zeros(b, config.model.seq_len),
+    );
+    for _ in 0..3 {
+        whole.fill(&mut x).unwrap();
+        whole.fill(&mut x).unwrap();
+        rank1.fill(&mut y).unwrap();
+        assert_eq!(x.inputs, y.inputs);
+    }
 }

@@ -133,7 +133,15 @@ pub struct StageSpec {
     pub units: Vec<usize>,
 }
 
-/// One micro-batch on the host: `inputs` and `targets` are (B, T) token ids.
+// ---- Added for masked fine-tuning data (runtime/src/data): the one constant the loader and the loss share.
+/// A target the loss ignores (PyTorch's `-100` label): the loader writes it where the token file's loss mask
+/// is 0 (a prompt, a separator). The loss is meant to be the mean over the other targets of the global batch;
+/// until the engine does that arithmetic it refuses such a batch (the target is not below the vocabulary).
+pub const IGNORE_TARGET: u32 = u32::MAX;
+// ---- End of the addition.
+
+/// One micro-batch on the host: `inputs` and `targets` are (B, T) token ids; a target may be
+/// [`IGNORE_TARGET`].
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
     pub inputs: Vec<u32>,
