@@ -354,7 +354,7 @@ impl Validation {
         let total = config.train.eval_batches;
         let local_batches = total / world + usize::from(rank < total % world);
         Ok(Some(Validation {
-            loader: loader.shard(rank, world),
+            loader: loader.shard(rank, world)?,
             batch: engine.new_batch(),
             local_batches,
             rank: rank as u64,
@@ -423,16 +423,14 @@ pub fn run_traced(config: Config, mut trace: Option<Trace>) -> Result<Summary, T
     if let Some(trace) = trace.as_mut() {
         trace.open(outputs.take_trace())?;
     }
-    let loader = Loader::from_config(&config)?;
     let mut engine =
         tracing::trace_span!("engine init").in_scope(|| Engine::from_config(config.clone()))?;
     // Rank 0 speaks for the group: it logs, writes metrics and exports; every rank trains.
     let (rank, world) = (engine.rank(), engine.world_size());
     let lead = rank == 0;
     let d = &config.data;
-    // The loader read the rank from the launcher's variables, as the engine's communicator did.
-    assert_eq!(loader.rank_and_world(), (rank, world));
-    let mut loader = loader;
+    // This rank's micro-batches, by the engine's communicator's rank and world.
+    let mut loader = Loader::for_rank(&config, rank, world)?;
     let mut validation = Validation::new(&config, &engine)?;
     let mut tensorboard = match (&config.train.tensorboard_dir, lead) {
         (Some(dir), true) => Some(EventWriter::create(dir)?),

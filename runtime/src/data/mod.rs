@@ -53,6 +53,9 @@ pub enum DataError {
     Format { path: PathBuf, message: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A call the loader cannot serve (a batch of another shape, a rank outside the world).
+    #[error("{0}")]
+    Argument(String),
     /// An argument or input that cannot be used (`strata prepare`'s patterns, fractions, a chat template that
     /// does not compile), in a message that names it.
     #[error("{0}")]
@@ -260,8 +263,8 @@ impl Loader {
             d.seed,
             d.shuffle,
         )
-        .map(|l| l.shard(rank, world))
-        .map_err(|e| e.for_key("data.train"))
+        .map_err(|e| e.for_key("data.train"))?
+        .shard(rank, world)
     }
 
     /// The validation loader `config` describes, if `data.val` is set: the token file read in order from its
@@ -308,7 +311,13 @@ impl Loader {
         seed: u64,
         shuffle: bool,
     ) -> Result<Loader, DataError> {
-        assert_eq!(tokens.len(), mask.len());
+        if tokens.len() != mask.len() {
+            return Err(DataError::Argument(format!(
+                "{} tokens but {} mask bytes: one mask byte per token",
+                tokens.len(),
+                mask.len()
+            )));
+        }
         let tokens = Tokens::Memory {
             ids: tokens,
             mask: Some(mask),
@@ -357,12 +366,16 @@ impl Loader {
     /// Data parallelism: this rank reads micro-batches j ≡ rank (mod world), so the ranks together read the
     /// sequence a single rank would, and each step's micro-batches are those of one rank with
     /// `world` times the gradient accumulation.
-    pub fn shard(mut self, rank: usize, world: usize) -> Loader {
-        assert!(rank < world);
+    pub fn shard(mut self, rank: usize, world: usize) -> Result<Loader, DataError> {
+        if rank >= world {
+            return Err(DataError::Argument(format!(
+                "rank {rank} is not below the world size {world}"
+            )));
+        }
         self.next = rank as u64;
         self.rank = rank as u64;
         self.stride = world as u64;
-        self
+        Ok(self)
     }
 
     pub fn origin(&self) -> &str {
@@ -397,12 +410,17 @@ impl Loader {
     /// mask byte is 0 is [`IGNORE_TARGET`].
     pub fn fill(&mut self, batch: &mut Batch) -> Result<(), DataError> {
         let (b, t) = (self.b, self.t);
-        assert!(
-            batch.b == b
-                && batch.t == t
-                && batch.inputs.len() == b * t
-                && batch.targets.len() == b * t
-        );
+        if (batch.b, batch.t, batch.inputs.len(), batch.targets.len()) != (b, t, b * t, b * t) {
+            return Err(DataError::Argument(format!(
+                "a batch of {}x{} with {} inputs and {} targets; this loader fills {b}x{t} \
+                 (data.micro_batch_size x model.seq_len): make it with Batch::zeros({b}, {t}) or \
+                 Engine::new_batch",
+                batch.b,
+                batch.t,
+                batch.inputs.len(),
+                batch.targets.len()
+            )));
+        }
         let j = self.next;
         self.next += self.stride;
         let n = self.tokens.len();

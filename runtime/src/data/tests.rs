@@ -379,3 +379,33 @@ fn the_rank_loader_reads_every_world_th_micro_batch() {
         assert_eq!(x.inputs, y.inputs);
     }
 }
+
+/// A batch of another shape and a rank outside the world are errors that say what to do, not
+/// panics (the engine refuses the same mistakes with errors).
+#[test]
+fn a_batch_of_another_shape_or_a_rank_outside_the_world_is_an_error() {
+    let config = crate::config::Config::default();
+    let mut loader = Loader::for_rank(&config, 0, 1).unwrap();
+    let (b, t) = (config.data.micro_batch_size, config.model.seq_len);
+    let mut batch = Batch::zeros(b + 1, t);
+    let err = loader.fill(&mut batch).unwrap_err().to_string();
+    assert!(err.contains(&format!("Batch::zeros({b}, {t})")), "{err}");
+    batch.b = b;
+    let err = loader.fill(&mut batch).unwrap_err().to_string();
+    assert!(err.contains("targets"), "{err}");
+    let Err(err) = Loader::for_rank(&config, 2, 2) else {
+        panic!("rank 2 of 2 accepted");
+    };
+    assert!(
+        err.to_string()
+            .contains("rank 2 is not below the world size 2"),
+        "{err}"
+    );
+    let Err(err) = Loader::from_masked(vec![1, 2, 3], vec![1, 1], 1, 1, 0, false) else {
+        panic!("3 tokens with 2 mask bytes accepted");
+    };
+    assert!(
+        err.to_string().contains("3 tokens but 2 mask bytes"),
+        "{err}"
+    );
+}
