@@ -36,9 +36,6 @@ use tracing::{Event, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Filter, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::engine::{Engine, EngineError, StepStats};
-use crate::model::Batch;
-
 /// Most events one rank records; later ones are dropped (and counted).
 pub const EVENTS_MAX: u64 = 4_000_000;
 
@@ -733,15 +730,6 @@ fn merge(parts: &[PathBuf], target: &Path) -> Result<(), TraceError> {
         })?;
     }
     sink.close()
-}
-
-/// One training step through [`Engine::train_step`]; while a trace is recorded on CUDA, through
-/// [`Engine::train_step_profiled`], so that the kernels' GPU times reach the `gpu compute` track.
-pub fn train_step(engine: &mut Engine, batches: &[Batch]) -> Result<StepStats, EngineError> {
-    if active().is_some() && engine.device().backend() == crate::backend::Backend::Cuda {
-        return Ok(engine.train_step_profiled(batches)?.0);
-    }
-    engine.train_step(batches)
 }
 
 #[cfg(test)]

@@ -459,7 +459,8 @@ pub fn run(config: Config) -> Result<Summary, TrainError> {
 pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, TrainError> {
     // Before anything heavy: outputs resolved, checked against the inputs and for space, and
     // locked; the data opened and checked.
-    let outputs = crate::outputs::TrainOutputs::prepare(&config)?;
+    let params = crate::model::gpt2::Gpt2Shape::from_config(&config.model).num_params() as u64;
+    let outputs = crate::outputs::TrainOutputs::prepare(&config, params)?;
     let loader = Loader::from_config(&config)?;
     let mut engine =
         tracing::trace_span!("engine init").in_scope(|| Engine::from_config(config.clone()))?;
@@ -558,8 +559,8 @@ pub fn run_traced(config: Config, trace: Option<Trace>) -> Result<Summary, Train
         let _step = tracing::trace_span!("step", step).entered();
         tracing::trace_span!("data")
             .in_scope(|| batches.iter_mut().try_for_each(|b| loader.fill(b)))?;
-        let stats = tracing::trace_span!("train_step")
-            .in_scope(|| crate::trace::train_step(&mut engine, &batches))?;
+        let stats =
+            tracing::trace_span!("train_step").in_scope(|| engine.train_step_traced(&batches))?;
         let val_loss = match validation.as_mut() {
             Some(v) if step == steps || (eval_every > 0 && step % eval_every == 0) => {
                 Some(tracing::trace_span!("eval").in_scope(|| v.loss(&mut engine))?)

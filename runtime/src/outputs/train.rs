@@ -1,7 +1,6 @@
 //! The files `strata train` reads and writes, checked and locked before the engine is built.
 
 use super::{InputFile, LineFile, OutputError, OutputFile, ReadyOutput};
-use crate::config::bounds::gpt2_params;
 use crate::config::Config;
 use std::path::Path;
 
@@ -52,17 +51,16 @@ pub fn input_files(config: &Config) -> Vec<InputFile> {
     inputs
 }
 
-/// Bytes of the exported weights: fp32 parameters and the header.
-pub fn export_bytes(config: &Config) -> u64 {
+/// Bytes of the exported weights of a model of `params` parameters: fp32 parameters and the header.
+pub fn export_bytes(config: &Config, params: u64) -> u64 {
     let tensors = 12 * config.model.n_layer as u64 + 4;
-    let params = u64::try_from(gpt2_params(&config.model)).unwrap_or(u64::MAX);
     params
         .saturating_mul(4)
         .saturating_add(8 + tensors * EXPORT_HEADER_BYTES_PER_TENSOR)
 }
 
-/// The files a run writes, with their sizes.
-pub fn output_files(config: &Config) -> Vec<OutputFile> {
+/// The files a run of a model of `params` parameters writes, with their sizes.
+pub fn output_files(config: &Config, params: u64) -> Vec<OutputFile> {
     let mut outputs = Vec::new();
     if let Some(path) = &config.train.metrics_file {
         let steps = config.train.steps as u64;
@@ -77,11 +75,8 @@ pub fn output_files(config: &Config) -> Vec<OutputFile> {
         outputs.push(OutputFile {
             key: "train.export_to".into(),
             path: path.clone(),
-            size_bytes: export_bytes(config),
-            size_detail: format!(
-                "{} fp32 parameters and the safetensors header",
-                gpt2_params(&config.model)
-            ),
+            size_bytes: export_bytes(config, params),
+            size_detail: format!("{params} fp32 parameters and the safetensors header"),
         });
     }
     outputs
@@ -89,14 +84,14 @@ pub fn output_files(config: &Config) -> Vec<OutputFile> {
 
 impl TrainOutputs {
     /// On the writing rank: resolves and checks every output against the inputs and each other, checks
-    /// the free space and takes the locks. Elsewhere: nothing.
-    pub fn prepare(config: &Config) -> Result<TrainOutputs, OutputError> {
+    /// the free space (for a model of `params` parameters) and takes the locks. Elsewhere: nothing.
+    pub fn prepare(config: &Config, params: u64) -> Result<TrainOutputs, OutputError> {
         if !writes_outputs() {
             return Ok(TrainOutputs::default());
         }
         super::cleanup::install();
         let mut outputs = TrainOutputs::default();
-        for ready in super::prepare(&input_files(config), &output_files(config))? {
+        for ready in super::prepare(&input_files(config), &output_files(config, params))? {
             match ready.key.as_str() {
                 "train.metrics_file" => outputs.metrics = Some(ready),
                 _ => outputs.export = Some(ready),
