@@ -6,12 +6,12 @@
 #
 #   bench/overlap.sh [NVME_DIR] [ROUNDS]        (defaults: /tmp/strata-overlap, 3)
 #
-# Needs target/release/strata-bench (cargo build --release) and python3.
+# Needs target/release/strata-bench (cargo build --release; or the binary in $STRATA_BENCH) and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-/tmp/strata-overlap}
 rounds=${2:-3}
-bench=target/release/strata-bench
+bench=${STRATA_BENCH:-target/release/strata-bench}
 mkdir -p "$dir"
 # 8 layers of width 512 (29.5M parameters), 8 x 256 tokens per step, stage 3 on the CPU backend.
 model=(--set model.n_layer=8 --set model.n_embd=512 --set model.n_head=8 --set model.vocab_size=8192

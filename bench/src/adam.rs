@@ -4,8 +4,8 @@
 //! pass over each chunk (what the host tier does), and as a second pass after it.
 
 use std::time::Instant;
+use strata::backend::cpu::adamw::{adamw_update, adamw_update_any, Cast, Moments};
 use strata::backend::AdamWHyper;
-use strata::optim::{adamw_update, adamw_update_any, Cast, Moments};
 
 #[derive(clap::Args)]
 pub struct AdamArgs {

@@ -195,7 +195,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         for b in batches.iter_mut() {
             loader.fill(b)?;
         }
-        let s = strata::trace::train_step(&mut engine, &batches)?;
+        let s = engine.train_step_traced(&batches)?;
         eprintln!(
             "step {step}: loss {:.4} {:.1} ms {:.1} tokens/s",
             s.loss, s.step_ms, s.tokens_per_s

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
-use cudarc::nccl::{result as nccl, sys as nccl_sys, NcclType};
+use cudarc::nccl::{result as nccl, sys as nccl_sys};
 
 use crate::comm::{check_lengths, Communicator};
 use crate::elem::DType;
@@ -198,43 +198,6 @@ impl NcclCommunicator {
         self.lock.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Enqueues `recv = concat(send of every rank)` on the NCCL stream (no wait).
-    pub fn all_gather_device<T: NcclType>(
-        &self,
-        send: &CudaSlice<T>,
-        recv: &mut CudaSlice<T>,
-    ) -> Result<()> {
-        check_device_lengths("all_gather", recv.len() == self.world * send.len())?;
-        self.raw_all_gather(send, recv, send.len(), T::as_nccl_type())
-    }
-
-    /// Enqueues a sum reduce-scatter: `send.len() == world * recv.len()`.
-    pub fn reduce_scatter_device<T: NcclType>(
-        &self,
-        send: &CudaSlice<T>,
-        recv: &mut CudaSlice<T>,
-    ) -> Result<()> {
-        check_device_lengths("reduce_scatter", send.len() == self.world * recv.len())?;
-        self.raw_reduce_scatter(send, recv, recv.len(), T::as_nccl_type())
-    }
-
-    /// Enqueues an in-place sum all-reduce.
-    pub fn all_reduce_device<T: NcclType>(&self, buf: &mut CudaSlice<T>) -> Result<()> {
-        self.raw_all_reduce(buf, buf.len(), T::as_nccl_type())
-    }
-
-    /// Enqueues an in-place broadcast from `root`.
-    pub fn broadcast_device<T: NcclType>(&self, buf: &mut CudaSlice<T>, root: usize) -> Result<()> {
-        check_device_lengths("broadcast", root < self.world)?;
-        self.raw_broadcast(
-            buf,
-            buf.len(),
-            nccl_sys::ncclDataType_t::ncclUint8,
-            root,
-            std::mem::size_of::<T>(),
-        )
-    }
-
     /// Enqueues an in-place sum all-reduce of `count` elements at device address `ptr` on
     /// `stream` (the caller's stream, e.g. an engine's communication queue), so the caller orders
     /// it against its own work with events. bf16 is summed by NCCL in bf16.
@@ -402,25 +365,20 @@ impl NcclCommunicator {
         .map_err(|e| self.error("all_reduce", nccl_code(&e)))
     }
 
-    fn raw_broadcast<T>(
-        &self,
-        buf: &mut CudaSlice<T>,
-        count: usize,
-        ty: nccl_sys::ncclDataType_t,
-        root: usize,
-        elem_bytes: usize,
-    ) -> Result<()> {
+    /// In-place broadcast of the bytes of `buf` from `root`.
+    fn raw_broadcast(&self, buf: &mut CudaSlice<u8>, root: usize) -> Result<()> {
         let _g = self.guard();
+        let count = buf.len();
         let (ptr, _p) = buf.device_ptr_mut(&self.stream);
         let root =
             i32::try_from(root).map_err(|_| self.error("broadcast", "root over i32".into()))?;
-        // SAFETY: in-place broadcast of count * elem_bytes bytes of a live allocation.
+        // SAFETY: in-place broadcast of the `count` bytes of a live allocation.
         unsafe {
             nccl::broadcast(
                 ptr as _,
                 ptr as _,
-                count * elem_bytes,
-                ty,
+                count,
+                nccl_sys::ncclDataType_t::ncclUint8,
                 root,
                 self.comm.0,
                 self.stream.cu_stream() as _,
@@ -445,13 +403,13 @@ impl NcclCommunicator {
     }
 }
 
-fn check_device_lengths(op: &'static str, ok: bool) -> Result<()> {
-    if ok {
+fn check_root(root: usize, world: usize) -> Result<()> {
+    if root < world {
         Ok(())
     } else {
         Err(CommError::InvalidArgument {
-            op,
-            detail: "device buffer lengths do not fit the world size".into(),
+            op: "broadcast",
+            detail: format!("root {root} is not a rank of a world of {world}"),
         })
     }
 }
@@ -511,15 +469,9 @@ impl Communicator for NcclCommunicator {
     }
 
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
-        check_device_lengths("broadcast", root < self.world)?;
+        check_root(root, self.world)?;
         let mut dev = self.upload("broadcast", buf)?;
-        self.raw_broadcast(
-            &mut dev,
-            buf.len(),
-            nccl_sys::ncclDataType_t::ncclUint8,
-            root,
-            1,
-        )?;
+        self.raw_broadcast(&mut dev, root)?;
         self.download("broadcast", &dev, buf)
     }
 

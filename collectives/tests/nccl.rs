@@ -31,19 +31,32 @@ fn nccl_one_rank_all_reduce() -> strata_collectives::Result<()> {
     let mut gathered = vec![0f32; 1000];
     comm.all_gather(&host, &mut gathered)?;
     assert_eq!(gathered, host);
-    // Device buffers.
+    // Device buffers on a caller's stream, as the engine's communication queue uses them.
     let Some(dev) = comm.as_nccl() else {
         panic!("nccl backend without a device API")
     };
     let stream = dev.stream().clone();
-    let mut buf = stream
+    let buf = stream
         .clone_htod(&host)
         .map_err(|e| strata_collectives::CommError::Nccl {
             rank: 0,
             op: "test",
             detail: format!("{e:?}"),
         })?;
-    dev.all_reduce_device(&mut buf)?;
+    {
+        use cudarc::driver::DevicePtr;
+        let (ptr, _synced) = buf.device_ptr(&stream);
+        // SAFETY: `buf` is a live allocation of `host.len()` f32 on `stream`'s context, kept
+        // alive (and `stream` too) past the synchronize below.
+        unsafe {
+            dev.all_reduce_on_stream(
+                ptr,
+                host.len(),
+                strata_collectives::DType::F32,
+                stream.cu_stream(),
+            )?
+        };
+    }
     dev.synchronize("test")?;
     let back = stream
         .clone_dtoh(&buf)

@@ -446,10 +446,6 @@ impl HostBuf {
         bytemuck::try_cast_slice(self.as_slice()).ok()
     }
 
-    pub fn try_cast_mut<T: bytemuck::Pod>(&mut self) -> Option<&mut [T]> {
-        bytemuck::try_cast_slice_mut(self.as_mut_slice()).ok()
-    }
-
     pub(crate) fn pool_id(&self) -> u64 {
         self.pool.id
     }

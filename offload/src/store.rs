@@ -125,10 +125,6 @@ impl SwapStore {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn config(&self) -> &AioConfig {
-        &self.cfg
-    }
-
     pub fn engine_kind(&self) -> EngineKind {
         self.engine.kind()
     }
@@ -272,15 +268,6 @@ impl SwapStore {
         Ok(())
     }
 
-    pub fn contains(&self, key: &str) -> bool {
-        self.lock().records.contains_key(key)
-    }
-
-    /// Payload length stored under `key`.
-    pub fn len_of(&self, key: &str) -> Option<usize> {
-        self.lock().records.get(key).map(|r| r.len)
-    }
-
     /// The blocks of `key` on disk, in order.
     pub fn extents(&self, key: &str) -> Result<Vec<Extent>> {
         let st = self.lock();
@@ -297,16 +284,6 @@ impl SwapStore {
                 len: s.len as u64,
             })
             .collect())
-    }
-
-    /// Bytes reserved in each swap file.
-    pub fn file_bytes(&self) -> Vec<u64> {
-        let bs = self.cfg.block_size as u64;
-        self.lock()
-            .space
-            .iter()
-            .map(|s| s.slots_total * bs)
-            .collect()
     }
 
     /// fdatasync every swap file.

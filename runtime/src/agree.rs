@@ -42,15 +42,6 @@ pub enum AgreeError {
     },
 }
 
-impl From<AgreeError> for crate::engine::EngineError {
-    fn from(e: AgreeError) -> Self {
-        match e {
-            AgreeError::Comm(c) => crate::engine::EngineError::Collective(c),
-            other => crate::engine::EngineError::RanksDisagree(other.to_string()),
-        }
-    }
-}
-
 fn flatten_into(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
     match value {
         toml::Value::Table(table) => {

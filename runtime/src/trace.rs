@@ -39,9 +39,6 @@ use tracing::{Event, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Filter, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::engine::{Engine, EngineError, StepStats};
-use crate::model::Batch;
-
 use crate::outputs::{OutputError, OutputFile, TraceFiles};
 pub use files::rank_path;
 use files::{merge, Sink};
@@ -669,15 +666,6 @@ impl Drop for Trace {
         // After `finish` the file is in place and this removes nothing; before, the run failed.
         self.recorder.discard();
     }
-}
-
-/// One training step through [`Engine::train_step`]; while a trace is recorded on CUDA, through
-/// [`Engine::train_step_profiled`], so that the kernels' GPU times reach the `gpu compute` track.
-pub fn train_step(engine: &mut Engine, batches: &[Batch]) -> Result<StepStats, EngineError> {
-    if active().is_some() && engine.device().backend() == crate::backend::Backend::Cuda {
-        return Ok(engine.train_step_profiled(batches)?.0);
-    }
-    engine.train_step(batches)
 }
 
 #[cfg(test)]

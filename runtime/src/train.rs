@@ -418,8 +418,9 @@ pub fn run_traced(config: Config, mut trace: Option<Trace>) -> Result<Summary, T
         .as_ref()
         .map(|which| checkpoint::resolve(which, config.train.checkpoint_dir.as_deref()))
         .transpose()?;
+    let params = crate::model::gpt2::Gpt2Shape::from_config(&config.model).num_params() as u64;
     let mut outputs =
-        crate::outputs::TrainOutputs::prepare(&config, resume.as_deref(), trace.as_ref())?;
+        crate::outputs::TrainOutputs::prepare(&config, params, resume.as_deref(), trace.as_ref())?;
     if let Some(trace) = trace.as_mut() {
         trace.open(outputs.take_trace())?;
     }
@@ -533,8 +534,8 @@ pub fn run_traced(config: Config, mut trace: Option<Trace>) -> Result<Summary, T
         let _step = tracing::trace_span!("step", step).entered();
         tracing::trace_span!("data")
             .in_scope(|| batches.iter_mut().try_for_each(|b| loader.fill(b)))?;
-        let stats = tracing::trace_span!("train_step")
-            .in_scope(|| crate::trace::train_step(&mut engine, &batches))?;
+        let stats =
+            tracing::trace_span!("train_step").in_scope(|| engine.train_step_traced(&batches))?;
         let val_loss = match validation.as_mut() {
             Some(v) if step == steps || (eval_every > 0 && step % eval_every == 0) => {
                 Some(tracing::trace_span!("eval").in_scope(|| v.loss(&mut engine))?)

@@ -1,11 +1,13 @@
-//! Every shipped config in `configs/` loads (the GPU-only ones cannot be trained here, so a typo in one
-//! would otherwise surface on a lent GPU machine), and the two CPU-offload configs of `bench/gpu_check.sh`
-//! plan as their comments say on an 80 GB GPU with 120 GiB of host memory: parameters and optimizer states
-//! on pinned host memory at ZeRO stage 3, fitting both.
+//! Every shipped config in `configs/` loads and plans (the GPU-only ones cannot be trained here, so a typo
+//! or a setting the engine refuses in one would otherwise surface on a lent GPU machine), and the two
+//! CPU-offload configs of `bench/gpu_check.sh` plan as their comments say on an 80 GB GPU with 120 GiB of
+//! host memory: parameters and optimizer states on pinned host memory at ZeRO stage 3, fitting both.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use strata::config::Config;
+use strata::backend::Backend;
+use strata::config::{Config, DeviceKind};
+use strata::engine::placement::Capacities;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -22,7 +24,32 @@ fn every_config_in_the_configs_folder_loads() {
     assert!(files.len() >= 7, "{files:?}");
     for f in &files {
         let c = Config::load(Some(f), &[]).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        assert!(c.model.n_layer > 0, "{}", f.display());
+        // The engine's own checks before it allocates (head sizes the GPU's attention takes, the
+        // gathered-parameter budget, the placements): on the backend the config names, or the GPU
+        // for "auto", since these configs are for GPU machines.
+        let backend = match c.train.device {
+            DeviceKind::Cpu => Backend::Cpu,
+            DeviceKind::Cuda | DeviceKind::Auto => Backend::Cuda,
+        };
+        let plans = strata::engine::plan_placements(&c, 1, backend, &Capacities::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        assert!(!plans.is_empty(), "{}: no placement", f.display());
+    }
+}
+
+/// `config::bounds::gpt2_params`, the formula the config checks estimate memory with before a model
+/// exists, counts what the model lays out.
+#[test]
+fn the_config_bounds_parameter_count_matches_the_model() {
+    for (l, c, v, t) in [(4, 128, 256, 128), (12, 768, 50257, 1024), (1, 8, 3, 5)] {
+        let mut config = Config::default();
+        let m = &mut config.model;
+        (m.n_layer, m.n_embd, m.vocab_size, m.seq_len) = (l, c, v, t);
+        let shape = strata::model::gpt2::Gpt2Shape::from_config(&config.model);
+        assert_eq!(
+            strata::config::bounds::gpt2_params(&config.model),
+            shape.num_params() as u128
+        );
     }
 }
 

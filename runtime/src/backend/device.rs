@@ -20,6 +20,8 @@ use strata_collectives::Communicator;
 pub use super::arena::{Arena, Buf};
 pub use super::host_queue::Job as HostJob;
 use super::host_queue::Ticket;
+/// `train.attention`, a setting of the config that every attention operation takes.
+pub use crate::config::AttentionMode;
 
 /// Element type of a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -160,29 +162,6 @@ pub struct AdamWHyper {
     pub step: u32,
     /// Multiplies every gradient first (clip factor / loss scale).
     pub grad_scale: f32,
-}
-
-/// How attention keeps what its backward pass needs (`train.attention`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum AttentionMode {
-    /// FlashAttention-2: scores are computed tile by tile and never stored; the forward keeps
-    /// one logsumexp per query row and the backward recomputes the scores.
-    #[default]
-    Fused,
-    /// llm.c's: the (B,NH,T,T) probabilities are stored by the forward and read by the backward.
-    Materialized,
-}
-
-impl AttentionMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            AttentionMode::Fused => "fused",
-            AttentionMode::Materialized => "materialized",
-        }
-    }
 }
 
 /// Sizes of one causal self-attention call: B sequences of T tokens, C = NH·HS channels.

@@ -9,7 +9,6 @@ mod offload;
 mod overrides;
 mod size;
 
-pub use crate::backend::AttentionMode;
 pub use offload::{
     AioBackend, AioSection, MomentsDtype, NvmePaths, OffloadDevice, OffloadOptimizerConfig,
     OffloadParamConfig, TEMP_NVME_PATH,
@@ -19,6 +18,29 @@ pub use size::{ByteSize, SizeOrAuto};
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+/// How attention keeps what its backward pass needs (`train.attention`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionMode {
+    /// FlashAttention-2: scores are computed tile by tile and never stored; the forward keeps
+    /// one logsumexp per query row and the backward recomputes the scores.
+    #[default]
+    Fused,
+    /// llm.c's: the (B,NH,T,T) probabilities are stored by the forward and read by the backward.
+    Materialized,
+}
+
+impl AttentionMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionMode::Fused => "fused",
+            AttentionMode::Materialized => "materialized",
+        }
+    }
+}
 
 /// A configuration error; the message names the key (`optim.lr`) or the file it is about.
 #[derive(Debug, thiserror::Error)]

@@ -29,7 +29,6 @@ pub use manifest::{
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::host_tier::OptimStates;
 use super::zero::Home;
 use super::{Engine, EngineError};
 use crate::backend::Queue;
@@ -56,26 +55,6 @@ impl Engine {
             )));
         }
         Ok(())
-    }
-
-    /// This rank's part of unit `u`: its offset in the padded unit, and its states.
-    fn unit_states(&self, u: usize) -> Result<(usize, OptimStates), EngineError> {
-        let s = &self.states[u];
-        let (offset, len) = match s.placement.optimizer {
-            Home::Whole => (0, s.shard.padded),
-            Home::Sharded => (s.shard.range().start, s.shard.len),
-        };
-        let dev = self.device();
-        let states = match (&s.optim, &self.host) {
-            (Some(o), _) => OptimStates {
-                master: dev.read_f32(&o.master)?,
-                m: dev.read_f32(&o.adam_m)?,
-                v: dev.read_f32(&o.adam_v)?,
-            },
-            (None, Some(tier)) => tier.read_states(dev, u, len, true)?,
-            (None, None) => return Err(super::host::no_optimizer(u)),
-        };
-        Ok((offset, states))
     }
 
     /// Saves a checkpoint of the current step under `root` (collective: every rank calls it);
@@ -125,7 +104,7 @@ impl Engine {
         let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
         let (mut crc, mut bytes, mut parts) = (0u32, 0u64, Vec::with_capacity(self.states.len()));
         for u in 0..self.states.len() {
-            let (offset, states) = self.unit_states(u)?;
+            let (offset, states) = self.read_unit_states(u, true)?;
             for values in [&states.master, &states.m, &states.v] {
                 let b = le_bytes(values);
                 out.write_all(b).map_err(|e| error(&path, e))?;
@@ -230,35 +209,16 @@ impl Engine {
         self.check_batch(dir, &manifest)?;
         let reader = CheckpointReader::open(dir, &manifest)?;
         self.dev.synchronize_all()?;
-        let dev = std::sync::Arc::clone(&self.dev);
         let same_layout = manifest.world_size == self.comm.world_size();
         for u in 0..self.states.len() {
-            let s = &self.states[u];
-            let (offset, len) = match s.placement.optimizer {
-                Home::Whole => (0, s.shard.padded),
-                Home::Sharded => (s.shard.range().start, s.shard.len),
-            };
-            let [master, m, v] =
-                reader.part(u, offset, len, same_layout.then_some(self.comm.rank()))?;
-            match (&s.optim, self.host.as_mut()) {
-                (Some(o), _) => {
-                    dev.upload(&o.master, &master)?;
-                    dev.upload(&o.adam_m, &m)?;
-                    dev.upload(&o.adam_v, &v)?;
-                    let copy = s.params_shard.as_ref().or(s.params.as_ref());
-                    if let Some(copy) = copy.filter(|c| !c.same_range(&o.master)) {
-                        dev.cast_f32_to_x(copy, &o.master)?;
-                    }
-                }
-                (None, Some(tier)) => tier.init_unit(
-                    dev.as_ref(),
-                    u,
-                    &master,
-                    Some((&m, &v)),
-                    s.params_shard.as_ref(),
-                )?,
-                (None, None) => return Err(super::host::no_optimizer(u)),
-            }
+            let range = self.states[u].optimizer_range();
+            let [master, m, v] = reader.part(
+                u,
+                range.start,
+                range.len(),
+                same_layout.then_some(self.comm.rank()),
+            )?;
+            self.write_unit_states(u, &master, Some((&m, &v)))?;
         }
         self.gather_whole_params()?;
         self.dev.synchronize_all()?;

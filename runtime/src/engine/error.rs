@@ -1,6 +1,7 @@
 //! `EngineError`: every failure of the engine, by what failed. No backend type appears here:
 //! device failures arrive as the seam's `DeviceError`.
 
+use crate::agree::AgreeError;
 use crate::backend::DeviceError;
 use crate::weights::WeightsError;
 use strata_collectives::CommError;
@@ -37,6 +38,15 @@ pub enum EngineError {
     /// A setting the engine cannot honour; names the key.
     #[error("{key}: {message}")]
     Setting { key: &'static str, message: String },
+}
+
+impl From<AgreeError> for EngineError {
+    fn from(e: AgreeError) -> Self {
+        match e {
+            AgreeError::Comm(c) => EngineError::Collective(c),
+            other => EngineError::RanksDisagree(other.to_string()),
+        }
+    }
 }
 
 /// What is wrong with the micro-batches handed to a step.

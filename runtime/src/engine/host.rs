@@ -1,73 +1,121 @@
-//! States between the host and the device: initial weights in, the compute copies refreshed from
-//! the master weights, and whole units gathered back to the host (weights export, tests).
-//! Gathering shards is a collective: every rank calls these together.
+//! States between the host and the device: initial weights in, a unit's optimizer states written
+//! to and read from whatever tier holds them (initialisation, checkpoints), the compute copies
+//! refreshed from the master weights, and whole units gathered back to the host (weights export,
+//! tests). Gathering shards is a collective: every rank calls these together.
 
+use std::sync::Arc;
+
+use super::host_tier::OptimStates;
+use super::memory::{Optimizer, Weights};
 use super::zero::Home;
 use super::{Engine, EngineError};
 use crate::backend::Queue;
 use crate::weights;
-use std::sync::Arc;
 
 impl Engine {
     /// Initial weights (the model's init, or `model.init_from`, the same on every rank) into
     /// this rank's master weights; zero gradients and moments; the compute copies from them.
     pub(super) fn init_params(&mut self) -> Result<(), EngineError> {
         let seed = self.config.data.seed;
+        let units = &self.laid.units;
         // A weights file is read whole; the model's own init goes one unit at a time, so the
         // host never holds more than the largest unit.
         let mut loaded = match &self.config.model.init_from {
             Some(path) => {
                 let mut params: Vec<Vec<f32>> =
-                    self.units.iter().map(|u| vec![0.0; u.numel()]).collect();
-                weights::load(path, &self.units, &mut params)?;
+                    units.iter().map(|u| vec![0.0; u.numel()]).collect();
+                weights::load(path, units, &mut params)?;
                 Some(params)
             }
             None => None,
         };
-        let dev = Arc::clone(&self.dev);
-        let dev = &*dev;
-        for i in 0..self.states.len() {
+        for u in 0..self.states.len() {
             let mut host = match loaded.as_mut() {
-                Some(params) => std::mem::take(&mut params[i]),
-                None => self.units[i].init_params(seed, i),
+                Some(params) => std::mem::take(&mut params[u]),
+                None => self.laid.units[u].init_params(seed, u),
             };
-            let state = &self.states[i];
+            let state = &self.states[u];
             host.resize(state.shard.padded, 0.0);
-            let part = match state.placement.optimizer {
-                Home::Whole => &host[..],
-                Home::Sharded => &host[state.shard.range()],
-            };
-            match (&state.optim, self.host.as_mut()) {
-                (Some(o), _) => dev.upload(&o.master, part)?,
-                (None, Some(tier)) => {
-                    tier.init_unit(dev, i, part, None, state.params_shard.as_ref())?
-                }
-                (None, None) => return Err(no_optimizer(i)),
-            }
+            let range = state.optimizer_range();
+            self.write_unit_states(u, &host[range], None)?;
         }
-        for state in &self.states {
-            if let Some(g) = &state.grads {
-                dev.memset(Queue::Compute, g, 0)?;
-            }
-            let Some(o) = &state.optim else {
-                continue;
-            };
-            for buf in [&o.adam_m, &o.adam_v] {
-                dev.memset(Queue::Compute, buf, 0)?;
-            }
-            let copy = match (&state.params, &state.params_shard) {
-                (_, Some(shard)) => Some(shard),
-                (Some(whole), None) => Some(whole),
-                (None, None) => None,
-            };
-            if let Some(copy) = copy.filter(|c| !c.same_range(&o.master)) {
-                dev.cast_f32_to_x(copy, &o.master)?;
-            }
+        for grads in self.states.iter().filter_map(|s| s.grads.on_device()) {
+            self.dev.memset(Queue::Compute, grads, 0)?;
         }
         self.gather_whole_params()?;
-        dev.synchronize(Queue::Compute)?;
-        dev.synchronize(Queue::Comm)?;
+        self.dev.synchronize(Queue::Compute)?;
+        self.dev.synchronize(Queue::Comm)?;
         Ok(())
+    }
+
+    /// Writes unit `u`'s optimizer states on this rank — its fp32 master weights `master` (this
+    /// rank's part: [`UnitState::optimizer_range`](super::UnitState::optimizer_range)), Adam's
+    /// `moments` (or zeros) — to their tier, with the compute weights rounded from them where
+    /// they live apart. Whole compute weights of sharded optimizer states are gathered after
+    /// (`gather_whole_params`). The queues must be idle.
+    pub(super) fn write_unit_states(
+        &mut self,
+        u: usize,
+        master: &[f32],
+        moments: Option<(&[f32], &[f32])>,
+    ) -> Result<(), EngineError> {
+        let dev = Arc::clone(&self.dev);
+        match &self.states[u].optimizer {
+            Optimizer::Device(o) => {
+                dev.upload(&o.master, master)?;
+                match moments {
+                    Some((m, v)) => {
+                        dev.upload(&o.adam_m, m)?;
+                        dev.upload(&o.adam_v, v)?;
+                    }
+                    None => {
+                        for buf in [&o.adam_m, &o.adam_v] {
+                            dev.memset(Queue::Compute, buf, 0)?;
+                        }
+                    }
+                }
+                if let Some(compute) = &o.compute {
+                    dev.cast_f32_to_x(compute, &o.master)?;
+                }
+            }
+            Optimizer::Host => {
+                let tier = self.host.as_mut().ok_or_else(|| no_optimizer(u))?;
+                tier.init_unit(dev.as_ref(), u, master, moments)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// This rank's part of unit `u`'s optimizer states, read from their tier: its offset in the
+    /// padded unit, the fp32 master weights and, with `moments`, Adam's m and v (else empty).
+    pub(super) fn read_unit_states(
+        &self,
+        u: usize,
+        moments: bool,
+    ) -> Result<(usize, OptimStates), EngineError> {
+        let s = &self.states[u];
+        let range = s.optimizer_range();
+        let dev = self.device();
+        let states = match &s.optimizer {
+            Optimizer::Device(o) => OptimStates {
+                master: dev.read_f32(&o.master)?,
+                m: if moments {
+                    dev.read_f32(&o.adam_m)?
+                } else {
+                    Vec::new()
+                },
+                v: if moments {
+                    dev.read_f32(&o.adam_v)?
+                } else {
+                    Vec::new()
+                },
+            },
+            Optimizer::Host => {
+                let tier = self.host.as_ref().ok_or_else(|| no_optimizer(u))?;
+                tier.read_states(dev, u, range.len(), moments)?
+            }
+        };
+        Ok((range.start, states))
     }
 
     /// Whole compute weights of units whose optimizer states are sharded: the all-gather of
@@ -76,19 +124,20 @@ impl Engine {
         let dev = &*self.dev;
         let mut waited = false;
         for (u, state) in self.states.iter().enumerate() {
-            if let (Some(whole), Some(shard)) = (&state.params, &state.params_shard) {
-                if !waited {
-                    dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
-                    waited = true;
-                }
-                // Shards the host optimizer updated arrive through the H2D queue.
-                if let Some(tier) = &self.host {
-                    for e in tier.written(u) {
-                        dev.wait(Queue::Comm, e)?;
-                    }
-                }
-                dev.all_gather(&self.comm, shard, whole)?;
+            let Weights::Replicated { whole, shard } = &state.weights else {
+                continue;
+            };
+            if !waited {
+                dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
+                waited = true;
             }
+            // Shards the host optimizer updated arrive through the H2D queue.
+            if let Some(tier) = &self.host {
+                for e in tier.written(u) {
+                    dev.wait(Queue::Comm, e)?;
+                }
+            }
+            dev.all_gather(&self.comm, shard, whole)?;
         }
         Ok(())
     }
@@ -112,7 +161,7 @@ impl Engine {
                 whole
             }
         };
-        whole.truncate(self.units[unit].numel());
+        whole.truncate(self.laid.units[unit].numel());
         Ok(whole)
     }
 
@@ -121,13 +170,8 @@ impl Engine {
     pub fn params(&self) -> Result<Vec<Vec<f32>>, EngineError> {
         (0..self.states.len())
             .map(|u| {
-                let s = &self.states[u];
-                let part = match (&s.optim, &self.host) {
-                    (Some(o), _) => self.device().read_f32(&o.master)?,
-                    (None, Some(tier)) => tier.read_master(self.device(), u, s.shard.len)?,
-                    (None, None) => return Err(no_optimizer(u)),
-                };
-                self.gather_to_host(u, part, s.placement.optimizer)
+                let (_, states) = self.read_unit_states(u, false)?;
+                self.gather_to_host(u, states.master, self.states[u].placement.optimizer)
             })
             .collect()
     }
@@ -140,7 +184,7 @@ impl Engine {
         (0..self.states.len())
             .map(|u| {
                 let s = &self.states[u];
-                let g = s.grads.as_ref().ok_or_else(|| EngineError::Setting {
+                let g = s.grads.on_device().ok_or_else(|| EngineError::Setting {
                     key: "offload_optimizer.device",
                     message: "gradients are on the optimizer's tier, not the device".into(),
                 })?;
@@ -162,15 +206,15 @@ impl Engine {
         let mut meta = std::collections::BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         meta.insert("strata_step".to_string(), self.step.to_string());
-        let units = self.units.iter().zip(params.iter().map(Vec::as_slice));
+        let units = self.laid.units.iter().zip(params.iter().map(Vec::as_slice));
         weights::save(path, units, meta)?;
         Ok(())
     }
 }
 
-pub(super) fn no_optimizer(unit: usize) -> EngineError {
+fn no_optimizer(unit: usize) -> EngineError {
     EngineError::Setting {
         key: "offload_optimizer.device",
-        message: format!("unit {unit} has its optimizer states neither on the device nor off it"),
+        message: format!("unit {unit} has its optimizer states off the device and no host tier"),
     }
 }

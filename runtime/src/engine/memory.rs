@@ -1,49 +1,126 @@
 //! The engine's device memory: every unit's states and the step's buffers, allocated by one
 //! function that runs twice — on a counting arena (the dry run that sizes the device), then on
-//! the device's arena. Each unit's states sit in one record, [`UnitState`], so partitioning and
-//! offload can replace its buffers by shards with a residency without the stage walk changing.
+//! the device's arena. Each unit's states sit in one record, [`UnitState`], whose parts say where
+//! each state class lives and own its device storage; the walk and the step read from them what
+//! to do, decided here once from the placement.
+
+use std::ops::Range;
 
 use super::placement::{Tier, Tiers};
-use super::zero::{Home, Placement, Shard};
+use super::ring::Ring;
+use super::zero::{clip_segments, Home, Placement, Shard};
 use crate::backend::{Arena, Buf, DType, DeviceError, NORM_PARTIALS_MAX};
 use crate::model::{Tokens, UnitSpec};
 
-/// The optimizer's states of one unit on the device: fp32 master weights, AdamW's moments.
+/// All states of one unit on this rank. Whole buffers hold the unit's padded layout
+/// (`shard.padded` elements); sharded ones hold this rank's `shard.len` elements. States on the
+/// host or NVMe are the host tier's (`engine/host_tier/`).
+pub struct UnitState {
+    pub shard: Shard,
+    pub placement: Placement,
+    pub weights: Weights,
+    pub grads: Grads,
+    pub optimizer: Optimizer,
+}
+
+/// Where a unit's compute weights (X) live, and how a use gets them.
+pub enum Weights {
+    /// Whole on the device (stage 0), updated there by the optimizer (the master weights
+    /// themselves when X is f32).
+    Whole(Buf),
+    /// Whole on the device, all-gathered from this rank's device shard after each optimizer step
+    /// (stages 1–2, units under the persistence threshold at stage 3). The shard is the master
+    /// shard itself when X is f32 and the optimizer is on the device.
+    Replicated { whole: Buf, shard: Buf },
+    /// This rank's shard on the device, all-gathered into the parameter pool before each use
+    /// (stage 3).
+    Sharded(Buf),
+    /// This rank's shard off the device (the host tier's: host memory or NVMe), copied into its
+    /// slot of the parameter pool before each use, then all-gathered there in place when
+    /// `all_gather` (with one rank the shard is the whole unit).
+    Offloaded { all_gather: bool },
+}
+
+impl Weights {
+    /// The whole weights a use reads when the unit is not gathered.
+    pub fn whole(&self) -> Option<&Buf> {
+        match self {
+            Weights::Whole(whole) | Weights::Replicated { whole, .. } => Some(whole),
+            _ => None,
+        }
+    }
+
+    /// This rank's shard on the device: what the optimizer updates and all-gathers send.
+    pub fn device_shard(&self) -> Option<&Buf> {
+        match self {
+            Weights::Replicated { shard, .. } | Weights::Sharded(shard) => Some(shard),
+            _ => None,
+        }
+    }
+
+    /// Whether each use reads a gathered copy from the parameter pool.
+    pub fn is_gathered(&self) -> bool {
+        matches!(self, Weights::Sharded(_) | Weights::Offloaded { .. })
+    }
+}
+
+/// Where a unit's gradients (f32) accumulate over a step's micro-batches, and where they go.
+pub enum Grads {
+    /// Whole on the device (stages 0–1), all-reduced after the step's last backward use of the
+    /// unit when `all_reduce` (several ranks); with the optimizer off the device (`to_host`),
+    /// this rank's part then goes to the host tier.
+    Whole {
+        buf: Buf,
+        all_reduce: bool,
+        to_host: bool,
+    },
+    /// This rank's shard on the device (stages 2–3, optimizer on the device): each micro-batch's
+    /// full gradient (a pool buffer) is reduce-scattered and added into it.
+    Shard(Buf),
+    /// The host tier's (stages 2–3, optimizer off the device): each micro-batch's full gradient
+    /// is reduce-scattered into a reduce target and copied to the host from there when
+    /// `via_target`; with one rank the full gradient is the shard and is copied from its pool
+    /// buffer.
+    ToHost { via_target: bool },
+}
+
+impl Grads {
+    /// The gradients on the device, whole or this rank's shard.
+    pub fn on_device(&self) -> Option<&Buf> {
+        match self {
+            Grads::Whole { buf, .. } | Grads::Shard(buf) => Some(buf),
+            Grads::ToHost { .. } => None,
+        }
+    }
+}
+
+/// Where a unit's optimizer states (fp32 master weights, Adam m and v) live.
+pub enum Optimizer {
+    Device(DeviceOptim),
+    /// Off the device: the host tier's sub-groups of the unit (host memory or NVMe).
+    Host,
+}
+
+/// The optimizer's states of one unit on the device, with everything its update reads.
 pub struct DeviceOptim {
     pub master: Buf,
     pub adam_m: Buf,
     pub adam_v: Buf,
-}
-
-/// All states of one unit on this rank's device. Whole buffers hold the unit's padded layout
-/// (`shard.padded` elements); sharded ones hold this rank's `shard.len` elements. States on the
-/// host or NVMe are the host tier's (`engine/host_tier.rs`).
-pub struct UnitState {
-    pub shard: Shard,
-    pub placement: Placement,
-    /// Whole compute weights (X): every unit at stages 0–2, persistent units at stage 3.
-    /// The master weights themselves at stage 0 when X is f32.
-    pub params: Option<Buf>,
-    /// This rank's shard of the compute weights on the device (X), what all-gathers send
-    /// (stages ≥ 1, parameters on the device); the master shard itself when X is f32 and the
-    /// optimizer is on the device.
-    pub params_shard: Option<Buf>,
-    /// Gradients on the device (f32): whole (all-reduced), or this rank's shard (reduce-scattered
-    /// into, accumulated over the micro-batches of a step). None when the host optimizer takes
-    /// this unit's reduced gradients.
-    pub grads: Option<Buf>,
-    /// The optimizer's states on the device; None when they are on the host or NVMe.
-    pub optim: Option<DeviceOptim>,
+    /// The gradients of the elements they hold ([`UnitState::optimizer_range`]): a view of
+    /// whole gradients, or the gradient shard.
+    pub grads: Buf,
+    /// The compute weights the update also writes, rounded to X (None: they are `master`).
+    pub compute: Option<Buf>,
+    /// AdamW's segments over the elements they hold, relative to their start.
+    pub segments: Vec<AdamSegment>,
 }
 
 impl UnitState {
-    /// Whether whole compute weights exist apart from the master weights (they are updated
-    /// from them after each optimizer step).
-    pub fn has_compute_copy(&self) -> bool {
-        match (&self.params, &self.optim) {
-            (Some(p), Some(o)) => !p.same_range(&o.master),
-            (Some(_), None) => true,
-            _ => false,
+    /// This rank's part of the optimizer's states: the whole unit, or its shard.
+    pub fn optimizer_range(&self) -> Range<usize> {
+        match self.placement.optimizer {
+            Home::Whole => 0..self.shard.padded,
+            Home::Sharded => self.shard.range(),
         }
     }
 }
@@ -72,8 +149,9 @@ pub struct StepBuffers {
     /// Where a reduce-scatter lands before it is added to its gradient shard (f32); also the
     /// scratch of in-place all-gathers.
     pub reduce_scratch: Option<Buf>,
-    /// With the optimizer off the device: reduced gradient shards on their way to the host (f32).
-    pub reduce_targets: Vec<Buf>,
+    /// With the optimizer off the device and several ranks: reduced gradient shards on their
+    /// way to the host (f32).
+    pub reduce_targets: Option<Ring<Buf>>,
 }
 
 /// The sizes the engine's memory is planned for.
@@ -119,30 +197,29 @@ fn alloc_home(
 /// Reduced gradient shards in flight to the host at once (with the optimizer off the device).
 pub const REDUCE_TARGETS: usize = 2;
 
-/// Allocates (or, on a counting arena, counts) the device states of one unit.
+/// Allocates (or, on a counting arena, counts) the device states of one unit, whose AdamW
+/// segments are `segments`, at `world` ranks.
 fn unit_state(
     arena: &Arena,
     x: DType,
-    shard: Shard,
-    placement: Placement,
+    (shard, placement): (Shard, Placement),
+    segments: &[AdamSegment],
     tiers: Tiers,
+    one_rank: bool,
 ) -> Result<UnitState, DeviceError> {
     let optim = match tiers.optimizer {
-        Tier::Device => Some(DeviceOptim {
-            master: alloc_home(
-                arena,
-                "master params (f32)",
-                DType::F32,
-                placement.optimizer,
-                &shard,
-            )?,
-            adam_m: alloc_home(arena, "adam m", DType::F32, placement.optimizer, &shard)?,
-            adam_v: alloc_home(arena, "adam v", DType::F32, placement.optimizer, &shard)?,
-        }),
+        Tier::Device => {
+            let alloc = |what| alloc_home(arena, what, DType::F32, placement.optimizer, &shard);
+            Some([
+                alloc("master params (f32)")?,
+                alloc("adam m")?,
+                alloc("adam v")?,
+            ])
+        }
         _ => None,
     };
-    let master = optim.as_ref().map(|o| &o.master);
-    let params = match (placement.params, master) {
+    let master = optim.as_ref().map(|[master, ..]| master);
+    let whole = match (placement.params, master) {
         (Home::Whole, Some(m)) if placement.optimizer == Home::Whole && x == DType::F32 => {
             Some(m.clone())
         }
@@ -150,44 +227,92 @@ fn unit_state(
         (Home::Sharded, _) => None,
     };
     let params_on_device = placement.params == Home::Whole || tiers.params == Tier::Device;
-    let params_shard = match (placement.optimizer, master) {
+    let device_shard = match (placement.optimizer, master) {
         (Home::Whole, _) => None,
         _ if !params_on_device => None,
         (Home::Sharded, Some(m)) if x == DType::F32 => Some(m.clone()),
         (Home::Sharded, _) => Some(arena.alloc("compute params", x, shard.len)?),
     };
+    let weights = match (whole, device_shard) {
+        (Some(whole), None) => Weights::Whole(whole),
+        (Some(whole), Some(shard)) => Weights::Replicated { whole, shard },
+        (None, Some(shard)) => Weights::Sharded(shard),
+        (None, None) => Weights::Offloaded {
+            all_gather: !one_rank,
+        },
+    };
     // Whole gradients stay on the device (all-reduced there); a sharded gradient lives with the
     // optimizer.
     let grads = match (placement.grads, tiers.optimizer) {
-        (Home::Whole, _) | (Home::Sharded, Tier::Device) => Some(alloc_home(
+        (Home::Whole, optimizer) => Grads::Whole {
+            buf: alloc_home(arena, "gradients (f32)", DType::F32, Home::Whole, &shard)?,
+            all_reduce: !one_rank,
+            to_host: optimizer != Tier::Device,
+        },
+        (Home::Sharded, Tier::Device) => Grads::Shard(alloc_home(
             arena,
             "gradients (f32)",
             DType::F32,
-            placement.grads,
+            Home::Sharded,
             &shard,
         )?),
-        (Home::Sharded, _) => None,
+        (Home::Sharded, _) => Grads::ToHost {
+            via_target: !one_rank,
+        },
     };
-    Ok(UnitState {
+    let mut state = UnitState {
         shard,
         placement,
-        params,
-        params_shard,
+        weights,
         grads,
-        optim,
-    })
+        optimizer: Optimizer::Host,
+    };
+    if let Some([master, adam_m, adam_v]) = optim {
+        let range = state.optimizer_range();
+        let compute = match placement.optimizer {
+            Home::Whole => state.weights.whole(),
+            Home::Sharded => state.weights.device_shard(),
+        };
+        let compute = compute.filter(|c| !c.same_range(&master)).cloned();
+        let on_device = state.grads.on_device().ok_or_else(|| {
+            DeviceError::op(
+                "allocate",
+                "the device optimizer's gradients are not on the device",
+            )
+        })?;
+        // Whole gradients are read at this rank's part; sharded ones are that part.
+        let grads = match (placement.grads, placement.optimizer) {
+            (Home::Whole, Home::Sharded) => on_device.slice(range.start, range.len())?,
+            _ => on_device.clone(),
+        };
+        state.optimizer = Optimizer::Device(DeviceOptim {
+            master,
+            adam_m,
+            adam_v,
+            grads,
+            compute,
+            segments: clip_segments(segments, &range),
+        });
+    }
+    Ok(state)
 }
 
-/// Allocates (or counts) every unit's device states and every step buffer.
+/// Allocates (or counts) every unit's device states and every step buffer; `segments[u]` are
+/// unit u's AdamW segments.
 pub fn allocate(
     arena: &Arena,
     units: &[(Shard, Placement)],
+    segments: &[Vec<AdamSegment>],
     tiers: Tiers,
     sizes: &Sizes,
 ) -> Result<(Vec<UnitState>, StepBuffers), DeviceError> {
+    // One rank: a unit's gradient buffer is its own shard (the host takes it from there), and a
+    // fetched shard is its own gather.
+    let one_rank = units.iter().all(|(s, _)| s.len == s.padded);
     let states = units
         .iter()
-        .map(|&(shard, placement)| unit_state(arena, sizes.x, shard, placement, tiers))
+        .zip(segments)
+        .map(|(&unit, segments)| unit_state(arena, sizes.x, unit, segments, tiers, one_rank))
         .collect::<Result<Vec<_>, DeviceError>>()?;
     let (bt, x) = (sizes.bt(), sizes.x);
     let tokens = arena.alloc("tokens", DType::I32, 2 * sizes.micro_max * bt)?;
@@ -212,9 +337,6 @@ pub fn allocate(
         shard_max(|p| p.params)
     };
     let offloaded_grads = tiers.optimizer != Tier::Device && grad_shard_max > 0;
-    // One rank: a unit's gradient buffer is its own shard (the host takes it from there), and a
-    // fetched shard is its own gather.
-    let one_rank = units.iter().all(|(s, _)| s.len == s.padded);
     let scratch_len = match (one_rank, offloaded_grads) {
         (true, true) => 0,
         (true, false) => grad_shard_max,
@@ -234,13 +356,16 @@ pub fn allocate(
         param_pool: pool("gathered params (pool)", x, sizes.param_pool_len)?,
         grad_pool: pool("gradient buffers (pool)", DType::F32, sizes.grad_pool_len)?,
         reduce_scratch: pool("reduce-scatter scratch", DType::F32, scratch_len)?,
-        reduce_targets: if offloaded_grads && !one_rank {
-            (0..REDUCE_TARGETS)
-                .map(|_| arena.alloc("reduced gradients to the host", DType::F32, grad_shard_max))
-                .collect::<Result<_, _>>()?
-        } else {
-            Vec::new()
-        },
+        reduce_targets: (offloaded_grads && !one_rank)
+            .then(|| {
+                (0..REDUCE_TARGETS)
+                    .map(|_| {
+                        arena.alloc("reduced gradients to the host", DType::F32, grad_shard_max)
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Ring::new)
+            })
+            .transpose()?,
     };
     Ok((states, buffers))
 }
@@ -340,22 +465,23 @@ mod tests {
 
     #[test]
     fn fp32_compute_weights_are_the_master_weights() {
-        let units: Vec<(Shard, Placement)> = Gpt2::new(Gpt2Shape {
+        let model = Gpt2::new(Gpt2Shape {
             n_layer: 1,
             n_head: 2,
             n_embd: 8,
             vocab_size: 100,
             max_seq_len: 4,
-        })
-        .units()
-        .iter()
-        .map(|u| {
-            (
-                Shard::new(u.numel(), 1, 0),
-                Placement::for_stage(0, u.numel(), 0),
-            )
-        })
-        .collect();
+        });
+        let units: Vec<(Shard, Placement)> = model
+            .units()
+            .iter()
+            .map(|u| {
+                (
+                    Shard::new(u.numel(), 1, 0),
+                    Placement::for_stage(0, u.numel(), 0),
+                )
+            })
+            .collect();
         let sizes = Sizes {
             b: 2,
             t: 4,
@@ -372,12 +498,20 @@ mod tests {
             params: Tier::Device,
             optimizer: Tier::Device,
         };
-        let (states, _) = allocate(&arena, &units, on_device, &sizes).unwrap();
-        assert!(!states[0].has_compute_copy());
+        let segments: Vec<Vec<AdamSegment>> = model.units().iter().map(adam_segments).collect();
+        // Whether whole compute weights exist apart from the master weights (the update writes
+        // them too).
+        let has_compute_copy = |s: &UnitState| match &s.optimizer {
+            Optimizer::Device(o) => o.compute.is_some(),
+            Optimizer::Host => true,
+        };
+        let (states, _) = allocate(&arena, &units, &segments, on_device, &sizes).unwrap();
+        assert!(!has_compute_copy(&states[0]));
         let bf16 = Arena::counting();
         let (states, _) = allocate(
             &bf16,
             &units,
+            &segments,
             on_device,
             &Sizes {
                 x: DType::Bf16,
@@ -385,7 +519,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(states[0].has_compute_copy());
+        assert!(has_compute_copy(&states[0]));
         assert!(bf16.peak_bytes() > arena.peak_bytes());
     }
 }

@@ -7,17 +7,26 @@
 //! buffers, the model's activations and workspaces) runs once on a counting arena, the device is
 //! opened with exactly that many bytes — or the engine says what does not fit and what to
 //! change — and the same code runs again on the device's arena. Nothing is allocated inside a
-//! step. Each unit's states sit in one record, [`UnitState`], so partitioning and offload can
-//! replace its buffers by shards with a residency without the stage walk changing.
+//! step. Each unit's states sit in one record, [`UnitState`], and each sub-group of the host
+//! tier's in another: where a state lives is an enum that owns its storage, decided once from
+//! the placement, which the walk and the step read instead of deciding again.
+//!
+//! Files: `setup.rs` (what is decided before the device opens: layout, pools, placement),
+//! `placement.rs` (the placement plan), `zero.rs` (shards), `memory.rs` (the unit records and
+//! step buffers), `schedule.rs` (a walk's plan), `walk.rs` (the walk), `step.rs` (the step:
+//! tokens, norm, AdamW), `host.rs` (states in and out), `host_tier/` (states off the device),
+//! `host_mem.rs` (host buffers), `ring.rs` (staging rings), `checkpoint.rs`, `stats.rs`.
 
 pub mod checkpoint;
 mod error;
 mod host;
 mod host_mem;
-pub mod host_tier;
+mod host_tier;
 mod memory;
 pub mod placement;
+mod ring;
 pub mod schedule;
+mod setup;
 mod stats;
 mod step;
 mod walk;
@@ -25,7 +34,8 @@ pub mod zero;
 
 pub use error::{BatchError, EngineError};
 pub use host_tier::OffloadTraffic;
-pub use memory::{human_bytes, UnitState};
+pub use memory::human_bytes;
+use memory::UnitState;
 pub use stats::{StepStats, Traffic};
 
 use std::sync::Arc;
@@ -33,18 +43,17 @@ use std::time::Duration;
 
 use strata_collectives::{CommError, Communicator};
 
-use crate::backend::{
-    self, Arena, AttentionMode, Backend, Device, DeviceError, DeviceOptions, Event, Precision,
-    Queue,
-};
+use crate::backend::{self, AttentionMode, Backend, Device, DeviceOptions, Precision, Queue};
 use crate::config::{self, Config, DeviceKind, DistConfig};
 use crate::model::gpt2::{Gpt2, Gpt2Shape};
-use crate::model::{Batch, Model, Prepare, UnitSpec};
+use crate::model::{Batch, Model, UnitSpec};
 use crate::optim::LossScaler;
-use memory::{AdamSegment, Sizes, StepBuffers};
-use placement::Tier;
-use schedule::{Lookahead, Plan, PlanInput};
-use zero::{Home, Placement, Shard};
+use host_tier::HostTier;
+use memory::StepBuffers;
+use placement::{PlacementPlan, Tier};
+use schedule::Plan;
+use setup::{Laid, TempSwapDir};
+use step::TokenStaging;
 
 /// The communicator for this process: from the launcher's variables when it was started by
 /// `strata launch`, torchrun, srun or mpirun; a world of one otherwise.
@@ -112,38 +121,28 @@ fn check_attention(config: &Config, backend: Backend) -> Result<(), EngineError>
 pub struct Engine {
     config: Config,
     model: Box<dyn Model>,
-    units: Vec<UnitSpec>,
-    /// The units each stage uses (the model's `stages()`, read once).
-    stage_units: Vec<Vec<usize>>,
-    /// AdamW segments of each unit.
-    segments: Vec<Vec<AdamSegment>>,
-    sizes: Sizes,
+    /// The units, stages, shards and sizes the engine was laid out for.
+    laid: Laid,
+    /// Where every state class lives (tiers, bytes per tier).
+    placement: PlacementPlan,
+    /// Bytes of device memory per purpose, from the dry run.
+    ledger: Vec<(&'static str, usize)>,
+    /// Every unit's states on this rank, one record each.
     states: Vec<UnitState>,
     bufs: StepBuffers,
-    /// How far ahead the walks gather, as the budget allowed.
-    lookahead: Lookahead,
-    /// Where every state class lives (tiers, bytes per tier).
-    placement: placement::PlacementPlan,
-    /// States off the device, with their pool and swap stores (None: everything on the device).
-    host: Option<host_tier::HostTier>,
-    /// The temporary directory of `nvme_path = "@tmp"` (after `host`: removed once the swap
-    /// files are closed).
-    _swap_dir: Option<TempSwapDir>,
-    /// When each reduced-gradient target may be reused (its copies to the host are done), and
-    /// the next one to use.
-    reduce_released: Vec<Option<Event>>,
-    reduce_next: usize,
+    /// The host tier: states off the device with their pool and swap stores. Some exactly when
+    /// the optimizer is off the device.
+    host: Option<HostTier>,
+    /// The host optimizer steps each resident sub-group as its gradient completes, during
+    /// backward (no clipping and no fp16 loss scale: its update needs only its own gradient).
+    early_adamw: bool,
     /// Plans of the walks run so far, by (micro-batches, training).
     plans: Vec<((usize, bool), Arc<Plan>)>,
+    /// Host staging of the step's tokens.
+    tokens: TokenStaging,
     scaler: LossScaler,
     /// Optimizer steps taken.
     step: usize,
-    /// Host staging of the step's tokens, laid out as `bufs.tokens`.
-    tokens_host: Vec<i32>,
-    /// The last copy out of `tokens_host` (waited for before it is rewritten).
-    tokens_copied: Option<Event>,
-    /// Bytes of device memory per purpose, from the dry run.
-    ledger: Vec<(&'static str, usize)>,
     /// Data-parallel group: gradients are averaged over it before the optimizer step.
     comm: Arc<dyn Communicator>,
     // Last: its queues drain (and its memory is freed) after every buffer above is dropped.
@@ -177,19 +176,12 @@ impl Engine {
             Some(dir) => config.with_temp_nvme_path(dir.dir.path()),
             None => config,
         };
-        let laid = lay_out(&config, model.as_ref(), world, rank, precision)?;
+        let laid = setup::lay_out(&config, model.as_ref(), world, rank, precision)?;
         // The dry run (the same allocations on an arena that only counts) for each placement the
         // config allows, fastest first: the first that fits this machine is the plan.
         let caps = placement::Capacities::of_this_machine(&config, backend);
-        let (placement, counting) = choose_placement(&config, &laid, model.as_mut(), world, &caps)?;
-        let Laid {
-            units,
-            stage_units,
-            layout,
-            lookahead,
-            sizes,
-            prepare,
-        } = laid;
+        let (placement, counting) =
+            setup::choose_placement(&config, &laid, model.as_mut(), world, &caps)?;
         let ledger = counting.ledger();
         let dev = backend::open(&DeviceOptions {
             backend,
@@ -204,51 +196,46 @@ impl Engine {
             ordinal: strata_collectives::RankInfo::from_env().map_or(0, |info| info.local_rank),
             stall_timeout: Duration::from_secs(config.dist.timeout_s.saturating_add(60)),
         })
-        .map_err(|e| does_not_fit(e, &ledger, &config))?;
-        let (states, bufs) = memory::allocate(dev.arena(), &layout, placement.tiers, &sizes)?;
-        model.prepare(dev.arena(), prepare)?;
-        let host = if placement.tiers.params == Tier::Device
-            && placement.tiers.optimizer == Tier::Device
-        {
-            None
-        } else {
-            let shards: Vec<Shard> = layout.iter().map(|(s, _)| *s).collect();
-            let gathered: Vec<bool> = layout
-                .iter()
-                .map(|(_, p)| p.params == Home::Sharded)
-                .collect();
-            Some(host_tier::HostTier::new(
+        .map_err(|e| setup::does_not_fit(e, &ledger, &config))?;
+        let (states, bufs) = memory::allocate(
+            dev.arena(),
+            &laid.layout,
+            &laid.segments,
+            placement.tiers,
+            &laid.sizes,
+        )?;
+        model.prepare(dev.arena(), laid.prepare)?;
+        // Parameters off the device are updated by an optimizer off the device: the host tier
+        // exists exactly when the optimizer is off the device.
+        let host = match placement.tiers.optimizer {
+            Tier::Device => None,
+            _ => Some(HostTier::new(
                 &config,
                 &placement,
-                &shards,
-                &gathered,
-                sizes.x,
+                &laid,
+                &states,
                 dev.as_ref(),
                 rank,
-            )?)
+                swap_dir,
+            )?),
         };
+        let early_adamw =
+            host.is_some() && config.optim.grad_clip <= 0.0 && precision != Precision::Fp16;
         if rank == 0 {
             // The summary line says where states live; the table is `strata plan`'s.
             tracing::debug!("{}", placement.table());
         }
         let mut engine = Engine {
-            reduce_released: (0..bufs.reduce_targets.len()).map(|_| None).collect(),
-            reduce_next: 0,
+            tokens: TokenStaging::new(&laid.sizes),
             placement,
             host,
-            _swap_dir: swap_dir,
-            lookahead,
+            early_adamw,
             plans: Vec::new(),
-            segments: units.iter().map(memory::adam_segments).collect(),
             scaler: LossScaler::for_precision(precision),
-            tokens_host: vec![0; 2 * sizes.micro_max * sizes.bt()],
-            tokens_copied: None,
             step: 0,
             config,
             model,
-            units,
-            stage_units,
-            sizes,
+            laid,
             states,
             bufs,
             ledger,
@@ -281,12 +268,12 @@ impl Engine {
 
     /// The model's units (flat parameter layouts).
     pub fn units(&self) -> &[UnitSpec] {
-        &self.units
+        &self.laid.units
     }
 
     /// Parameters of the model (padding excluded).
     pub fn num_params(&self) -> usize {
-        self.units.iter().map(UnitSpec::num_params).sum()
+        self.laid.units.iter().map(UnitSpec::num_params).sum()
     }
 
     /// Where every state class lives: tiers and bytes per tier on this rank.
@@ -343,164 +330,8 @@ impl Engine {
 
     /// An empty micro-batch of the configured shape, to fill and pass to [`Engine::train_step`].
     pub fn new_batch(&self) -> Batch {
-        Batch::zeros(self.sizes.b, self.sizes.t)
+        Batch::zeros(self.laid.sizes.b, self.laid.sizes.t)
     }
-}
-
-/// An arena that does not fit becomes an error that says what takes the memory and what to
-/// change; other errors pass through.
-fn does_not_fit(e: DeviceError, ledger: &[(&'static str, usize)], config: &Config) -> EngineError {
-    let DeviceError::OutOfMemory {
-        backend,
-        requested_bytes,
-        available_bytes,
-        limit,
-    } = e
-    else {
-        return e.into();
-    };
-    let takers: Vec<String> = ledger
-        .iter()
-        .take(6)
-        .map(|(what, bytes)| format!("{what} {}", human_bytes(*bytes)))
-        .collect();
-    let mut advice = vec![format!(
-        "lower data.micro_batch_size (now {}) and raise data.grad_accum_steps",
-        config.data.micro_batch_size
-    )];
-    if !config.train.activation_checkpointing {
-        advice.push("set train.activation_checkpointing = true".into());
-    }
-    if config.train.attention == AttentionMode::Materialized {
-        advice.push("set train.attention = \"fused\" (no attention scores in memory)".into());
-    }
-    if limit == "train.device_memory" {
-        advice.push("raise train.device_memory".into());
-    }
-    let z = &config.zero;
-    if z.stage < 3 {
-        advice.push(format!(
-            "partition more states (zero.stage = 3, now {}; more ranks hold less each)",
-            z.stage
-        ));
-    }
-    if config.offload_optimizer.device == crate::config::OffloadDevice::None && z.stage >= 1 {
-        advice.push(
-            "move optimizer states off the device (offload_optimizer.device = \"cpu\" or \"nvme\")"
-                .into(),
-        );
-    }
-    if config.offload_param.device == crate::config::OffloadDevice::None && z.stage == 3 {
-        advice.push("move parameters off the device (offload_param.device = \"cpu\" or \"nvme\", with the optimizer's)".into());
-    }
-    if z.stage == 3 {
-        advice.push(format!(
-            "lower zero.prefetch_bytes_max (now {})",
-            z.prefetch_bytes_max
-        ));
-    }
-    advice.push("or train a smaller model".into());
-    EngineError::DoesNotFit(format!(
-        "the model does not fit in {backend} device memory: it needs {} = {requested_bytes} bytes ({}), {} = {available_bytes} bytes are available ({limit}); {}",
-        human_bytes(requested_bytes),
-        takers.join(", "),
-        human_bytes(available_bytes),
-        advice.join(", ")
-    ))
-}
-
-/// A fresh directory under `$TMPDIR` for swap files, removed (with anything left in it) on drop;
-/// if the process is killed, a later run's sweep removes it (`strata_collectives::scratch`).
-struct TempSwapDir {
-    dir: strata_collectives::scratch::ScratchDir,
-    /// Its owner file and itself (emptied of the registered swap files), removed on a signal.
-    _on_signal: [crate::outputs::cleanup::Registration; 2],
-}
-
-impl TempSwapDir {
-    fn create() -> Result<TempSwapDir, EngineError> {
-        let prefix = strata_collectives::scratch::SWAP_PREFIX;
-        let dir = strata_collectives::scratch::ScratchDir::create(prefix).map_err(|e| {
-            EngineError::Setting {
-                key: "offload_param.nvme_path",
-                message: format!(
-                    "\"{}\": cannot create a directory under {}: {e}",
-                    config::TEMP_NVME_PATH,
-                    std::env::temp_dir().display()
-                ),
-            }
-        })?;
-        crate::outputs::cleanup::install();
-        let owner = dir.path().join(strata_collectives::scratch::OWNER_FILE);
-        Ok(TempSwapDir {
-            _on_signal: [
-                crate::outputs::cleanup::register(&owner),
-                crate::outputs::cleanup::register(dir.path()),
-            ],
-            dir,
-        })
-    }
-}
-
-/// What the engine decides from the config and the model before it opens a device.
-struct Laid {
-    units: Vec<UnitSpec>,
-    /// The units each stage uses.
-    stage_units: Vec<Vec<usize>>,
-    /// Per unit: this rank's shard and where each state class lives.
-    layout: Vec<(Shard, Placement)>,
-    lookahead: Lookahead,
-    sizes: Sizes,
-    prepare: Prepare,
-}
-
-fn lay_out(
-    config: &Config,
-    model: &dyn Model,
-    world: usize,
-    rank: usize,
-    precision: Precision,
-) -> Result<Laid, EngineError> {
-    let units = model.units().to_vec();
-    let stage_units: Vec<Vec<usize>> = model.stages().iter().map(|s| s.units.clone()).collect();
-    let z = &config.zero;
-    let layout: Vec<(Shard, Placement)> = units
-        .iter()
-        .map(|u| {
-            let n = u.numel();
-            let placement = Placement::for_stage(z.stage, n, z.param_persistence_threshold);
-            (Shard::new(n, world, rank), placement)
-        })
-        .collect();
-    let (b, t) = (config.data.micro_batch_size, config.model.seq_len);
-    let micro_max = config.data.grad_accum_steps.max(1);
-    let (lookahead, pools) = plan_pools(config, &stage_units, &layout, micro_max, precision)?;
-    let sizes = Sizes {
-        b,
-        t,
-        micro_max,
-        stages: stage_units.len(),
-        act_len: model.activation_len(b, t),
-        checkpointing: config.train.activation_checkpointing,
-        x: precision.dtype(),
-        param_pool_len: pools.0,
-        grad_pool_len: pools.1,
-    };
-    let prepare = Prepare {
-        b,
-        t,
-        x: sizes.x,
-        checkpointing: sizes.checkpointing,
-        attention: config.train.attention,
-    };
-    Ok(Laid {
-        units,
-        stage_units,
-        layout,
-        lookahead,
-        sizes,
-        prepare,
-    })
 }
 
 /// The placement plans of GPT-2 as `config` describes it at `world` ranks on `backend`, one per
@@ -515,210 +346,16 @@ pub fn plan_placements(
     let precision = resolve_precision(config.train.precision, backend)?;
     check_attention(config, backend)?;
     let mut model = Gpt2::new(Gpt2Shape::from_config(&config.model));
-    let laid = lay_out(config, &model, world, 0, precision)?;
+    let laid = setup::lay_out(config, &model, world, 0, precision)?;
     placement::candidate_tiers(config)
         .into_iter()
         .map(|tiers| {
-            let (plan, _) = dry_run(config, &laid, &mut model, world, tiers)?;
-            let plan = fill_host_memory(config, &laid, world, plan, caps);
+            let (plan, _) = setup::dry_run(config, &laid, &mut model, world, tiers)?;
+            let plan = setup::fill_host_memory(config, &laid, world, plan, caps);
             let fits = plan.check(config, caps);
             Ok((plan, fits))
         })
         .collect()
-}
-
-/// With `offload_optimizer.device = "auto"` and the optimizer on NVMe: the largest
-/// `host_fraction` (at least the configured one) whose host pool fits the host memory `caps`
-/// give — and the locked-memory limit when pinning — less a tenth for everything else. NVMe is
-/// the slowest tier, so auto keeps as much as fits in host memory.
-fn fill_host_memory(
-    config: &Config,
-    laid: &Laid,
-    world: usize,
-    plan: placement::PlacementPlan,
-    caps: &placement::Capacities,
-) -> placement::PlacementPlan {
-    use crate::config::OffloadDevice;
-    let (Some(host), placement::Tier::Nvme, OffloadDevice::Auto) = (
-        caps.host_bytes,
-        plan.tiers.optimizer,
-        config.offload_optimizer.device,
-    ) else {
-        return plan;
-    };
-    let arena = if caps.device_in_host {
-        plan.device_bytes
-    } else {
-        0
-    };
-    let mut budget = host.saturating_sub(arena) / 10 * 9;
-    if let (true, Some(limit)) = (plan.host_pinned, caps.memlock_bytes) {
-        budget = budget.min(limit);
-    }
-    let sizes = placement::PlanSizes {
-        layout: &laid.layout,
-        x_bytes: laid.sizes.x.size_bytes(),
-        device_bytes: plan.device_bytes,
-    };
-    let at = |f: f64| {
-        let mut c = config.clone();
-        c.offload_optimizer.host_fraction = f;
-        placement::plan(&c, world, plan.tiers, &sizes)
-    };
-    let (mut lo, mut hi) = (config.offload_optimizer.host_fraction, 1.0f64);
-    if at(lo).host_bytes > budget {
-        return plan;
-    }
-    // Whole percents are enough: the split is by sub-groups anyway.
-    while hi - lo > 0.01 {
-        let mid = (lo + hi) / 2.0;
-        if at(mid).host_bytes <= budget {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    if at(hi).host_bytes <= budget {
-        lo = hi;
-    }
-    at(lo)
-}
-
-/// The device allocations for `tiers` on an arena that only counts, and the plan they make.
-fn dry_run(
-    config: &Config,
-    laid: &Laid,
-    model: &mut dyn Model,
-    world: usize,
-    tiers: placement::Tiers,
-) -> Result<(placement::PlacementPlan, Arena), EngineError> {
-    let counting = Arena::counting();
-    memory::allocate(&counting, &laid.layout, tiers, &laid.sizes)?;
-    model.prepare(&counting, laid.prepare)?;
-    let plan = placement::plan(
-        config,
-        world,
-        tiers,
-        &placement::PlanSizes {
-            layout: &laid.layout,
-            x_bytes: laid.sizes.x.size_bytes(),
-            device_bytes: counting.peak_bytes() as u64,
-        },
-    );
-    Ok((plan, counting))
-}
-
-/// The first placement (fastest first) whose plan fits `caps`, with its dry run; or the reason
-/// the last one tried does not fit.
-fn choose_placement(
-    config: &Config,
-    laid: &Laid,
-    model: &mut dyn Model,
-    world: usize,
-    caps: &placement::Capacities,
-) -> Result<(placement::PlacementPlan, Arena), EngineError> {
-    let candidates = placement::candidate_tiers(config);
-    let mut why = String::new();
-    for (i, tiers) in candidates.iter().copied().enumerate() {
-        let (plan, counting) = dry_run(config, laid, model, world, tiers)?;
-        let plan = fill_host_memory(config, laid, world, plan, caps);
-        match plan.check(config, caps) {
-            Ok(()) => return Ok((plan, counting)),
-            // The last candidate short of device memory: say what takes it, as the device would.
-            Err(placement::Misfit::Device { needed, available }) if i + 1 == candidates.len() => {
-                let e = DeviceError::OutOfMemory {
-                    backend: if resolve_backend(config.train.device) == Backend::Cuda {
-                        "cuda"
-                    } else {
-                        "cpu"
-                    },
-                    requested_bytes: usize::try_from(needed).unwrap_or(usize::MAX),
-                    available_bytes: usize::try_from(available).unwrap_or(usize::MAX),
-                    limit: "train.device_memory".into(),
-                };
-                return Err(does_not_fit(e, &counting.ledger(), config));
-            }
-            Err(placement::Misfit::Device { needed, available }) => {
-                why = format!("device memory: {needed} bytes needed, {available} available");
-            }
-            Err(placement::Misfit::Other(e)) => why = e,
-        }
-    }
-    Err(EngineError::DoesNotFit(format!(
-        "the placement does not fit this machine: {why}"
-    )))
-}
-
-/// The walk plans' lookahead and the pools' sizes (elements of X, of f32): the configured
-/// prefetch if the gathered parameters then fit in `zero.live_params_bytes_max`, else no
-/// prefetch; an error naming the key when even the largest stage alone does not fit.
-fn plan_pools(
-    config: &Config,
-    stage_units: &[Vec<usize>],
-    layout: &[(Shard, Placement)],
-    micro_max: usize,
-    precision: Precision,
-) -> Result<(Lookahead, (usize, usize)), EngineError> {
-    let unit_len: Vec<usize> = layout.iter().map(|(s, _)| s.padded).collect();
-    let gathered: Vec<bool> = layout
-        .iter()
-        .map(|(_, p)| p.params == Home::Sharded)
-        .collect();
-    let grad_sharded: Vec<bool> = layout
-        .iter()
-        .map(|(_, p)| p.grads == Home::Sharded)
-        .collect();
-    let x_bytes = precision.dtype().size_bytes();
-    let live_max = usize::try_from(config.zero.live_params_bytes_max.bytes()).unwrap_or(usize::MAX);
-    let input = |micro, train| PlanInput {
-        stage_units,
-        unit_len: &unit_len,
-        gathered: &gathered,
-        grad_sharded: &grad_sharded,
-        micro,
-        train,
-        param_bytes: x_bytes,
-    };
-    let wanted = Lookahead {
-        prefetch_bytes: usize::try_from(config.zero.prefetch_bytes_max.bytes())
-            .unwrap_or(usize::MAX),
-        reuse_gap: 2,
-    };
-    let pools = |look| {
-        let (train, eval) = (
-            Plan::new(&input(micro_max, true), look),
-            Plan::new(&input(1, false), look),
-        );
-        (
-            train.param_pool_len.max(eval.param_pool_len),
-            train.grad_pool_len.max(eval.grad_pool_len),
-        )
-    };
-    for look in [
-        wanted,
-        Lookahead {
-            prefetch_bytes: 0,
-            reuse_gap: 0,
-        },
-    ] {
-        let lens = pools(look);
-        if lens.0 * x_bytes <= live_max {
-            return Ok((look, lens));
-        }
-    }
-    let needed = pools(Lookahead {
-        prefetch_bytes: 0,
-        reuse_gap: 0,
-    })
-    .0 * x_bytes;
-    Err(EngineError::Setting {
-        key: "zero.live_params_bytes_max",
-        message: format!(
-            "{} is less than the {} of gathered parameters the largest stage needs at once; raise it to at least {needed} bytes",
-            human_bytes(live_max),
-            human_bytes(needed)
-        ),
-    })
 }
 
 #[cfg(test)]

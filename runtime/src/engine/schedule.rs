@@ -69,6 +69,8 @@ pub struct PlanInput<'a> {
     pub train: bool,
     /// Bytes per parameter element (X).
     pub param_bytes: usize,
+    /// Data-parallel ranks.
+    pub world: usize,
 }
 
 /// The knobs the planner trades against the parameter pool's size.
@@ -96,6 +98,13 @@ pub struct Plan {
     /// Per use: the gathers and the gradient buffers whose last use it is.
     pub gathers_ending: Vec<Vec<usize>>,
     pub grads_ending: Vec<Vec<usize>>,
+    /// Per use of a training walk: the units of its stage with whole gradients whose last
+    /// backward use it is (their gradients are complete after it: all-reduced, taken to the
+    /// host optimizer).
+    pub whole_grads_done: Vec<Vec<usize>>,
+    /// The walk has work for the communication queue (several ranks, gathers or gradient
+    /// buffers): the queues meet at its start, and compute waits for the queue at its end.
+    pub comm_queue: bool,
     /// Elements of the parameter pool (X) and the gradient pool (f32).
     pub param_pool_len: usize,
     pub grad_pool_len: usize,
@@ -139,6 +148,8 @@ impl Plan {
         Plan {
             gathers_ending: ending(&gathers),
             grads_ending: ending(&grad_buffers),
+            whole_grads_done: whole_grads_done(input, &uses),
+            comm_queue: input.world > 1 || !gathers.is_empty() || !grad_buffers.is_empty(),
             uses,
             gathers,
             use_gathers,
@@ -148,6 +159,31 @@ impl Plan {
             grad_pool_len,
         }
     }
+}
+
+/// Per use of a training walk, the units of its stage (in stage order) with whole gradients
+/// whose last backward use it is.
+fn whole_grads_done(input: &PlanInput<'_>, uses: &[Use]) -> Vec<Vec<usize>> {
+    let mut last = vec![None; input.unit_len.len()];
+    if input.train {
+        for (i, u) in uses.iter().enumerate() {
+            if u.kind != UseKind::Forward {
+                for &unit in &input.stage_units[u.stage] {
+                    last[unit] = Some(i);
+                }
+            }
+        }
+    }
+    uses.iter()
+        .enumerate()
+        .map(|(i, u)| {
+            input.stage_units[u.stage]
+                .iter()
+                .copied()
+                .filter(|&unit| last[unit] == Some(i) && !input.grad_sharded[unit])
+                .collect()
+        })
+        .collect()
 }
 
 /// One gathered copy per run of uses of a unit (a run continues while the next use follows
@@ -372,6 +408,7 @@ mod tests {
             micro: 2,
             train: true,
             param_bytes: 2,
+            world: 1,
         };
         let plan = Plan::new(
             &input,
@@ -409,6 +446,7 @@ mod tests {
             micro: 1,
             train: true,
             param_bytes: 2,
+            world: 1,
         };
         let plan = Plan::new(
             &input,
@@ -465,6 +503,7 @@ mod tests {
             micro: 3,
             train: false,
             param_bytes: 4,
+            world: 1,
         };
         let plan = Plan::new(
             &input,

@@ -5,26 +5,43 @@
 
 use std::time::Instant;
 
+use super::memory::{Optimizer, Sizes};
 use super::walk::HeadMode;
-use super::zero::{clip_segments, Home};
 use super::{BatchError, Engine, EngineError, StepStats};
-use crate::backend::{AdamWHyper, Buf, Precision, Queue, StepProfile};
+use crate::backend::{AdamWHyper, Backend, Buf, Event, Precision, Queue, StepProfile};
 use crate::model::Batch;
 use crate::optim::{clip_scale, lr_at, StepDecision};
+
+/// The host side of the step's tokens: every micro-batch's inputs, then every micro-batch's
+/// targets, laid out as the device's token buffer.
+pub(super) struct TokenStaging {
+    host: Vec<i32>,
+    /// The last copy out of `host` (waited for before it is rewritten).
+    copied: Option<Event>,
+}
+
+impl TokenStaging {
+    pub(super) fn new(sizes: &Sizes) -> TokenStaging {
+        TokenStaging {
+            host: vec![0; 2 * sizes.micro_max * sizes.bt()],
+            copied: None,
+        }
+    }
+}
 
 impl Engine {
     /// Checks that there are 1 to `data.grad_accum_steps` micro-batches, each `B × T` with
     /// tokens below the vocabulary.
     fn check_batches(&self, batches: &[Batch]) -> Result<(), BatchError> {
-        let (b, t) = (self.sizes.b, self.sizes.t);
+        let (b, t) = (self.laid.sizes.b, self.laid.sizes.t);
         let vocab = self.config.model.vocab_size;
         if batches.is_empty() {
             return Err(BatchError::Empty);
         }
-        if batches.len() > self.sizes.micro_max {
+        if batches.len() > self.laid.sizes.micro_max {
             return Err(BatchError::TooMany {
                 got: batches.len(),
-                max: self.sizes.micro_max,
+                max: self.laid.sizes.micro_max,
             });
         }
         for (index, mb) in batches.iter().enumerate() {
@@ -58,12 +75,13 @@ impl Engine {
 
     /// Copies every micro-batch's tokens to the device (H2D queue) and orders compute after it.
     fn upload_tokens(&mut self, batches: &[Batch]) -> Result<(), EngineError> {
-        let (bt, micro_max) = (self.sizes.bt(), self.sizes.micro_max);
+        let (bt, micro_max) = (self.laid.sizes.bt(), self.laid.sizes.micro_max);
+        let staging = &mut self.tokens;
         // The previous copy must be done before the staging buffer is rewritten.
-        if let Some(copied) = self.tokens_copied.take() {
+        if let Some(copied) = staging.copied.take() {
             copied.synchronize()?;
         }
-        let (inputs, targets) = self.tokens_host.split_at_mut(micro_max * bt);
+        let (inputs, targets) = staging.host.split_at_mut(micro_max * bt);
         for (k, mb) in batches.iter().enumerate() {
             let range = k * bt..(k + 1) * bt;
             for (dst, &src) in inputs[range.clone()].iter_mut().zip(&mb.inputs) {
@@ -76,20 +94,20 @@ impl Engine {
         let dev = &*self.dev;
         // The device tokens are rewritten only after compute has finished reading them.
         dev.wait(Queue::H2d, &dev.record(Queue::Compute)?)?;
-        let bytes: &[u8] = bytemuck::cast_slice(&self.tokens_host);
-        // SAFETY: `tokens_host` is owned by the engine and not written again before
-        // `tokens_copied` (recorded right after the copy) has completed: the next upload
-        // synchronizes it first, and Drop synchronizes every queue.
+        let bytes: &[u8] = bytemuck::cast_slice(&staging.host);
+        // SAFETY: the staging buffer is owned by the engine and not written again before
+        // `copied` (recorded right after the copy) has completed: the next upload synchronizes
+        // it first, and Drop synchronizes every queue.
         unsafe { dev.copy_h2d(Queue::H2d, &self.bufs.tokens, bytes)? };
         let copied = dev.record(Queue::H2d)?;
         dev.wait(Queue::Compute, &copied)?;
-        self.tokens_copied = Some(copied);
+        staging.copied = Some(copied);
         Ok(())
     }
 
     /// Mean of the first `micro` micro-batches' token losses (waits for the compute queue).
     fn mean_loss(&self, micro: usize) -> Result<f32, EngineError> {
-        let losses = self.bufs.losses.slice(0, micro * self.sizes.bt())?;
+        let losses = self.bufs.losses.slice(0, micro * self.laid.sizes.bt())?;
         let values = self.device().read_f32(&losses)?;
         let sum: f64 = values.iter().map(|&l| f64::from(l)).sum();
         Ok((sum / values.len().max(1) as f64) as f32)
@@ -103,7 +121,7 @@ impl Engine {
         self.upload_tokens(batches)?;
         let world = self.comm.world_size();
         let dloss = self.scaler.scale() / (batches.len() * world) as f32;
-        for grads in self.states.iter().filter_map(|s| s.grads.as_ref()) {
+        for grads in self.states.iter().filter_map(|s| s.grads.on_device()) {
             self.dev.memset(Queue::Compute, grads, 0)?;
         }
         let plan = self.plan(batches.len(), true)?;
@@ -123,11 +141,7 @@ impl Engine {
     /// sum over every rank's gradient shards.
     fn grad_norm_squared(&self) -> Result<f32, EngineError> {
         let dev = &*self.dev;
-        let sharded = self
-            .states
-            .iter()
-            .any(|s| s.placement.grads == Home::Sharded);
-        if let (Some(tier), true) = (&self.host, self.states.iter().all(|s| s.optim.is_none())) {
+        if let Some(tier) = &self.host {
             // The host optimizer took every gradient shard; its partial sums are this rank's.
             let mut norm = [tier.grad_norm_squared(dev)?];
             if self.comm.world_size() > 1 {
@@ -136,16 +150,12 @@ impl Engine {
             }
             return Ok(norm[0]);
         }
-        for (u, grads) in self
-            .states
-            .iter()
-            .filter_map(|s| s.grads.as_ref())
-            .enumerate()
-        {
+        let device_grads = self.states.iter().filter_map(|s| s.grads.on_device());
+        for (u, grads) in device_grads.enumerate() {
             dev.grad_norm_squared(&self.bufs.norm, &self.bufs.norm_partials, grads, u > 0)?;
         }
         // Stages 0 and 1 keep every unit's gradients whole; stages 2 and 3 shard every unit's.
-        if sharded {
+        if self.placement.stage >= 2 {
             dev.wait(Queue::Comm, &dev.record(Queue::Compute)?)?;
             dev.all_reduce(&self.comm, &self.bufs.norm)?;
             dev.wait(Queue::Compute, &dev.record(Queue::Comm)?)?;
@@ -195,45 +205,23 @@ impl Engine {
         }
         // torch's clip factor (with its +1e-6), then the loss scale removed.
         let grad_scale = clip_scale(grad_norm, o.grad_clip) / loss_scale;
-        let hypers = [false, true].map(|decay| self.adam_hyper(lr, grad_scale, decay));
-        let hyper = |decay: bool| hypers[usize::from(decay)];
+        let hyper = [false, true].map(|decay| self.adam_hyper(lr, grad_scale, decay));
         if let Some(tier) = self.host.as_mut() {
-            if self.states.iter().all(|s| s.optim.is_none()) {
-                let shards: Vec<_> = self.states.iter().map(|s| s.shard).collect();
-                let device_shards: Vec<Option<Buf>> =
-                    self.states.iter().map(|s| s.params_shard.clone()).collect();
-                tier.step(&*self.dev, &shards, &self.segments, &hyper, &|u| {
-                    device_shards[u].clone()
-                })?;
-            }
+            tier.step(&*self.dev, hyper)?;
         }
-        for (state, segments) in self.states.iter().zip(&self.segments) {
-            let Some(optim) = &state.optim else {
+        for state in &self.states {
+            let Optimizer::Device(optim) = &state.optimizer else {
                 continue;
             };
-            let (range, copy) = match state.placement.optimizer {
-                Home::Whole => (0..state.shard.padded, state.params.as_ref()),
-                Home::Sharded => (state.shard.range(), state.params_shard.as_ref()),
-            };
-            let copy = copy.filter(|c| !c.same_range(&optim.master));
-            let whole = state.grads.as_ref().ok_or_else(|| EngineError::Setting {
-                key: "offload_optimizer.device",
-                message: "the device optimizer has no gradients on the device".into(),
-            })?;
-            // Whole gradients are read at this rank's part; sharded ones are that part.
-            let grads = match (state.placement.grads, state.placement.optimizer) {
-                (Home::Whole, Home::Sharded) => whole.slice(range.start, range.len())?,
-                _ => whole.clone(),
-            };
-            for seg in clip_segments(segments, &range) {
+            for seg in &optim.segments {
                 let view = |b: &Buf| b.slice(seg.offset, seg.len);
                 self.dev.adamw(
                     &view(&optim.master)?,
-                    copy.map(view).transpose()?.as_ref(),
-                    &view(&grads)?,
+                    optim.compute.as_ref().map(view).transpose()?.as_ref(),
+                    &view(&optim.grads)?,
                     &view(&optim.adam_m)?,
                     &view(&optim.adam_v)?,
-                    &hyper(seg.decay),
+                    &hyper[usize::from(seg.decay)],
                 )?;
             }
         }
@@ -256,29 +244,19 @@ impl Engine {
         }
     }
 
-    /// With the optimizer on the host, no clipping and no fp16 loss scale, each sub-group's
-    /// update needs only its own gradient: the host tier may then step resident sub-groups
-    /// during backward, as their gradients arrive.
+    /// With AdamW during backward (`early_adamw`), the step's hyperparameters go to the host
+    /// tier before backward starts.
     fn begin_early_step(&mut self) {
-        let o = &self.config.optim;
-        let early = o.grad_clip <= 0.0
-            && self.dev.precision() != Precision::Fp16
-            && self.states.iter().all(|s| s.optim.is_none());
-        if !early || self.host.is_none() {
+        if !self.early_adamw {
             return;
         }
+        let o = &self.config.optim;
         let lr = lr_at(o, self.step, self.config.train.steps);
         // As optimizer_step computes it: clip_scale is exactly 1 without clipping.
         let grad_scale = clip_scale(0.0, o.grad_clip) / self.scaler.scale();
         let hyper = [false, true].map(|decay| self.adam_hyper(lr, grad_scale, decay));
-        let early = super::host_tier::EarlyStep {
-            hyper,
-            shards: self.states.iter().map(|s| s.shard).collect(),
-            segments: self.segments.clone(),
-            device_params: self.states.iter().map(|s| s.params_shard.clone()).collect(),
-        };
         if let Some(tier) = self.host.as_mut() {
-            tier.begin_early_step(early);
+            tier.begin_early_step(hyper);
         }
     }
 
@@ -301,7 +279,7 @@ impl Engine {
         self.dev.synchronize(Queue::Compute)?;
         self.dev.synchronize(Queue::Comm)?;
         let tokens = batches.iter().map(Batch::tokens).sum::<usize>() * self.comm.world_size();
-        let flops = self.model.flops_per_token(self.sizes.t) * tokens as f64;
+        let flops = self.model.flops_per_token(self.laid.sizes.t) * tokens as f64;
         Ok(StepStats::new(
             step,
             loss,
@@ -311,6 +289,16 @@ impl Engine {
             flops,
             start.elapsed(),
         ))
+    }
+
+    /// [`Engine::train_step`] as a training loop runs it: while a `--trace` timeline is recorded
+    /// on CUDA, through [`Engine::train_step_profiled`], so that the kernels' GPU times reach its
+    /// `gpu compute` track.
+    pub fn train_step_traced(&mut self, batches: &[Batch]) -> Result<StepStats, EngineError> {
+        if crate::trace::active().is_some() && self.dev.backend() == Backend::Cuda {
+            return Ok(self.train_step_profiled(batches)?.0);
+        }
+        self.train_step(batches)
     }
 
     /// `train_step` with the device time of every operation (`strata-bench train --profile`):
@@ -341,7 +329,7 @@ impl Engine {
         self.check_batches(std::slice::from_ref(batch))?;
         self.upload_tokens(std::slice::from_ref(batch))?;
         let plan = self.plan(1, false)?;
-        let mut out = Vec::with_capacity(self.sizes.bt() * self.config.model.vocab_size);
+        let mut out = Vec::with_capacity(self.laid.sizes.bt() * self.config.model.vocab_size);
         self.walk(&plan, HeadMode::Logits(&mut out))?;
         Ok(out)
     }
@@ -349,7 +337,7 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        // `tokens_host` is freed with the engine: a copy still reading it (after an error
+        // The token staging is freed with the engine: a copy still reading it (after an error
         // mid-step) must finish first. Drop never panics: a failure is only logged.
         if let Err(e) = self.dev.synchronize_all() {
             tracing::warn!(error = %e, "engine: synchronize before drop failed");

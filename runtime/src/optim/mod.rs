@@ -1,12 +1,11 @@
-//! AdamW with decoupled weight decay, the learning-rate schedule, global-norm clipping and fp16
-//! loss scaling: the optimizer's arithmetic, shared by both backends.
+//! The optimizer's step arithmetic besides AdamW's kernels (which the backends own:
+//! `backend::cpu::adamw` on the host): the learning-rate schedule, global-norm clipping and fp16
+//! loss scaling.
 
-mod adamw;
+mod clip;
 mod loss_scale;
 mod schedule;
 
-pub use adamw::{
-    adamw_update, adamw_update_any, adamw_update_bf16, clip_scale, sum_of_squares, Cast, Moments,
-};
+pub use clip::clip_scale;
 pub use loss_scale::{LossScaler, StepDecision};
 pub use schedule::lr_at;

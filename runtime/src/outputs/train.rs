@@ -5,7 +5,6 @@
 use super::{
     InputFile, LineFile, MadeDirs, OutputError, OutputFile, ReadyDir, ReadyOutput, RunFiles,
 };
-use crate::config::bounds::gpt2_params;
 use crate::config::Config;
 use std::path::Path;
 
@@ -77,39 +76,37 @@ pub fn input_files(config: &Config) -> Vec<InputFile> {
     inputs
 }
 
-/// Bytes of the exported weights: fp32 parameters and the header.
-pub fn export_bytes(config: &Config) -> u64 {
+/// Bytes of the exported weights of a model of `params` parameters: fp32 parameters and the header.
+pub fn export_bytes(config: &Config, params: u64) -> u64 {
     let tensors = 12 * config.model.n_layer as u64 + 4;
-    let params = u64::try_from(gpt2_params(&config.model)).unwrap_or(u64::MAX);
     params
         .saturating_mul(4)
         .saturating_add(8 + tensors * EXPORT_HEADER_BYTES_PER_TENSOR)
 }
 
 /// Bytes of one checkpoint of the model: its states, the manifest and the indexes.
-pub fn checkpoint_bytes(config: &Config) -> u64 {
-    let params = u64::try_from(gpt2_params(&config.model)).unwrap_or(u64::MAX);
+pub fn checkpoint_bytes(params: u64) -> u64 {
     params
         .saturating_mul(CHECKPOINT_BYTES_PER_PARAM)
         .saturating_add(CHECKPOINT_INDEX_BYTES)
 }
 
 /// The directory of checkpoints a run writes, with the bytes of one checkpoint.
-fn checkpoint_dir(config: &Config) -> Option<OutputFile> {
+fn checkpoint_dir(config: &Config, params: u64) -> Option<OutputFile> {
     let path = config.train.checkpoint_dir.as_ref()?;
     Some(OutputFile {
         key: CHECKPOINTS_KEY.into(),
         path: path.clone(),
-        size_bytes: checkpoint_bytes(config),
+        size_bytes: checkpoint_bytes(params),
         size_detail: format!(
-            "one checkpoint: {} parameters × {CHECKPOINT_BYTES_PER_PARAM} bytes (fp32 weights, Adam m and v)",
-            gpt2_params(&config.model)
+            "one checkpoint: {params} parameters × {CHECKPOINT_BYTES_PER_PARAM} bytes (fp32 weights, Adam m and v)"
         ),
     })
 }
 
-/// The files a run's rank 0 writes, with their sizes (the trace's aside).
-pub fn output_files(config: &Config) -> Vec<OutputFile> {
+/// The files a run's rank 0 writes for a model of `params` parameters, with their sizes (the
+/// trace's aside).
+pub fn output_files(config: &Config, params: u64) -> Vec<OutputFile> {
     let mut outputs = Vec::new();
     if let Some(path) = &config.train.metrics_file {
         let steps = config.train.steps as u64;
@@ -124,11 +121,8 @@ pub fn output_files(config: &Config) -> Vec<OutputFile> {
         outputs.push(OutputFile {
             key: EXPORT_KEY.into(),
             path: path.clone(),
-            size_bytes: export_bytes(config),
-            size_detail: format!(
-                "{} fp32 parameters and the safetensors header",
-                gpt2_params(&config.model)
-            ),
+            size_bytes: export_bytes(config, params),
+            size_detail: format!("{params} fp32 parameters and the safetensors header"),
         });
     }
     outputs
@@ -136,11 +130,12 @@ pub fn output_files(config: &Config) -> Vec<OutputFile> {
 
 impl TrainOutputs {
     /// Resolves and checks every output of this rank against the inputs (with `resume`, the checkpoint
-    /// resumed from), each other and the other ranks' trace files, checks the free space, makes the
+    /// resumed from), each other and the other ranks' trace files, checks the free space (for a model of `params` parameters), makes the
     /// directory of checkpoints and takes the locks. Rank 0 writes the metrics, the export and the
     /// checkpoints' manifests; every rank its own trace file.
     pub fn prepare(
         config: &Config,
+        params: u64,
         resume: Option<&Path>,
         trace: Option<&crate::trace::Trace>,
     ) -> Result<TrainOutputs, OutputError> {
@@ -154,8 +149,8 @@ impl TrainOutputs {
             path: path.into(),
         }));
         if writes_outputs() {
-            files.outputs = output_files(config);
-            files.checkpoints = checkpoint_dir(config);
+            files.outputs = output_files(config, params);
+            files.checkpoints = checkpoint_dir(config, params);
         }
         let mut made = Vec::new();
         if let Some(trace) = trace {

@@ -987,7 +987,7 @@ impl Device for CpuDevice {
             // SAFETY: as in encoder_forward.
             let (out, grads) = unsafe { (view_mut::<f32>(&out), view(&grads)) };
             let base = if accumulate { out[0] } else { 0.0 };
-            out[0] = base + crate::optim::sum_of_squares(grads) as f32;
+            out[0] = base + super::adamw::sum_of_squares(grads) as f32;
         })
     }
 
@@ -1014,7 +1014,7 @@ impl Device for CpuDevice {
             let [params, grads, m, v] = &bufs;
             // SAFETY: as in encoder_forward.
             unsafe {
-                crate::optim::adamw_update(
+                super::adamw::adamw_update(
                     view_mut(params),
                     view(grads),
                     view_mut(m),

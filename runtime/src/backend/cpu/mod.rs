@@ -2,6 +2,7 @@
 //! device seam as [`CpuDevice`]. It is the numerical reference for every GPU kernel. Each layer
 //! is a forward/backward function pair over plain slices, in the manner of llm.c.
 
+pub mod adamw;
 pub mod attention;
 pub mod crossentropy;
 mod device;

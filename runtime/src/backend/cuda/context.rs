@@ -327,38 +327,6 @@ impl GpuContext {
         }
     }
 
-    /// Copies `src` into `dst` and waits for the copy (pageable memory is fine). For set-up,
-    /// tests and checkpoints, not for the step: use `copy_h2d` with pinned memory there.
-    pub fn upload<T: bytemuck::Pod>(&self, dst: &Buf, src: &[T]) -> Result<()> {
-        let bytes: &[u8] = bytemuck::cast_slice(src);
-        ensure(bytes.len() == dst.size_bytes(), "upload", || {
-            format!(
-                "host {} bytes, device buffer {} bytes",
-                bytes.len(),
-                dst.size_bytes()
-            )
-        })?;
-        // SAFETY: the stream is synchronized below before `src` can be dropped or mutated.
-        unsafe { self.copy_h2d(Stream::H2d, dst, bytes)? };
-        self.synchronize(Stream::H2d)
-    }
-
-    /// Copies `src` to a new host vector and waits for the copy.
-    pub fn download<T: bytemuck::Pod + Default>(&self, src: &Buf) -> Result<Vec<T>> {
-        let elem = std::mem::size_of::<T>();
-        ensure(elem > 0 && src.size_bytes() % elem == 0, "download", || {
-            format!(
-                "{} bytes is not a whole number of {elem}-byte elements",
-                src.size_bytes()
-            )
-        })?;
-        let mut out = vec![T::default(); src.size_bytes() / elem];
-        // SAFETY: the stream is synchronized below before `out` is returned or dropped.
-        unsafe { self.copy_d2h(Stream::D2h, bytemuck::cast_slice_mut(&mut out), src)? };
-        self.synchronize(Stream::D2h)?;
-        Ok(out)
-    }
-
     /// Starts an asynchronous host→device copy of `src` into `dst` on `queue`.
     ///
     /// # Safety

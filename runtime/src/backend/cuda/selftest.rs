@@ -1,6 +1,6 @@
 //! GPU self-test pieces owned by the backend: every kernel against the CPU backend
-//! (`crate::backend::cpu`, the one numerical reference; AdamW and the norm against
-//! `crate::optim`) on random inputs, and pinned-memory bandwidth.
+//! (`crate::backend::cpu`, the one numerical reference, AdamW and the norm included) on random
+//! inputs, and pinned-memory bandwidth.
 //! Outputs that a kernel must fully write are poisoned with NaN first, so an element it
 //! skipped shows up as a failure. `strata selftest --gpu` adds the 20-step training run
 //! (engine) and the one-rank NCCL all_reduce (collectives) around these.
@@ -13,11 +13,11 @@ use super::flash::FlashKernels;
 use super::pinned::CudaRegistrar;
 use super::{DType, Precision};
 use crate::backend::cpu;
+use crate::backend::cpu::adamw::{adamw_update, sum_of_squares};
 use crate::backend::Buf;
 use crate::backend::{
     AdamWHyper, AttentionActs, AttentionScratch, AttentionShape, GradMode, NORM_PARTIALS_MAX,
 };
-use crate::optim::{adamw_update, sum_of_squares};
 
 /// One compared tensor.
 #[derive(Debug, Clone)]
@@ -92,22 +92,25 @@ impl<'a> Harness<'a> {
         Ok(self.gpu.arena().alloc("selftest", dtype, n)?)
     }
 
-    fn put_x(&self, v: &[f32]) -> Result<Buf> {
-        let buf = self.alloc(self.gpu.x(), v.len())?;
-        self.gpu.upload::<u8>(&buf, &encode_x(v, self.precision))?;
+    /// A new buffer of `dtype` holding `bytes` (the copy is waited for).
+    fn put(&self, dtype: DType, bytes: &[u8]) -> Result<Buf> {
+        let buf = self.alloc(dtype, bytes.len() / dtype.size_bytes())?;
+        // SAFETY: the copy is waited for below, before `bytes` can go.
+        unsafe { self.gpu.copy_h2d(Stream::H2d, &buf, bytes)? };
+        self.gpu.synchronize(Stream::H2d)?;
         Ok(buf)
+    }
+
+    fn put_x(&self, v: &[f32]) -> Result<Buf> {
+        self.put(self.gpu.x(), &encode_x(v, self.precision))
     }
 
     fn put_f32(&self, v: &[f32]) -> Result<Buf> {
-        let buf = self.alloc(DType::F32, v.len())?;
-        self.gpu.upload(&buf, v)?;
-        Ok(buf)
+        self.put(DType::F32, bytemuck::cast_slice(v))
     }
 
     fn put_i32(&self, v: &[i32]) -> Result<Buf> {
-        let buf = self.alloc(DType::I32, v.len())?;
-        self.gpu.upload(&buf, v)?;
-        Ok(buf)
+        self.put(DType::I32, bytemuck::cast_slice(v))
     }
 
     /// A buffer filled with NaN on the compute queue (ordered before the kernel under test).
@@ -120,16 +123,18 @@ impl<'a> Harness<'a> {
     /// Reads a buffer after the compute queue has finished.
     fn get(&self, buf: &Buf) -> Result<Vec<f32>> {
         self.gpu.synchronize(Stream::Compute)?;
-        match buf.dtype() {
-            DType::F32 => self.gpu.download::<f32>(buf),
-            DType::I32 => Ok(self
-                .gpu
-                .download::<i32>(buf)?
-                .into_iter()
-                .map(|v| v as f32)
-                .collect()),
-            _ => Ok(decode_x(&self.gpu.download::<u8>(buf)?, self.precision)),
-        }
+        let mut bytes = vec![0u8; buf.size_bytes()];
+        // SAFETY: the copy is waited for below, before `bytes` is read or dropped.
+        unsafe { self.gpu.copy_d2h(Stream::D2h, &mut bytes, buf)? };
+        self.gpu.synchronize(Stream::D2h)?;
+        Ok(match buf.dtype() {
+            DType::F32 => decode_x(&bytes, Precision::Fp32),
+            DType::I32 => bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
+                .collect(),
+            _ => decode_x(&bytes, self.precision),
+        })
     }
 
     fn compare(&mut self, name: &str, buf: &Buf, want: &[f32], stages: u32) -> Result<()> {

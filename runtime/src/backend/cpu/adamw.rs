@@ -1,6 +1,8 @@
-//! AdamW as `torch.optim.AdamW`: bias-corrected moments, eps outside the square root, decoupled decay.
+//! AdamW as `torch.optim.AdamW` on the host: bias-corrected moments, eps outside the square root,
+//! decoupled decay. The CPU backend's `adamw`, the engine's host optimizer and the reference of the
+//! CUDA kernel; the gradient norm's sum of squares beside it.
 
-use crate::backend::cpu::fastmath::multiversion;
+use super::fastmath::multiversion;
 use crate::backend::AdamWHyper;
 use rayon::prelude::*;
 
@@ -156,24 +158,6 @@ fn by_chunks<M: Send>(
         });
 }
 
-/// AdamW with bf16-stored moments (f32 arithmetic).
-pub fn adamw_update_bf16(
-    params: &mut [f32],
-    grads: &[f32],
-    m: &mut [half::bf16],
-    v: &mut [half::bf16],
-    h: &AdamWHyper,
-) {
-    adamw_update_any(
-        params,
-        grads,
-        Moments::Bf16(m),
-        Moments::Bf16(v),
-        h,
-        Cast::None,
-    );
-}
-
 /// One chunk with bf16-stored moments: the update reads the f32 moments; they are stored rounded
 /// to nearest.
 fn adamw_chunk_bf16(
@@ -207,14 +191,6 @@ pub fn sum_of_squares(x: &[f32]) -> f64 {
         .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>())
         .collect();
     partials.iter().sum()
-}
-
-/// The factor `torch.nn.utils.clip_grad_norm_` applies: min(1, max_norm / (norm + 1e-6)); 1 when off.
-pub fn clip_scale(grad_norm: f32, max_norm: f32) -> f32 {
-    if max_norm <= 0.0 {
-        return 1.0;
-    }
-    (max_norm / (grad_norm + 1e-6)).min(1.0)
 }
 
 #[cfg(test)]
@@ -262,12 +238,5 @@ mod tests {
             let want = before[i] - 0.1 * g[i] / (g[i].abs() + 1e-8);
             assert!((p[i] - want).abs() < 1e-5, "{} vs {want}", p[i]);
         }
-    }
-
-    #[test]
-    fn clipping_matches_torch_rule() {
-        assert_eq!(clip_scale(0.5, 1.0), 1.0);
-        assert!((clip_scale(4.0, 1.0) - 0.25).abs() < 1e-6);
-        assert_eq!(clip_scale(100.0, 0.0), 1.0);
     }
 }
