@@ -1,7 +1,8 @@
 //! `strata export CHECKPOINT -o model.safetensors [--dtype bf16|fp32]`: a checkpoint's weights
-//! as one safetensors file with Hugging Face GPT-2 tensor names, and a `config.json` beside it,
-//! so that `transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads it (and `model.init_from`
-//! reads it back). The file is written unit by unit: the header first (every tensor's shape is
+//! as one safetensors file with the model's Hugging Face tensor names, and a `config.json`
+//! beside it, so that the transformers class of the model (`GPT2LMHeadModel`,
+//! `LlamaForCausalLM`, …) loads it with `from_pretrained(DIR)` (and `model.init_from` reads it
+//! back). The file is written unit by unit: the header first (every tensor's shape is
 //! known from the model), then each unit's tensors as the checkpoint's rank files give them, so
 //! the host holds about one unit, not the model.
 
@@ -10,8 +11,6 @@ use std::path::{Path, PathBuf};
 
 use crate::engine::checkpoint::{self, CheckpointReader};
 use crate::engine::EngineError;
-use crate::model::gpt2::{Gpt2, Gpt2Shape};
-use crate::model::Model;
 
 /// Element type of the exported tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -62,8 +61,11 @@ pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
             })?
     };
     let manifest = checkpoint::read_manifest(&dir)?;
+    // Before anything is written: a model no transformers class computes is refused.
+    let hf = crate::model::hf_config(&manifest.model)
+        .map_err(|e| EngineError::Checkpoint(format!("{}: cannot export: {e}", dir.display())))?;
     let reader = CheckpointReader::open(&dir, &manifest)?;
-    let model = Gpt2::new(Gpt2Shape::from_config(&manifest.model));
+    let model = crate::model::build(&manifest.model);
     let units = model.units();
     if units.len() != reader.units().len()
         || units
@@ -72,7 +74,7 @@ pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
             .any(|(u, e)| u.numel() != e.numel)
     {
         return Err(EngineError::Checkpoint(format!(
-            "{}: its units do not match GPT-2 of its own manifest",
+            "{}: its units do not match the model of its own manifest",
             dir.display()
         ))
         .into());
@@ -147,7 +149,7 @@ pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
         out.flush().map_err(fail)?;
     }
     file.commit()?;
-    let config = write_hf_config(&args.output, &manifest.model, args.dtype)?;
+    let config = write_hf_config(&args.output, hf, args.dtype)?;
     Ok(format!(
         "wrote {} ({} tensors, {}, step {}) and {}",
         args.output.display(),
@@ -158,10 +160,10 @@ pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
     ))
 }
 
-/// `config.json` for transformers' GPT2LMHeadModel beside `output`.
+/// `config.json` for the model's transformers class beside `output`.
 fn write_hf_config(
     output: &Path,
-    model: &crate::config::ModelConfig,
+    mut config: serde_json::Value,
     dtype: ExportDtype,
 ) -> Result<PathBuf, ExportError> {
     let path = output
@@ -169,27 +171,13 @@ fn write_hf_config(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .join("config.json");
-    let config = serde_json::json!({
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": model.vocab_size,
-        "n_positions": model.seq_len,
-        "n_ctx": model.seq_len,
-        "n_embd": model.n_embd,
-        "n_layer": model.n_layer,
-        "n_head": model.n_head,
-        "n_inner": serde_json::Value::Null,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "tie_word_embeddings": true,
-        // GPT-2's end-of-text token, or the vocabulary's last for a smaller one.
-        "bos_token_id": model.vocab_size.min(50257) - 1,
-        "eos_token_id": model.vocab_size.min(50257) - 1,
-        "torch_dtype": match dtype { ExportDtype::Fp32 => "float32", ExportDtype::Bf16 => "bfloat16" },
-    });
+    if let Some(fields) = config.as_object_mut() {
+        let torch_dtype = match dtype {
+            ExportDtype::Fp32 => "float32",
+            ExportDtype::Bf16 => "bfloat16",
+        };
+        fields.insert("torch_dtype".into(), torch_dtype.into());
+    }
     let mut file = crate::outputs::AtomicFile::create(&path)?;
     let text = serde_json::to_string_pretty(&config)
         .map_err(|e| EngineError::Checkpoint(e.to_string()))?;

@@ -313,7 +313,8 @@ fn describe_run(config: &Config, engine: &Engine) -> String {
         config.data.micro_batch_size * config.model.seq_len * config.data.grad_accum_steps * world;
     let placement = engine.placement();
     format!(
-        "GPT-2, {} params | {device} | {ranks} | {}: parameters on {}, optimizer states on {}, gradients on {} | {tokens_per_step} tokens per step",
+        "{}, {} params | {device} | {ranks} | {}: parameters on {}, optimizer states on {}, gradients on {} | {tokens_per_step} tokens per step",
+        config.model.arch.title(),
         format_count(engine.num_params()),
         describe_stage(engine.zero_stage()),
         placement.tiers.params.name(),

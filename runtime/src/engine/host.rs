@@ -19,7 +19,7 @@ impl Engine {
             Some(path) => {
                 let mut params: Vec<Vec<f32>> =
                     self.units.iter().map(|u| vec![0.0; u.numel()]).collect();
-                weights::load(path, &self.units, &mut params)?;
+                weights::load(path, &self.units, &self.model.tied_names(), &mut params)?;
                 Some(params)
             }
             None => None,

@@ -1,7 +1,6 @@
 //! The files `strata train` reads and writes, checked and locked before the engine is built.
 
 use super::{InputFile, LineFile, OutputError, OutputFile, ReadyOutput};
-use crate::config::bounds::gpt2_params;
 use crate::config::Config;
 use std::path::Path;
 
@@ -54,8 +53,8 @@ pub fn input_files(config: &Config) -> Vec<InputFile> {
 
 /// Bytes of the exported weights: fp32 parameters and the header.
 pub fn export_bytes(config: &Config) -> u64 {
-    let tensors = 12 * config.model.n_layer as u64 + 4;
-    let params = u64::try_from(gpt2_params(&config.model)).unwrap_or(u64::MAX);
+    let tensors = config.model.num_tensors() as u64;
+    let params = u64::try_from(config.model.num_params()).unwrap_or(u64::MAX);
     params
         .saturating_mul(4)
         .saturating_add(8 + tensors * EXPORT_HEADER_BYTES_PER_TENSOR)
@@ -80,7 +79,7 @@ pub fn output_files(config: &Config) -> Vec<OutputFile> {
             size_bytes: export_bytes(config),
             size_detail: format!(
                 "{} fp32 parameters and the safetensors header",
-                gpt2_params(&config.model)
+                config.model.num_params()
             ),
         });
     }
