@@ -350,3 +350,54 @@ fn crossentropy_ignores_minus_100_targets_as_pytorch_does() {
         dev.arena().reset_to(mark).unwrap();
     }
 }
+
+/// A checkpoint of each class exports (`strata export`) with the `config.json` of its
+/// transformers class, and the exported file, read back through `model.init_from`, gives the
+/// same logits bit for bit.
+#[test]
+fn each_class_exports_to_its_transformers_class_and_loads_back() {
+    let classes = [
+        ("llama", "LlamaForCausalLM"),
+        ("qwen2", "Qwen2ForCausalLM"),
+        ("qwen3", "Qwen3ForCausalLM"),
+        ("mistral", "MistralForCausalLM"),
+    ];
+    for (model, class) in classes {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reference = Reference::load(model);
+        let cfg = config(model, &reference, "fused");
+        let (b, t) = (cfg.data.micro_batch_size, cfg.model.seq_len);
+        let mut batch = strata::Batch::zeros(b, t);
+        Loader::from_vec(reference.tokens(), b, t, 0, false)
+            .expect("loader")
+            .fill(&mut batch)
+            .expect("batch");
+        let mut engine = Engine::from_config(cfg.clone()).expect("engine");
+        let logits = engine.logits(&batch).expect("logits");
+        let checkpoint = engine.save_checkpoint(dir.path(), 0).expect("checkpoint");
+        let output = dir.path().join("export/model.safetensors");
+        strata::export::run(&strata::export::ExportArgs {
+            checkpoint,
+            output: output.clone(),
+            dtype: strata::export::ExportDtype::Fp32,
+        })
+        .expect("export");
+        let hf: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("export/config.json")).expect("config.json"),
+        )
+        .expect("json");
+        assert_eq!(hf["architectures"][0], class, "{model}: {hf}");
+        assert_eq!(hf["num_key_value_heads"], cfg.model.kv_heads());
+        assert_eq!(hf["tie_word_embeddings"], cfg.model.tied());
+        let mut again = cfg.clone();
+        again.model.init_from = Some(output);
+        let back = Engine::from_config(again)
+            .expect("engine from the export")
+            .logits(&batch)
+            .expect("logits");
+        assert!(
+            back == logits,
+            "{model}: the exported weights give other logits"
+        );
+    }
+}
