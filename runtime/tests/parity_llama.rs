@@ -401,3 +401,66 @@ fn each_class_exports_to_its_transformers_class_and_loads_back() {
         );
     }
 }
+
+/// `model.init_from` with a tensor missing names it; a tied model's file whose `lm_head.weight`
+/// differs from the embedding is refused naming both; an equal copy is accepted.
+#[test]
+fn weight_files_missing_a_tensor_or_untying_a_tied_head_are_refused_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rewrite =
+        |model: &str, name: &str, edit: &dyn Fn(&mut Vec<(String, Vec<usize>, Vec<u8>)>)| {
+            let bytes =
+                std::fs::read(fixture(&format!("{model}_weights.safetensors"))).expect("weights");
+            let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+            let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+                .tensors()
+                .into_iter()
+                .map(|(n, v)| (n, v.shape().to_vec(), v.data().to_vec()))
+                .collect();
+            edit(&mut tensors);
+            let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+                .iter()
+                .map(|(n, shape, data)| {
+                    let view = safetensors::tensor::TensorView::new(
+                        safetensors::Dtype::F32,
+                        shape.clone(),
+                        data,
+                    )
+                    .expect("view");
+                    (n.clone(), view)
+                })
+                .collect();
+            let path = dir.path().join(name);
+            safetensors::serialize_to_file(views, &None, &path).expect("write");
+            path
+        };
+    let load = |model: &str, path: PathBuf| {
+        let reference = Reference::load(model);
+        let mut cfg = config(model, &reference, "fused");
+        cfg.model.init_from = Some(path);
+        Engine::from_config(cfg)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let missing = "model.layers.1.mlp.down_proj.weight";
+    let path = rewrite("llama", "missing.safetensors", &|t| {
+        t.retain(|(n, _, _)| n != missing)
+    });
+    let err = load("llama", path).expect_err("a tensor is missing");
+    assert!(err.contains(missing) && err.contains("missing"), "{err}");
+    // Qwen2's head is tied: its file carries lm_head.weight as a copy of the embedding.
+    let path = rewrite("qwen2", "untied.safetensors", &|t| {
+        let head = t
+            .iter_mut()
+            .find(|(n, _, _)| n == "lm_head.weight")
+            .expect("lm_head");
+        head.2[0] ^= 0x40;
+    });
+    let err = load("qwen2", path).expect_err("an untied copy");
+    assert!(
+        err.contains("lm_head.weight") && err.contains("model.embed_tokens.weight"),
+        "{err}"
+    );
+    let path = rewrite("qwen2", "tied.safetensors", &|_| {});
+    load("qwen2", path).expect("an equal copy of the tied head");
+}

@@ -3,7 +3,7 @@
 //! whose fixed features match (Qwen3ForCausalLM for per-head q/k norms, Qwen2ForCausalLM for
 //! q/k/v biases, MistralForCausalLM for a sliding window, else LlamaForCausalLM).
 
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Arch, ModelConfig, RopeKind};
 use serde_json::{json, Value};
 
 /// The config.json fields (without `torch_dtype`), or why no transformers class matches.
@@ -53,6 +53,14 @@ fn llama_config(m: &ModelConfig) -> Result<Value, String> {
             ))
         }
     };
+    // transformers asks llama3 scaling's original context to lie within max_position_embeddings.
+    let max_positions = match m.rope_kind() {
+        RopeKind::Llama3 {
+            original_max_position_embeddings,
+            ..
+        } => m.seq_len.max(original_max_position_embeddings),
+        _ => m.seq_len,
+    };
     let mut config = json!({
         "architectures": [class],
         "model_type": model_type,
@@ -64,7 +72,7 @@ fn llama_config(m: &ModelConfig) -> Result<Value, String> {
         "num_key_value_heads": m.kv_heads(),
         "head_dim": m.head_size(),
         "hidden_act": "silu",
-        "max_position_embeddings": m.seq_len,
+        "max_position_embeddings": max_positions,
         "rms_norm_eps": m.rms_eps(),
         "rope_theta": m.theta(),
         "rope_scaling": m.rope_scaling.as_ref().map(|r| serde_json::to_value(r).unwrap_or(Value::Null)),
