@@ -23,8 +23,9 @@ for b in strata strata-bench; do
         cp "target/release/$b" "$dest/$b"
     fi
 done
-cp bench/gpu_check.sh bench/torch_gpt_ref.py bench/torch_fsdp2_ref.py "$dest/"
-for c in gpt-1.3b-h100 gpt-1.3b-offload-cpu gpt-6.7b-offload-cpu gpt-10b-h100-nvme; do
+cp bench/gpu_check.sh bench/torch_gpt_ref.py bench/torch_llama_ref.py bench/torch_fsdp2_ref.py "$dest/"
+for c in gpt-1.3b-h100 gpt-1.3b-offload-cpu gpt-6.7b-offload-cpu gpt-10b-h100-nvme llama-3.2-1b-h100 \
+    llama-3.1-8b-offload-cpu; do
     if [ -f "configs/$c.toml" ]; then
         cp "configs/$c.toml" "$dest/"
     else

@@ -25,6 +25,11 @@
 #   trace-1.3b   strata-bench train gpt-1.3b-offload-cpu.toml --trace: a timeline of the copy streams and kernels
 #                (gpu compute / gpu h2d / gpu d2h tracks, CUDA events) beside the host queues, for ui.perfetto.dev
 #   torch-1.3b   python3 torch_gpt_ref.py                  plain PyTorch on the GPU: gpu-1.3b's reference
+#   llama-1b     strata-bench train llama-3.2-1b-h100.toml Llama 3.2 1B everything on the GPU (GQA, tied head)
+#                python3 torch_llama_ref.py --config the same  transformers' LlamaForCausalLM, bf16 autocast, SDPA
+#   llama-8b     strata-bench train llama-3.1-8b-offload-cpu.toml  Llama 3.1 8B, ZeRO-3, states on pinned host memory
+#                (and what does not fit there on NVMe in $out/nvme); FSDP2 with CPU offload needs 16 B/param of host
+#                memory (128 GB) for it and is not run
 # PyTorch rows are skipped when `import torch` fails. TFLOP/s are at the median step for both sides, with
 # FLOPs/token = 6·params + 12·n_layer·n_embd·seq_len. Targets: gpu-1.3b ≥ $STRATA_TFLOPS_TARGET TFLOP/s; the
 # offload rows ≥ 1.5× FSDP2 in the same call (without a PyTorch row: ≥ 1.5× the reference figure measured on the
@@ -43,7 +48,7 @@
 #   STRATA_BENCH_STEPS           measured steps of gpu-1.3b             (default: 10)
 #   STRATA_TFLOPS_TARGET         gpu-1.3b's target in TFLOP/s           (default: 300)
 #   STRATA_OFFLOAD_RATIO_TARGET  offload rows: strata / FSDP2           (default: 1.5)
-#   STRATA_NVME_DIR              swap folder of nvme-10b (removed after) (default: $out/nvme)
+#   STRATA_NVME_DIR              swap folder of nvme-10b and llama-8b (removed after) (default: $out/nvme)
 #   PYTHON                       the Python with torch                  (default: python3)
 set -uo pipefail
 
@@ -249,6 +254,32 @@ elif phase_time torch-1.3b_torch 60; then
     run_json torch-1.3b_torch "$T" "$python" "$here/torch_gpt_ref.py" --steps 10 --warmup 3
 fi
 
+# llama-1b: Llama 3.2 1B everything on the GPU, beside transformers' LlamaForCausalLM on the same shape.
+if ! cfg_llama="$(find_file llama-3.2-1b-h100.toml)"; then
+    skip llama-1b_strata "no config llama-3.2-1b-h100.toml"; skip llama-1b_torch "no config"
+else
+    if phase_time llama-1b_strata 90; then
+        run_json llama-1b_strata "$T" "$strata_bench" train --config "$cfg_llama" "${attn[@]}" --steps "$steps" \
+            --warmup 1 --json --time-limit "$(soft_limit "$T")"
+    fi
+    if [ -z "$torch_ok" ]; then skip llama-1b_torch "no torch"
+    elif phase_time llama-1b_torch 60; then
+        run_json llama-1b_torch "$T" "$python" "$here/torch_llama_ref.py" --config "$cfg_llama" --device cuda \
+            --steps 10 --warmup 3
+    fi
+fi
+
+# llama-8b: Llama 3.1 8B with ZeRO-3, parameters on pinned host memory, the optimizer where the plan puts it.
+if ! cfg_llama8="$(find_file llama-3.1-8b-offload-cpu.toml)"; then skip llama-8b_strata "no config llama-3.1-8b-offload-cpu.toml"
+elif phase_time llama-8b_strata 200; then
+    nvme_dir="${STRATA_NVME_DIR:-$out/nvme}"
+    mkdir -p "$nvme_dir"
+    run_json llama-8b_strata "$T" "$strata_bench" train --config "$cfg_llama8" "${attn[@]}" --steps 2 --warmup 1 --json \
+        --set "offload_optimizer.nvme_path=\"$nvme_dir\"" --time-limit "$(soft_limit "$T")" --profile
+    rm -rf "$nvme_dir"
+fi
+skip llama-8b_torch "FSDP2 CPU offload needs 16 B/param of host memory: 128 GB for 8B"
+
 # --- the table --------------------------------------------------------------------------------------------------
 # jget FILE KEY: a top-level scalar of the JSON object on the file's last line ("" when absent or null).
 jget() {
@@ -294,6 +325,13 @@ add_row() { # label strata_json torch_json target_kind target
                 if awk -v a="$st" -v b="$pt" -v r="$r" 'BEGIN { exit !(a >= r * b) }'; then verdict="PASS"; else verdict="BELOW"; fi
             elif awk -v a="$st" -v b="$ref" -v r="$r" 'BEGIN { exit !(a >= r * b) }'; then verdict="PASS (vs ref $ref)"
             else verdict="BELOW (vs ref $ref)"; fi ;;
+        torch) # tgt = RATIO: strata's TFLOP/s at least RATIO times PyTorch's in this call (0: it runs)
+            target_txt=">= ${tgt}x torch"; [ "$tgt" = 0 ] && target_txt="runs"
+            if [ -z "$st" ]; then verdict="no result"
+            elif [ "$tgt" = 0 ]; then verdict="PASS"
+            elif [ -z "$pt" ]; then verdict="no torch row (ran)"
+            elif awk -v a="$st" -v b="$pt" -v r="$tgt" 'BEGIN { exit !(a >= r * b) }'; then verdict="PASS"
+            else verdict="BELOW"; fi ;;
         runs)
             target_txt="runs, >= 10B params"
             if [ -z "$st" ]; then verdict="no result"
@@ -311,6 +349,8 @@ add_row gpu-1.3b "$out/gpu-1.3b_strata.json" "$out/torch-1.3b_torch.json" tflops
 add_row offload-1.3b "$out/offload-1.3b_strata.json" "$out/offload-1.3b_torch.json" ratio "$ratio_target 100"
 add_row offload-6.7b "$out/offload-6.7b_strata.json" "$out/offload-6.7b_torch.json" ratio "$ratio_target 106"
 add_row nvme-10b "$out/nvme-10b_strata.json" /dev/null runs ""
+add_row llama-1b "$out/llama-1b_strata.json" "$out/llama-1b_torch.json" torch 1.0
+add_row llama-8b "$out/llama-8b_strata.json" /dev/null torch 0
 
 for p in "${phases[@]}"; do
     case "${status[$p]}" in ok|skipped*) ;; *) failed=1 ;; esac

@@ -7,7 +7,10 @@
 //! checkpointing the hidden stages share one workspace: the engine runs a stage's forward again
 //! right before its backward, so the workspace always holds that stage's activations.
 
-use strata::backend::{Arena, Buf, Device, DeviceError, GradMode};
+use strata::backend::{
+    Arena, Buf, CrossEntropy, Device, DeviceError, EncoderBackward, EncoderForward, GeluBackward,
+    GeluForward, GradMode, MatmulBackward, MatmulForward,
+};
 use strata::model::{HeadGrads, Init, Model, Prepare, StageSpec, TensorSpec, Tokens, UnitSpec};
 
 /// What a hidden stage's forward keeps for its backward, from the engine's arena.
@@ -27,6 +30,7 @@ struct Workspace {
 pub struct Mlp {
     vocab: usize,
     width: usize,
+    seq_len: usize,
     units: Vec<UnitSpec>,
     stages: Vec<StageSpec>,
     ws: Option<Workspace>,
@@ -82,6 +86,7 @@ impl Mlp {
         stages.push(stage("head", 1 + hidden_layers));
         Mlp {
             vocab,
+            seq_len,
             width,
             units,
             stages,
@@ -112,6 +117,14 @@ impl Model for Mlp {
 
     fn stages(&self) -> &[StageSpec] {
         &self.stages
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    fn seq_len(&self) -> usize {
+        self.seq_len
     }
 
     fn activation_len(&self, b: usize, t: usize) -> usize {
@@ -153,19 +166,30 @@ impl Model for Mlp {
         let (c, n) = (self.width, tokens.count());
         let p = self.units[stage].views(&params[0])?;
         if stage == 0 {
-            return dev.encoder_forward(
-                output,
-                &tokens.inputs,
-                &p[0],
-                &p[1],
-                tokens.b,
-                tokens.t,
+            return dev.run(EncoderForward {
+                out: output,
+                tokens: &tokens.inputs,
+                wte: &p[0],
+                wpe: Some(&p[1]),
+                b: tokens.b,
+                t: tokens.t,
                 c,
-            );
+            });
         }
         let h = self.hidden(stage)?;
-        dev.matmul_forward(&h.pre_gelu, input, &p[0], Some(&p[1]), n, c, c)?;
-        dev.gelu_forward(output, &h.pre_gelu)
+        dev.run(MatmulForward {
+            out: &h.pre_gelu,
+            inp: input,
+            weight: &p[0],
+            bias: Some(&p[1]),
+            n,
+            c,
+            oc: c,
+        })?;
+        dev.run(GeluForward {
+            out: output,
+            inp: &h.pre_gelu,
+        })
     }
 
     fn head(
@@ -181,26 +205,42 @@ impl Model for Mlp {
         let out_unit = self.units.len() - 1;
         let p = self.units[out_unit].views(&params[0])?;
         let ws = self.ws()?;
-        dev.matmul_forward(&ws.logits, input, &p[0], Some(&p[1]), n, c, v)?;
+        dev.run(MatmulForward {
+            out: &ws.logits,
+            inp: input,
+            weight: &p[0],
+            bias: Some(&p[1]),
+            n,
+            c,
+            oc: v,
+        })?;
         let dloss = grads.as_ref().map(|g| g.dloss / n as f32);
-        dev.crossentropy_forward_backward(&ws.logits, losses, &tokens.targets, n, v, v, dloss)?;
+        dev.run(CrossEntropy {
+            logits: &ws.logits,
+            losses,
+            targets: &tokens.targets,
+            r: n,
+            v,
+            vp: v,
+            dloss,
+        })?;
         let Some(g) = grads else {
             return Ok(());
         };
         let dp = self.units[out_unit].views(&g.grads[0])?;
         // dlogits (in place of the logits) → ∂L/∂input, dW, db.
-        dev.matmul_backward(
-            g.dres,
-            GradMode::Overwrite,
-            &dp[0],
-            Some(&dp[1]),
-            &ws.logits,
-            input,
-            &p[0],
+        dev.run(MatmulBackward {
+            dinp: g.dres,
+            dinp_mode: GradMode::Overwrite,
+            dweight: &dp[0],
+            dbias: Some(&dp[1]),
+            dout: &ws.logits,
+            inp: input,
+            weight: &p[0],
             n,
             c,
-            v,
-        )
+            oc: v,
+        })
     }
 
     fn backward(
@@ -216,32 +256,37 @@ impl Model for Mlp {
         let (c, n) = (self.width, tokens.count());
         let dp = self.units[stage].views(&grads[0])?;
         if stage == 0 {
-            return dev.encoder_backward(
-                &dp[0],
-                &dp[1],
-                dres,
-                &tokens.inputs,
-                tokens.b,
-                tokens.t,
+            return dev.run(EncoderBackward {
+                dwte: &dp[0],
+                dwpe: Some(&dp[1]),
+                dout: dres,
+                tokens: &tokens.inputs,
+                b: tokens.b,
+                t: tokens.t,
                 c,
-            );
+            });
         }
         let p = self.units[stage].views(&params[0])?;
         let h = self.hidden(stage)?;
         let ws = self.ws()?;
-        dev.gelu_backward(&ws.dhidden, GradMode::Overwrite, &h.pre_gelu, dres)?;
-        dev.matmul_backward(
-            dres,
-            GradMode::Overwrite,
-            &dp[0],
-            Some(&dp[1]),
-            &ws.dhidden,
-            input,
-            &p[0],
+        dev.run(GeluBackward {
+            dinp: &ws.dhidden,
+            dinp_mode: GradMode::Overwrite,
+            inp: &h.pre_gelu,
+            dout: dres,
+        })?;
+        dev.run(MatmulBackward {
+            dinp: dres,
+            dinp_mode: GradMode::Overwrite,
+            dweight: &dp[0],
+            dbias: Some(&dp[1]),
+            dout: &ws.dhidden,
+            inp: input,
+            weight: &p[0],
             n,
             c,
-            c,
-        )
+            oc: c,
+        })
     }
 
     fn flops_per_token(&self, _t: usize) -> f64 {

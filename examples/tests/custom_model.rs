@@ -86,6 +86,12 @@ impl Model for Broken {
     fn stages(&self) -> &[StageSpec] {
         self.inner.stages()
     }
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+    fn seq_len(&self) -> usize {
+        self.inner.seq_len()
+    }
     fn activation_len(&self, b: usize, t: usize) -> usize {
         self.inner.activation_len(b, t)
     }

@@ -1,7 +1,8 @@
-// Causal multi-head self-attention helpers, as llm.c's CUDA attention: the two products
-// (Q·K^T and att·V, and their backward products) run as cuBLAS strided-batched GEMMs on the
-// Rust side; these kernels permute between the (B,T,3,NH,HS) qkv layout and per-head
-// (B,NH,T,HS) layout and do the causal softmax.
+// Causal self-attention helpers, as llm.c's CUDA attention: the two products (Q·K^T and att·V,
+// and their backward products) run as cuBLAS strided-batched GEMMs on the Rust side (one batch
+// per query head of a group, so key/value heads are read in place); these kernels move heads
+// between the packed qkv (B,T,W), W = (NH + 2*NKV)*HS, and per-head (B,H,T,HS) layouts, and do
+// the causal softmax.
 //
 // The scale 1/sqrt(HS) is applied by the Q·K^T GEMM (alpha), so `preatt` holds scaled scores
 // exactly as llm.c's CPU attention_forward stores them, and dpreatt is the gradient with
@@ -20,33 +21,25 @@ __device__ __forceinline__ HeadCoords head_coords(size_t idx, int T, int NH, int
     return c;
 }
 
-// qkv (B,T,3,NH,HS) floatX -> q,k,v each (B,NH,T,HS) floatX.
-extern "C" __global__ void attention_permute(floatX* q, floatX* k, floatX* v,
-                                             const floatX* qkv, int B, int T, int NH, int HS) {
-    const int C = NH * HS;
-    const size_t n = (size_t)B * NH * T * HS;
+// dst (B,H,T,HS) floatX = the H heads of qkv (B,T,W) floatX from head `first` on.
+extern "C" __global__ void attention_permute(floatX* dst, const floatX* qkv, int B, int T, int H,
+                                             int HS, int W, int first) {
+    const size_t n = (size_t)B * H * T * HS;
     GRID_STRIDE_LOOP(idx, n) {
-        const HeadCoords c = head_coords(idx, T, NH, HS);
-        const size_t src = ((size_t)c.b * T + c.t) * 3 * C + (size_t)c.h * HS + c.d;
-        q[idx] = qkv[src];
-        k[idx] = qkv[src + C];
-        v[idx] = qkv[src + 2 * C];
+        const HeadCoords c = head_coords(idx, T, H, HS);
+        dst[idx] = qkv[((size_t)c.b * T + c.t) * W + (size_t)(first + c.h) * HS + c.d];
     }
 }
 
-// Inverse of attention_permute for gradients: dqkv (B,T,3,NH,HS) += dq,dk,dv (B,NH,T,HS).
+// Inverse of attention_permute for gradients: those H heads of dqkv (B,T,W) += src (B,H,T,HS).
 // Accumulates, as llm.c's CPU attention_backward.
-extern "C" __global__ void attention_permute_backward(floatX* dqkv, const floatX* dq,
-                                                      const floatX* dk, const floatX* dv, int B,
-                                                      int T, int NH, int HS) {
-    const int C = NH * HS;
-    const size_t n = (size_t)B * NH * T * HS;
+extern "C" __global__ void attention_permute_backward(floatX* dqkv, const floatX* src, int B,
+                                                      int T, int H, int HS, int W, int first) {
+    const size_t n = (size_t)B * H * T * HS;
     GRID_STRIDE_LOOP(idx, n) {
-        const HeadCoords c = head_coords(idx, T, NH, HS);
-        const size_t dst = ((size_t)c.b * T + c.t) * 3 * C + (size_t)c.h * HS + c.d;
-        dqkv[dst] = from_float(to_float(dqkv[dst]) + to_float(dq[idx]));
-        dqkv[dst + C] = from_float(to_float(dqkv[dst + C]) + to_float(dk[idx]));
-        dqkv[dst + 2 * C] = from_float(to_float(dqkv[dst + 2 * C]) + to_float(dv[idx]));
+        const HeadCoords c = head_coords(idx, T, H, HS);
+        const size_t dst = ((size_t)c.b * T + c.t) * W + (size_t)(first + c.h) * HS + c.d;
+        dqkv[dst] = from_float(to_float(dqkv[dst]) + to_float(src[idx]));
     }
 }
 
@@ -120,66 +113,58 @@ extern "C" __global__ void attention_softmax_backward(floatX* dpreatt, const flo
 }
 
 // Vectorized permutes: one thread per PACK-element run of a head's HS channels. The launcher
-// checks HS % PACK == 0, 16-byte-aligned pointers and B*NH*T*HS/PACK <= 2^30 (int index math
+// checks HS % PACK == 0, 16-byte-aligned pointers and B*H*T*HS/PACK <= 2^30 (int index math
 // with no 64-bit divisions), and uses the element-wise kernels above otherwise.
 #define PERMUTE_VEC_LOOP(i, n) for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
                                     i += blockDim.x * gridDim.x)
 
-// Per-pack coordinates: q/k/v offset (per-head layout) and the (B,T,NH,HS) offset of head h.
+// Per-pack coordinates: the offset in per-head layout (B,H,T,HS), in token-major layout
+// (B,T,H,HS), and the pack's head and first channel.
 struct PermuteIndex {
-    size_t head_major;  // (b, h, t, d) in (B,NH,T,HS)
-    size_t token_major; // (b, t, h, d) in (B,T,NH,HS), i.e. (B,T,C)
+    size_t head_major;  // (b, h, t, d) in (B,H,T,HS)
+    size_t token_major; // (b, t, h, d) in (B,T,H,HS)
     size_t b_t;         // b * T + t
+    int h, d;
 };
 
-__device__ __forceinline__ PermuteIndex permute_index(int i, int T, int NH, int HS) {
+__device__ __forceinline__ PermuteIndex permute_index(int i, int T, int H, int HS) {
     const int hs_packs = HS / PACK;
     const int dp = i % hs_packs;
     const int row = i / hs_packs;  // (b, h, t)
     const int t = row % T;
     const int bh = row / T;
-    const int h = bh % NH;
-    const int b = bh / NH;
     PermuteIndex p;
+    p.h = bh % H;
+    p.d = dp * PACK;
     p.head_major = (size_t)i * PACK;
-    p.b_t = (size_t)b * T + t;
-    p.token_major = (p.b_t * NH + h) * HS + (size_t)dp * PACK;
+    p.b_t = (size_t)(bh / H) * T + t;
+    p.token_major = (p.b_t * H + p.h) * HS + (size_t)p.d;
     return p;
 }
 
-extern "C" __global__ void attention_permute_vec(floatX* q, floatX* k, floatX* v,
-                                                 const floatX* qkv, int B, int T, int NH,
-                                                 int HS) {
-    const int C = NH * HS;
-    const int n = B * NH * T * (HS / PACK);
+extern "C" __global__ void attention_permute_vec(floatX* dst, const floatX* qkv, int B, int T,
+                                                 int H, int HS, int W, int first) {
+    const int n = B * H * T * (HS / PACK);
     PERMUTE_VEC_LOOP(i, n) {
-        const PermuteIndex p = permute_index(i, T, NH, HS);
-        // qkv row b_t holds [q | k | v], each (NH, HS): token_major - b_t*C is h*HS + d.
-        const size_t src = p.b_t * 3 * C + (p.token_major - p.b_t * C);
-        store_pack(q + p.head_major, load_pack(qkv + src));
-        store_pack(k + p.head_major, load_pack(qkv + src + C));
-        store_pack(v + p.head_major, load_pack(qkv + src + 2 * C));
+        const PermuteIndex p = permute_index(i, T, H, HS);
+        const size_t src = p.b_t * W + (size_t)(first + p.h) * HS + p.d;
+        store_pack(dst + p.head_major, load_pack(qkv + src));
     }
 }
 
-extern "C" __global__ void attention_permute_backward_vec(floatX* dqkv, const floatX* dq,
-                                                          const floatX* dk, const floatX* dv,
-                                                          int B, int T, int NH, int HS) {
-    const int C = NH * HS;
-    const int n = B * NH * T * (HS / PACK);
+extern "C" __global__ void attention_permute_backward_vec(floatX* dqkv, const floatX* src, int B,
+                                                          int T, int H, int HS, int W,
+                                                          int first) {
+    const int n = B * H * T * (HS / PACK);
     PERMUTE_VEC_LOOP(i, n) {
-        const PermuteIndex p = permute_index(i, T, NH, HS);
-        const size_t dst = p.b_t * 3 * C + (p.token_major - p.b_t * C);
-        const floatX* grads[3] = {dq, dk, dv};
-        for (int part = 0; part < 3; part++) {
-            floatX* d = dqkv + dst + (size_t)part * C;
-            PackX acc = load_pack(d);
-            const PackX g = load_pack(grads[part] + p.head_major);
-            for (int e = 0; e < PACK; e++) {
-                acc.v[e] = from_float(to_float(acc.v[e]) + to_float(g.v[e]));
-            }
-            store_pack(d, acc);
+        const PermuteIndex p = permute_index(i, T, H, HS);
+        floatX* d = dqkv + p.b_t * W + (size_t)(first + p.h) * HS + p.d;
+        PackX acc = load_pack(d);
+        const PackX g = load_pack(src + p.head_major);
+        for (int e = 0; e < PACK; e++) {
+            acc.v[e] = from_float(to_float(acc.v[e]) + to_float(g.v[e]));
         }
+        store_pack(d, acc);
     }
 }
 

@@ -1,7 +1,8 @@
 // Fused softmax + cross-entropy over padded logits (llm.c fused_classifier).
 
 // logits (R,Vp) floatX with R = B*T rows, only the first V <= Vp columns are real vocabulary;
-// targets (R) int32 in [0,V); losses (R) fp32 receives -log p[target].
+// targets (R) int32 in [0,V), or negative: ignored (PyTorch's ignore_index), loss 0 and a
+// zero gradient row; losses (R) fp32 receives -log p[target].
 // If write_dlogits != 0, logits are overwritten in place with
 //   dlogits[i] = (softmax(logits)[i] - [i == target]) * dloss   for i < V,
 //   dlogits[i] = 0                                               for V <= i < Vp,
@@ -17,6 +18,13 @@ extern "C" __global__ void crossentropy_forward_backward(floatX* logits, float* 
     if (row >= R) { return; }
     floatX* x = logits + (size_t)row * Vp;
     const int target = targets[row];
+    if (target < 0) {
+        if (threadIdx.x == 0) { losses[row] = 0.0f; }
+        if (write_dlogits != 0) {
+            for (int i = threadIdx.x; i < Vp; i += blockDim.x) { x[i] = from_float(0.0f); }
+        }
+        return;  // block-uniform: no barrier is skipped by part of the block
+    }
 
     float maxval = STRATA_NEG_INF;
     for (int i = threadIdx.x; i < V; i += blockDim.x) { maxval = fmaxf(maxval, to_float(x[i])); }

@@ -1,6 +1,6 @@
-// Token + position embedding (llm.c encoder_forward / encoder_backward).
+// Token embedding, plus GPT-2's position embedding (llm.c encoder_forward / encoder_backward).
 
-// out[b,t,:] = wte[inp[b,t],:] + wpe[t,:]
+// out[b,t,:] = wte[inp[b,t],:] + wpe[t,:] (no wpe term when wpe is null)
 // out (B,T,C) floatX, inp (B,T) int32 in [0,V), wte (V,C) floatX, wpe (maxT,C) floatX, T <= maxT.
 extern "C" __global__ void encoder_forward(floatX* out, const int* inp, const floatX* wte,
                                            const floatX* wpe, int B, int T, int C) {
@@ -10,8 +10,8 @@ extern "C" __global__ void encoder_forward(floatX* out, const int* inp, const fl
         const int c = (int)(idx % C);
         const int t = (int)(bt % T);
         const int token = inp[bt];
-        const float v = to_float(wte[(size_t)token * C + c]) + to_float(wpe[(size_t)t * C + c]);
-        out[idx] = from_float(v);
+        const floatX e = wte[(size_t)token * C + c];
+        out[idx] = wpe ? from_float(to_float(e) + to_float(wpe[(size_t)t * C + c])) : e;
     }
 }
 

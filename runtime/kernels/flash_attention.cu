@@ -1,19 +1,21 @@
-// Fused causal multi-head attention (FlashAttention-2, Dao 2023): the (T,T) scores are computed
-// tile by tile in registers and shared memory and never written to global memory. The CPU
-// reference is runtime/src/backend/cpu/flash.rs (the same algorithm, in tiles of 128).
+// Fused causal attention with key/value heads (FlashAttention-2, Dao 2023): the (T,T) scores are
+// computed tile by tile in registers and shared memory and never written to global memory. The
+// CPU reference is runtime/src/backend/cpu/flash.rs (the same algorithm, in tiles of 128).
 //
-// Layouts (the launcher in backend/cuda/flash.rs checks every size):
-//   qkv  (B,T,3C) floatX  q, k, v of head h at columns h*HS, C + h*HS, 2C + h*HS of a row
-//   out, dout (B,T,C) floatX
+// Layouts (the seam's Op::check checks every size):
+//   qkv  (B,T,W) floatX, W = (NH + 2*NKV)*HS: query head h at columns h*HS of a row, key and
+//        value head g at (NH + g)*HS and (NH + NKV + g)*HS. Query head h reads key/value head
+//        h / (NH/NKV) where it is (grouped-query attention; K and V are never repeated).
+//   out, dout (B,T,NH*HS) floatX
 //   lse, delta (B,NH,T) float: lse = ln sum over visible keys of exp(scale * q.k),
 //                              delta = sum over d of dout * out (the backward's D)
-//   dqkv (B,T,3C) floatX, accumulated (+=) like every activation gradient of the seam
+//   dqkv (B,T,W) floatX, accumulated (+=) like every activation gradient of the seam
 // scale = 1/sqrt(HS). Scores are kept in log2 units (scale * log2(e) * q.k) so exp2f does the
 // exponentials; lse is stored in natural units.
 //
-// Backward, three kernels: flash_delta (D per row), then dK/dV (one block per key tile,
-// looping over the query tiles that see it), then dQ (one block per query tile, looping over
-// its visible key tiles). dQ has its own pass, recomputing P and dP, rather than atomics into
+// Backward, three kernels: flash_delta (D per row), then dK/dV (one block per key tile of one
+// key/value head, looping over the query heads of its group and the query tiles that see it),
+// then dQ (one block per query tile, looping over its visible key tiles). dQ has its own pass, recomputing P and dP, rather than atomics into
 // an fp32 scratch: deterministic, no extra memory, at the cost of 7 tile products per tile pair
 // instead of 5.
 //
@@ -36,15 +38,26 @@
 #define FLASH_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
-// Offset of element (b, t, part, h, 0) of qkv (B,T,3C).
-__device__ __forceinline__ size_t flash_qkv_at(int b, int t, int T, int C, int part, int h,
-                                               int HS) {
-    return ((size_t)b * T + t) * 3 * C + (size_t)part * C + (size_t)h * HS;
+// Where one sequence's heads start in qkv and out: W (qkv's row stride), CO (out's), and the
+// first element of query head h and of its key and value heads at t = 0.
+struct FlashHeads {
+    size_t w, co, q, k, v, o;
+};
+__device__ __forceinline__ FlashHeads flash_heads(int b, int h, int T, int NH, int NKV, int HS) {
+    FlashHeads f;
+    const int kvh = h / (NH / NKV);
+    f.w = (size_t)(NH + 2 * NKV) * HS;
+    f.co = (size_t)NH * HS;
+    f.q = (size_t)b * T * f.w + (size_t)h * HS;
+    f.k = (size_t)b * T * f.w + (size_t)(NH + kvh) * HS;
+    f.v = f.k + (size_t)NKV * HS;
+    f.o = (size_t)b * T * f.co + (size_t)h * HS;
+    return f;
 }
 
 // delta (B,NH,T) = rowsum(dout * out) per head. One warp per (b, h, t) row.
 extern "C" __global__ void flash_delta(float* delta, const floatX* dout, const floatX* out,
-                                       int B, int T, int NH, int HS) {
+                                       int B, int T, int NH, int NKV, int HS) {
     const int lane = threadIdx.x % WARP_SIZE;
     const size_t row = (size_t)blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     if (row >= (size_t)B * NH * T) { return; }
@@ -83,15 +96,15 @@ __device__ __forceinline__ void flash_scalar_rows(float* dst, const floatX* src,
 
 // out, lse of 8 query rows per block (blockIdx.x), one (b, h) per blockIdx.y.
 extern "C" __global__ void __launch_bounds__(256)
-flash_forward_scalar(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH, int HS,
-                     float scale) {
+flash_forward_scalar(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH, int NKV,
+                     int HS, float scale) {
     __shared__ float ks[FLASH_SCALAR_TILE * FLASH_SCALAR_LD];
     __shared__ float vs[FLASH_SCALAR_TILE * FLASH_SCALAR_LD];
     __shared__ float qs[FLASH_SCALAR_WARPS * FLASH_HS_MAX];
-    const int C = NH * HS;
     const int bh = blockIdx.y;
     const int b = bh / NH;
     const int h = bh % NH;
+    const FlashHeads f = flash_heads(b, h, T, NH, NKV, HS);
     const int warp = threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
     const int row0 = blockIdx.x * FLASH_SCALAR_WARPS;
@@ -99,17 +112,17 @@ flash_forward_scalar(floatX* out, float* lse, const floatX* qkv, int B, int T, i
     const float sl2 = scale * FLASH_LOG2E;
     float* q = qs + warp * FLASH_HS_MAX;
     for (int d = lane; d < HS; d += WARP_SIZE) {
-        q[d] = (i < T) ? to_float(qkv[flash_qkv_at(b, i, T, C, 0, h, HS) + d]) * sl2 : 0.0f;
+        q[d] = (i < T) ? to_float(qkv[f.q + (size_t)i * f.w + d]) * sl2 : 0.0f;
     }
     float m = STRATA_NEG_INF;
     float l = 0.0f;
     float o[FLASH_DIMS_PER_LANE] = {0.0f, 0.0f, 0.0f, 0.0f};
     const int keys_end = min(row0 + FLASH_SCALAR_WARPS, T);
-    const size_t ld = 3 * (size_t)C;
+    const size_t ld = f.w;
     for (int k0 = 0; k0 < keys_end; k0 += FLASH_SCALAR_TILE) {
         __syncthreads();  // the previous tile is consumed (and q is written)
-        flash_scalar_rows(ks, qkv + flash_qkv_at(b, k0, T, C, 1, h, HS), ld, T - k0, HS, 1.0f);
-        flash_scalar_rows(vs, qkv + flash_qkv_at(b, k0, T, C, 2, h, HS), ld, T - k0, HS, 1.0f);
+        flash_scalar_rows(ks, qkv + f.k + (size_t)k0 * ld, ld, T - k0, HS, 1.0f);
+        flash_scalar_rows(vs, qkv + f.v + (size_t)k0 * ld, ld, T - k0, HS, 1.0f);
         __syncthreads();
         if (i >= T) { continue; }  // warp-uniform; no barrier below
         const int j = k0 + lane;
@@ -138,7 +151,7 @@ flash_forward_scalar(floatX* out, float* lse, const floatX* qkv, int B, int T, i
     }
     if (i >= T) { return; }
     const float inv = 1.0f / l;
-    floatX* dst = out + ((size_t)b * T + i) * C + (size_t)h * HS;
+    floatX* dst = out + f.o + (size_t)i * f.co;
     for (int dd = 0; dd < FLASH_DIMS_PER_LANE; dd++) {
         const int d = lane + dd * WARP_SIZE;
         if (d < HS) { dst[d] = from_float(o[dd] * inv); }
@@ -146,20 +159,22 @@ flash_forward_scalar(floatX* out, float* lse, const floatX* qkv, int B, int T, i
     if (lane == 0) { lse[(size_t)bh * T + i] = m * FLASH_LN2 + logf(l); }
 }
 
-// dK, dV of 8 keys per block (blockIdx.x), one (b, h) per blockIdx.y: queries 32 at a time.
+// dK, dV of 8 keys per block (blockIdx.x), one (b, key/value head) per blockIdx.y: the query
+// heads of its group one after another, their queries 32 at a time.
 extern "C" __global__ void __launch_bounds__(256)
 flash_backward_dkdv_scalar(floatX* dqkv, const floatX* qkv, const floatX* dout, const float* lse,
-                           const float* delta, int B, int T, int NH, int HS, float scale) {
+                           const float* delta, int B, int T, int NH, int NKV, int HS,
+                           float scale) {
     __shared__ float qs[FLASH_SCALAR_TILE * FLASH_SCALAR_LD];
     __shared__ float dos[FLASH_SCALAR_TILE * FLASH_SCALAR_LD];
     __shared__ float lse_s[FLASH_SCALAR_TILE];
     __shared__ float delta_s[FLASH_SCALAR_TILE];
     __shared__ float krow[FLASH_SCALAR_WARPS * FLASH_HS_MAX];
     __shared__ float vrow[FLASH_SCALAR_WARPS * FLASH_HS_MAX];
-    const int C = NH * HS;
-    const int bh = blockIdx.y;
-    const int b = bh / NH;
-    const int h = bh % NH;
+    const int group = NH / NKV;
+    const int b = blockIdx.y / NKV;
+    const int h0 = (blockIdx.y % NKV) * group;  // the group's first query head
+    const FlashHeads f0 = flash_heads(b, h0, T, NH, NKV, HS);
     const int warp = threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
     const int key0 = blockIdx.x * FLASH_SCALAR_WARPS;
@@ -167,18 +182,20 @@ flash_backward_dkdv_scalar(floatX* dqkv, const floatX* qkv, const floatX* dout, 
     const float sl2 = scale * FLASH_LOG2E;
     float* k = krow + warp * FLASH_HS_MAX;
     float* v = vrow + warp * FLASH_HS_MAX;
+    const size_t ld = f0.w;
     for (int d = lane; d < HS; d += WARP_SIZE) {
-        k[d] = (j < T) ? to_float(qkv[flash_qkv_at(b, j, T, C, 1, h, HS) + d]) * sl2 : 0.0f;
-        v[d] = (j < T) ? to_float(qkv[flash_qkv_at(b, j, T, C, 2, h, HS) + d]) : 0.0f;
+        k[d] = (j < T) ? to_float(qkv[f0.k + (size_t)j * ld + d]) * sl2 : 0.0f;
+        v[d] = (j < T) ? to_float(qkv[f0.v + (size_t)j * ld + d]) : 0.0f;
     }
     float dk[FLASH_DIMS_PER_LANE] = {0.0f, 0.0f, 0.0f, 0.0f};
     float dv[FLASH_DIMS_PER_LANE] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const size_t ld = 3 * (size_t)C;
+    for (int h = h0; h < h0 + group; h++) {
+    const FlashHeads f = flash_heads(b, h, T, NH, NKV, HS);
+    const size_t bh = (size_t)b * NH + h;
     for (int q0 = key0 - key0 % FLASH_SCALAR_TILE; q0 < T; q0 += FLASH_SCALAR_TILE) {
         __syncthreads();
-        flash_scalar_rows(qs, qkv + flash_qkv_at(b, q0, T, C, 0, h, HS), ld, T - q0, HS, 1.0f);
-        flash_scalar_rows(dos, dout + ((size_t)b * T + q0) * C + (size_t)h * HS, C, T - q0, HS,
-                          1.0f);
+        flash_scalar_rows(qs, qkv + f.q + (size_t)q0 * ld, ld, T - q0, HS, 1.0f);
+        flash_scalar_rows(dos, dout + f.o + (size_t)q0 * f.co, f.co, T - q0, HS, 1.0f);
         if (threadIdx.x < FLASH_SCALAR_TILE) {
             const int q = q0 + threadIdx.x;
             lse_s[threadIdx.x] = (q < T) ? lse[(size_t)bh * T + q] * FLASH_LOG2E : 0.0f;
@@ -211,9 +228,10 @@ flash_backward_dkdv_scalar(floatX* dqkv, const floatX* qkv, const floatX* dout, 
             }
         }
     }
+    }
     if (j >= T) { return; }
-    floatX* dkr = dqkv + flash_qkv_at(b, j, T, C, 1, h, HS);
-    floatX* dvr = dqkv + flash_qkv_at(b, j, T, C, 2, h, HS);
+    floatX* dkr = dqkv + f0.k + (size_t)j * ld;
+    floatX* dvr = dqkv + f0.v + (size_t)j * ld;
     for (int dd = 0; dd < FLASH_DIMS_PER_LANE; dd++) {
         const int d = lane + dd * WARP_SIZE;
         if (d < HS) {
@@ -226,15 +244,16 @@ flash_backward_dkdv_scalar(floatX* dqkv, const floatX* qkv, const floatX* dout, 
 // dQ of 8 query rows per block (blockIdx.x), one (b, h) per blockIdx.y: keys 32 at a time.
 extern "C" __global__ void __launch_bounds__(256)
 flash_backward_dq_scalar(floatX* dqkv, const floatX* qkv, const floatX* dout, const float* lse,
-                         const float* delta, int B, int T, int NH, int HS, float scale) {
+                         const float* delta, int B, int T, int NH, int NKV, int HS,
+                         float scale) {
     __shared__ float ks[FLASH_SCALAR_TILE * FLASH_SCALAR_LD];
     __shared__ float vs[FLASH_SCALAR_TILE * FLASH_SCALAR_LD];
     __shared__ float qrow[FLASH_SCALAR_WARPS * FLASH_HS_MAX];
     __shared__ float dorow[FLASH_SCALAR_WARPS * FLASH_HS_MAX];
-    const int C = NH * HS;
     const int bh = blockIdx.y;
     const int b = bh / NH;
     const int h = bh % NH;
+    const FlashHeads f = flash_heads(b, h, T, NH, NKV, HS);
     const int warp = threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
     const int row0 = blockIdx.x * FLASH_SCALAR_WARPS;
@@ -243,18 +262,18 @@ flash_backward_dq_scalar(floatX* dqkv, const floatX* qkv, const floatX* dout, co
     float* q = qrow + warp * FLASH_HS_MAX;
     float* dy = dorow + warp * FLASH_HS_MAX;
     for (int d = lane; d < HS; d += WARP_SIZE) {
-        q[d] = (i < T) ? to_float(qkv[flash_qkv_at(b, i, T, C, 0, h, HS) + d]) * sl2 : 0.0f;
-        dy[d] = (i < T) ? to_float(dout[((size_t)b * T + i) * C + (size_t)h * HS + d]) : 0.0f;
+        q[d] = (i < T) ? to_float(qkv[f.q + (size_t)i * f.w + d]) * sl2 : 0.0f;
+        dy[d] = (i < T) ? to_float(dout[f.o + (size_t)i * f.co + d]) : 0.0f;
     }
     const float lse2 = (i < T) ? lse[(size_t)bh * T + i] * FLASH_LOG2E : 0.0f;
     const float di = (i < T) ? delta[(size_t)bh * T + i] : 0.0f;
     float dq[FLASH_DIMS_PER_LANE] = {0.0f, 0.0f, 0.0f, 0.0f};
     const int keys_end = min(row0 + FLASH_SCALAR_WARPS, T);
-    const size_t ld = 3 * (size_t)C;
+    const size_t ld = f.w;
     for (int k0 = 0; k0 < keys_end; k0 += FLASH_SCALAR_TILE) {
         __syncthreads();
-        flash_scalar_rows(ks, qkv + flash_qkv_at(b, k0, T, C, 1, h, HS), ld, T - k0, HS, 1.0f);
-        flash_scalar_rows(vs, qkv + flash_qkv_at(b, k0, T, C, 2, h, HS), ld, T - k0, HS, 1.0f);
+        flash_scalar_rows(ks, qkv + f.k + (size_t)k0 * ld, ld, T - k0, HS, 1.0f);
+        flash_scalar_rows(vs, qkv + f.v + (size_t)k0 * ld, ld, T - k0, HS, 1.0f);
         __syncthreads();
         if (i >= T) { continue; }  // warp-uniform
         const int j = k0 + lane;
@@ -279,7 +298,7 @@ flash_backward_dq_scalar(floatX* dqkv, const floatX* qkv, const floatX* dout, co
         }
     }
     if (i >= T) { return; }
-    floatX* dqr = dqkv + flash_qkv_at(b, i, T, C, 0, h, HS);
+    floatX* dqr = dqkv + f.q + (size_t)i * ld;
     for (int dd = 0; dd < FLASH_DIMS_PER_LANE; dd++) {
         const int d = lane + dd * WARP_SIZE;
         if (d < HS) { dqr[d] = from_float(to_float(dqr[d]) + dq[dd] * scale); }
@@ -425,13 +444,12 @@ __device__ __forceinline__ void flash_write_rows(floatX* dst, size_t ld, const f
 
 template <int D>
 __device__ void flash_forward_mma(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH,
-                                  int HS, float scale) {
+                                  int NKV, int HS, float scale) {
     FLASH_DYNAMIC_SMEM(smem);
     constexpr int LD = D + FLASH_PAD;
     constexpr int LDT = FLASH_TILE + FLASH_PAD;
     floatX* ks = reinterpret_cast<floatX*>(smem);  // the Q tile first
     floatX* vt = ks + FLASH_TILE * LD;
-    const int C = NH * HS;
     const int tiles = (T + FLASH_TILE - 1) / FLASH_TILE;
     const int qt = tiles - 1 - (int)blockIdx.x;  // the longest rows first
     const int bh = blockIdx.y;
@@ -444,11 +462,11 @@ __device__ void flash_forward_mma(floatX* out, float* lse, const floatX* qkv, in
     const int q0 = qt * FLASH_TILE;
     const int wr = warp * 16;
     const int row_a = q0 + wr + g;  // this thread's rows: row_a and row_a + 8
-    const size_t ld = 3 * (size_t)C;
-    const floatX* q_rows = qkv + flash_qkv_at(b, 0, T, C, 0, h, HS);
+    const FlashHeads f = flash_heads(b, h, T, NH, NKV, HS);
+    const size_t ld = f.w;
     const float sl2 = scale * FLASH_LOG2E;
 
-    flash_load<D>(ks, q_rows + (size_t)q0 * ld, ld, FLASH_TILE, T - q0, HS);
+    flash_load<D>(ks, qkv + f.q + (size_t)q0 * ld, ld, FLASH_TILE, T - q0, HS);
     __syncthreads();
     unsigned qf[D / 16][4];
     for (int kk = 0; kk < D / 16; kk++) { flash_a(qf[kk], ks, LD, wr, kk * 16, g, t); }
@@ -462,8 +480,8 @@ __device__ void flash_forward_mma(floatX* out, float* lse, const floatX* qkv, in
     for (int kt = 0; kt <= qt; kt++) {
         const int k0 = kt * FLASH_TILE;
         __syncthreads();  // every warp has its Q fragments, or is done with the previous tile
-        flash_load<D>(ks, q_rows + C + (size_t)k0 * ld, ld, FLASH_TILE, T - k0, HS);
-        flash_load_t<D>(vt, q_rows + 2 * C + (size_t)k0 * ld, ld, FLASH_TILE, T - k0, HS);
+        flash_load<D>(ks, qkv + f.k + (size_t)k0 * ld, ld, FLASH_TILE, T - k0, HS);
+        flash_load_t<D>(vt, qkv + f.v + (size_t)k0 * ld, ld, FLASH_TILE, T - k0, HS);
         __syncthreads();
         float s[FLASH_TILE / 8][4];
         for (int nt = 0; nt < FLASH_TILE / 8; nt++) {
@@ -526,7 +544,7 @@ __device__ void flash_forward_mma(floatX* out, float* lse, const floatX* qkv, in
         l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
         inv[r] = 1.0f / l[r];
     }
-    flash_write_rows<D>(out + (size_t)b * T * C + (size_t)h * HS, C, o, row_a, T, HS, inv, false, t);
+    flash_write_rows<D>(out + f.o, f.co, o, row_a, T, HS, inv, false, t);
     if (t == 0) {
         for (int r = 0; r < 2; r++) {
             const int row = row_a + r * 8;
@@ -535,14 +553,15 @@ __device__ void flash_forward_mma(floatX* out, float* lse, const floatX* qkv, in
     }
 }
 
-// dK, dV of one key tile (64 keys, 16 per warp) of one (b, h), over the query sub-tiles of 32
-// that see it. Per sub-tile, with this warp's keys as rows (the transposed products):
+// dK, dV of one key tile (64 keys, 16 per warp) of one (b, key/value head), over the query heads
+// of its group and their query sub-tiles of 32 that see it. Per sub-tile, with this warp's keys
+// as rows (the transposed products):
 //   S^T = K_w Q^T, P^T = exp2(S^T - lse), dV_w += P^T dO, dP^T = V_w dO^T,
 //   dS^T = P^T (dP^T - D), dK_w += dS^T Q.
 template <int D>
 __device__ void flash_backward_dkdv_mma(floatX* dqkv, const floatX* qkv, const floatX* dout,
                                         const float* lse, const float* delta, int B, int T, int NH,
-                                        int HS, float scale) {
+                                        int NKV, int HS, float scale) {
     FLASH_DYNAMIC_SMEM(smem);
     constexpr int LD = D + FLASH_PAD;
     constexpr int LDS = FLASH_SUB + FLASH_PAD;
@@ -554,24 +573,22 @@ __device__ void flash_backward_dkdv_mma(floatX* dqkv, const floatX* qkv, const f
     floatX* dot = qt + D * LDS;
     float* lse_s = reinterpret_cast<float*>(dot + D * LDS);
     float* delta_s = lse_s + FLASH_SUB;
-    const int C = NH * HS;
     const int k0 = blockIdx.x * FLASH_TILE;  // the first tiles see the most queries: first
-    const int bh = blockIdx.y;
-    const int b = bh / NH;
-    const int h = bh % NH;
+    const int group = NH / NKV;
+    const int b = blockIdx.y / NKV;
+    const int h0 = (blockIdx.y % NKV) * group;  // the group's first query head
     const int warp = threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
     const int g = lane / 4;
     const int t = lane % 4;
     const int wk = warp * 16;
     const int key_a = k0 + wk + g;  // this thread's keys: key_a and key_a + 8
-    const size_t ld = 3 * (size_t)C;
-    const floatX* q_rows = qkv + flash_qkv_at(b, 0, T, C, 0, h, HS);
-    const floatX* do_rows = dout + (size_t)b * T * C + (size_t)h * HS;
+    const FlashHeads f0 = flash_heads(b, h0, T, NH, NKV, HS);
+    const size_t ld = f0.w;
     const float sl2 = scale * FLASH_LOG2E;
 
-    flash_load<D>(ks, q_rows + C + (size_t)k0 * ld, ld, FLASH_TILE, T - k0, HS);
-    flash_load<D>(vs, q_rows + 2 * C + (size_t)k0 * ld, ld, FLASH_TILE, T - k0, HS);
+    flash_load<D>(ks, qkv + f0.k + (size_t)k0 * ld, ld, FLASH_TILE, T - k0, HS);
+    flash_load<D>(vs, qkv + f0.v + (size_t)k0 * ld, ld, FLASH_TILE, T - k0, HS);
     float dk[D / 8][4];
     float dv[D / 8][4];
     for (int dt = 0; dt < D / 8; dt++) {
@@ -580,12 +597,17 @@ __device__ void flash_backward_dkdv_mma(floatX* dqkv, const floatX* qkv, const f
             dv[dt][e] = 0.0f;
         }
     }
+    for (int h = h0; h < h0 + group; h++) {
+    const FlashHeads f = flash_heads(b, h, T, NH, NKV, HS);
+    const floatX* q_rows = qkv + f.q;
+    const floatX* do_rows = dout + f.o;
+    const size_t bh = (size_t)b * NH + h;
     for (int q0 = k0; q0 < T; q0 += FLASH_SUB) {
         __syncthreads();  // the previous sub-tile is consumed
         flash_load<D>(qs, q_rows + (size_t)q0 * ld, ld, FLASH_SUB, T - q0, HS);
         flash_load_t<D>(qt, q_rows + (size_t)q0 * ld, ld, FLASH_SUB, T - q0, HS);
-        flash_load<D>(dos, do_rows + (size_t)q0 * C, C, FLASH_SUB, T - q0, HS);
-        flash_load_t<D>(dot, do_rows + (size_t)q0 * C, C, FLASH_SUB, T - q0, HS);
+        flash_load<D>(dos, do_rows + (size_t)q0 * f.co, f.co, FLASH_SUB, T - q0, HS);
+        flash_load_t<D>(dot, do_rows + (size_t)q0 * f.co, f.co, FLASH_SUB, T - q0, HS);
         if (threadIdx.x < FLASH_SUB) {
             const int q = q0 + threadIdx.x;
             lse_s[threadIdx.x] = (q < T) ? lse[(size_t)bh * T + q] * FLASH_LOG2E : 0.0f;
@@ -641,11 +663,11 @@ __device__ void flash_backward_dkdv_mma(floatX* dqkv, const floatX* qkv, const f
             }
         }
     }
+    }
     const float k_mul[2] = {scale, scale};
     const float v_mul[2] = {1.0f, 1.0f};
-    floatX* dk_rows = dqkv + flash_qkv_at(b, 0, T, C, 1, h, HS);
-    flash_write_rows<D>(dk_rows, ld, dk, key_a, T, HS, k_mul, true, t);
-    flash_write_rows<D>(dk_rows + C, ld, dv, key_a, T, HS, v_mul, true, t);
+    flash_write_rows<D>(dqkv + f0.k, ld, dk, key_a, T, HS, k_mul, true, t);
+    flash_write_rows<D>(dqkv + f0.v, ld, dv, key_a, T, HS, v_mul, true, t);
 }
 
 // dQ of one query tile (64 rows, 16 per warp) of one (b, h), over its visible key sub-tiles of
@@ -653,7 +675,7 @@ __device__ void flash_backward_dkdv_mma(floatX* dqkv, const floatX* qkv, const f
 template <int D>
 __device__ void flash_backward_dq_mma(floatX* dqkv, const floatX* qkv, const floatX* dout,
                                       const float* lse, const float* delta, int B, int T, int NH,
-                                      int HS, float scale) {
+                                      int NKV, int HS, float scale) {
     FLASH_DYNAMIC_SMEM(smem);
     constexpr int LD = D + FLASH_PAD;
     constexpr int LDS = FLASH_SUB + FLASH_PAD;
@@ -662,7 +684,6 @@ __device__ void flash_backward_dq_mma(floatX* dqkv, const floatX* qkv, const flo
     floatX* ks = dos + FLASH_TILE * LD;
     floatX* vs = ks + FLASH_SUB * LD;
     floatX* kt = vs + FLASH_SUB * LD;
-    const int C = NH * HS;
     const int tiles = (T + FLASH_TILE - 1) / FLASH_TILE;
     const int qtile = tiles - 1 - (int)blockIdx.x;  // the longest rows first
     const int q0 = qtile * FLASH_TILE;
@@ -675,12 +696,12 @@ __device__ void flash_backward_dq_mma(floatX* dqkv, const floatX* qkv, const flo
     const int t = lane % 4;
     const int wr = warp * 16;
     const int row_a = q0 + wr + g;  // this thread's rows: row_a and row_a + 8
-    const size_t ld = 3 * (size_t)C;
-    const floatX* q_rows = qkv + flash_qkv_at(b, 0, T, C, 0, h, HS);
+    const FlashHeads f = flash_heads(b, h, T, NH, NKV, HS);
+    const size_t ld = f.w;
     const float sl2 = scale * FLASH_LOG2E;
 
-    flash_load<D>(qs, q_rows + (size_t)q0 * ld, ld, FLASH_TILE, T - q0, HS);
-    flash_load<D>(dos, dout + ((size_t)b * T + q0) * C + (size_t)h * HS, C, FLASH_TILE, T - q0, HS);
+    flash_load<D>(qs, qkv + f.q + (size_t)q0 * ld, ld, FLASH_TILE, T - q0, HS);
+    flash_load<D>(dos, dout + f.o + (size_t)q0 * f.co, f.co, FLASH_TILE, T - q0, HS);
     float lse2[2];
     float di[2];
     for (int r = 0; r < 2; r++) {
@@ -695,9 +716,9 @@ __device__ void flash_backward_dq_mma(floatX* dqkv, const floatX* qkv, const flo
     const int keys_end = min(q0 + FLASH_TILE, T);
     for (int k0 = 0; k0 < keys_end; k0 += FLASH_SUB) {
         __syncthreads();  // the previous sub-tile is consumed
-        flash_load<D>(ks, q_rows + C + (size_t)k0 * ld, ld, FLASH_SUB, T - k0, HS);
-        flash_load_t<D>(kt, q_rows + C + (size_t)k0 * ld, ld, FLASH_SUB, T - k0, HS);
-        flash_load<D>(vs, q_rows + 2 * C + (size_t)k0 * ld, ld, FLASH_SUB, T - k0, HS);
+        flash_load<D>(ks, qkv + f.k + (size_t)k0 * ld, ld, FLASH_SUB, T - k0, HS);
+        flash_load_t<D>(kt, qkv + f.k + (size_t)k0 * ld, ld, FLASH_SUB, T - k0, HS);
+        flash_load<D>(vs, qkv + f.v + (size_t)k0 * ld, ld, FLASH_SUB, T - k0, HS);
         __syncthreads();
         float p[FLASH_SUB / 8][4];
         float ds[FLASH_SUB / 8][4];
@@ -742,8 +763,7 @@ __device__ void flash_backward_dq_mma(floatX* dqkv, const floatX* qkv, const flo
         }
     }
     const float mul[2] = {scale, scale};
-    flash_write_rows<D>(dqkv + flash_qkv_at(b, 0, T, C, 0, h, HS), ld, dq, row_a, T, HS, mul, true,
-                        t);
+    flash_write_rows<D>(dqkv + f.q, ld, dq, row_a, T, HS, mul, true, t);
 }
 
 #endif  // !STRATA_FLOATX_FP32
@@ -756,25 +776,25 @@ __device__ void flash_backward_dq_mma(floatX* dqkv, const floatX* qkv, const flo
 #define FLASH_MMA_CALL(call) call
 #endif
 
-#define FLASH_MMA_ENTRIES(D)                                                                    \
-    extern "C" __global__ void __launch_bounds__(FLASH_MMA_THREADS)                            \
-        flash_forward_mma_d##D(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH, \
-                               int HS, float scale) {                                           \
-        FLASH_MMA_CALL((flash_forward_mma<D>(out, lse, qkv, B, T, NH, HS, scale)));             \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(FLASH_MMA_THREADS)                            \
-        flash_backward_dkdv_mma_d##D(floatX* dqkv, const floatX* qkv, const floatX* dout,        \
-                                     const float* lse, const float* delta, int B, int T, int NH, \
-                                     int HS, float scale) {                                     \
-        FLASH_MMA_CALL(                                                                         \
-            (flash_backward_dkdv_mma<D>(dqkv, qkv, dout, lse, delta, B, T, NH, HS, scale)));    \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(FLASH_MMA_THREADS)                            \
-        flash_backward_dq_mma_d##D(floatX* dqkv, const floatX* qkv, const floatX* dout,          \
-                                   const float* lse, const float* delta, int B, int T, int NH,   \
-                                   int HS, float scale) {                                       \
-        FLASH_MMA_CALL(                                                                         \
-            (flash_backward_dq_mma<D>(dqkv, qkv, dout, lse, delta, B, T, NH, HS, scale)));      \
+#define FLASH_MMA_ENTRIES(D)                                                                      \
+    extern "C" __global__ void __launch_bounds__(FLASH_MMA_THREADS)                              \
+        flash_forward_mma_d##D(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH,   \
+                               int NKV, int HS, float scale) {                                    \
+        FLASH_MMA_CALL((flash_forward_mma<D>(out, lse, qkv, B, T, NH, NKV, HS, scale)));          \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(FLASH_MMA_THREADS)                              \
+        flash_backward_dkdv_mma_d##D(floatX* dqkv, const floatX* qkv, const floatX* dout,          \
+                                     const float* lse, const float* delta, int B, int T, int NH,   \
+                                     int NKV, int HS, float scale) {                              \
+        FLASH_MMA_CALL(                                                                           \
+            (flash_backward_dkdv_mma<D>(dqkv, qkv, dout, lse, delta, B, T, NH, NKV, HS, scale))); \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(FLASH_MMA_THREADS)                              \
+        flash_backward_dq_mma_d##D(floatX* dqkv, const floatX* qkv, const floatX* dout,            \
+                                   const float* lse, const float* delta, int B, int T, int NH,     \
+                                   int NKV, int HS, float scale) {                                \
+        FLASH_MMA_CALL(                                                                           \
+            (flash_backward_dq_mma<D>(dqkv, qkv, dout, lse, delta, B, T, NH, NKV, HS, scale)));   \
     }
 
 FLASH_MMA_ENTRIES(32)

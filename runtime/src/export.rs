@@ -1,7 +1,8 @@
 //! `strata export CHECKPOINT -o model.safetensors [--dtype bf16|fp32]`: a checkpoint's weights
-//! as one safetensors file with Hugging Face GPT-2 tensor names, and a `config.json` beside it,
-//! so that `transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads it (and `model.init_from`
-//! reads it back). The file is written unit by unit: the header first (every tensor's shape is
+//! as one safetensors file with the model's Hugging Face tensor names, and a `config.json`
+//! beside it, so that the transformers class of the model (`GPT2LMHeadModel`,
+//! `LlamaForCausalLM`, …) loads it with `from_pretrained(DIR)` (and `model.init_from` reads it
+//! back). The file is written unit by unit: the header first (every tensor's shape is
 //! known from the model), then each unit's tensors as the checkpoint's rank files give them, so
 //! the host holds about one unit, not the model.
 //!
@@ -14,8 +15,6 @@ use std::path::{Path, PathBuf};
 
 use crate::engine::checkpoint::{self, CheckpointReader};
 use crate::engine::EngineError;
-use crate::model::gpt2::{Gpt2, Gpt2Shape};
-use crate::model::Model;
 use crate::outputs::{InputFile, OutputFile};
 
 /// Element type of the exported tensors.
@@ -90,8 +89,11 @@ fn export_inputs(dir: &Path) -> Vec<InputFile> {
 pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
     let dir = checkpoint_of(&args.checkpoint)?;
     let manifest = checkpoint::read_manifest(&dir)?;
+    // Before anything is written: a model no transformers class computes is refused.
+    let hf = crate::model::hf_config(&manifest.model)
+        .map_err(|e| EngineError::Checkpoint(format!("{}: cannot export: {e}", dir.display())))?;
     let reader = CheckpointReader::open(&dir, &manifest)?;
-    let model = Gpt2::new(Gpt2Shape::from_config(&manifest.model));
+    let model = crate::model::build(&manifest.model);
     let units = model.units();
     if units.len() != reader.units().len()
         || units
@@ -100,7 +102,7 @@ pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
             .any(|(u, e)| u.numel() != e.numel)
     {
         return Err(EngineError::Checkpoint(format!(
-            "{}: its units do not match GPT-2 of its own manifest",
+            "{}: its units do not match the model of its own manifest",
             dir.display()
         ))
         .into());
@@ -136,7 +138,7 @@ pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
         text.push(' ');
     }
     let config_path = hf_config_path(&args.output);
-    let config_text = hf_config(&manifest.model, args.dtype)?;
+    let config_text = hf_config_text(hf, args.dtype)?;
     // The output's directory is made, as `strata prepare` makes its own (and removed again if the
     // export fails before writing into it).
     crate::outputs::cleanup::install();
@@ -219,32 +221,18 @@ fn hf_config_path(output: &Path) -> PathBuf {
         .join("config.json")
 }
 
-/// The text of `config.json` for transformers' GPT2LMHeadModel.
-fn hf_config(
-    model: &crate::config::ModelConfig,
+/// The text of `config.json` for the model's transformers class: its fields and `torch_dtype`.
+fn hf_config_text(
+    mut config: serde_json::Value,
     dtype: ExportDtype,
 ) -> Result<String, ExportError> {
-    let config = serde_json::json!({
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": model.vocab_size,
-        "n_positions": model.seq_len,
-        "n_ctx": model.seq_len,
-        "n_embd": model.n_embd,
-        "n_layer": model.n_layer,
-        "n_head": model.n_head,
-        "n_inner": serde_json::Value::Null,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "tie_word_embeddings": true,
-        // GPT-2's end-of-text token, or the vocabulary's last for a smaller one.
-        "bos_token_id": model.vocab_size.min(50257) - 1,
-        "eos_token_id": model.vocab_size.min(50257) - 1,
-        "torch_dtype": match dtype { ExportDtype::Fp32 => "float32", ExportDtype::Bf16 => "bfloat16" },
-    });
+    if let Some(fields) = config.as_object_mut() {
+        let torch_dtype = match dtype {
+            ExportDtype::Fp32 => "float32",
+            ExportDtype::Bf16 => "bfloat16",
+        };
+        fields.insert("torch_dtype".into(), torch_dtype.into());
+    }
     Ok(
         serde_json::to_string_pretty(&config)
             .map_err(|e| EngineError::Checkpoint(e.to_string()))?,

@@ -1,6 +1,6 @@
 //! strata: a ZeRO-Infinity style training runtime.
 //!
-//! Library use: build a [`Config`] (from TOML or in code), an [`Engine`] for GPT-2 or any [`model::Model`]
+//! Library use: build a [`Config`] (from TOML or in code), an [`Engine`] for GPT-2, the Llama family or any [`model::Model`]
 //! (on the CPU or a GPU: `train.device`), feed it micro-batches from a [`data::Loader`] (or your own), and
 //! read [`StepStats`].
 //! See `examples/` for a training loop and a custom model.

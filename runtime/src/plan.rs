@@ -89,13 +89,12 @@ pub fn run(args: &PlanArgs) -> Result<PlanReport, PlanError> {
             }
         })?;
     let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+    let model = crate::model::build(&config.model);
     let mut text = format!(
-        "GPT-2 {} layers × {} wide, vocabulary {}, sequence {}: {} parameters; {} backend, {} rank{}\n",
-        config.model.n_layer,
-        config.model.n_embd,
-        config.model.vocab_size,
+        "{}, sequence {}: {} parameters; {} backend, {} rank{}\n",
+        model.describe(),
         config.model.seq_len,
-        crate::model::gpt2::Gpt2Shape::from_config(&config.model).num_params(),
+        model.num_params(),
         match backend {
             Backend::Cpu => "cpu",
             Backend::Cuda => "cuda",

@@ -1,19 +1,21 @@
 //! `strata selftest [--gpu]`: the backends checked against their references, one line per check
 //! (name, measured value, bound, PASS/FAIL), a summary, and a non-zero exit on any failure.
 //!
-//! Without `--gpu` (seconds, on the CPU): a tiny GPT-2's initial loss is ln(V) and it learns the
-//! synthetic data set. With `--gpu`:
+//! Without `--gpu` (seconds, on the CPU): a tiny GPT-2's and a tiny Llama's initial loss is ln(V)
+//! and they learn the synthetic data set. With `--gpu`:
 //! 1. every GPU kernel against the CPU backend on random inputs, outputs NaN-poisoned first, for
-//!    bf16, fp16 and fp32, each with its relative-error bound (backend/cuda/selftest.rs);
-//! 2. every parameter gradient of a small GPT-2 at init against the CPU `Engine` (fp32, bf16);
-//!    then 20 training steps on the GPU against the CPU `Engine` on the same data and init: fp32 (no TF32) within `FP32_LOSS_TOL`, bf16 within `BF16_LOSS_TOL_FIRST` (step 1)
-//!    and `BF16_LOSS_TOL` (later steps), see below;
+//!    bf16, fp16 and fp32, each with its relative-error bound (backend/cuda/selftest);
+//! 2. every parameter gradient of a small GPT-2 and a small Llama-family decoder (GQA, q/k norms,
+//!    llama3 rope scaling) at init against the CPU `Engine` (fp32, bf16); then 20 training steps
+//!    on the GPU against the CPU `Engine` on the same data and init: fp32 (no TF32) within
+//!    `FP32_LOSS_TOL`, bf16 within `BF16_LOSS_TOL_FIRST` (step 1) and `BF16_LOSS_TOL` (later
+//!    steps), see below;
 //! 3. pinned host↔device bandwidth;
 //! 4. a one-rank NCCL all_reduce through strata-collectives with a closed-form check.
 
 use crate::backend::cuda;
 use crate::backend::{AttentionMode, Precision};
-use crate::config::{Config, DeviceKind};
+use crate::config::{Arch, Config, DeviceKind, RopeScaling};
 use crate::data::Loader;
 use crate::engine::Engine;
 use std::process::ExitCode;
@@ -115,8 +117,10 @@ pub fn run(args: SelftestArgs) -> anyhow::Result<ExitCode> {
     Ok(report.finish(started))
 }
 
-/// A small GPT-2 on the synthetic data set.
+/// A small GPT-2, or a small Llama-family decoder with what only it has (grouped-query
+/// attention, per-head q/k norms, q/k/v biases, llama3 rope scaling), on the synthetic data set.
 fn small_config(
+    arch: Arch,
     n_layer: usize,
     n_embd: usize,
     seq_len: usize,
@@ -124,6 +128,23 @@ fn small_config(
     steps: usize,
 ) -> Config {
     let mut c = Config::default();
+    if arch == Arch::Llama {
+        let m = &mut c.model;
+        m.arch = Arch::Llama;
+        m.n_kv_head = Some(2);
+        m.intermediate_size = Some(3 * n_embd);
+        m.qk_norm = Some(true);
+        m.qkv_bias = Some(true);
+        m.rope_theta = Some(500_000.0);
+        m.rope_scaling = Some(RopeScaling {
+            rope_type: "llama3".into(),
+            factor: Some(8.0),
+            low_freq_factor: Some(1.0),
+            high_freq_factor: Some(4.0),
+            original_max_position_embeddings: Some(32),
+            other: Default::default(),
+        });
+    }
     c.model.n_layer = n_layer;
     c.model.n_head = 4;
     c.model.n_embd = n_embd;
@@ -160,14 +181,21 @@ fn losses(
 }
 
 fn cpu_checks(report: &mut Report) {
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        cpu_arch_checks(report, arch);
+    }
+}
+
+fn cpu_arch_checks(report: &mut Report, arch: Arch) {
     let steps = 40;
-    let config = small_config(2, 64, 64, 4, steps);
+    let config = small_config(arch, 2, 64, 64, 4, steps);
     let result = Engine::from_config(config.clone())
         .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
         .and_then(|mut engine| losses(&mut engine, &config, steps));
+    let a = arch.name();
     let losses = match result {
         Ok(l) => l,
-        Err(e) => return report.error("cpu/train tiny GPT-2", e),
+        Err(e) => return report.error(&format!("cpu/{a}/train"), e),
     };
     // Activation checkpointing recomputes each block's forward in backward: same losses.
     let mut plain = config.clone();
@@ -184,13 +212,13 @@ fn cpu_checks(report: &mut Report) {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
             report.check(
-                "cpu/checkpointing on vs off, 5 steps |dloss|",
+                &format!("cpu/{a}/checkpointing on vs off, 5 steps |dloss|"),
                 format!("{diff:.2e}"),
                 "<= 1e-5".into(),
                 diff <= 1e-5 && other.len() == short,
             );
         }
-        Err(e) => report.error("cpu/checkpointing on vs off", e),
+        Err(e) => report.error(&format!("cpu/{a}/checkpointing on vs off"), e),
     }
     // The fused attention against the materialized one: the same math in another order.
     let mut materialized = config.clone();
@@ -206,18 +234,18 @@ fn cpu_checks(report: &mut Report) {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
             report.check(
-                "cpu/attention fused vs materialized, 5 steps |dloss|",
+                &format!("cpu/{a}/attention fused vs materialized, 5 steps |dloss|"),
                 format!("{diff:.2e}"),
                 "<= 1e-5".into(),
                 diff <= 1e-5 && other.len() == short,
             );
         }
-        Err(e) => report.error("cpu/attention fused vs materialized", e),
+        Err(e) => report.error(&format!("cpu/{a}/attention fused vs materialized"), e),
     }
     let expected = (config.model.vocab_size as f32).ln();
     let first = losses.first().copied().unwrap_or(f32::NAN);
     report.check(
-        "cpu/initial loss vs ln(vocab)",
+        &format!("cpu/{a}/initial loss vs ln(vocab)"),
         format!("{first:.4}"),
         format!("{expected:.4} ± 0.1"),
         (first - expected).abs() <= 0.1,
@@ -225,7 +253,7 @@ fn cpu_checks(report: &mut Report) {
     let tail = &losses[losses.len().saturating_sub(5)..];
     let last = tail.iter().sum::<f32>() / tail.len().max(1) as f32;
     report.check(
-        &format!("cpu/loss after {steps} steps (mean of last 5)"),
+        &format!("cpu/{a}/loss after {steps} steps (mean of last 5)"),
         format!("{last:.4}"),
         format!("< {:.4}", first - 1.0),
         last < first - 1.0,
@@ -235,13 +263,32 @@ fn cpu_checks(report: &mut Report) {
 
 fn gpu_checks(report: &mut Report) {
     kernel_checks(report);
-    for precision in [Precision::Fp32, Precision::Bf16] {
-        gradient_parity(report, precision);
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            gradient_parity(report, arch, precision);
+        }
     }
-    training_parity(report, Precision::Fp32, false, AttentionMode::Fused);
-    training_parity(report, Precision::Bf16, true, AttentionMode::Fused);
-    training_parity(report, Precision::Bf16, false, AttentionMode::Materialized);
-    let (_, bf16) = parity_configs(Precision::Bf16, true, AttentionMode::Fused);
+    let gpt2 = Arch::Gpt2;
+    training_parity(report, gpt2, Precision::Fp32, false, AttentionMode::Fused);
+    training_parity(report, gpt2, Precision::Bf16, true, AttentionMode::Fused);
+    training_parity(
+        report,
+        gpt2,
+        Precision::Bf16,
+        false,
+        AttentionMode::Materialized,
+    );
+    let llama = Arch::Llama;
+    training_parity(report, llama, Precision::Fp32, false, AttentionMode::Fused);
+    training_parity(report, llama, Precision::Bf16, true, AttentionMode::Fused);
+    training_parity(
+        report,
+        llama,
+        Precision::Bf16,
+        false,
+        AttentionMode::Materialized,
+    );
+    let (_, bf16) = parity_configs(gpt2, Precision::Bf16, true, AttentionMode::Fused);
     zero_parity(report, &bf16, PARITY_STEPS, BF16_LOSS_TOL_FIRST);
     bandwidth_check(report);
     nccl_check(report);
@@ -319,11 +366,12 @@ fn kernel_checks(report: &mut Report) {
 /// The config of the GPU-vs-CPU comparisons: the CPU one, and the GPU one in `precision`.
 /// The GPU runs attention in `attention` mode; the CPU reference in the default mode.
 fn parity_configs(
+    arch: Arch,
     precision: Precision,
     checkpointing: bool,
     attention: AttentionMode,
 ) -> (Config, Config) {
-    let cpu_config = small_config(2, 128, 64, 4, PARITY_STEPS);
+    let cpu_config = small_config(arch, 2, 128, 64, 4, PARITY_STEPS);
     let mut gpu_config = cpu_config.clone();
     gpu_config.train.device = DeviceKind::Cuda;
     gpu_config.train.activation_checkpointing = checkpointing;
@@ -338,9 +386,9 @@ fn parity_configs(
 
 /// Every parameter gradient of one forward/backward at init on the GPU against the CPU engine:
 /// max |gpu − cpu| / max |cpu| per tensor within `GRAD_TOL_FP32` / `GRAD_TOL_BF16`.
-fn gradient_parity(report: &mut Report, precision: Precision) {
-    let prefix = format!("grad/{}", precision.name());
-    let (cpu_config, gpu_config) = parity_configs(precision, false, AttentionMode::Fused);
+fn gradient_parity(report: &mut Report, arch: Arch, precision: Precision) {
+    let prefix = format!("grad/{}/{}", arch.name(), precision.name());
+    let (cpu_config, gpu_config) = parity_configs(arch, precision, false, AttentionMode::Fused);
     let run = || -> Result<_, Box<dyn std::error::Error>> {
         let mut loader = Loader::from_config(&cpu_config)?;
         let mut engine = Engine::from_config(cpu_config.clone())?;
@@ -381,7 +429,9 @@ fn gradient_parity(report: &mut Report, precision: Precision) {
         _ => GRAD_TOL_BF16,
     };
     for (name, err) in per_tensor {
-        let short = name.trim_start_matches("transformer.");
+        let short = name
+            .trim_start_matches("transformer.")
+            .trim_start_matches("model.");
         report.check(
             &format!("{prefix}/{short}"),
             format!("{err:.3e}"),
@@ -409,12 +459,14 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
 /// 20 steps on the GPU in `precision` against the CPU engine on the same data and init.
 fn training_parity(
     report: &mut Report,
+    arch: Arch,
     precision: Precision,
     checkpointing: bool,
     attention: AttentionMode,
 ) {
     let name = format!(
-        "train/{}{}{} vs cpu fp32",
+        "train/{}/{}{}{} vs cpu fp32",
+        arch.name(),
         precision.name(),
         if checkpointing { "+ckpt" } else { "" },
         if attention == AttentionMode::Fused {
@@ -423,7 +475,7 @@ fn training_parity(
             "+materialized"
         }
     );
-    let (cpu_config, gpu_config) = parity_configs(precision, checkpointing, attention);
+    let (cpu_config, gpu_config) = parity_configs(arch, precision, checkpointing, attention);
     let run = || -> Result<(Vec<f32>, Vec<f32>), Box<dyn std::error::Error>> {
         let mut engine = Engine::from_config(cpu_config.clone())?;
         let cpu = losses(&mut engine, &cpu_config, PARITY_STEPS)?;

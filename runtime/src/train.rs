@@ -258,7 +258,8 @@ fn describe_run(config: &Config, engine: &Engine) -> String {
         config.data.micro_batch_size * config.model.seq_len * config.data.grad_accum_steps * world;
     let placement = engine.placement();
     format!(
-        "GPT-2, {} params | {device} | {ranks} | {}: parameters on {}, optimizer states on {}, gradients on {} | {tokens_per_step} tokens per step",
+        "{}, {} params | {device} | {ranks} | {}: parameters on {}, optimizer states on {}, gradients on {} | {tokens_per_step} tokens per step",
+        config.model.arch.title(),
         format_count(engine.num_params()),
         describe_stage(engine.zero_stage()),
         placement.tiers.params.name(),
@@ -418,7 +419,7 @@ pub fn run_traced(config: Config, mut trace: Option<Trace>) -> Result<Summary, T
         .as_ref()
         .map(|which| checkpoint::resolve(which, config.train.checkpoint_dir.as_deref()))
         .transpose()?;
-    let params = crate::model::gpt2::Gpt2Shape::from_config(&config.model).num_params() as u64;
+    let params = u64::try_from(config.model.num_params()).unwrap_or(u64::MAX);
     let mut outputs =
         crate::outputs::TrainOutputs::prepare(&config, params, resume.as_deref(), trace.as_ref())?;
     if let Some(trace) = trace.as_mut() {

@@ -1,9 +1,10 @@
-//! Weights in and out as safetensors with the model's tensor names (Hugging Face's for GPT-2).
+//! Weights in and out as safetensors with the model's tensor names (Hugging Face's).
 //!
 //! This is the one place names are mapped: a file may name tensors with or without the `transformer.` prefix
-//! (Hugging Face's hub files omit it); tensors marked `stored_transposed` are Conv1D `[in, out]` on disk;
-//! the attention-mask buffers `*.attn.bias` / `*.attn.masked_bias` are ignored; a `lm_head.weight` is
-//! accepted only when it equals the tied token embedding.
+//! (Hugging Face's GPT-2 hub files omit it); tensors marked `stored_transposed` are Conv1D `[in, out]` on disk;
+//! buffers that are not parameters (GPT-2's attention masks `*.attn.bias` / `*.attn.masked_bias`, older Llama
+//! files' `*.rotary_emb.inv_freq`) are ignored; a second copy of a tied tensor (`lm_head.weight` for a tied LM
+//! head, see `Model::tied_names`) is accepted only when it equals the tensor.
 
 use crate::model::UnitSpec;
 use half::{bf16, f16};
@@ -44,10 +45,12 @@ pub enum WeightsError {
         name: String,
         dtype: String,
     },
-    #[error(
-        "{path}: `lm_head.weight` differs from the token embedding, but strata's GPT-2 ties them"
-    )]
-    UntiedHead { path: PathBuf },
+    #[error("{path}: `{name}` differs from `{tied_to}`, but this model ties them")]
+    UntiedHead {
+        path: PathBuf,
+        name: String,
+        tied_to: String,
+    },
     #[error("{path}: tensor `{name}` holds {value} at index {index} (in the file's layout); strata will not start from non-finite weights")]
     NonFinite {
         path: PathBuf,
@@ -159,14 +162,14 @@ fn check_finite(path: &Path, name: &str, data: &[f32]) -> Result<(), WeightsErro
     }
 }
 
-const TIED_HEAD: &str = "lm_head.weight";
-
 fn canonical(name: &str) -> &str {
     name.strip_prefix("transformer.").unwrap_or(name)
 }
 
 fn is_buffer(name: &str) -> bool {
-    name.ends_with(".attn.bias") && !name.contains("c_attn") || name.ends_with(".attn.masked_bias")
+    name.ends_with(".attn.bias") && !name.contains("c_attn")
+        || name.ends_with(".attn.masked_bias")
+        || name.ends_with(".rotary_emb.inv_freq")
 }
 
 /// Reads tensor data as f32 whatever its stored float type.
@@ -205,8 +208,14 @@ pub(crate) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Fills each unit's flat parameter buffer from the file at `path`.
-pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<(), WeightsError> {
+/// Fills each unit's flat parameter buffer from the file at `path`; `tied` are the (name in a
+/// file, model tensor) pairs of `Model::tied_names`.
+pub fn load(
+    path: &Path,
+    units: &[UnitSpec],
+    tied: &[(String, String)],
+    params: &mut [Vec<f32>],
+) -> Result<(), WeightsError> {
     let io = |error| WeightsError::Io {
         path: path.into(),
         error,
@@ -225,18 +234,21 @@ pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<
     }
     // The file's name of each parameter found. In name order, so an error is the same every run.
     let mut seen: HashMap<&str, String> = HashMap::new();
-    let mut head = None;
+    // Copies of tied tensors: (name in the file, the model tensor it must equal, its values).
+    let mut copies = Vec::new();
     let mut tensors = st.tensors();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, view) in tensors {
         if is_buffer(&name) {
             continue;
         }
-        if name == TIED_HEAD {
-            let data = to_f32(&view, path, &name)?;
-            check_finite(path, &name, &data)?;
-            head = Some(data);
-            continue;
+        if let Some((_, tied_to)) = tied.iter().find(|(copy, _)| *copy == name) {
+            if !wanted.contains_key(canonical(&name)) {
+                let data = to_f32(&view, path, &name)?;
+                check_finite(path, &name, &data)?;
+                copies.push((name.clone(), tied_to.clone(), data));
+                continue;
+            }
         }
         let (&key, &(u, i)) =
             wanted
@@ -276,23 +288,28 @@ pub fn load(path: &Path, units: &[UnitSpec], params: &mut [Vec<f32>]) -> Result<
         params[u][start..start + data.len()].copy_from_slice(&data);
         seen.insert(key, name);
     }
-    let mut missing: Vec<&str> = wanted
-        .keys()
-        .filter(|k| !seen.contains_key(*k))
-        .copied()
-        .collect();
-    missing.sort_unstable();
-    if let Some(name) = missing.first() {
+    // The first missing tensor in the model's order, by its own name.
+    if let Some(spec) = units
+        .iter()
+        .flat_map(|u| &u.tensors)
+        .find(|t| !seen.contains_key(canonical(&t.name)))
+    {
         return Err(WeightsError::Missing {
             path: path.into(),
-            name: format!("transformer.{name}"),
+            name: spec.name.clone(),
         });
     }
-    if let Some(head) = head {
-        let (u, i) = wanted["wte.weight"];
-        let start = units[u].ranges()[i].start;
-        if params[u].get(start..start + head.len()) != Some(head.as_slice()) {
-            return Err(WeightsError::UntiedHead { path: path.into() });
+    for (name, tied_to, data) in copies {
+        let found = wanted.get(canonical(&tied_to)).and_then(|&(u, i)| {
+            let start = units[u].ranges()[i].start;
+            params[u].get(start..start + data.len())
+        });
+        if found != Some(data.as_slice()) {
+            return Err(WeightsError::UntiedHead {
+                path: path.into(),
+                name,
+                tied_to,
+            });
         }
     }
     Ok(())

@@ -37,22 +37,6 @@ fn every_config_in_the_configs_folder_loads() {
     }
 }
 
-/// `config::bounds::gpt2_params`, the formula the config checks estimate memory with before a model
-/// exists, counts what the model lays out.
-#[test]
-fn the_config_bounds_parameter_count_matches_the_model() {
-    for (l, c, v, t) in [(4, 128, 256, 128), (12, 768, 50257, 1024), (1, 8, 3, 5)] {
-        let mut config = Config::default();
-        let m = &mut config.model;
-        (m.n_layer, m.n_embd, m.vocab_size, m.seq_len) = (l, c, v, t);
-        let shape = strata::model::gpt2::Gpt2Shape::from_config(&config.model);
-        assert_eq!(
-            strata::config::bounds::gpt2_params(&config.model),
-            shape.num_params() as u128
-        );
-    }
-}
-
 #[test]
 fn the_offload_configs_put_parameters_and_optimizer_on_pinned_host_memory_and_fit_an_80_gb_gpu() {
     for (file, params) in [

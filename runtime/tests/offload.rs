@@ -2,7 +2,7 @@
 //! the device, in host memory or on NVMe (io_uring, O_DIRECT) train bitwise alike — losses,
 //! gradient norms and final weights — at world 1 and 2, also with the device memory budget below
 //! the size of the model's parameters; the NVMe runs really move their states through the disk
-//! (the bytes are counted).
+//! (the bytes are counted). The same for a Llama-family decoder.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -288,6 +288,46 @@ fn a_deepspeed_config_trains_as_its_toml() {
     );
     assert_bitwise(&reference, &run, "--deepspeed");
     assert!(mib_after(&run.tiers, "nvme read") > 0.0, "{}", run.tiers);
+}
+
+/// A Llama-family decoder (GQA, SwiGLU, untied head) of the GPT's width and depth.
+const LLAMA: [&str; 6] = [
+    "--set",
+    "model.arch=\"llama\"",
+    "--set",
+    "model.n_kv_head=2",
+    "--set",
+    "model.intermediate_size=344",
+];
+
+/// Every placement of a Llama's states trains bitwise as everything on the device.
+fn llama_world(world: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reference = train(dir.path(), "device", world, "none", "none", &LLAMA);
+    for (params, optimizer) in [
+        ("none", "cpu"),
+        ("none", "nvme"),
+        ("cpu", "cpu"),
+        ("nvme", "nvme"),
+        ("nvme", "cpu"),
+    ] {
+        let name = format!("llama-p-{params}-o-{optimizer}");
+        let run = train(dir.path(), &name, world, params, optimizer, &LLAMA);
+        assert_bitwise(&reference, &run, &format!("world {world}, {name}"));
+        if params == "nvme" || optimizer == "nvme" {
+            assert!(mib_after(&run.tiers, "nvme read") > 0.0, "{}", run.tiers);
+        }
+    }
+}
+
+#[test]
+fn every_tier_trains_a_llama_bitwise_alike_at_world_1() {
+    llama_world(1);
+}
+
+#[test]
+fn every_tier_trains_a_llama_bitwise_alike_at_world_2() {
+    llama_world(2);
 }
 
 #[test]

@@ -12,7 +12,7 @@
 namespace {
 
 struct Shape {
-    int b, t, nh, hs;
+    int b, t, nh, nkv, hs;
 };
 
 // The launch configurations of backend/cuda/flash.rs.
@@ -44,16 +44,23 @@ struct Reference {
     std::vector<double> out, lse, dqkv;
 };
 
-// Causal attention of qkv (B,T,3C) and its gradient for dout, accumulated onto base, in double.
+// Causal attention of qkv (B,T,(NH+2·NKV)·HS) and its gradient for dout, accumulated onto base,
+// in double: query head h reads key/value head h / (NH/NKV).
 Reference reference(const Shape& s, const std::vector<float>& qkv, const std::vector<float>& dout,
                     const std::vector<float>& base) {
     const int C = s.nh * s.hs;
+    const size_t W = (size_t)(s.nh + 2 * s.nkv) * s.hs;
     const double scale = 1.0 / std::sqrt((double)s.hs);
     Reference r;
     r.out.assign((size_t)s.b * s.t * C, 0.0);
     r.lse.assign((size_t)s.b * s.nh * s.t, 0.0);
     r.dqkv.assign(base.begin(), base.end());
-    auto at = [&](int b, int t, int part, int h) { return ((size_t)b * s.t + t) * 3 * C + (size_t)part * C + (size_t)h * s.hs; };
+    // Part 0: query head h; parts 1 and 2: the key and value head of query head h.
+    auto at = [&](int b, int t, int part, int h) {
+        const int kvh = h / (s.nh / s.nkv);
+        const size_t head = part == 0 ? (size_t)h : part == 1 ? (size_t)(s.nh + kvh) : (size_t)(s.nh + s.nkv + kvh);
+        return ((size_t)b * s.t + t) * W + head * s.hs;
+    };
     std::vector<double> p(s.t), dp(s.t);
     for (int b = 0; b < s.b; b++) {
         for (int h = 0; h < s.nh; h++) {
@@ -97,8 +104,9 @@ Reference reference(const Shape& s, const std::vector<float>& qkv, const std::ve
     return r;
 }
 
-using Forward = void (*)(floatX*, float*, const floatX*, int, int, int, int, float);
-using Backward = void (*)(floatX*, const floatX*, const floatX*, const float*, const float*, int, int, int, int, float);
+using Forward = void (*)(floatX*, float*, const floatX*, int, int, int, int, int, float);
+using Backward = void (*)(floatX*, const floatX*, const floatX*, const float*, const float*, int, int, int, int, int,
+                          float);
 
 struct Kernels {
     std::string name;
@@ -112,13 +120,14 @@ int failures = 0;
 void check(const char* what, const Kernels& k, const Shape& s, double err, double tol) {
     const bool ok = err <= tol;
     failures += !ok;
-    std::printf("%-7s %-10s B=%d T=%-4d NH=%d HS=%-3d maxdiff %.3e tol %.1e %s\n", k.name.c_str(), what, s.b, s.t,
-                s.nh, s.hs, err, tol, ok ? "ok" : "FAIL");
+    std::printf("%-7s %-10s B=%d T=%-4d NH=%d NKV=%d HS=%-3d maxdiff %.3e tol %.1e %s\n", k.name.c_str(), what, s.b,
+                s.t, s.nh, s.nkv, s.hs, err, tol, ok ? "ok" : "FAIL");
 }
 
 void run(const Kernels& k, const Shape& s, double tol, unsigned seed) {
     const int C = s.nh * s.hs;
     const size_t btc = (size_t)s.b * s.t * C, rows = (size_t)s.b * s.nh * s.t;
+    const size_t qkv_len = (size_t)s.b * s.t * (s.nh + 2 * s.nkv) * s.hs;
     std::mt19937 rng(seed);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     auto rnd = [&](size_t n, float sd) {
@@ -126,29 +135,32 @@ void run(const Kernels& k, const Shape& s, double tol, unsigned seed) {
         for (auto& x : v) { x = to_float(from_float(normal(rng) * sd)); }
         return v;
     };
-    const auto qkv = rnd(3 * btc, 1.0f), dout = rnd(btc, 1.0f), base = rnd(3 * btc, 0.5f);
+    const auto qkv = rnd(qkv_len, 1.0f), dout = rnd(btc, 1.0f), base = rnd(qkv_len, 0.5f);
     const Reference want = reference(s, qkv, dout, base);
 
     const auto qkv_x = to_x(qkv), dout_x = to_x(dout);
     std::vector<floatX> out_x(btc, from_float(NAN)), dqkv_x = to_x(base);
     std::vector<float> lse(rows, NAN), delta(rows, NAN);
     const float scale = 1.0f / std::sqrt((float)s.hs);
-    const unsigned bh = s.b * s.nh;
+    const unsigned bh = s.b * s.nh, bkv = s.b * s.nkv;
     const int ld = k.d + PAD;
-    dim3 grid;
+    dim3 grid, kv_grid;
     unsigned threads;
     size_t fwd_smem = 0, dkdv_smem = 0, dq_smem = 0;
     if (k.d == 0) {
         grid = dim3{(unsigned)((s.t + SCALAR_ROWS - 1) / SCALAR_ROWS), bh, 1};
+        kv_grid = dim3{grid.x, bkv, 1};
         threads = 256;
     } else {
         grid = dim3{(unsigned)((s.t + TILE - 1) / TILE), bh, 1};
+        kv_grid = dim3{grid.x, bkv, 1};
         threads = 128;
         fwd_smem = 2 * (TILE * ld + k.d * (TILE + PAD));
         dkdv_smem = 2 * (2 * TILE * ld + 2 * SUB * ld + 2 * k.d * (SUB + PAD)) + 2 * SUB * 4;
         dq_smem = 2 * (2 * TILE * ld + 2 * SUB * ld + k.d * (SUB + PAD));
     }
-    emu_launch(grid, threads, fwd_smem, [&] { k.forward(out_x.data(), lse.data(), qkv_x.data(), s.b, s.t, s.nh, s.hs, scale); });
+    emu_launch(grid, threads, fwd_smem,
+               [&] { k.forward(out_x.data(), lse.data(), qkv_x.data(), s.b, s.t, s.nh, s.nkv, s.hs, scale); });
     const auto out = from_x(out_x);
     check("out", k, s, rel(out, want.out), tol);
     double lse_err = 0;
@@ -156,12 +168,13 @@ void run(const Kernels& k, const Shape& s, double tol, unsigned seed) {
     check("lse", k, s, lse_err, tol);
 
     emu_launch(dim3{(unsigned)((rows + 7) / 8), 1, 1}, 256, 0,
-               [&] { flash_delta(delta.data(), dout_x.data(), out_x.data(), s.b, s.t, s.nh, s.hs); });
-    emu_launch(grid, threads, dkdv_smem, [&] {
-        k.dkdv(dqkv_x.data(), qkv_x.data(), dout_x.data(), lse.data(), delta.data(), s.b, s.t, s.nh, s.hs, scale);
+               [&] { flash_delta(delta.data(), dout_x.data(), out_x.data(), s.b, s.t, s.nh, s.nkv, s.hs); });
+    emu_launch(kv_grid, threads, dkdv_smem, [&] {
+        k.dkdv(dqkv_x.data(), qkv_x.data(), dout_x.data(), lse.data(), delta.data(), s.b, s.t, s.nh, s.nkv, s.hs,
+               scale);
     });
     emu_launch(grid, threads, dq_smem, [&] {
-        k.dq(dqkv_x.data(), qkv_x.data(), dout_x.data(), lse.data(), delta.data(), s.b, s.t, s.nh, s.hs, scale);
+        k.dq(dqkv_x.data(), qkv_x.data(), dout_x.data(), lse.data(), delta.data(), s.b, s.t, s.nh, s.nkv, s.hs, scale);
     });
     // The gradient alone (dqkv minus what it started from), against the reference's.
     const auto dqkv = from_x(dqkv_x);
@@ -191,13 +204,17 @@ int main(int argc, char** argv) {
     unsigned seed = 1;
     for (const Kernels& k : sets) {
         // Head sizes the set runs: its D and below (padding) for mma; odd sizes for scalar.
+        // Grouped-query shapes (NKV < NH) beside multi-head ones.
         std::vector<Shape> shapes;
         if (k.d == 0) {
-            shapes = {{1, 1, 1, 8}, {2, 37, 2, 18}, {1, 70, 1, 128}};
-            if (!quick) { shapes.push_back({1, 131, 3, 40}); }
+            shapes = {{1, 1, 1, 1, 8}, {2, 37, 2, 2, 18}, {1, 70, 1, 1, 128}, {2, 41, 4, 2, 18}, {1, 35, 3, 1, 8}};
+            if (!quick) { shapes.push_back({1, 131, 3, 3, 40}); }
         } else {
-            shapes = {{1, 1, 1, k.d}, {2, 70, 2, k.d - 8}, {1, 130, 1, k.d}};
-            if (!quick && k.d == 64) { shapes.push_back({1, 200, 2, 64}); }
+            shapes = {{1, 1, 1, 1, k.d}, {2, 70, 2, 2, k.d - 8}, {1, 130, 1, 1, k.d}, {1, 70, 4, 2, k.d}};
+            if (!quick && k.d == 64) {
+                shapes.push_back({1, 200, 2, 2, 64});
+                shapes.push_back({1, 130, 6, 2, 64});
+            }
         }
         for (const Shape& s : shapes) { run(k, s, tol, seed++); }
     }

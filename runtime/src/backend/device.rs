@@ -9,9 +9,10 @@
 //! it is enqueued and returns; its buffers must not be touched by other queues (or the host)
 //! until an event recorded after it has completed.
 //!
-//! Conventions of the operations (llm.c's): `X` is the device's compute type (f32 on the CPU;
-//! bf16, fp16 or f32 on a GPU); parameter gradients are f32 and accumulate (`+=`); activation
-//! gradients follow [`GradMode`] where an operation says so; sizes are explicit.
+//! The layer operations are descriptors ([`super::ops`]): a model hands one to
+//! `dev.run(…)`, which checks its operands once for every backend and passes it to the
+//! backend's `launch`. `X` is the device's compute type (f32 on the CPU; bf16, fp16 or f32 on a
+//! GPU).
 
 use std::sync::Arc;
 
@@ -20,8 +21,7 @@ use strata_collectives::Communicator;
 pub use super::arena::{Arena, Buf};
 pub use super::host_queue::Job as HostJob;
 use super::host_queue::Ticket;
-/// `train.attention`, a setting of the config that every attention operation takes.
-pub use crate::config::AttentionMode;
+use super::ops::{Checked, Op};
 
 /// Element type of a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -162,138 +162,6 @@ pub struct AdamWHyper {
     pub step: u32,
     /// Multiplies every gradient first (clip factor / loss scale).
     pub grad_scale: f32,
-}
-
-/// Sizes of one causal self-attention call: B sequences of T tokens, C = NH·HS channels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttentionShape {
-    pub b: usize,
-    pub t: usize,
-    pub c: usize,
-    pub nh: usize,
-}
-
-impl AttentionShape {
-    pub fn head_size(&self) -> usize {
-        self.c / self.nh
-    }
-    /// Elements of one (B,NH,T,T) score tensor.
-    pub fn scores_len(&self) -> usize {
-        self.b * self.nh * self.t * self.t
-    }
-    /// Elements of q, k, v together in per-head layout (3·B·T·C).
-    pub fn qkvr_len(&self) -> usize {
-        3 * self.b * self.t * self.c
-    }
-    /// Elements of one per-row statistic (B,NH,T): the fused mode's logsumexp and D.
-    pub fn rows_len(&self) -> usize {
-        self.b * self.nh * self.t
-    }
-}
-
-/// What attention's forward writes and its backward reads, per [`AttentionMode`].
-#[derive(Debug, Clone)]
-pub enum AttentionActs {
-    /// All X.
-    Materialized {
-        /// q, k, v in per-head layout, each (B,NH,T,HS), back to back: 3·B·T·C.
-        qkvr: Buf,
-        /// Softmax probabilities (B,NH,T,T), zero above the diagonal.
-        att: Buf,
-        /// att·V in per-head layout (B,NH,T,HS): scratch of the forward pass.
-        vaccum: Buf,
-    },
-    /// No (T,T) buffer: the backward recomputes the scores from qkv and the output.
-    Fused {
-        /// (B,NH,T) f32: logsumexp over the visible keys of each query row's scaled scores.
-        lse: Buf,
-    },
-}
-
-/// Scratch of attention's backward pass; one set can serve every layer.
-#[derive(Debug, Clone)]
-pub enum AttentionScratch {
-    /// All X.
-    Materialized {
-        /// dq, dk, dv in per-head layout: 3·B·T·C.
-        dqkvr: Buf,
-        /// (B,NH,T,T): d(att), then d(scores) in place.
-        datt: Buf,
-        /// dout in per-head layout: B·T·C.
-        dvaccum: Buf,
-    },
-    Fused {
-        /// (B,NH,T) f32: D = rowsum(dout ∘ out) of each query row and head.
-        delta: Buf,
-    },
-}
-
-/// Ledger names of attention's allocations ("what takes the memory").
-const ATTENTION_ACTS: &str = "block activations";
-const ATTENTION_SCORES: &str = "attention scores";
-const ATTENTION_SCRATCH: &str = "block scratch";
-const ATTENTION_ROWS: &str = "attention row statistics";
-
-impl AttentionActs {
-    /// Allocates (or counts) the activations of one attention call in `mode`, X = `x`.
-    pub fn alloc(arena: &Arena, mode: AttentionMode, s: &AttentionShape, x: DType) -> Result<Self> {
-        Ok(match mode {
-            AttentionMode::Materialized => AttentionActs::Materialized {
-                qkvr: arena.alloc(ATTENTION_ACTS, x, s.qkvr_len())?,
-                att: arena.alloc(ATTENTION_SCORES, x, s.scores_len())?,
-                vaccum: arena.alloc(ATTENTION_ACTS, x, s.b * s.t * s.c)?,
-            },
-            AttentionMode::Fused => AttentionActs::Fused {
-                lse: arena.alloc(ATTENTION_ROWS, DType::F32, s.rows_len())?,
-            },
-        })
-    }
-
-    pub fn mode(&self) -> AttentionMode {
-        match self {
-            AttentionActs::Materialized { .. } => AttentionMode::Materialized,
-            AttentionActs::Fused { .. } => AttentionMode::Fused,
-        }
-    }
-}
-
-impl AttentionScratch {
-    /// Allocates (or counts) the backward scratch of one attention call in `mode`, X = `x`.
-    pub fn alloc(arena: &Arena, mode: AttentionMode, s: &AttentionShape, x: DType) -> Result<Self> {
-        Ok(match mode {
-            AttentionMode::Materialized => AttentionScratch::Materialized {
-                dqkvr: arena.alloc(ATTENTION_SCRATCH, x, s.qkvr_len())?,
-                datt: arena.alloc(ATTENTION_SCORES, x, s.scores_len())?,
-                dvaccum: arena.alloc(ATTENTION_SCRATCH, x, s.b * s.t * s.c)?,
-            },
-            AttentionMode::Fused => AttentionScratch::Fused {
-                delta: arena.alloc(ATTENTION_ROWS, DType::F32, s.rows_len())?,
-            },
-        })
-    }
-
-    pub fn mode(&self) -> AttentionMode {
-        match self {
-            AttentionScratch::Materialized { .. } => AttentionMode::Materialized,
-            AttentionScratch::Fused { .. } => AttentionMode::Fused,
-        }
-    }
-}
-
-/// The error of an attention backward handed acts and scratch of different modes.
-pub fn attention_modes_differ(
-    op: &'static str,
-    acts: &AttentionActs,
-    scratch: &AttentionScratch,
-) -> DeviceError {
-    DeviceError::op(
-        op,
-        format!(
-            "acts are {} but scratch is {}: allocate both for one train.attention mode",
-            acts.mode().name(),
-            scratch.mode().name()
-        ),
-    )
 }
 
 /// Time spent in one kind of operation during a profile.
@@ -563,130 +431,11 @@ pub trait Device: Send + Sync {
     fn profile_finish(&self) -> Result<StepProfile>;
 
     // --- layer operations (Queue::Compute) ---------------------------------------------------
-    /// out (B,T,C) X = `wte[inp] + wpe[t]`; inp (B,T) i32, wte (≥V,C) X, wpe (≥T,C) X.
-    #[allow(clippy::too_many_arguments)]
-    fn encoder_forward(
-        &self,
-        out: &Buf,
-        inp: &Buf,
-        wte: &Buf,
-        wpe: &Buf,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// dwte (≥V,C) f32 += scatter of dout by token; dwpe (≥T,C) f32 += sum over the batch.
-    #[allow(clippy::too_many_arguments)]
-    fn encoder_backward(
-        &self,
-        dwte: &Buf,
-        dwpe: &Buf,
-        dout: &Buf,
-        inp: &Buf,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// out (N,C) X, mean (N) f32, rstd (N) f32 = LayerNorm(inp (N,C) X; weight, bias (C) X).
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_forward(
-        &self,
-        out: &Buf,
-        mean: &Buf,
-        rstd: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        bias: &Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// dinp (N,C) X +=, dweight (C) f32 +=, dbias (C) f32 += LayerNorm backward.
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward(
-        &self,
-        dinp: &Buf,
-        dweight: &Buf,
-        dbias: &Buf,
-        dout: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        mean: &Buf,
-        rstd: &Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// out (N,OC) X = inp (N,C) X · weight (OC,C) Xᵀ + bias (OC) X.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_forward(
-        &self,
-        out: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        bias: Option<&Buf>,
-        n: usize,
-        c: usize,
-        oc: usize,
-    ) -> Result<()>;
-    /// dinp (N,C) X = or += dout · weight (per `dinp_mode`); dweight (OC,C) f32 += doutᵀ · inp;
-    /// dbias (OC) f32 += column sums of dout (N,OC) X.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_backward(
-        &self,
-        dinp: &Buf,
-        dinp_mode: GradMode,
-        dweight: &Buf,
-        dbias: Option<&Buf>,
-        dout: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        n: usize,
-        c: usize,
-        oc: usize,
-    ) -> Result<()>;
-    /// out (B,T,C) X = causal self-attention of qkv (B,T,3C) X, scale 1/√HS; fills `acts`.
-    fn attention_forward(
-        &self,
-        out: &Buf,
-        acts: &AttentionActs,
-        qkv: &Buf,
-        shape: AttentionShape,
-    ) -> Result<()>;
-    /// dqkv (B,T,3C) X += attention backward of dout (B,T,C) X; `scratch` is overwritten.
-    /// `qkv` and `out` are the forward's input and output, unchanged since (the fused mode
-    /// recomputes the scores from them; the materialized mode reads only `acts`).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_backward(
-        &self,
-        dqkv: &Buf,
-        dout: &Buf,
-        qkv: &Buf,
-        out: &Buf,
-        acts: &AttentionActs,
-        scratch: &AttentionScratch,
-        shape: AttentionShape,
-    ) -> Result<()>;
-    /// out (N) X = gelu(inp (N) X) (tanh form); out may be inp.
-    fn gelu_forward(&self, out: &Buf, inp: &Buf) -> Result<()>;
-    /// dinp (N) X = or += gelu'(inp) · dout; dinp must not alias inp or dout.
-    fn gelu_backward(&self, dinp: &Buf, mode: GradMode, inp: &Buf, dout: &Buf) -> Result<()>;
-    /// out (N) X = a + b; out may be a or b.
-    fn residual_forward(&self, out: &Buf, a: &Buf, b: &Buf) -> Result<()>;
-    /// dst (N) X += src (N) X.
-    fn accumulate(&self, dst: &Buf, src: &Buf) -> Result<()>;
-    /// Fused softmax + cross-entropy over logits (R,Vp) X with the real vocabulary V ≤ Vp:
-    /// losses (R) f32 = `-log p[target]`; targets (R) i32. With `dloss = Some(d)` the logits are
-    /// overwritten with dlogits = (p − onehot)·d (0 in the padding columns).
-    #[allow(clippy::too_many_arguments)]
-    fn crossentropy_forward_backward(
-        &self,
-        logits: &Buf,
-        losses: &Buf,
-        targets: &Buf,
-        r: usize,
-        v: usize,
-        vp: usize,
-        dloss: Option<f32>,
-    ) -> Result<()>;
+    /// Enqueues a layer operation whose operands were checked (see [`super::ops`]); models call
+    /// `run`, which checks them first.
+    fn launch(&self, op: Checked<'_>) -> Result<()>;
+
+    // --- optimizer operations (Queue::Compute) -----------------------------------------------
     /// out (N) X = inp (N) f32, rounded to nearest.
     fn cast_f32_to_x(&self, out: &Buf, inp: &Buf) -> Result<()>;
     /// out (N) f32 = inp (N) X.
@@ -714,6 +463,15 @@ pub trait Device: Send + Sync {
 }
 
 impl dyn Device + '_ {
+    /// Checks a layer operation's operands and enqueues it on the compute queue.
+    pub fn run<'a>(&self, op: impl Into<Op<'a>>) -> Result<()> {
+        let location = match self.backend() {
+            Backend::Cpu => super::arena::Location::Host,
+            Backend::Cuda => super::arena::Location::Cuda,
+        };
+        self.launch(op.into().check(self.x(), location)?)
+    }
+
     /// Copies `src` into `dst` and waits for the copy (any host memory). For set-up, tests and
     /// checkpoints; the step uses `copy_h2d` with events.
     pub fn upload<T: bytemuck::Pod>(&self, dst: &Buf, src: &[T]) -> Result<()> {

@@ -4,16 +4,20 @@
 //! are written once against the seam; [`open`] picks the backend.
 
 pub mod arena;
+mod attention;
 pub mod cpu;
 pub mod cuda;
 mod device;
 pub mod host_queue;
+pub mod ops;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use arena::{Arena, Buf};
+pub use attention::*;
 pub use device::*;
+pub use ops::*;
 
 /// What [`open`] needs to start a device.
 #[derive(Debug, Clone)]

@@ -107,17 +107,6 @@ pub(super) fn check_counts(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// GPT-2's parameter count: wte (V·C), wpe (T·C), per block 12·C² + 13·C, ln_f 2·C.
-pub fn gpt2_params(m: &super::ModelConfig) -> u128 {
-    let (l, c, v, t) = (
-        m.n_layer as u128,
-        m.n_embd as u128,
-        m.vocab_size as u128,
-        m.seq_len as u128,
-    );
-    v * c + t * c + l * (12 * c * c + 13 * c) + 2 * c
-}
-
 /// Host bytes the configured run needs, split into parameter states and activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HostBytes {
@@ -138,7 +127,7 @@ impl HostBytes {
 /// the GPU trainer, the host copy of the weights only (the trainer checks the GPU's memory itself).
 pub fn host_bytes(config: &Config) -> HostBytes {
     let (m, d) = (&config.model, &config.data);
-    let params = gpt2_params(m);
+    let params = m.num_params();
     if config.train.device == DeviceKind::Cuda {
         return HostBytes {
             params,
@@ -146,26 +135,11 @@ pub fn host_bytes(config: &Config) -> HostBytes {
             activations: 0,
         };
     }
-    let (l, c, h, t, b) = (
-        m.n_layer as u128,
-        m.n_embd as u128,
-        m.n_head as u128,
-        m.seq_len as u128,
-        d.micro_batch_size as u128,
+    let floats = m.activation_floats(
+        d.micro_batch_size,
+        config.train.activation_checkpointing,
+        config.train.attention,
     );
-    let workspaces = if config.train.activation_checkpointing {
-        1
-    } else {
-        l
-    };
-    let rows = b * t;
-    // Attention per set of activations and the backward's scratch: the (T,T) scores when they
-    // are materialized, one statistic per row (logsumexp, D) when fused.
-    let attention = match config.train.attention {
-        super::AttentionMode::Materialized => b * h * t * t,
-        super::AttentionMode::Fused => b * h * t,
-    };
-    let floats = rows * c * (15 * workspaces + 19 + (l + 1) + 4) + attention * (workspaces + 1);
     HostBytes {
         params,
         states: HOST_BYTES_PER_PARAM_CPU * params,
@@ -211,7 +185,7 @@ pub(super) fn check_memory(config: &Config, memory_total: Option<u64>) -> Result
     let (m, d) = (&config.model, &config.data);
     // Name the key that contributes most.
     let embed = (m.vocab_size as u128) * (m.n_embd as u128);
-    let blocks = (m.n_layer as u128) * 12 * (m.n_embd as u128).pow(2);
+    let blocks = need.params.saturating_sub(embed);
     let key = if need.activations > need.states {
         if m.seq_len >= d.micro_batch_size {
             "model.seq_len"

@@ -5,10 +5,12 @@
 
 pub mod bounds;
 pub mod deepspeed;
+mod model;
 mod offload;
 mod overrides;
 mod size;
 
+pub use model::{Arch, ModelConfig, RopeKind, RopeScaling};
 pub use offload::{
     AioBackend, AioSection, MomentsDtype, NvmePaths, OffloadDevice, OffloadOptimizerConfig,
     OffloadParamConfig, TEMP_NVME_PATH,
@@ -202,41 +204,6 @@ impl Default for DistConfig {
             backend: strata_collectives::Backend::Auto,
             timeout_s: 300,
             shm_slot_bytes: ByteSize::mib(4),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Arch {
-    Gpt2,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelConfig {
-    pub arch: Arch,
-    pub n_layer: usize,
-    pub n_head: usize,
-    pub n_embd: usize,
-    pub vocab_size: usize,
-    /// Context length (GPT-2's n_positions); also the training sequence length.
-    pub seq_len: usize,
-    /// Optional safetensors file with Hugging Face GPT-2 tensor names to start from.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub init_from: Option<PathBuf>,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        ModelConfig {
-            arch: Arch::Gpt2,
-            n_layer: 4,
-            n_head: 4,
-            n_embd: 128,
-            vocab_size: 256,
-            seq_len: 128,
-            init_from: None,
         }
     }
 }
@@ -544,13 +511,8 @@ impl Config {
 
     /// Cross-field rules; every message names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let m = &self.model;
+        self.model.validate()?;
         for (key, value) in [
-            ("model.n_layer", m.n_layer),
-            ("model.n_head", m.n_head),
-            ("model.n_embd", m.n_embd),
-            ("model.vocab_size", m.vocab_size),
-            ("model.seq_len", m.seq_len),
             ("data.micro_batch_size", self.data.micro_batch_size),
             ("data.grad_accum_steps", self.data.grad_accum_steps),
             ("train.steps", self.train.steps),
@@ -562,15 +524,6 @@ impl Config {
             }
         }
         bounds::check_counts(self)?;
-        if m.n_embd % m.n_head != 0 {
-            return Err(invalid(
-                "model.n_embd",
-                format!(
-                    "{} must be a multiple of model.n_head ({})",
-                    m.n_embd, m.n_head
-                ),
-            ));
-        }
         let o = &self.optim;
         if !o.lr.is_finite() || o.lr <= 0.0 {
             return Err(invalid(

@@ -237,19 +237,18 @@ fn check_model(
     states: &[super::UnitState],
 ) -> Result<(), EngineError> {
     let path = dir.join("manifest.json");
-    let m = &manifest.model;
-    for (key, saved, now) in [
-        ("model.n_layer", m.n_layer, model.n_layer),
-        ("model.n_head", m.n_head, model.n_head),
-        ("model.n_embd", m.n_embd, model.n_embd),
-        ("model.vocab_size", m.vocab_size, model.vocab_size),
-        ("model.seq_len", m.seq_len, model.seq_len),
-    ] {
-        if saved != now {
+    let saved = manifest.model.shape_keys();
+    for (key, now) in model.shape_keys() {
+        let there = saved
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str());
+        if there != Some(now.as_str()) {
             return Err(error(
                 &path,
                 format!(
-                    "a checkpoint of another model: {key} is {saved} there, {now} in this config"
+                    "a checkpoint of another model: {key} is {} there, {now} in this config",
+                    there.unwrap_or("absent")
                 ),
             ));
         }

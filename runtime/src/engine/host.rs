@@ -24,7 +24,7 @@ impl Engine {
             Some(path) => {
                 let mut params: Vec<Vec<f32>> =
                     units.iter().map(|u| vec![0.0; u.numel()]).collect();
-                weights::load(path, units, &mut params)?;
+                weights::load(path, units, &self.model.tied_names(), &mut params)?;
                 Some(params)
             }
             None => None,

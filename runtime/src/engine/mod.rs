@@ -7,7 +7,7 @@
 //! buffers, the model's activations and workspaces) runs once on a counting arena, the device is
 //! opened with exactly that many bytes — or the engine says what does not fit and what to
 //! change — and the same code runs again on the device's arena. Nothing is allocated inside a
-//! step. Each unit's states sit in one record, [`UnitState`], and each sub-group of the host
+//! step. Each unit's states sit in one record, `UnitState`, and each sub-group of the host
 //! tier's in another: where a state lives is an enum that owns its storage, decided once from
 //! the placement, which the walk and the step read instead of deciding again.
 //!
@@ -45,7 +45,6 @@ use strata_collectives::{CommError, Communicator};
 
 use crate::backend::{self, AttentionMode, Backend, Device, DeviceOptions, Precision, Queue};
 use crate::config::{self, Config, DeviceKind, DistConfig};
-use crate::model::gpt2::{Gpt2, Gpt2Shape};
 use crate::model::{Batch, Model, UnitSpec};
 use crate::optim::LossScaler;
 use host_tier::HostTier;
@@ -101,17 +100,16 @@ pub fn resolve_precision(
     })
 }
 
-/// Refuses, before anything is allocated, a GPT-2 whose fused attention the backend cannot run:
+/// Refuses, before anything is allocated, a model whose fused attention the backend cannot run:
 /// the CUDA kernels take head sizes up to [`FLASH_HS_MAX`](backend::cuda::flash::FLASH_HS_MAX).
 fn check_attention(config: &Config, backend: Backend) -> Result<(), EngineError> {
-    let m = &config.model;
-    let hs = m.n_embd / m.n_head.max(1);
+    let hs = config.model.head_size();
     let max = backend::cuda::flash::FLASH_HS_MAX;
     if backend == Backend::Cuda && config.train.attention == AttentionMode::Fused && hs > max {
         return Err(EngineError::Setting {
             key: "train.attention",
             message: format!(
-                "\"fused\" on a GPU takes head sizes up to {max}, and model.n_embd / model.n_head is {hs}; set train.attention = \"materialized\""
+                "\"fused\" on a GPU takes head sizes up to {max}, and the model's (model.head_dim, or model.n_embd / model.n_head) is {hs}; set train.attention = \"materialized\""
             ),
         });
     }
@@ -150,12 +148,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// GPT-2 as described by `config.model`, initialised from `model.init_from` or from
-    /// `data.seed`, on the device `train.device` resolves to.
+    /// The model `config.model` describes (`model.arch`), initialised from `model.init_from`
+    /// or from `data.seed`, on the device `train.device` resolves to.
     pub fn from_config(config: Config) -> Result<Engine, EngineError> {
         check_attention(&config, resolve_backend(config.train.device))?;
-        let model = Gpt2::new(Gpt2Shape::from_config(&config.model));
-        Engine::new(config, Box::new(model))
+        let model = crate::model::build(&config.model);
+        Engine::new(config, model)
     }
 
     /// An engine for any [`Model`]; parameters start from the model's init (seeded by
@@ -334,7 +332,7 @@ impl Engine {
     }
 }
 
-/// The placement plans of GPT-2 as `config` describes it at `world` ranks on `backend`, one per
+/// The placement plans of the model `config` describes at `world` ranks on `backend`, one per
 /// placement the config allows (fastest first), each with whether it fits `caps`: what
 /// `strata plan` prints. Nothing is allocated (the device arena is a dry run).
 pub fn plan_placements(
@@ -345,12 +343,12 @@ pub fn plan_placements(
 ) -> Result<placement::Candidates, EngineError> {
     let precision = resolve_precision(config.train.precision, backend)?;
     check_attention(config, backend)?;
-    let mut model = Gpt2::new(Gpt2Shape::from_config(&config.model));
-    let laid = setup::lay_out(config, &model, world, 0, precision)?;
+    let mut model = crate::model::build(&config.model);
+    let laid = setup::lay_out(config, model.as_ref(), world, 0, precision)?;
     placement::candidate_tiers(config)
         .into_iter()
         .map(|tiers| {
-            let (plan, _) = setup::dry_run(config, &laid, &mut model, world, tiers)?;
+            let (plan, _) = setup::dry_run(config, &laid, model.as_mut(), world, tiers)?;
             let plan = setup::fill_host_memory(config, &laid, world, plan, caps);
             let fits = plan.check(config, caps);
             Ok((plan, fits))

@@ -103,6 +103,15 @@ pub(super) fn lay_out(
         })
         .collect();
     let (b, t) = (config.data.micro_batch_size, config.model.seq_len);
+    if t > model.seq_len() {
+        return Err(EngineError::Setting {
+            key: "model.seq_len",
+            message: format!(
+                "{t} exceeds the longest sequence the model takes ({})",
+                model.seq_len()
+            ),
+        });
+    }
     let micro_max = config.data.grad_accum_steps.max(1);
     let walk = WalkUnits::of(&layout, world);
     let (lookahead, pools) = plan_pools(config, &stage_units, &walk, micro_max, precision)?;

@@ -34,7 +34,7 @@ impl Engine {
     /// tokens below the vocabulary.
     fn check_batches(&self, batches: &[Batch]) -> Result<(), BatchError> {
         let (b, t) = (self.laid.sizes.b, self.laid.sizes.t);
-        let vocab = self.config.model.vocab_size;
+        let vocab = self.model.vocab_size();
         if batches.is_empty() {
             return Err(BatchError::Empty);
         }
@@ -324,12 +324,12 @@ impl Engine {
         self.mean_loss(1)
     }
 
-    /// The logits (B·T, model.vocab_size) of one micro-batch, for evaluation and tests.
+    /// The logits (B·T, vocabulary) of one micro-batch, for evaluation and tests.
     pub fn logits(&mut self, batch: &Batch) -> Result<Vec<f32>, EngineError> {
         self.check_batches(std::slice::from_ref(batch))?;
         self.upload_tokens(std::slice::from_ref(batch))?;
         let plan = self.plan(1, false)?;
-        let mut out = Vec::with_capacity(self.laid.sizes.bt() * self.config.model.vocab_size);
+        let mut out = Vec::with_capacity(self.laid.sizes.bt() * self.model.vocab_size());
         self.walk(&plan, HeadMode::Logits(&mut out))?;
         Ok(out)
     }

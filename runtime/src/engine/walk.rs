@@ -404,7 +404,7 @@ impl Engine {
                             .head(dev, params, &tokens, input, &losses, None)?;
                     }
                     HeadMode::Logits(out) => {
-                        let v = self.config.model.vocab_size;
+                        let v = self.model.vocab_size();
                         let mut row0 = 0;
                         while row0 < bt {
                             let (chunk, n, vp) =

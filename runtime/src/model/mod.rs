@@ -11,9 +11,13 @@
 //! so the engine's dry run counts them.
 
 pub mod gpt2;
+mod hf;
+pub mod llama;
+pub(crate) mod logits;
 
 use std::ops::Range;
 
+pub use hf::hf_config;
 use rayon::prelude::*;
 
 use crate::backend::{Arena, AttentionMode, Buf, DType, Device, DeviceError};
@@ -226,6 +230,28 @@ pub trait Model: Send {
     fn units(&self) -> &[UnitSpec];
     /// Forward order; the backward pass walks them in reverse.
     fn stages(&self) -> &[StageSpec];
+    /// The vocabulary: token ids (inputs and targets) must be below it.
+    fn vocab_size(&self) -> usize;
+    /// The longest sequence the model takes (`prepare` refuses a longer one).
+    fn seq_len(&self) -> usize;
+    /// Parameters of the model (padding excluded).
+    fn num_params(&self) -> usize {
+        self.units().iter().map(UnitSpec::num_params).sum()
+    }
+    /// What the model is, in a few words (the run's first line, `strata plan`).
+    fn describe(&self) -> String {
+        format!(
+            "a model of {} parameters in {} units",
+            self.num_params(),
+            self.units().len()
+        )
+    }
+    /// Names a weight file may give a second copy of one of the model's tensors under (a tied
+    /// LM head): (the name in the file, the model's tensor). Loading accepts the copy only when
+    /// it equals the tensor.
+    fn tied_names(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
     /// Elements of the activation flowing between stages for a micro-batch of `b × t` tokens.
     fn activation_len(&self, b: usize, t: usize) -> usize;
     /// Allocates the model's activations and workspaces from `arena`, once before training.
@@ -285,4 +311,76 @@ pub trait Model: Send {
     }
     /// Training FLOPs per token (forward + backward, without recompute), for TFLOP/s and MFU.
     fn flops_per_token(&self, t: usize) -> f64;
+}
+
+/// The model `[model]` describes (`model.arch`), before `prepare`. The section must have passed
+/// `Config::validate`.
+pub fn build(m: &crate::config::ModelConfig) -> Box<dyn Model> {
+    match m.arch {
+        crate::config::Arch::Gpt2 => Box::new(gpt2::Gpt2::new(gpt2::Gpt2Shape::from_config(m))),
+        crate::config::Arch::Llama => {
+            Box::new(llama::Llama::new(llama::LlamaShape::from_config(m)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn config(sets: &[&str]) -> Config {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::load(None, &sets).expect("config")
+    }
+
+    /// The config's closed forms (the host-memory bound, the export's size) agree with the
+    /// models' own units.
+    #[test]
+    fn parameter_and_tensor_counts_of_the_config_match_the_models() {
+        let llama = ["model.arch=\"llama\"", "model.intermediate_size=200"];
+        let variants: Vec<Vec<&str>> = vec![
+            vec![],
+            vec![
+                "model.n_layer=12",
+                "model.n_embd=768",
+                "model.n_head=12",
+                "model.vocab_size=50257",
+                "model.seq_len=1024",
+            ],
+            vec![
+                "model.n_layer=1",
+                "model.n_embd=8",
+                "model.n_head=2",
+                "model.vocab_size=3",
+                "model.seq_len=5",
+            ],
+            llama.to_vec(),
+            [
+                &llama[..],
+                &[
+                    "model.n_kv_head=2",
+                    "model.tie_word_embeddings=true",
+                    "model.qkv_bias=true",
+                ],
+            ]
+            .concat(),
+            [
+                &llama[..],
+                &[
+                    "model.head_dim=64",
+                    "model.qk_norm=true",
+                    "model.attention_bias=true",
+                    "model.mlp_bias=true",
+                ],
+            ]
+            .concat(),
+        ];
+        for sets in variants {
+            let c = config(&sets);
+            let model = super::build(&c.model);
+            assert_eq!(c.model.num_params(), model.num_params() as u128, "{sets:?}");
+            let tensors: usize = model.units().iter().map(|u| u.tensors.len()).sum();
+            assert_eq!(c.model.num_tensors(), tensors, "{sets:?}");
+        }
+    }
 }

@@ -78,7 +78,7 @@ pub fn input_files(config: &Config) -> Vec<InputFile> {
 
 /// Bytes of the exported weights of a model of `params` parameters: fp32 parameters and the header.
 pub fn export_bytes(config: &Config, params: u64) -> u64 {
-    let tensors = 12 * config.model.n_layer as u64 + 4;
+    let tensors = config.model.num_tensors() as u64;
     params
         .saturating_mul(4)
         .saturating_add(8 + tensors * EXPORT_HEADER_BYTES_PER_TENSOR)

@@ -6,10 +6,11 @@ use rayon::prelude::*;
 /// For each row of `logits (N, Vp)`, over its first `v` columns (the rest is vocabulary padding):
 /// `losses[n] = −log softmax(logits[n])[target[n]]`. With `dloss = Some(d)` each row is
 /// overwritten by its gradient `(softmax − onehot(target))·d`, 0 in the padding; with `None`
-/// the logits are left as they are.
+/// the logits are left as they are. A negative target is ignored (PyTorch's `ignore_index`):
+/// its loss is 0 and its gradient row 0.
 pub fn softmax_crossentropy(
     logits: &mut [f32],
-    targets: &[u32],
+    targets: &[i32],
     losses: &mut [f32],
     dloss: Option<f32>,
     v: usize,
@@ -20,7 +21,13 @@ pub fn softmax_crossentropy(
         .par_chunks_mut(vp)
         .zip(targets.par_iter().zip(losses.par_iter_mut()))
         .for_each(|(row, (&tgt, loss))| {
-            let tgt = tgt as usize;
+            let Ok(tgt) = usize::try_from(tgt) else {
+                *loss = 0.0;
+                if dloss.is_some() {
+                    row.fill(0.0);
+                }
+                return;
+            };
             assert!(tgt < v, "target {tgt} outside the vocabulary of {v}");
             let (real, padding) = row.split_at_mut(v);
             match dloss {

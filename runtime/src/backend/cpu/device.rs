@@ -12,13 +12,12 @@ use std::time::Duration;
 
 use strata_collectives::Communicator;
 
-use super::{attention, crossentropy, elementwise, encoder, flash, layernorm, matmul};
+use super::elementwise;
 use crate::backend::arena::{Location, Memory, ARENA_ALIGN_BYTES};
 use crate::backend::host_queue::HostQueue;
 use crate::backend::{
-    attention_modes_differ, check, check_min, ensure, AdamWHyper, Arena, AttentionActs,
-    AttentionScratch, AttentionShape, Backend, Buf, DType, Device, DeviceError, Event, EventKind,
-    GradMode, HostJob, Precision, Queue, Result, StepProfile, NORM_PARTIALS_MAX,
+    check, check_min, ensure, AdamWHyper, Arena, Backend, Buf, Checked, DType, Device, DeviceError,
+    Event, EventKind, HostJob, Precision, Queue, Result, StepProfile, NORM_PARTIALS_MAX,
 };
 
 /// Start-up options of a [`CpuDevice`].
@@ -135,7 +134,11 @@ impl CpuDevice {
     }
 
     /// Enqueues a kernel on the compute queue, to run inside the compute pool.
-    fn compute(&self, op: &'static str, kernel: impl FnOnce() + Send + 'static) -> Result<()> {
+    pub(super) fn compute(
+        &self,
+        op: &'static str,
+        kernel: impl FnOnce() + Send + 'static,
+    ) -> Result<()> {
         let pool = Arc::clone(&self.pool);
         self.queue(Queue::Compute).submit(
             op,
@@ -176,7 +179,7 @@ fn disjoint(op: &'static str, outputs: &[&Buf], inputs: &[&Buf]) -> Result<()> {
 /// # Safety
 /// `buf` is live host memory holding `len` elements of `T`'s size, and while the slice lives no
 /// one writes it: the queues order every writer before or after the job using it.
-unsafe fn view<T>(buf: &Buf) -> &[T] {
+pub(super) unsafe fn view<T>(buf: &Buf) -> &[T] {
     // SAFETY: per this function's contract.
     unsafe { std::slice::from_raw_parts(buf.ptr() as *const T, buf.len()) }
 }
@@ -187,7 +190,7 @@ unsafe fn view<T>(buf: &Buf) -> &[T] {
 /// As [`view`], and no other slice of these bytes exists while this one lives (`disjoint`
 /// checked it for the job's other operands; the queues order every other user).
 #[allow(clippy::mut_from_ref)]
-unsafe fn view_mut<T>(buf: &Buf) -> &mut [T] {
+pub(super) unsafe fn view_mut<T>(buf: &Buf) -> &mut [T] {
     // SAFETY: per this function's contract.
     unsafe { std::slice::from_raw_parts_mut(buf.ptr() as *mut T, buf.len()) }
 }
@@ -479,484 +482,8 @@ impl Device for CpuDevice {
         })
     }
 
-    fn encoder_forward(
-        &self,
-        out: &Buf,
-        inp: &Buf,
-        wte: &Buf,
-        wpe: &Buf,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "encoder_forward";
-        check(op, "out", out, F32, b * t * c)?;
-        check(op, "inp", inp, DType::I32, b * t)?;
-        check_min(op, "wte", wte, F32, c)?;
-        check_min(op, "wpe", wpe, F32, t * c)?;
-        live(op, &[out, inp, wte, wpe])?;
-        disjoint(op, &[out], &[inp, wte, wpe])?;
-        let (out, inp, wte, wpe) = (out.clone(), inp.clone(), wte.clone(), wpe.clone());
-        self.compute(op, move || {
-            // SAFETY: live, checked sizes, out disjoint from the inputs; queue-ordered.
-            let (o, tokens, e, p) =
-                unsafe { (view_mut(&out), view::<u32>(&inp), view(&wte), view(&wpe)) };
-            encoder::encoder_forward(o, tokens, e, p, t, c);
-        })
-    }
-
-    fn encoder_backward(
-        &self,
-        dwte: &Buf,
-        dwpe: &Buf,
-        dout: &Buf,
-        inp: &Buf,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "encoder_backward";
-        check_min(op, "dwte", dwte, F32, c)?;
-        check_min(op, "dwpe", dwpe, F32, t * c)?;
-        check(op, "dout", dout, F32, b * t * c)?;
-        check(op, "inp", inp, DType::I32, b * t)?;
-        live(op, &[dwte, dwpe, dout, inp])?;
-        disjoint(op, &[dwte, dwpe], &[dout, inp])?;
-        let (dwte, dwpe, dout, inp) = (dwte.clone(), dwpe.clone(), dout.clone(), inp.clone());
-        self.compute(op, move || {
-            // SAFETY: as in encoder_forward.
-            let (de, dp, d, tokens) = unsafe {
-                (
-                    view_mut(&dwte),
-                    view_mut(&dwpe),
-                    view(&dout),
-                    view::<u32>(&inp),
-                )
-            };
-            encoder::encoder_backward(de, dp, d, tokens, t, c);
-        })
-    }
-
-    fn layernorm_forward(
-        &self,
-        out: &Buf,
-        mean: &Buf,
-        rstd: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        bias: &Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "layernorm_forward";
-        for (name, buf, len) in [
-            ("out", out, n * c),
-            ("mean", mean, n),
-            ("rstd", rstd, n),
-            ("inp", inp, n * c),
-            ("weight", weight, c),
-            ("bias", bias, c),
-        ] {
-            check(op, name, buf, F32, len)?;
-        }
-        live(op, &[out, mean, rstd, inp, weight, bias])?;
-        disjoint(op, &[out, mean, rstd], &[inp, weight, bias])?;
-        let bufs = [out, mean, rstd, inp, weight, bias].map(Buf::clone);
-        self.compute(op, move || {
-            let [out, mean, rstd, inp, weight, bias] = &bufs;
-            // SAFETY: as in encoder_forward.
-            unsafe {
-                layernorm::layernorm_forward(
-                    view_mut(out),
-                    view_mut(mean),
-                    view_mut(rstd),
-                    view(inp),
-                    view(weight),
-                    view(bias),
-                    c,
-                )
-            };
-        })
-    }
-
-    fn layernorm_backward(
-        &self,
-        dinp: &Buf,
-        dweight: &Buf,
-        dbias: &Buf,
-        dout: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        mean: &Buf,
-        rstd: &Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "layernorm_backward";
-        for (name, buf, len) in [
-            ("dinp", dinp, n * c),
-            ("dweight", dweight, c),
-            ("dbias", dbias, c),
-            ("dout", dout, n * c),
-            ("inp", inp, n * c),
-            ("weight", weight, c),
-            ("mean", mean, n),
-            ("rstd", rstd, n),
-        ] {
-            check(op, name, buf, F32, len)?;
-        }
-        live(op, &[dinp, dweight, dbias, dout, inp, weight, mean, rstd])?;
-        disjoint(
-            op,
-            &[dinp, dweight, dbias],
-            &[dout, inp, weight, mean, rstd],
-        )?;
-        let bufs = [dinp, dweight, dbias, dout, inp, weight, mean, rstd].map(Buf::clone);
-        self.compute(op, move || {
-            let [dinp, dweight, dbias, dout, inp, weight, mean, rstd] = &bufs;
-            // SAFETY: as in encoder_forward.
-            unsafe {
-                layernorm::layernorm_backward(
-                    view_mut(dinp),
-                    view_mut(dweight),
-                    view_mut(dbias),
-                    view(dout),
-                    view(inp),
-                    view(weight),
-                    view(mean),
-                    view(rstd),
-                    c,
-                )
-            };
-        })
-    }
-
-    fn matmul_forward(
-        &self,
-        out: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        bias: Option<&Buf>,
-        n: usize,
-        c: usize,
-        oc: usize,
-    ) -> Result<()> {
-        let op = "matmul_forward";
-        check(op, "out", out, F32, n * oc)?;
-        check(op, "inp", inp, F32, n * c)?;
-        check(op, "weight", weight, F32, oc * c)?;
-        if let Some(bias) = bias {
-            check(op, "bias", bias, F32, oc)?;
-            live(op, &[bias])?;
-            disjoint(op, &[out], &[bias])?;
-        }
-        live(op, &[out, inp, weight])?;
-        disjoint(op, &[out], &[inp, weight])?;
-        let (out, inp, weight, bias) = (out.clone(), inp.clone(), weight.clone(), bias.cloned());
-        self.compute(op, move || {
-            // SAFETY: as in encoder_forward.
-            let bias = bias.as_ref().map(|b| unsafe { view(b) });
-            unsafe {
-                matmul::matmul_forward(view_mut(&out), view(&inp), view(&weight), bias, n, c, oc)
-            };
-        })
-    }
-
-    fn matmul_backward(
-        &self,
-        dinp: &Buf,
-        dinp_mode: GradMode,
-        dweight: &Buf,
-        dbias: Option<&Buf>,
-        dout: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        n: usize,
-        c: usize,
-        oc: usize,
-    ) -> Result<()> {
-        let op = "matmul_backward";
-        check(op, "dinp", dinp, F32, n * c)?;
-        check(op, "dweight", dweight, F32, oc * c)?;
-        check(op, "dout", dout, F32, n * oc)?;
-        check(op, "inp", inp, F32, n * c)?;
-        check(op, "weight", weight, F32, oc * c)?;
-        live(op, &[dinp, dweight, dout, inp, weight])?;
-        let mut outputs = vec![dinp, dweight];
-        if let Some(dbias) = dbias {
-            check(op, "dbias", dbias, F32, oc)?;
-            live(op, &[dbias])?;
-            outputs.push(dbias);
-        }
-        disjoint(op, &outputs, &[dout, inp, weight])?;
-        let accumulate = dinp_mode == GradMode::Accumulate;
-        let bufs = [dinp, dweight, dout, inp, weight].map(Buf::clone);
-        let dbias = dbias.cloned();
-        self.compute(op, move || {
-            let [dinp, dweight, dout, inp, weight] = &bufs;
-            // SAFETY: as in encoder_forward.
-            unsafe {
-                matmul::matmul_backward(
-                    Some(view_mut(dinp)),
-                    accumulate,
-                    view_mut(dweight),
-                    dbias.as_ref().map(|b| view_mut(b)),
-                    view(dout),
-                    view(inp),
-                    view(weight),
-                    n,
-                    c,
-                    oc,
-                )
-            };
-        })
-    }
-
-    fn attention_forward(
-        &self,
-        out: &Buf,
-        acts: &AttentionActs,
-        qkv: &Buf,
-        s: AttentionShape,
-    ) -> Result<()> {
-        let op = "attention_forward";
-        ensure(s.nh > 0 && s.c % s.nh == 0, op, || {
-            format!("C = {} must be a positive multiple of NH = {}", s.c, s.nh)
-        })?;
-        let btc = s.b * s.t * s.c;
-        check(op, "out", out, F32, btc)?;
-        check(op, "qkv", qkv, F32, 3 * btc)?;
-        match acts {
-            AttentionActs::Materialized { qkvr, att, vaccum } => {
-                check(op, "acts.qkvr", qkvr, F32, s.qkvr_len())?;
-                check(op, "acts.att", att, F32, s.scores_len())?;
-                check(op, "acts.vaccum", vaccum, F32, btc)?;
-                live(op, &[out, qkv, qkvr, att, vaccum])?;
-                disjoint(op, &[out, qkvr, att, vaccum], &[qkv])?;
-                let bufs = [out, qkv, qkvr, att, vaccum].map(Buf::clone);
-                self.compute(op, move || {
-                    let [out, qkv, qkvr, att, vaccum] = &bufs;
-                    // SAFETY: as in encoder_forward.
-                    unsafe {
-                        attention::attention_forward(
-                            view_mut(out),
-                            view_mut(qkvr),
-                            view_mut(att),
-                            view_mut(vaccum),
-                            view(qkv),
-                            s,
-                        )
-                    };
-                })
-            }
-            AttentionActs::Fused { lse } => {
-                check(op, "acts.lse", lse, F32, s.rows_len())?;
-                live(op, &[out, qkv, lse])?;
-                disjoint(op, &[out, lse], &[qkv])?;
-                let bufs = [out, qkv, lse].map(Buf::clone);
-                self.compute(op, move || {
-                    let [out, qkv, lse] = &bufs;
-                    // SAFETY: as in encoder_forward.
-                    unsafe { flash::flash_forward(view_mut(out), view_mut(lse), view(qkv), s) };
-                })
-            }
-        }
-    }
-
-    fn attention_backward(
-        &self,
-        dqkv: &Buf,
-        dout: &Buf,
-        qkv: &Buf,
-        out: &Buf,
-        acts: &AttentionActs,
-        scratch: &AttentionScratch,
-        s: AttentionShape,
-    ) -> Result<()> {
-        let op = "attention_backward";
-        let btc = s.b * s.t * s.c;
-        check(op, "dqkv", dqkv, F32, 3 * btc)?;
-        check(op, "dout", dout, F32, btc)?;
-        match (acts, scratch) {
-            (
-                AttentionActs::Materialized { qkvr, att, .. },
-                AttentionScratch::Materialized {
-                    dqkvr,
-                    datt,
-                    dvaccum,
-                },
-            ) => {
-                check(op, "acts.qkvr", qkvr, F32, s.qkvr_len())?;
-                check(op, "acts.att", att, F32, s.scores_len())?;
-                check(op, "scratch.dqkvr", dqkvr, F32, s.qkvr_len())?;
-                check(op, "scratch.datt", datt, F32, s.scores_len())?;
-                check(op, "scratch.dvaccum", dvaccum, F32, btc)?;
-                let outputs = [dqkv, dqkvr, datt, dvaccum];
-                let inputs = [dout, qkvr, att];
-                live(op, &outputs)?;
-                live(op, &inputs)?;
-                disjoint(op, &outputs, &inputs)?;
-                let bufs = [dqkv, dout, qkvr, att, dqkvr, datt, dvaccum].map(Buf::clone);
-                self.compute(op, move || {
-                    let [dqkv, dout, qkvr, att, dqkvr, datt, dvaccum] = &bufs;
-                    // SAFETY: as in encoder_forward.
-                    unsafe {
-                        attention::attention_backward(
-                            view_mut(dqkv),
-                            view(dout),
-                            view(qkvr),
-                            view(att),
-                            view_mut(dqkvr),
-                            view_mut(datt),
-                            view_mut(dvaccum),
-                            s,
-                        )
-                    };
-                })
-            }
-            (AttentionActs::Fused { lse }, AttentionScratch::Fused { delta }) => {
-                check(op, "qkv", qkv, F32, 3 * btc)?;
-                check(op, "out", out, F32, btc)?;
-                check(op, "acts.lse", lse, F32, s.rows_len())?;
-                check(op, "scratch.delta", delta, F32, s.rows_len())?;
-                let outputs = [dqkv, delta];
-                let inputs = [dout, qkv, out, lse];
-                live(op, &outputs)?;
-                live(op, &inputs)?;
-                disjoint(op, &outputs, &inputs)?;
-                let bufs = [dqkv, delta, dout, qkv, out, lse].map(Buf::clone);
-                self.compute(op, move || {
-                    let [dqkv, delta, dout, qkv, out, lse] = &bufs;
-                    // SAFETY: as in encoder_forward.
-                    unsafe {
-                        flash::flash_backward(
-                            view_mut(dqkv),
-                            view_mut(delta),
-                            view(dout),
-                            view(qkv),
-                            view(out),
-                            view(lse),
-                            s,
-                        )
-                    };
-                })
-            }
-            (acts, scratch) => Err(attention_modes_differ(op, acts, scratch)),
-        }
-    }
-
-    fn gelu_forward(&self, out: &Buf, inp: &Buf) -> Result<()> {
-        let op = "gelu_forward";
-        check(op, "out", out, F32, inp.len())?;
-        check(op, "inp", inp, F32, out.len())?;
-        live(op, &[out, inp])?;
-        let (out, inp) = (out.clone(), inp.clone());
-        if out.same_range(&inp) {
-            // SAFETY: one view of a live buffer; queue-ordered.
-            return self.compute(op, move || {
-                elementwise::gelu_in_place(unsafe { view_mut(&out) })
-            });
-        }
-        disjoint(op, &[&out], &[&inp])?;
-        self.compute(op, move || {
-            // SAFETY: as in encoder_forward.
-            unsafe { elementwise::gelu_forward(view_mut(&out), view(&inp)) };
-        })
-    }
-
-    fn gelu_backward(&self, dinp: &Buf, mode: GradMode, inp: &Buf, dout: &Buf) -> Result<()> {
-        let op = "gelu_backward";
-        let n = inp.len();
-        check(op, "dinp", dinp, F32, n)?;
-        check(op, "inp", inp, F32, n)?;
-        check(op, "dout", dout, F32, n)?;
-        live(op, &[dinp, inp, dout])?;
-        disjoint(op, &[dinp], &[inp, dout])?;
-        let accumulate = mode == GradMode::Accumulate;
-        let bufs = [dinp, inp, dout].map(Buf::clone);
-        self.compute(op, move || {
-            let [dinp, inp, dout] = &bufs;
-            // SAFETY: as in encoder_forward.
-            unsafe {
-                elementwise::gelu_backward(view_mut(dinp), view(inp), view(dout), accumulate)
-            };
-        })
-    }
-
-    fn residual_forward(&self, out: &Buf, a: &Buf, b: &Buf) -> Result<()> {
-        let op = "residual_forward";
-        let n = out.len();
-        check(op, "out", out, F32, n)?;
-        check(op, "a", a, F32, n)?;
-        check(op, "b", b, F32, n)?;
-        live(op, &[out, a, b])?;
-        // out may be a or b: then it is an accumulation of the other one.
-        let in_place = if out.same_range(a) {
-            Some(b)
-        } else if out.same_range(b) {
-            Some(a)
-        } else {
-            None
-        };
-        if let Some(other) = in_place {
-            return self.accumulate(out, other);
-        }
-        disjoint(op, &[out], &[a, b])?;
-        let bufs = [out, a, b].map(Buf::clone);
-        self.compute(op, move || {
-            let [out, a, b] = &bufs;
-            // SAFETY: as in encoder_forward.
-            unsafe { elementwise::residual_forward(view_mut(out), view(a), view(b)) };
-        })
-    }
-
-    fn accumulate(&self, dst: &Buf, src: &Buf) -> Result<()> {
-        let op = "accumulate";
-        check(op, "dst", dst, F32, src.len())?;
-        check(op, "src", src, F32, dst.len())?;
-        live(op, &[dst, src])?;
-        disjoint(op, &[dst], &[src])?;
-        let (dst, src) = (dst.clone(), src.clone());
-        self.compute(op, move || {
-            // SAFETY: as in encoder_forward.
-            unsafe { elementwise::add_into(view_mut(&dst), view(&src)) };
-        })
-    }
-
-    fn crossentropy_forward_backward(
-        &self,
-        logits: &Buf,
-        losses: &Buf,
-        targets: &Buf,
-        r: usize,
-        v: usize,
-        vp: usize,
-        dloss: Option<f32>,
-    ) -> Result<()> {
-        let op = "crossentropy_forward_backward";
-        ensure(v > 0 && v <= vp, op, || {
-            format!("need 0 < V <= Vp, got V={v} Vp={vp}")
-        })?;
-        check(op, "logits", logits, F32, r * vp)?;
-        check(op, "losses", losses, F32, r)?;
-        check(op, "targets", targets, DType::I32, r)?;
-        live(op, &[logits, losses, targets])?;
-        disjoint(op, &[logits, losses], &[targets])?;
-        let bufs = [logits, losses, targets].map(Buf::clone);
-        self.compute(op, move || {
-            let [logits, losses, targets] = &bufs;
-            // SAFETY: as in encoder_forward.
-            unsafe {
-                crossentropy::softmax_crossentropy(
-                    view_mut(logits),
-                    view::<u32>(targets),
-                    view_mut(losses),
-                    dloss,
-                    v,
-                    vp,
-                )
-            };
-        })
+    fn launch(&self, op: Checked<'_>) -> Result<()> {
+        self.launch_op(op)
     }
 
     fn cast_f32_to_x(&self, out: &Buf, inp: &Buf) -> Result<()> {
@@ -1107,22 +634,32 @@ mod tests {
 
     #[test]
     fn operations_check_their_operands_before_they_are_enqueued() {
+        use crate::backend::{GeluBackward, GeluForward, GradMode, MatmulForward, ResidualForward};
         let dev = device(1 << 20);
         let a = dev.arena().alloc("a", F32, 64).unwrap();
+        let dyn_dev: &dyn Device = &dev;
         // Overlapping output and input.
-        let err = dev
-            .gelu_backward(
-                &a.slice(0, 32).unwrap(),
-                GradMode::Overwrite,
-                &a.slice(16, 32).unwrap(),
-                &a.slice(32, 32).unwrap(),
-            )
+        let err = dyn_dev
+            .run(GeluBackward {
+                dinp: &a.slice(0, 32).unwrap(),
+                dinp_mode: GradMode::Overwrite,
+                inp: &a.slice(16, 32).unwrap(),
+                dout: &a.slice(32, 32).unwrap(),
+            })
             .unwrap_err()
             .to_string();
         assert!(err.contains("overlaps"), "{err}");
         // Wrong sizes name the operand.
-        let err = dev
-            .matmul_forward(&a, &a, &a, None, 4, 4, 4)
+        let err = dyn_dev
+            .run(MatmulForward {
+                out: &a,
+                inp: &a,
+                weight: &a,
+                bias: None,
+                n: 4,
+                c: 4,
+                oc: 4,
+            })
             .unwrap_err()
             .to_string();
         assert!(
@@ -1131,11 +668,23 @@ mod tests {
         );
         // A view from the dry run never reaches a kernel.
         let phantom = Arena::counting().alloc("phantom", F32, 64).unwrap();
-        let err = dev.gelu_forward(&a, &phantom).unwrap_err().to_string();
+        let err = dyn_dev
+            .run(GeluForward {
+                out: &a,
+                inp: &phantom,
+            })
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("dry-run"), "{err}");
         // In place is allowed where the operation says so.
-        dev.gelu_forward(&a, &a).unwrap();
-        dev.residual_forward(&a, &a, &dev.arena().alloc("b", F32, 64).unwrap())
+        dyn_dev.run(GeluForward { out: &a, inp: &a }).unwrap();
+        let b = dev.arena().alloc("b", F32, 64).unwrap();
+        dyn_dev
+            .run(ResidualForward {
+                out: &a,
+                a: &a,
+                b: &b,
+            })
             .unwrap();
         dev.synchronize(Queue::Compute).unwrap();
     }

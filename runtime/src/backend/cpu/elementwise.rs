@@ -76,3 +76,46 @@ pub fn add_into(acc: &mut [f32], x: &[f32]) {
         .zip(x.par_chunks(CHUNK))
         .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += x));
 }
+
+/// out (N, I) = silu(gate) ⊙ up for rows [gate (I) | up (I)] of inp (N, 2I).
+pub fn swiglu_forward(out: &mut [f32], inp: &[f32], i: usize) {
+    assert!(i > 0 && inp.len() == 2 * out.len() && out.len() % i == 0);
+    out.par_chunks_mut(i)
+        .zip(inp.par_chunks(2 * i))
+        .for_each(|(o, row)| {
+            let (gate, up) = row.split_at(i);
+            swiglu_row(o, gate, up)
+        });
+}
+
+multiversion! {
+    fn swiglu_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + fastmath::exp(-g)) * u;
+        }
+    }
+}
+
+/// dinp (N, 2I) = [dgate | dup] of dout (N, I) at inp (N, 2I): dup = dout ⊙ silu(gate),
+/// dgate = dout ⊙ up ⊙ σ(gate)·(1 + gate·(1 − σ(gate))).
+pub fn swiglu_backward(dinp: &mut [f32], dout: &[f32], inp: &[f32], i: usize) {
+    assert!(i > 0 && inp.len() == 2 * dout.len() && dinp.len() == inp.len() && dout.len() % i == 0);
+    dinp.par_chunks_mut(2 * i)
+        .zip(inp.par_chunks(2 * i).zip(dout.par_chunks(i)))
+        .for_each(|(d, (row, dy))| {
+            let (dgate, dup) = d.split_at_mut(i);
+            let (gate, up) = row.split_at(i);
+            swiglu_backward_row(dgate, dup, dy, gate, up)
+        });
+}
+
+multiversion! {
+    fn swiglu_backward_row(dgate: &mut [f32], dup: &mut [f32], dy: &[f32], gate: &[f32], up: &[f32]) {
+        for k in 0..dy.len() {
+            let g = gate[k];
+            let sig = 1.0 / (1.0 + fastmath::exp(-g));
+            dup[k] = dy[k] * g * sig;
+            dgate[k] = dy[k] * up[k] * sig * (1.0 + g * (1.0 - sig));
+        }
+    }
+}

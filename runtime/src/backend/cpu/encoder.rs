@@ -1,13 +1,13 @@
-//! Token + position embedding.
+//! Token embedding, plus GPT-2's position embedding when there is one.
 
 use rayon::prelude::*;
 
-/// out (B, T, C) = `wte[token] + wpe[t]`.
+/// out (B, T, C) = `wte[token]` (+ `wpe[t]` when given).
 pub fn encoder_forward(
     out: &mut [f32],
     tokens: &[u32],
     wte: &[f32],
-    wpe: &[f32],
+    wpe: Option<&[f32]>,
     t: usize,
     c: usize,
 ) {
@@ -18,17 +18,23 @@ pub fn encoder_forward(
         .for_each(|(bt, (o, &tok))| {
             let pos = bt % t;
             let e = &wte[tok as usize * c..(tok as usize + 1) * c];
-            let p = &wpe[pos * c..(pos + 1) * c];
-            o.iter_mut()
-                .zip(e.iter().zip(p))
-                .for_each(|(o, (e, p))| *o = e + p);
+            match wpe {
+                Some(wpe) => {
+                    let p = &wpe[pos * c..(pos + 1) * c];
+                    o.iter_mut()
+                        .zip(e.iter().zip(p))
+                        .for_each(|(o, (e, p))| *o = e + p);
+                }
+                None => o.copy_from_slice(e),
+            }
         });
 }
 
-/// `dwte[token] += dout; dwpe[t] += dout`. Split over channel blocks so threads never write the same element.
+/// `dwte[token] += dout; dwpe[t] += dout` (when given). Split over channel blocks so threads never
+/// write the same element.
 pub fn encoder_backward(
     dwte: &mut [f32],
-    dwpe: &mut [f32],
+    dwpe: Option<&mut [f32]>,
     dout: &[f32],
     tokens: &[u32],
     t: usize,
@@ -38,10 +44,10 @@ pub fn encoder_backward(
     const BLOCK: usize = 64;
     let blocks = c.div_ceil(BLOCK);
     let vocab = dwte.len() / c;
-    let max_t = dwpe.len() / c;
+    let max_t = dwpe.as_ref().map_or(t, |d| d.len() / c);
     // Each task owns the channels [k·BLOCK, (k+1)·BLOCK) of every row of dwte and dwpe.
     let wte_ptr = SendPtr(dwte.as_mut_ptr());
-    let wpe_ptr = SendPtr(dwpe.as_mut_ptr());
+    let wpe_ptr = dwpe.map(|d| SendPtr(d.as_mut_ptr()));
     (0..blocks).into_par_iter().for_each(|k| {
         let lo = k * BLOCK;
         let hi = (lo + BLOCK).min(c);
@@ -56,10 +62,15 @@ pub fn encoder_backward(
                     wte_ptr.get().add(tok as usize * c + lo),
                     hi - lo,
                 );
-                let p = std::slice::from_raw_parts_mut(wpe_ptr.get().add(pos * c + lo), hi - lo);
                 for i in 0..hi - lo {
                     e[i] += d[i];
-                    p[i] += d[i];
+                }
+                if let Some(wpe_ptr) = wpe_ptr {
+                    let p =
+                        std::slice::from_raw_parts_mut(wpe_ptr.get().add(pos * c + lo), hi - lo);
+                    for i in 0..hi - lo {
+                        p[i] += d[i];
+                    }
                 }
             }
         }

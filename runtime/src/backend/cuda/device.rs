@@ -16,9 +16,8 @@ use strata_collectives::Communicator;
 use super::context::{GpuContext, GpuOptions, Stream};
 use crate::backend::host_queue::HostQueue;
 use crate::backend::{
-    ensure, AdamWHyper, Arena, AttentionActs, AttentionScratch, AttentionShape, Backend, Buf,
-    DType, Device, DeviceError, Event, EventKind, GradMode, HostJob, Precision, Queue, Result,
-    StepProfile,
+    ensure, AdamWHyper, Arena, Backend, Buf, Checked, DType, Device, DeviceError, Event, EventKind,
+    HostJob, Precision, Queue, Result, StepProfile,
 };
 
 /// cuBLAS workspace carved from the arena.
@@ -357,151 +356,8 @@ impl Device for CudaDevice {
         Ok(self.gpu.profile_finish()?)
     }
 
-    fn encoder_forward(
-        &self,
-        out: &Buf,
-        inp: &Buf,
-        wte: &Buf,
-        wpe: &Buf,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()> {
-        Ok(self.gpu.encoder_forward(out, inp, wte, wpe, b, t, c)?)
-    }
-
-    fn encoder_backward(
-        &self,
-        dwte: &Buf,
-        dwpe: &Buf,
-        dout: &Buf,
-        inp: &Buf,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()> {
-        Ok(self.gpu.encoder_backward(dwte, dwpe, dout, inp, b, t, c)?)
-    }
-
-    fn layernorm_forward(
-        &self,
-        out: &Buf,
-        mean: &Buf,
-        rstd: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        bias: &Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        Ok(self
-            .gpu
-            .layernorm_forward(out, mean, rstd, inp, weight, bias, n, c)?)
-    }
-
-    fn layernorm_backward(
-        &self,
-        dinp: &Buf,
-        dweight: &Buf,
-        dbias: &Buf,
-        dout: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        mean: &Buf,
-        rstd: &Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        Ok(self
-            .gpu
-            .layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c)?)
-    }
-
-    fn matmul_forward(
-        &self,
-        out: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        bias: Option<&Buf>,
-        n: usize,
-        c: usize,
-        oc: usize,
-    ) -> Result<()> {
-        Ok(self.gpu.matmul_forward(out, inp, weight, bias, n, c, oc)?)
-    }
-
-    fn matmul_backward(
-        &self,
-        dinp: &Buf,
-        dinp_mode: GradMode,
-        dweight: &Buf,
-        dbias: Option<&Buf>,
-        dout: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        n: usize,
-        c: usize,
-        oc: usize,
-    ) -> Result<()> {
-        Ok(self
-            .gpu
-            .matmul_backward(dinp, dinp_mode, dweight, dbias, dout, inp, weight, n, c, oc)?)
-    }
-
-    fn attention_forward(
-        &self,
-        out: &Buf,
-        acts: &AttentionActs,
-        qkv: &Buf,
-        shape: AttentionShape,
-    ) -> Result<()> {
-        Ok(self.gpu.attention_forward(out, acts, qkv, shape)?)
-    }
-
-    fn attention_backward(
-        &self,
-        dqkv: &Buf,
-        dout: &Buf,
-        qkv: &Buf,
-        out: &Buf,
-        acts: &AttentionActs,
-        scratch: &AttentionScratch,
-        shape: AttentionShape,
-    ) -> Result<()> {
-        Ok(self
-            .gpu
-            .attention_backward(dqkv, dout, qkv, out, acts, scratch, shape)?)
-    }
-
-    fn gelu_forward(&self, out: &Buf, inp: &Buf) -> Result<()> {
-        Ok(self.gpu.gelu_forward(out, inp)?)
-    }
-
-    fn gelu_backward(&self, dinp: &Buf, mode: GradMode, inp: &Buf, dout: &Buf) -> Result<()> {
-        Ok(self.gpu.gelu_backward(dinp, mode, inp, dout)?)
-    }
-
-    fn residual_forward(&self, out: &Buf, a: &Buf, b: &Buf) -> Result<()> {
-        Ok(self.gpu.residual_forward(out, a, b)?)
-    }
-
-    fn accumulate(&self, dst: &Buf, src: &Buf) -> Result<()> {
-        Ok(self.gpu.accumulate(dst, src)?)
-    }
-
-    fn crossentropy_forward_backward(
-        &self,
-        logits: &Buf,
-        losses: &Buf,
-        targets: &Buf,
-        r: usize,
-        v: usize,
-        vp: usize,
-        dloss: Option<f32>,
-    ) -> Result<()> {
-        Ok(self
-            .gpu
-            .crossentropy_forward_backward(logits, losses, targets, r, v, vp, dloss)?)
+    fn launch(&self, op: Checked<'_>) -> Result<()> {
+        Ok(self.gpu.launch_layer(op)?)
     }
 
     fn cast_f32_to_x(&self, out: &Buf, inp: &Buf) -> Result<()> {

@@ -1,10 +1,11 @@
 //! Fused causal attention on the GPU (`train.attention = "fused"`): the launchers of
 //! runtime/kernels/flash_attention.cu, FlashAttention-2 with no (T,T) buffer anywhere.
 //!
-//! Forward: one block per (query tile of 64, batch·head) writes out (B,T,C) and the logsumexp
-//! of each row, lse (B,NH,T) f32. Backward: `flash_delta` (D = rowsum(dO∘O), f32), then one
-//! block per (key tile, batch·head) adds dK and dV into dqkv, then one block per (query tile,
-//! batch·head) adds dQ: dQ gets its own pass, recomputing the probabilities, instead of fp32
+//! Forward: one block per (query tile of 64, batch·head) writes out (B,T,NH·HS) and the
+//! logsumexp of each row, lse (B,NH,T) f32; query head h reads key/value head h/(NH/NKV) in
+//! place. Backward: `flash_delta` (D = rowsum(dO∘O), f32), then one block per (key tile,
+//! batch·key/value head) adds dK and dV into dqkv, summing over its group of query heads, then
+//! one block per (query tile, batch·head) adds dQ: dQ gets its own pass, recomputing the probabilities, instead of fp32
 //! atomics, so the result is deterministic and needs no scratch beyond D.
 //!
 //! Two kernel sets ([`FlashKernels`]): tensor cores (mma.sync m16n8k16, 16-bit X, fp32
@@ -17,8 +18,7 @@ use cudarc::driver::LaunchConfig;
 use super::context::GpuContext;
 use super::error::{ensure, CudaError, Result};
 use super::kernels::{int, Arg};
-use super::{DType, Precision};
-use crate::backend::arena::Location;
+use super::Precision;
 use crate::backend::{AttentionShape, Buf};
 
 /// The largest head size the fused kernels take.
@@ -144,21 +144,28 @@ impl FlashKernels {
     }
 
     /// Launch configurations (forward, dK/dV, dQ) for `s`; the shared memory sizes match the
-    /// layouts in flash_attention.cu.
+    /// layouts in flash_attention.cu. The forward and dQ kernels take one (batch, query head)
+    /// per grid row, the dK/dV kernels one (batch, key/value head).
     fn configs(self, s: &AttentionShape) -> Result<[LaunchConfig; 3]> {
-        let bh = u32::try_from(s.b * s.nh)
-            .ok()
-            .filter(|&n| n <= 65_535)
-            .ok_or_else(|| {
-                CudaError::precondition("attention", format!("B·NH = {} exceeds 65535", s.b * s.nh))
-            })?;
+        let rows = |heads: usize| {
+            u32::try_from(s.b * heads)
+                .ok()
+                .filter(|&n| n <= 65_535)
+                .ok_or_else(|| {
+                    CudaError::precondition(
+                        "attention",
+                        format!("B·heads = {} exceeds 65535", s.b * heads),
+                    )
+                })
+        };
+        let (bh, bkv) = (rows(s.nh)?, rows(s.nkv)?);
         let blocks = |rows: usize| {
             u32::try_from(s.t.div_ceil(rows)).map_err(|_| {
                 CudaError::precondition("attention", format!("T = {} is too long", s.t))
             })
         };
-        let cfg = |grid_x: u32, threads: u32, shared: usize| LaunchConfig {
-            grid_dim: (grid_x, bh, 1),
+        let cfg = |grid_x: u32, grid_y: u32, threads: u32, shared: usize| LaunchConfig {
+            grid_dim: (grid_x, grid_y, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: shared as u32,
         };
@@ -166,9 +173,9 @@ impl FlashKernels {
             FlashKernels::Scalar => {
                 let x = blocks(SCALAR_ROWS)?;
                 [
-                    cfg(x, SCALAR_THREADS, 0),
-                    cfg(x, SCALAR_THREADS, 0),
-                    cfg(x, SCALAR_THREADS, 0),
+                    cfg(x, bh, SCALAR_THREADS, 0),
+                    cfg(x, bkv, SCALAR_THREADS, 0),
+                    cfg(x, bh, SCALAR_THREADS, 0),
                 ]
             }
             FlashKernels::Mma { d } => {
@@ -178,30 +185,24 @@ impl FlashKernels {
                 let dkdv = 2 * (2 * TILE * ld + 2 * SUB * ld + 2 * d * (SUB + PAD)) + 2 * SUB * 4;
                 let dq = 2 * (2 * TILE * ld + 2 * SUB * ld + d * (SUB + PAD));
                 [
-                    cfg(x, MMA_THREADS, forward),
-                    cfg(x, MMA_THREADS, dkdv),
-                    cfg(x, MMA_THREADS, dq),
+                    cfg(x, bh, MMA_THREADS, forward),
+                    cfg(x, bkv, MMA_THREADS, dkdv),
+                    cfg(x, bh, MMA_THREADS, dq),
                 ]
             }
         })
     }
 }
 
-/// Checks that `buf` is a live device view of `numel` elements of `dtype`.
-fn check(name: &str, buf: &Buf, dtype: DType, numel: usize) -> Result<()> {
-    buf.check_live("attention", Location::Cuda)?;
-    ensure(
-        buf.dtype() == dtype && buf.len() == numel,
-        "attention",
-        || {
-            format!(
-                "{name} must be {numel} x {}, got {} x {}",
-                dtype.name(),
-                buf.len(),
-                buf.dtype().name()
-            )
-        },
-    )
+/// The fused kernels' sizes as ints: B, T, NH, NKV, HS.
+fn dims(s: &AttentionShape) -> Result<[Arg; 5]> {
+    Ok([
+        int(s.b, "attention")?,
+        int(s.t, "attention")?,
+        int(s.nh, "attention")?,
+        int(s.nkv, "attention")?,
+        int(s.hs, "attention")?,
+    ])
 }
 
 impl GpuContext {
@@ -216,7 +217,7 @@ impl GpuContext {
     /// The kernel set for `s` here: [`FlashKernels::choose`], falling back to the scalar set
     /// when a buffer is not 16-byte aligned (the tensor-core kernels load 16 bytes at a time).
     fn flash_kernels(&self, s: &AttentionShape, bufs: &[&Buf]) -> Result<FlashKernels> {
-        let kernels = FlashKernels::choose(self.precision(), s.head_size(), self.sm())?;
+        let kernels = FlashKernels::choose(self.precision(), s.hs, self.sm())?;
         let aligned = super::kernels::aligned16(bufs.iter().map(|b| b.ptr()));
         Ok(if aligned {
             kernels
@@ -225,7 +226,7 @@ impl GpuContext {
         })
     }
 
-    /// out (B,T,C) X = causal attention of qkv (B,T,3C) X; lse (B,NH,T) f32.
+    /// out (B,T,NH·HS) X = causal attention of qkv X; lse (B,NH,T) f32.
     pub(super) fn flash_forward(
         &self,
         out: &Buf,
@@ -237,8 +238,8 @@ impl GpuContext {
         self.flash_forward_with(kernels, out, lse, qkv, s)
     }
 
-    /// dqkv (B,T,3C) X += the attention backward of dout, from the forward's qkv, out and
-    /// lse; delta (B,NH,T) f32 is scratch.
+    /// dqkv X += the attention backward of dout, from the forward's qkv, out and lse;
+    /// delta (B,NH,T) f32 is scratch.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn flash_backward(
         &self,
@@ -263,26 +264,14 @@ impl GpuContext {
         qkv: &Buf,
         s: AttentionShape,
     ) -> Result<()> {
-        let (x, btc) = (self.x(), s.b * s.t * s.c);
-        check("out", out, x, btc)?;
-        check("qkv", qkv, x, 3 * btc)?;
-        check("acts.lse", lse, DType::F32, s.rows_len())?;
-        ensure(
-            !out.overlaps(qkv) && !lse.overlaps(qkv),
-            "attention",
-            || "out and lse must not alias qkv".into(),
-        )?;
         let [cfg, _, _] = kernels.configs(&s)?;
-        let args = [
+        let ptrs = [
             Arg::Ptr(out.ptr()),
             Arg::Ptr(lse.ptr()),
             Arg::Ptr(qkv.ptr()),
-            int(s.b, "attention")?,
-            int(s.t, "attention")?,
-            int(s.nh, "attention")?,
-            int(s.head_size(), "attention")?,
-            Arg::Float(1.0 / (s.head_size() as f32).sqrt()),
         ];
+        let scale = Arg::Float(1.0 / (s.hs as f32).sqrt());
+        let args = [&ptrs[..], &dims(&s)?, &[scale]].concat();
         self.launch_shared(kernels.names().forward, cfg, &args)
     }
 
@@ -299,26 +288,7 @@ impl GpuContext {
         lse: &Buf,
         s: AttentionShape,
     ) -> Result<()> {
-        let (x, btc) = (self.x(), s.b * s.t * s.c);
-        check("dqkv", dqkv, x, 3 * btc)?;
-        check("dout", dout, x, btc)?;
-        check("qkv", qkv, x, 3 * btc)?;
-        check("out", out, x, btc)?;
-        check("acts.lse", lse, DType::F32, s.rows_len())?;
-        check("scratch.delta", delta, DType::F32, s.rows_len())?;
-        for (name, input) in [("dout", dout), ("qkv", qkv), ("out", out), ("lse", lse)] {
-            ensure(
-                !dqkv.overlaps(input) && !delta.overlaps(input),
-                "attention",
-                || format!("dqkv and delta must not alias {name}"),
-            )?;
-        }
-        let dims = [
-            int(s.b, "attention")?,
-            int(s.t, "attention")?,
-            int(s.nh, "attention")?,
-            int(s.head_size(), "attention")?,
-        ];
+        let dims = dims(&s)?;
         let rows = s.rows_len();
         let delta_cfg = LaunchConfig {
             grid_dim: (
@@ -341,7 +311,7 @@ impl GpuContext {
             &[&delta_args[..], &dims[..]].concat(),
         )?;
         let [_, dkdv_cfg, dq_cfg] = kernels.configs(&s)?;
-        let scale = Arg::Float(1.0 / (s.head_size() as f32).sqrt());
+        let scale = Arg::Float(1.0 / (s.hs as f32).sqrt());
         let ptrs = [
             Arg::Ptr(dqkv.ptr()),
             Arg::Ptr(qkv.ptr()),
@@ -396,8 +366,9 @@ mod tests {
         let s = AttentionShape {
             b: 2,
             t: 1000,
-            c: 1024,
             nh: 8,
+            nkv: 2,
+            hs: 128,
         };
         let mut sets = vec![FlashKernels::Scalar];
         sets.extend(MMA_HEAD_SIZES.map(|d| FlashKernels::Mma { d }));
@@ -409,8 +380,13 @@ mod tests {
             for cfg in k.configs(&s).unwrap() {
                 // sm_80's opt-in limit (163 KiB); H100's is 227 KiB.
                 assert!(cfg.shared_mem_bytes <= 163 * 1024, "{k:?}: {cfg:?}");
-                assert_eq!(cfg.grid_dim.1, 16);
             }
+            // B·NH query rows for the forward and dQ, B·NKV key/value heads for dK/dV.
+            let [fwd, dkdv, dq] = k.configs(&s).unwrap();
+            assert_eq!(
+                (fwd.grid_dim.1, dkdv.grid_dim.1, dq.grid_dim.1),
+                (16, 4, 16)
+            );
         }
         let [fwd, dkdv, dq] = FlashKernels::Mma { d: 128 }.configs(&s).unwrap();
         assert_eq!(fwd.shared_mem_bytes, 35_840);

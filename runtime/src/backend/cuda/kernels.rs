@@ -1,7 +1,7 @@
-//! The NVRTC kernels loaded into a context, and their typed launchers (on `GpuContext`,
-//! compute queue). Every launcher checks dtypes and sizes and returns `Result`; argument
-//! order and semantics follow llm.c's train_gpt2.c functions (see each .cu file).
-//! `X` below is the context's floatX (bf16 by default).
+//! The NVRTC kernels loaded into a context, how they are launched, and the launchers of the
+//! optimizer's kernels (casts, norms, AdamW) on `GpuContext`, which check dtypes and sizes and
+//! return `Result`. The layer operations' launchers are in `layers.rs`. `X` below is the
+//! context's floatX (bf16 by default).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,24 +10,19 @@ use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
 
 use super::context::{GpuContext, Stream};
 use super::error::{ensure, CudaError, Result};
-use super::gemm::GemmShape;
 use super::nvrtc;
 use super::{DType, Precision};
 use crate::backend::arena::Location;
-use crate::backend::{AdamWHyper, Buf, GradMode, NORM_PARTIALS_MAX};
+use crate::backend::{AdamWHyper, Buf, NORM_PARTIALS_MAX};
 
 /// Threads per block of the element-wise kernels.
-const ELEMENTWISE_BLOCK: u32 = 256;
+pub(super) const ELEMENTWISE_BLOCK: u32 = 256;
 /// Grid cap of grid-stride kernels (each thread loops beyond it).
 const GRID_MAX_BLOCKS: usize = 65_536;
 /// Threads per block of the warp-per-row kernels (8 rows per block).
 const ROW_BLOCK: u32 = 256;
 /// Must match NORM_BLOCK_SIZE in norm.cu.
 const NORM_BLOCK: u32 = 512;
-/// Rows per block in bias_backward's row split.
-const BIAS_ROWS_PER_CHUNK: usize = 256;
-/// Default dynamic shared memory limit per block without opting in (48 KiB).
-const SHARED_DEFAULT_MAX_BYTES: usize = 48 * 1024;
 
 /// Kernel functions of one context, by entry-point name.
 pub struct Kernels {
@@ -165,7 +160,7 @@ impl GpuContext {
 
     /// Launches `name` over `n` elements, or `name_vec` over n / PACK packs when `n` divides
     /// by PACK and every buffer is 16-byte aligned. `ptrs` come first, then the count (size_t).
-    fn launch_elementwise(
+    pub(super) fn launch_elementwise(
         &self,
         name: &'static str,
         name_vec: &'static str,
@@ -202,7 +197,7 @@ impl GpuContext {
         args: &[Arg],
     ) -> Result<()> {
         let bytes = cfg.shared_mem_bytes as usize;
-        if bytes > SHARED_DEFAULT_MAX_BYTES {
+        if bytes > super::layers::SHARED_DEFAULT_MAX_BYTES {
             let attribute = cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
             let value = i32::try_from(bytes).map_err(|_| {
                 CudaError::precondition(name, format!("{bytes} bytes of shared memory"))
@@ -257,373 +252,6 @@ impl GpuContext {
             .chain(ints.iter().map(|&i| Arg::Int(i)))
             .collect();
         self.launch(name, cfg, &args)
-    }
-
-    /// out (B,T,C) X = `wte[inp] + wpe[t]`; inp (B,T) i32, wte (V,C) X, wpe (≥T,C) X.
-    #[allow(clippy::too_many_arguments)]
-    pub fn encoder_forward(
-        &self,
-        out: &Buf,
-        inp: &Buf,
-        wte: &Buf,
-        wpe: &Buf,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "encoder_forward";
-        let x = self.x();
-        check(op, "out", out, x, b * t * c)?;
-        check(op, "inp", inp, DType::I32, b * t)?;
-        check_min(op, "wte", wte, x, c)?;
-        ensure(wte.len() % c == 0, op, || "wte is not (V,C)".into())?;
-        check_min(op, "wpe", wpe, x, t * c)?;
-        let args = [
-            Arg::Ptr(out.ptr()),
-            Arg::Ptr(inp.ptr()),
-            Arg::Ptr(wte.ptr()),
-            Arg::Ptr(wpe.ptr()),
-            int(b, op)?,
-            int(t, op)?,
-            int(c, op)?,
-        ];
-        self.launch(op, elementwise_config(b * t * c), &args)
-    }
-
-    /// dwte (V,C) f32 += scatter of dout by token, dwpe (≥T,C) f32 += sum over batch;
-    /// dout (B,T,C) X, inp (B,T) i32.
-    #[allow(clippy::too_many_arguments)]
-    pub fn encoder_backward(
-        &self,
-        dwte: &Buf,
-        dwpe: &Buf,
-        dout: &Buf,
-        inp: &Buf,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "encoder_backward";
-        check_min(op, "dwte", dwte, DType::F32, c)?;
-        check_min(op, "dwpe", dwpe, DType::F32, t * c)?;
-        check(op, "dout", dout, self.x(), b * t * c)?;
-        check(op, "inp", inp, DType::I32, b * t)?;
-        let wpe_args = [
-            Arg::Ptr(dwpe.ptr()),
-            Arg::Ptr(dout.ptr()),
-            int(b, op)?,
-            int(t, op)?,
-            int(c, op)?,
-        ];
-        self.launch("encoder_backward_wpe", elementwise_config(t * c), &wpe_args)?;
-        let wte_args = [
-            Arg::Ptr(dwte.ptr()),
-            Arg::Ptr(dout.ptr()),
-            Arg::Ptr(inp.ptr()),
-            int(b, op)?,
-            int(t, op)?,
-            int(c, op)?,
-        ];
-        self.launch(
-            "encoder_backward_wte",
-            elementwise_config(b * t * c),
-            &wte_args,
-        )
-    }
-
-    /// out (N,C) X, mean (N) f32, rstd (N) f32 = LayerNorm(inp (N,C) X; weight (C) X, bias (C) X).
-    #[allow(clippy::too_many_arguments)]
-    pub fn layernorm_forward(
-        &self,
-        out: &Buf,
-        mean: &Buf,
-        rstd: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        bias: &Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "layernorm_forward";
-        let x = self.x();
-        check(op, "out", out, x, n * c)?;
-        check(op, "mean", mean, DType::F32, n)?;
-        check(op, "rstd", rstd, DType::F32, n)?;
-        check(op, "inp", inp, x, n * c)?;
-        check(op, "weight", weight, x, c)?;
-        check(op, "bias", bias, x, c)?;
-        let args = [
-            Arg::Ptr(out.ptr()),
-            Arg::Ptr(mean.ptr()),
-            Arg::Ptr(rstd.ptr()),
-            Arg::Ptr(inp.ptr()),
-            Arg::Ptr(weight.ptr()),
-            Arg::Ptr(bias.ptr()),
-            int(n, op)?,
-            int(c, op)?,
-        ];
-        self.launch(op, rows_config(n)?, &args)
-    }
-
-    /// dinp (N,C) X +=, dweight (C) f32 +=, dbias (C) f32 += LayerNorm backward of
-    /// dout (N,C) X given inp (N,C) X, weight (C) X and the saved mean/rstd (N) f32.
-    #[allow(clippy::too_many_arguments)]
-    pub fn layernorm_backward(
-        &self,
-        dinp: &Buf,
-        dweight: &Buf,
-        dbias: &Buf,
-        dout: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        mean: &Buf,
-        rstd: &Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "layernorm_backward";
-        let x = self.x();
-        check(op, "dinp", dinp, x, n * c)?;
-        check(op, "dweight", dweight, DType::F32, c)?;
-        check(op, "dbias", dbias, DType::F32, c)?;
-        check(op, "dout", dout, x, n * c)?;
-        check(op, "inp", inp, x, n * c)?;
-        check(op, "weight", weight, x, c)?;
-        check(op, "mean", mean, DType::F32, n)?;
-        check(op, "rstd", rstd, DType::F32, n)?;
-        let shared = 2 * c * 4;
-        ensure(shared <= SHARED_DEFAULT_MAX_BYTES, op, || {
-            format!("C = {c} needs {shared} bytes of shared memory (max 48 KiB: C <= 6144)")
-        })?;
-        let block: u32 = 512;
-        let rows_per_block = (block / 32) as usize;
-        let blocks = n.div_ceil(rows_per_block).clamp(1, 264) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: shared as u32,
-        };
-        let args = [
-            Arg::Ptr(dinp.ptr()),
-            Arg::Ptr(dweight.ptr()),
-            Arg::Ptr(dbias.ptr()),
-            Arg::Ptr(dout.ptr()),
-            Arg::Ptr(inp.ptr()),
-            Arg::Ptr(weight.ptr()),
-            Arg::Ptr(mean.ptr()),
-            Arg::Ptr(rstd.ptr()),
-            int(n, op)?,
-            int(c, op)?,
-        ];
-        self.launch(op, cfg, &args)
-    }
-
-    /// out (N) X = gelu(inp (N) X); out may be inp.
-    pub fn gelu_forward(&self, out: &Buf, inp: &Buf) -> Result<()> {
-        let op = "gelu_forward";
-        check(op, "out", out, self.x(), inp.len())?;
-        check(op, "inp", inp, self.x(), out.len())?;
-        self.launch_elementwise(op, "gelu_forward_vec", &[out, inp], &[], inp.len())
-    }
-
-    /// dinp (N) X += gelu'(inp) · dout (`GradMode::Accumulate`, like the CPU backend), or =
-    /// (`Overwrite`); dinp must not alias inp or dout.
-    pub fn gelu_backward(&self, dinp: &Buf, mode: GradMode, inp: &Buf, dout: &Buf) -> Result<()> {
-        let op = "gelu_backward";
-        let n = inp.len();
-        check(op, "dinp", dinp, self.x(), n)?;
-        check(op, "inp", inp, self.x(), n)?;
-        check(op, "dout", dout, self.x(), n)?;
-        ensure(!dinp.overlaps(dout) && !dinp.overlaps(inp), op, || {
-            "dinp accumulates and must not alias inp or dout".into()
-        })?;
-        let accumulate = Arg::Int(i32::from(mode == GradMode::Accumulate));
-        self.launch_elementwise(
-            op,
-            "gelu_backward_vec",
-            &[dinp, inp, dout],
-            &[accumulate],
-            n,
-        )
-    }
-
-    /// out (N) X = a + b; out may be a or b.
-    pub fn residual_forward(&self, out: &Buf, a: &Buf, b: &Buf) -> Result<()> {
-        let op = "residual_forward";
-        let n = out.len();
-        check(op, "out", out, self.x(), n)?;
-        check(op, "a", a, self.x(), n)?;
-        check(op, "b", b, self.x(), n)?;
-        self.launch_elementwise(op, "residual_forward_vec", &[out, a, b], &[], n)
-    }
-
-    /// dst (N) X += src (N) X (residual backward).
-    pub fn accumulate(&self, dst: &Buf, src: &Buf) -> Result<()> {
-        let op = "accumulate";
-        check(op, "dst", dst, self.x(), src.len())?;
-        check(op, "src", src, self.x(), dst.len())?;
-        self.launch_elementwise(op, "accumulate_vec", &[dst, src], &[], dst.len())
-    }
-
-    /// out (N,OC) X = inp (N,C) X · weight (OC,C) Xᵀ + bias (OC) X.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul_forward(
-        &self,
-        out: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        bias: Option<&Buf>,
-        n: usize,
-        c: usize,
-        oc: usize,
-    ) -> Result<()> {
-        let op = "matmul_forward";
-        let x = self.x();
-        check(op, "out", out, x, n * oc)?;
-        check(op, "inp", inp, x, n * c)?;
-        check(op, "weight", weight, x, oc * c)?;
-        let shape = GemmShape {
-            m: n,
-            n: oc,
-            k: c,
-            trans_a: false,
-            trans_b: true,
-        };
-        self.blas().matmul(out, inp, weight, shape, 1.0, 0.0)?;
-        self.profile_mark("gemm: matmul_forward")?;
-        if let Some(bias) = bias {
-            check(op, "bias", bias, x, oc)?;
-            let args = [
-                Arg::Ptr(out.ptr()),
-                Arg::Ptr(bias.ptr()),
-                int(n, op)?,
-                int(oc, op)?,
-            ];
-            let pack = self.pack();
-            if oc % pack == 0 && aligned16([out.ptr(), bias.ptr()]) {
-                // x: the packs of one row; y: rows (grid-stride beyond the grid's limit).
-                let packs = oc / pack;
-                let block = packs
-                    .next_multiple_of(32)
-                    .clamp(32, ELEMENTWISE_BLOCK as usize);
-                let cfg = LaunchConfig {
-                    grid_dim: (packs.div_ceil(block) as u32, n.clamp(1, 65_535) as u32, 1),
-                    block_dim: (block as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                self.launch("add_bias_vec", cfg, &args)?;
-            } else {
-                self.launch("add_bias", elementwise_config(n * oc), &args)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// dinp (N,C) X += dout · weight (`GradMode::Accumulate`) or = (`Overwrite`);
-    /// dweight (OC,C) f32 += doutᵀ · inp; dbias (OC) f32 += column sums of dout (N,OC) X.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul_backward(
-        &self,
-        dinp: &Buf,
-        dinp_mode: GradMode,
-        dweight: &Buf,
-        dbias: Option<&Buf>,
-        dout: &Buf,
-        inp: &Buf,
-        weight: &Buf,
-        n: usize,
-        c: usize,
-        oc: usize,
-    ) -> Result<()> {
-        let op = "matmul_backward";
-        let x = self.x();
-        check(op, "dinp", dinp, x, n * c)?;
-        check(op, "dweight", dweight, DType::F32, oc * c)?;
-        check(op, "dout", dout, x, n * oc)?;
-        check(op, "inp", inp, x, n * c)?;
-        check(op, "weight", weight, x, oc * c)?;
-        let dinp_shape = GemmShape {
-            m: n,
-            n: c,
-            k: oc,
-            trans_a: false,
-            trans_b: false,
-        };
-        let beta = if dinp_mode == GradMode::Accumulate {
-            1.0
-        } else {
-            0.0
-        };
-        self.blas()
-            .matmul(dinp, dout, weight, dinp_shape, 1.0, beta)?;
-        self.profile_mark("gemm: matmul_backward dinp")?;
-        let dweight_shape = GemmShape {
-            m: oc,
-            n: c,
-            k: n,
-            trans_a: true,
-            trans_b: false,
-        };
-        self.blas()
-            .matmul(dweight, dout, inp, dweight_shape, 1.0, 1.0)?;
-        self.profile_mark("gemm: matmul_backward dweight")?;
-        if let Some(dbias) = dbias {
-            check(op, "dbias", dbias, DType::F32, oc)?;
-            let chunks = u32::try_from(n.div_ceil(BIAS_ROWS_PER_CHUNK).max(1)).unwrap_or(u32::MAX);
-            let cfg = LaunchConfig {
-                grid_dim: (oc.div_ceil(ELEMENTWISE_BLOCK as usize) as u32, chunks, 1),
-                block_dim: (ELEMENTWISE_BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let args = [
-                Arg::Ptr(dbias.ptr()),
-                Arg::Ptr(dout.ptr()),
-                int(n, op)?,
-                int(oc, op)?,
-                int(BIAS_ROWS_PER_CHUNK, op)?,
-            ];
-            self.launch("bias_backward", cfg, &args)?;
-        }
-        Ok(())
-    }
-
-    /// Fused softmax + cross-entropy over logits (R,Vp) X with real vocab V ≤ Vp:
-    /// losses (R) f32 = `-log p[target]`, targets (R) i32. With `dloss = Some(d)` the logits
-    /// are overwritten with dlogits = (p - onehot)·d (0 in the padding), d = grad_scale/(B·T).
-    #[allow(clippy::too_many_arguments)]
-    pub fn crossentropy_forward_backward(
-        &self,
-        logits: &Buf,
-        losses: &Buf,
-        targets: &Buf,
-        r: usize,
-        v: usize,
-        vp: usize,
-        dloss: Option<f32>,
-    ) -> Result<()> {
-        let op = "crossentropy_forward_backward";
-        ensure(v > 0 && v <= vp, op, || {
-            format!("need 0 < V <= Vp, got V={v} Vp={vp}")
-        })?;
-        check(op, "logits", logits, self.x(), r * vp)?;
-        check(op, "losses", losses, DType::F32, r)?;
-        check(op, "targets", targets, DType::I32, r)?;
-        let cfg = LaunchConfig {
-            grid_dim: (u32::try_from(r.max(1)).unwrap_or(u32::MAX), 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let args = [
-            Arg::Ptr(logits.ptr()),
-            Arg::Ptr(losses.ptr()),
-            Arg::Ptr(targets.ptr()),
-            int(r, op)?,
-            int(v, op)?,
-            int(vp, op)?,
-            Arg::Float(dloss.unwrap_or(0.0)),
-            Arg::Int(i32::from(dloss.is_some())),
-        ];
-        self.launch(op, cfg, &args)
     }
 
     /// out (N) X = inp (N) f32, round to nearest.

@@ -47,6 +47,7 @@ pub mod error;
 pub mod flash;
 pub mod gemm;
 pub mod kernels;
+mod layers;
 pub mod loader;
 pub mod nvrtc;
 pub mod pinned;

@@ -64,6 +64,21 @@ pub const KERNEL_FILES: &[(&str, &str, &[&str])] = &[
         super::flash::FLASH_KERNEL_NAMES,
     ),
     (
+        "rmsnorm.cu",
+        include_str!("../../../kernels/rmsnorm.cu"),
+        &["rmsnorm_forward", "rmsnorm_backward"],
+    ),
+    (
+        "rotary.cu",
+        include_str!("../../../kernels/rotary.cu"),
+        &["rotary"],
+    ),
+    (
+        "swiglu.cu",
+        include_str!("../../../kernels/swiglu.cu"),
+        &["swiglu_forward", "swiglu_backward"],
+    ),
+    (
         "crossentropy.cu",
         include_str!("../../../kernels/crossentropy.cu"),
         &["crossentropy_forward_backward"],

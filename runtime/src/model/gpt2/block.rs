@@ -3,8 +3,9 @@
 
 use super::Gpt2Shape;
 use crate::backend::{
-    Arena, AttentionActs, AttentionScratch, AttentionShape, Buf, DType, Device, DeviceError,
-    GradMode, Queue,
+    Arena, AttentionActs, AttentionBackward, AttentionForward, AttentionScratch, AttentionShape,
+    Buf, DType, Device, DeviceError, GeluBackward, GeluForward, GradMode, LayerNormBackward,
+    LayerNormForward, MatmulBackward, MatmulForward, Queue, ResidualForward,
 };
 use crate::model::Prepare;
 
@@ -87,12 +88,7 @@ const SCRATCH: &str = "block scratch";
 impl Block {
     pub(super) fn new(arena: &Arena, s: &Gpt2Shape, p: &Prepare) -> Result<Block, DeviceError> {
         let (bt, c, x) = (p.b * p.t, s.n_embd, p.x);
-        let shape = AttentionShape {
-            b: p.b,
-            t: p.t,
-            c,
-            nh: s.n_head,
-        };
+        let shape = AttentionShape::multi_head(p.b, p.t, c, s.n_head);
         Ok(Block {
             ln1: arena.alloc(ACTS, x, bt * c)?,
             ln1_mean: arena.alloc(ACTS, DType::F32, bt)?,
@@ -119,59 +115,83 @@ impl Block {
         input: &Buf,
         output: &Buf,
     ) -> Result<(), DeviceError> {
-        let (n, c) = (self.shape.b * self.shape.t, self.shape.c);
-        dev.layernorm_forward(
-            &self.ln1,
-            &self.ln1_mean,
-            &self.ln1_rstd,
-            input,
-            &w[LN1_W],
-            &w[LN1_B],
+        let (n, c) = (self.shape.b * self.shape.t, self.shape.q_width());
+        dev.run(LayerNormForward {
+            out: &self.ln1,
+            mean: &self.ln1_mean,
+            rstd: &self.ln1_rstd,
+            inp: input,
+            weight: &w[LN1_W],
+            bias: &w[LN1_B],
             n,
             c,
-        )?;
-        dev.matmul_forward(
-            &self.qkv,
-            &self.ln1,
-            &w[QKV_W],
-            Some(&w[QKV_B]),
+        })?;
+        dev.run(MatmulForward {
+            out: &self.qkv,
+            inp: &self.ln1,
+            weight: &w[QKV_W],
+            bias: Some(&w[QKV_B]),
             n,
             c,
-            3 * c,
-        )?;
-        dev.attention_forward(&self.atty, &self.attention, &self.qkv, self.shape)?;
-        dev.matmul_forward(
-            &sc.proj_out,
-            &self.atty,
-            &w[ATTPROJ_W],
-            Some(&w[ATTPROJ_B]),
+            oc: 3 * c,
+        })?;
+        dev.run(AttentionForward {
+            out: &self.atty,
+            acts: &self.attention,
+            qkv: &self.qkv,
+            shape: self.shape,
+        })?;
+        dev.run(MatmulForward {
+            out: &sc.proj_out,
+            inp: &self.atty,
+            weight: &w[ATTPROJ_W],
+            bias: Some(&w[ATTPROJ_B]),
             n,
             c,
-            c,
-        )?;
-        dev.residual_forward(&self.residual2, input, &sc.proj_out)?;
-        dev.layernorm_forward(
-            &self.ln2,
-            &self.ln2_mean,
-            &self.ln2_rstd,
-            &self.residual2,
-            &w[LN2_W],
-            &w[LN2_B],
+            oc: c,
+        })?;
+        dev.run(ResidualForward {
+            out: &self.residual2,
+            a: input,
+            b: &sc.proj_out,
+        })?;
+        dev.run(LayerNormForward {
+            out: &self.ln2,
+            mean: &self.ln2_mean,
+            rstd: &self.ln2_rstd,
+            inp: &self.residual2,
+            weight: &w[LN2_W],
+            bias: &w[LN2_B],
             n,
             c,
-        )?;
-        dev.matmul_forward(&self.fch, &self.ln2, &w[FC_W], Some(&w[FC_B]), n, c, 4 * c)?;
-        dev.gelu_forward(&self.fch_gelu, &self.fch)?;
-        dev.matmul_forward(
-            &sc.proj_out,
-            &self.fch_gelu,
-            &w[FCPROJ_W],
-            Some(&w[FCPROJ_B]),
+        })?;
+        dev.run(MatmulForward {
+            out: &self.fch,
+            inp: &self.ln2,
+            weight: &w[FC_W],
+            bias: Some(&w[FC_B]),
             n,
-            4 * c,
             c,
-        )?;
-        dev.residual_forward(output, &self.residual2, &sc.proj_out)
+            oc: 4 * c,
+        })?;
+        dev.run(GeluForward {
+            out: &self.fch_gelu,
+            inp: &self.fch,
+        })?;
+        dev.run(MatmulForward {
+            out: &sc.proj_out,
+            inp: &self.fch_gelu,
+            weight: &w[FCPROJ_W],
+            bias: Some(&w[FCPROJ_B]),
+            n,
+            c: 4 * c,
+            oc: c,
+        })?;
+        dev.run(ResidualForward {
+            out: output,
+            a: &self.residual2,
+            b: &sc.proj_out,
+        })
     }
 
     /// Accumulates the block's weight gradients into `dw`; `dres` goes from ∂L/∂output to
@@ -185,94 +205,99 @@ impl Block {
         input: &Buf,
         dres: &Buf,
     ) -> Result<(), DeviceError> {
-        let (n, c) = (self.shape.b * self.shape.t, self.shape.c);
+        let (n, c) = (self.shape.b * self.shape.t, self.shape.q_width());
         // MLP: out = residual2 + fc_proj(gelu(fc(ln_2(residual2)))).
-        dev.matmul_backward(
-            &sc.dfch_gelu,
-            GradMode::Overwrite,
-            &dw[FCPROJ_W],
-            Some(&dw[FCPROJ_B]),
-            dres,
-            &self.fch_gelu,
-            &w[FCPROJ_W],
+        dev.run(MatmulBackward {
+            dinp: &sc.dfch_gelu,
+            dinp_mode: GradMode::Overwrite,
+            dweight: &dw[FCPROJ_W],
+            dbias: Some(&dw[FCPROJ_B]),
+            dout: dres,
+            inp: &self.fch_gelu,
+            weight: &w[FCPROJ_W],
             n,
-            4 * c,
-            c,
-        )?;
-        dev.gelu_backward(&sc.dfch, GradMode::Overwrite, &self.fch, &sc.dfch_gelu)?;
-        dev.matmul_backward(
-            &sc.dln,
-            GradMode::Overwrite,
-            &dw[FC_W],
-            Some(&dw[FC_B]),
-            &sc.dfch,
-            &self.ln2,
-            &w[FC_W],
+            c: 4 * c,
+            oc: c,
+        })?;
+        dev.run(GeluBackward {
+            dinp: &sc.dfch,
+            dinp_mode: GradMode::Overwrite,
+            inp: &self.fch,
+            dout: &sc.dfch_gelu,
+        })?;
+        dev.run(MatmulBackward {
+            dinp: &sc.dln,
+            dinp_mode: GradMode::Overwrite,
+            dweight: &dw[FC_W],
+            dbias: Some(&dw[FC_B]),
+            dout: &sc.dfch,
+            inp: &self.ln2,
+            weight: &w[FC_W],
             n,
             c,
-            4 * c,
-        )?;
+            oc: 4 * c,
+        })?;
         // dres += LayerNorm backward: now ∂L/∂residual2.
-        dev.layernorm_backward(
-            dres,
-            &dw[LN2_W],
-            &dw[LN2_B],
-            &sc.dln,
-            &self.residual2,
-            &w[LN2_W],
-            &self.ln2_mean,
-            &self.ln2_rstd,
+        dev.run(LayerNormBackward {
+            dinp: dres,
+            dweight: &dw[LN2_W],
+            dbias: &dw[LN2_B],
+            dout: &sc.dln,
+            inp: &self.residual2,
+            weight: &w[LN2_W],
+            mean: &self.ln2_mean,
+            rstd: &self.ln2_rstd,
             n,
             c,
-        )?;
+        })?;
         // Attention: residual2 = input + attn_proj(attention(qkv(ln_1(input)))).
-        dev.matmul_backward(
-            &sc.datty,
-            GradMode::Overwrite,
-            &dw[ATTPROJ_W],
-            Some(&dw[ATTPROJ_B]),
-            dres,
-            &self.atty,
-            &w[ATTPROJ_W],
+        dev.run(MatmulBackward {
+            dinp: &sc.datty,
+            dinp_mode: GradMode::Overwrite,
+            dweight: &dw[ATTPROJ_W],
+            dbias: Some(&dw[ATTPROJ_B]),
+            dout: dres,
+            inp: &self.atty,
+            weight: &w[ATTPROJ_W],
             n,
             c,
-            c,
-        )?;
+            oc: c,
+        })?;
         dev.memset(Queue::Compute, &sc.dqkv, 0)?;
-        dev.attention_backward(
-            &sc.dqkv,
-            &sc.datty,
-            &self.qkv,
-            &self.atty,
-            &self.attention,
-            &sc.attention,
-            self.shape,
-        )?;
-        dev.matmul_backward(
-            &sc.dln,
-            GradMode::Overwrite,
-            &dw[QKV_W],
-            Some(&dw[QKV_B]),
-            &sc.dqkv,
-            &self.ln1,
-            &w[QKV_W],
+        dev.run(AttentionBackward {
+            dqkv: &sc.dqkv,
+            dout: &sc.datty,
+            qkv: &self.qkv,
+            out: &self.atty,
+            acts: &self.attention,
+            scratch: &sc.attention,
+            shape: self.shape,
+        })?;
+        dev.run(MatmulBackward {
+            dinp: &sc.dln,
+            dinp_mode: GradMode::Overwrite,
+            dweight: &dw[QKV_W],
+            dbias: Some(&dw[QKV_B]),
+            dout: &sc.dqkv,
+            inp: &self.ln1,
+            weight: &w[QKV_W],
             n,
             c,
-            3 * c,
-        )?;
+            oc: 3 * c,
+        })?;
         // dres += LayerNorm backward: now ∂L/∂input.
-        dev.layernorm_backward(
-            dres,
-            &dw[LN1_W],
-            &dw[LN1_B],
-            &sc.dln,
-            input,
-            &w[LN1_W],
-            &self.ln1_mean,
-            &self.ln1_rstd,
+        dev.run(LayerNormBackward {
+            dinp: dres,
+            dweight: &dw[LN1_W],
+            dbias: &dw[LN1_B],
+            dout: &sc.dln,
+            inp: input,
+            weight: &w[LN1_W],
+            mean: &self.ln1_mean,
+            rstd: &self.ln1_rstd,
             n,
             c,
-        )
+        })
     }
 }
 
@@ -283,12 +308,7 @@ impl BlockScratch {
         p: &Prepare,
     ) -> Result<BlockScratch, DeviceError> {
         let (bt, c, x) = (p.b * p.t, s.n_embd, p.x);
-        let shape = AttentionShape {
-            b: p.b,
-            t: p.t,
-            c,
-            nh: s.n_head,
-        };
+        let shape = AttentionShape::multi_head(p.b, p.t, c, s.n_head);
         Ok(BlockScratch {
             proj_out: arena.alloc(SCRATCH, x, bt * c)?,
             dln: arena.alloc(SCRATCH, x, bt * c)?,

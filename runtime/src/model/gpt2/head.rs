@@ -5,26 +5,12 @@
 //! would take 823 MB in f32, for GPT 1.3B at B·T = 8192 824 MB in bf16).
 
 use super::Gpt2Shape;
-use crate::backend::{Arena, Buf, DType, Device, DeviceError, GradMode, Queue};
+use crate::backend::{
+    Arena, Buf, CrossEntropy, DType, Device, DeviceError, GradMode, LayerNormBackward,
+    LayerNormForward, MatmulBackward, MatmulForward, Queue,
+};
+use crate::model::logits::rows_per_chunk;
 use crate::model::{Prepare, Tokens};
-
-/// Bytes of logits held at once.
-const LOGITS_CHUNK_BYTES: usize = 256 << 20;
-/// Chunks of more rows than this are rounded up to a multiple of it (GEMM-friendly sizes).
-const ROW_ALIGN: usize = 64;
-
-/// Rows per chunk for `rows` rows of `vp` logits of `elem_bytes` each: the chunks are of equal
-/// size, at most about `LOGITS_CHUNK_BYTES`.
-fn rows_per_chunk(rows: usize, vp: usize, elem_bytes: usize) -> usize {
-    let max_rows = (LOGITS_CHUNK_BYTES / (vp * elem_bytes).max(1)).max(1);
-    let chunks = rows.div_ceil(max_rows).max(1);
-    let even = rows.div_ceil(chunks);
-    if even > ROW_ALIGN {
-        even.next_multiple_of(ROW_ALIGN).min(rows)
-    } else {
-        even
-    }
-}
 
 /// Parameters the head reads: ln_f's weight and bias, the (padded) token embedding.
 pub(super) struct HeadParams<'a> {
@@ -74,16 +60,16 @@ impl Head {
         p: &HeadParams<'_>,
         input: &Buf,
     ) -> Result<(), DeviceError> {
-        dev.layernorm_forward(
-            &self.lnf,
-            &self.lnf_mean,
-            &self.lnf_rstd,
-            input,
-            &p.lnf[0],
-            &p.lnf[1],
-            self.rows,
-            s.n_embd,
-        )
+        dev.run(LayerNormForward {
+            out: &self.lnf,
+            mean: &self.lnf_mean,
+            rstd: &self.lnf_rstd,
+            inp: input,
+            weight: &p.lnf[0],
+            bias: &p.lnf[1],
+            n: self.rows,
+            c: s.n_embd,
+        })
     }
 
     /// Logits of rows [r0, r0 + rows) into the logits buffer; returns its view.
@@ -98,7 +84,15 @@ impl Head {
         let (c, vp) = (s.n_embd, s.padded_vocab());
         let logits = self.logits.slice(0, rows * vp)?;
         let lnf = self.lnf.slice(r0 * c, rows * c)?;
-        dev.matmul_forward(&logits, &lnf, wte, None, rows, c, vp)?;
+        dev.run(MatmulForward {
+            out: &logits,
+            inp: &lnf,
+            weight: wte,
+            bias: None,
+            n: rows,
+            c,
+            oc: vp,
+        })?;
         Ok((logits, lnf))
     }
 
@@ -122,47 +116,47 @@ impl Head {
         for r0 in (0..bt).step_by(self.rows_per_chunk) {
             let rows = self.rows_per_chunk.min(bt - r0);
             let (logits, lnf) = self.chunk_logits(dev, s, p.wte, r0, rows)?;
-            dev.crossentropy_forward_backward(
-                &logits,
-                &losses.slice(r0, rows)?,
-                &tokens.targets.slice(r0, rows)?,
-                rows,
+            dev.run(CrossEntropy {
+                logits: &logits,
+                losses: &losses.slice(r0, rows)?,
+                targets: &tokens.targets.slice(r0, rows)?,
+                r: rows,
                 v,
                 vp,
-                dloss_token,
-            )?;
+                dloss: dloss_token,
+            })?;
             if let Some(g) = grads {
                 // dlnf = dlogits · wte ; dwte += dlogitsᵀ · lnf
-                dev.matmul_backward(
-                    &dlnf.slice(r0 * c, rows * c)?,
-                    GradMode::Overwrite,
-                    &g.dwte,
-                    None,
-                    &logits,
-                    &lnf,
-                    p.wte,
-                    rows,
+                dev.run(MatmulBackward {
+                    dinp: &dlnf.slice(r0 * c, rows * c)?,
+                    dinp_mode: GradMode::Overwrite,
+                    dweight: &g.dwte,
+                    dbias: None,
+                    dout: &logits,
+                    inp: &lnf,
+                    weight: p.wte,
+                    n: rows,
                     c,
-                    vp,
-                )?;
+                    oc: vp,
+                })?;
             }
         }
         let Some(g) = grads else {
             return Ok(());
         };
         dev.memset(Queue::Compute, &g.dres, 0)?;
-        dev.layernorm_backward(
-            &g.dres,
-            &g.dlnf[0],
-            &g.dlnf[1],
-            dlnf,
-            input,
-            &p.lnf[0],
-            &self.lnf_mean,
-            &self.lnf_rstd,
-            bt,
+        dev.run(LayerNormBackward {
+            dinp: &g.dres,
+            dweight: &g.dlnf[0],
+            dbias: &g.dlnf[1],
+            dout: dlnf,
+            inp: input,
+            weight: &p.lnf[0],
+            mean: &self.lnf_mean,
+            rstd: &self.lnf_rstd,
+            n: bt,
             c,
-        )
+        })
     }
 
     /// Logits of the chunk starting at `row0`: (view, rows, Vp).
@@ -184,25 +178,5 @@ impl Head {
         let rows = self.rows_per_chunk.min(self.rows - row0);
         let (logits, _) = self.chunk_logits(dev, s, p.wte, row0, rows)?;
         Ok((logits, rows, s.padded_vocab()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunks_are_even_bounded_and_cover_every_row() {
-        // GPT 1.3B on a GPU: 8192 rows of 50304 bf16 logits → four chunks of 2048 rows.
-        assert_eq!(rows_per_chunk(8192, 50304, 2), 2048);
-        // GPT-2 124M on the CPU: 4096 rows of 50304 f32 → four chunks of 1024.
-        assert_eq!(rows_per_chunk(4096, 50304, 4), 1024);
-        // Small vocabularies fit in one chunk.
-        assert_eq!(rows_per_chunk(1024, 256, 4), 1024);
-        for (rows, vp) in [(1000, 50304), (7, 1 << 30), (4097, 50304)] {
-            let r = rows_per_chunk(rows, vp, 4);
-            assert!(r >= 1 && r <= rows);
-            assert!(r * vp * 4 <= LOGITS_CHUNK_BYTES + ROW_ALIGN * vp * 4 || r == 1);
-        }
     }
 }

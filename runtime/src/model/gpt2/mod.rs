@@ -12,7 +12,7 @@ mod block;
 mod head;
 
 use super::{HeadGrads, Init, Model, Prepare, StageSpec, TensorSpec, Tokens, UnitSpec};
-use crate::backend::{Arena, Buf, Device, DeviceError};
+use crate::backend::{Arena, Buf, Device, DeviceError, EncoderBackward, EncoderForward};
 use block::{Block, BlockScratch};
 use head::{Head, HeadGradViews, HeadParams};
 
@@ -206,6 +206,26 @@ impl Model for Gpt2 {
         &self.stages
     }
 
+    fn vocab_size(&self) -> usize {
+        self.shape.vocab_size
+    }
+
+    fn seq_len(&self) -> usize {
+        self.shape.max_seq_len
+    }
+
+    fn describe(&self) -> String {
+        let s = &self.shape;
+        format!(
+            "GPT-2 {} layers × {} wide ({} heads), vocabulary {}",
+            s.n_layer, s.n_embd, s.n_head, s.vocab_size
+        )
+    }
+
+    fn tied_names(&self) -> Vec<(String, String)> {
+        vec![("lm_head.weight".into(), "transformer.wte.weight".into())]
+    }
+
     fn activation_len(&self, b: usize, t: usize) -> usize {
         b * t * self.shape.n_embd
     }
@@ -251,7 +271,15 @@ impl Model for Gpt2 {
         if stage == 0 {
             let embed = self.units[0].views(&params[0])?;
             self.workspaces(Some(tokens))?;
-            return dev.encoder_forward(output, &tokens.inputs, &embed[0], &embed[1], b, t, c);
+            return dev.run(EncoderForward {
+                out: output,
+                tokens: &tokens.inputs,
+                wte: &embed[0],
+                wpe: Some(&embed[1]),
+                b,
+                t,
+                c,
+            });
         }
         let ws = self.workspaces(Some(tokens))?;
         let i = if ws.shape.checkpointing { 0 } else { stage - 1 };
@@ -312,15 +340,15 @@ impl Model for Gpt2 {
         if stage == 0 {
             let dembed = self.units[0].views(&grads[0])?;
             self.workspaces(Some(tokens))?;
-            return dev.encoder_backward(
-                &dembed[0],
-                &dembed[1],
-                dres,
-                &tokens.inputs,
-                tokens.b,
-                tokens.t,
+            return dev.run(EncoderBackward {
+                dwte: &dembed[0],
+                dwpe: Some(&dembed[1]),
+                dout: dres,
+                tokens: &tokens.inputs,
+                b: tokens.b,
+                t: tokens.t,
                 c,
-            );
+            });
         }
         let weights = block::weights(&params[0], &shape)?;
         let dweights = block::weights(&grads[0], &shape)?;

@@ -29,10 +29,10 @@ struct Both {
 
 fn run_both(s: AttentionShape, seed: u64) -> Both {
     let mut rng = Rng::new(seed);
-    let btc = s.b * s.t * s.c;
-    let qkv = rng.normal_vec(3 * btc, 1.5);
+    let btc = s.out_len();
+    let qkv = rng.normal_vec(s.qkv_len(), 1.5);
     let dout = rng.normal_vec(btc, 1.0);
-    let base = rng.normal_vec(3 * btc, 1.0);
+    let base = rng.normal_vec(s.qkv_len(), 1.0);
 
     let (mut out_m, mut att) = (vec![0.0; btc], vec![0.0; s.scores_len()]);
     let (mut qkvr, mut vaccum) = (vec![0.0; s.qkvr_len()], vec![0.0; btc]);
@@ -84,12 +84,17 @@ fn fused_matches_materialized_forward_and_backward() {
         (1, 385, 128, 1),
         (3, 257, 96, 3),
     ];
-    for (i, (b, t, c, nh)) in shapes.into_iter().enumerate() {
-        let s = AttentionShape { b, t, c, nh };
+    // Grouped-query shapes (B, T, NH, NKV, HS): 2, 4 and 8 query heads per key/value head.
+    let gqa = [(2, 130, 4, 2, 16), (1, 257, 8, 2, 32), (2, 60, 8, 1, 8)];
+    let shapes = shapes
+        .into_iter()
+        .map(|(b, t, c, nh)| AttentionShape::multi_head(b, t, c, nh))
+        .chain(gqa.map(|(b, t, nh, nkv, hs)| AttentionShape { b, t, nh, nkv, hs }));
+    for (i, s) in shapes.enumerate() {
         let both = run_both(s, 10 + i as u64);
         let out = rel_diff(&both.out[0], &both.out[1]);
         let dqkv = rel_diff(&both.dqkv[0], &both.dqkv[1]);
-        println!("B={b} T={t} C={c} NH={nh}: out {out:.2e}  dqkv {dqkv:.2e}");
+        println!("{s:?}: out {out:.2e}  dqkv {dqkv:.2e}");
         assert!(out < 1e-5, "{s:?}: forward differs by {out:.3e}");
         assert!(dqkv < 1e-5, "{s:?}: backward differs by {dqkv:.3e}");
         assert!(both.lse.iter().all(|v| v.is_finite()));
@@ -98,27 +103,29 @@ fn fused_matches_materialized_forward_and_backward() {
 
 #[test]
 fn logsumexp_is_that_of_the_visible_scaled_scores() {
+    // Six query heads over two key/value heads of 4.
     let s = AttentionShape {
         b: 2,
         t: 70,
-        c: 12,
-        nh: 3,
+        nh: 6,
+        nkv: 2,
+        hs: 4,
     };
     let mut rng = Rng::new(5);
-    let btc = s.b * s.t * s.c;
-    let qkv = rng.normal_vec(3 * btc, 2.0);
-    let (mut out, mut lse) = (vec![0.0; btc], vec![0.0; s.rows_len()]);
+    let qkv = rng.normal_vec(s.qkv_len(), 2.0);
+    let (mut out, mut lse) = (vec![0.0; s.out_len()], vec![0.0; s.rows_len()]);
     flash_forward(&mut out, &mut lse, &qkv, s);
-    let hs = s.head_size();
+    let (hs, width) = (s.hs, s.qkv_width());
     let scale = 1.0 / (hs as f64).sqrt();
     let mut worst = 0.0f64;
     for b in 0..s.b {
         for h in 0..s.nh {
+            let kvh = h / (s.nh / s.nkv);
             for i in 0..s.t {
-                let q = (b * s.t + i) * 3 * s.c + h * hs;
+                let q = (b * s.t + i) * width + h * hs;
                 let scores: Vec<f64> = (0..=i)
                     .map(|j| {
-                        let k = (b * s.t + j) * 3 * s.c + s.c + h * hs;
+                        let k = (b * s.t + j) * width + (s.nh + kvh) * hs;
                         (0..hs)
                             .map(|d| qkv[q + d] as f64 * qkv[k + d] as f64)
                             .sum::<f64>()
@@ -138,16 +145,18 @@ fn logsumexp_is_that_of_the_visible_scaled_scores() {
 #[test]
 fn fused_backward_matches_finite_differences() {
     // T = 140 spans two tiles of 128, so the tile boundary is exercised.
+    // Two query heads per key/value head.
     const { assert!(140 > TILE && 140 < 2 * TILE) };
     let s = AttentionShape {
         b: 2,
         t: 140,
-        c: 8,
-        nh: 2,
+        nh: 4,
+        nkv: 2,
+        hs: 4,
     };
     let mut rng = Rng::new(3);
-    let btc = s.b * s.t * s.c;
-    let qkv = rng.normal_vec(3 * btc, 1.0);
+    let btc = s.out_len();
+    let qkv = rng.normal_vec(s.qkv_len(), 1.0);
     let probe = rng.normal_vec(btc, 1.0);
     let fwd = |qkv: &[f32]| {
         let (mut out, mut lse) = (vec![0.0; btc], vec![0.0; s.rows_len()]);
@@ -163,7 +172,7 @@ fn fused_backward_matches_finite_differences() {
             .sum()
     };
     let (out, lse) = fwd(&qkv);
-    let mut dqkv = vec![0.0; 3 * btc];
+    let mut dqkv = vec![0.0; s.qkv_len()];
     let mut delta = vec![0.0; s.rows_len()];
     flash_backward(&mut dqkv, &mut delta, &probe, &qkv, &out, &lse, s);
     let eps = 1e-2f32;
@@ -183,4 +192,92 @@ fn fused_backward_matches_finite_differences() {
         worst < 2e-2,
         "fused backward vs finite differences: {worst:.3e}"
     );
+}
+
+/// Grouped-query attention equals multi-head attention over K and V repeated for every query
+/// head of their group (transformers' `repeat_kv`), and its K/V gradients are the sums over the
+/// group of the repeated heads' gradients: both implementations against that construction.
+#[test]
+fn grouped_query_attention_is_multi_head_attention_over_repeated_keys_and_values() {
+    let s = AttentionShape {
+        b: 2,
+        t: 150,
+        nh: 6,
+        nkv: 2,
+        hs: 8,
+    };
+    let (g, hs) = (s.nh / s.nkv, s.hs);
+    let mha = AttentionShape { nkv: s.nh, ..s };
+    let mut rng = Rng::new(21);
+    let qkv = rng.normal_vec(s.qkv_len(), 1.0);
+    let dout = rng.normal_vec(s.out_len(), 1.0);
+    // The repeated layout: each query head h gets key/value head h / g.
+    let repeated: Vec<f32> = qkv
+        .chunks_exact(s.qkv_width())
+        .flat_map(|token| {
+            let mut row = token[..s.nh * hs].to_vec();
+            for part in 0..2 {
+                for h in 0..s.nh {
+                    let at = (s.nh + part * s.nkv + h / g) * hs;
+                    row.extend_from_slice(&token[at..at + hs]);
+                }
+            }
+            row
+        })
+        .collect();
+    let run = |s: AttentionShape, qkv: &[f32], fused: bool| -> (Vec<f32>, Vec<f32>) {
+        let mut out = vec![0.0; s.out_len()];
+        let mut dqkv = vec![0.0; s.qkv_len()];
+        if fused {
+            let (mut lse, mut delta) = (vec![0.0; s.rows_len()], vec![0.0; s.rows_len()]);
+            flash_forward(&mut out, &mut lse, qkv, s);
+            flash_backward(&mut dqkv, &mut delta, &dout, qkv, &out, &lse, s);
+        } else {
+            let (mut att, mut datt) = (vec![0.0; s.scores_len()], vec![0.0; s.scores_len()]);
+            let (mut qkvr, mut dqkvr) = (vec![0.0; s.qkvr_len()], vec![0.0; s.qkvr_len()]);
+            let (mut vaccum, mut dvaccum) = (vec![0.0; s.out_len()], vec![0.0; s.out_len()]);
+            attention_forward(&mut out, &mut qkvr, &mut att, &mut vaccum, qkv, s);
+            attention_backward(
+                &mut dqkv,
+                &dout,
+                &qkvr,
+                &att,
+                &mut dqkvr,
+                &mut datt,
+                &mut dvaccum,
+                s,
+            );
+        }
+        (out, dqkv)
+    };
+    let (want_out, want_drep) = run(mha, &repeated, false);
+    // Fold the repeated heads' gradients back onto their key/value head.
+    let want_dqkv: Vec<f32> = want_drep
+        .chunks_exact(mha.qkv_width())
+        .flat_map(|token| {
+            let mut row = token[..s.nh * hs].to_vec();
+            for part in 0..2 {
+                for kvh in 0..s.nkv {
+                    let mut sum = vec![0.0f32; hs];
+                    for h in kvh * g..(kvh + 1) * g {
+                        let at = (s.nh + part * s.nh + h) * hs;
+                        sum.iter_mut()
+                            .zip(&token[at..at + hs])
+                            .for_each(|(a, b)| *a += b);
+                    }
+                    row.extend(sum);
+                }
+            }
+            row
+        })
+        .collect();
+    for fused in [false, true] {
+        let (out, dqkv) = run(s, &qkv, fused);
+        let (o, d) = (rel_diff(&out, &want_out), rel_diff(&dqkv, &want_dqkv));
+        println!("fused={fused}: out {o:.2e} dqkv {d:.2e}");
+        assert!(
+            o < 1e-5 && d < 1e-5,
+            "fused={fused}: out {o:.3e} dqkv {d:.3e}"
+        );
+    }
 }

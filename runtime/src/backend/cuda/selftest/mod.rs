@@ -5,19 +5,17 @@
 //! skipped shows up as a failure. `strata selftest --gpu` adds the 20-step training run
 //! (engine) and the one-rank NCCL all_reduce (collectives) around these.
 
+mod layers;
+
 use std::time::Instant;
 
 use super::context::{GpuContext, Stream};
 use super::error::Result;
-use super::flash::FlashKernels;
 use super::pinned::CudaRegistrar;
 use super::{DType, Precision};
-use crate::backend::cpu;
 use crate::backend::cpu::adamw::{adamw_update, sum_of_squares};
-use crate::backend::Buf;
-use crate::backend::{
-    AdamWHyper, AttentionActs, AttentionScratch, AttentionShape, GradMode, NORM_PARTIALS_MAX,
-};
+use crate::backend::{AdamWHyper, AttentionShape, Buf, Rows, NORM_PARTIALS_MAX};
+use layers::*;
 
 /// One compared tensor.
 #[derive(Debug, Clone)]
@@ -235,48 +233,68 @@ const ODD: &str = " (odd)";
 fn run_all(h: &mut Harness<'_>) -> Result<()> {
     let (b, t, c, nh, v, vp) = (2usize, 64usize, 128usize, 4usize, 1000usize, 1024usize);
     let n = b * t;
-    let odd_attention = AttentionShape {
-        b: 1,
-        t: 50,
-        c: 72,
-        nh: 4,
+    let mha = |b, t, c, nh| AttentionShape::multi_head(b, t, c, nh);
+    let odd_attention = mha(1, 50, 72, 4);
+    // Grouped-query shapes (Llama 3's 4 query heads per key/value head, Qwen3's head of 128,
+    // and one key/value head for all) and an odd one.
+    let gqa = |b, t, nh, nkv, hs| AttentionShape { b, t, nh, nkv, hs };
+    let gqa_shapes = [
+        gqa(b, t, 8, 2, 64),
+        gqa(1, 131, 16, 8, 128),
+        gqa(2, 77, 4, 1, 32),
+        gqa(1, 4096, 32, 8, 64),
+    ];
+    let odd_gqa = gqa(1, 50, 6, 2, 18);
+    // Qwen3's q norm: per-head rows of a packed qkv (8 query heads of 64, 2 kv heads).
+    let strided = Rows {
+        n: n * 8,
+        c: 64,
+        group: 8,
+        stride: (8 + 2 * 2) * 64,
     };
     // Each group runs even when an earlier one failed, so one run reports every broken
     // kernel; an error (a launch or precondition failure) becomes a failed check.
     // The fused kernels: T = 1, odd T, HS = 32, 64, 96, 128 and 18 (scalar only), and the
     // long sequences they are for (T = 4096, B = 1) at GPT-2's and GPT 1.3B's head sizes.
     let flash_shapes = [
-        (b, t, c, nh),
-        (1, 1, 64, 1),
-        (2, 131, 256, 2),
-        (1, 200, 384, 4),
-        (1, 4096, 768, 12),
-        (1, 4096, 256, 2),
+        mha(b, t, c, nh),
+        mha(1, 1, 64, 1),
+        mha(2, 131, 256, 2),
+        mha(1, 200, 384, 4),
+        mha(1, 4096, 768, 12),
+        mha(1, 4096, 256, 2),
     ];
-    let groups: [CheckGroup<'_>; 13] = [
+    let groups: [CheckGroup<'_>; 21] = [
         ("encoder", "", &|h| check_encoder(h, b, t, c, v)),
         ("layernorm", "", &|h| check_layernorm(h, n, c)),
+        ("rmsnorm", "", &|h| check_rmsnorm(h, Rows::dense(n, c))),
+        ("rmsnorm", "", &|h| check_rmsnorm(h, strided)),
+        ("rotary", "", &|h| check_rotary(h, gqa_shapes[0])),
         ("gelu_residual", "", &|h| check_gelu_residual(h, n * 4 * c)),
+        ("swiglu", "", &|h| check_swiglu(h, n, 3 * c)),
         ("matmul", "", &|h| check_matmul(h, n, c, 3 * c)),
-        ("attention", "", &|h| {
-            check_attention(h, AttentionShape { b, t, c, nh })
-        }),
+        ("attention", "", &|h| check_attention(h, mha(b, t, c, nh))),
+        ("attention", "", &|h| check_attention(h, gqa_shapes[0])),
         ("crossentropy", "", &|h| check_crossentropy(h, n, v, vp)),
         ("casts_norm_adamw", "", &|h| {
             check_casts_norm_adamw(h, 100_003)
         }),
         ("layernorm", ODD, &|h| check_layernorm(h, 37, 72)),
+        ("rmsnorm", ODD, &|h| check_rmsnorm(h, Rows::dense(37, 72))),
+        ("rotary", ODD, &|h| check_rotary(h, odd_gqa)),
         ("gelu_residual", ODD, &|h| check_gelu_residual(h, 1001)),
+        ("swiglu", ODD, &|h| check_swiglu(h, 37, 100)),
         ("matmul", ODD, &|h| check_matmul(h, 37, 72, 100)),
         ("attention", ODD, &|h| check_attention(h, odd_attention)),
         ("flash_attention", "", &|h| {
-            for (b, t, c, nh) in flash_shapes {
-                check_flash_attention(h, AttentionShape { b, t, c, nh })?;
+            for s in flash_shapes.iter().chain(&gqa_shapes) {
+                check_flash_attention(h, *s)?;
             }
             Ok(())
         }),
         ("flash_attention", ODD, &|h| {
-            check_flash_attention(h, odd_attention)
+            check_flash_attention(h, odd_attention)?;
+            check_flash_attention(h, odd_gqa)
         }),
     ];
     for (group, tag, run) in groups {
@@ -292,309 +310,6 @@ fn run_all(h: &mut Harness<'_>) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn check_encoder(h: &mut Harness<'_>, b: usize, t: usize, c: usize, v: usize) -> Result<()> {
-    let (inp, wte, wpe) = (
-        h.rand_tokens(b * t, v),
-        h.rand_x(v * c, 1.0),
-        h.rand_x(t * c, 1.0),
-    );
-    let (d_inp, d_wte, d_wpe) = (h.put_i32(&inp)?, h.put_x(&wte)?, h.put_x(&wpe)?);
-    let d_out = h.poisoned(h.gpu.x(), b * t * c)?;
-    h.gpu
-        .encoder_forward(&d_out, &d_inp, &d_wte, &d_wpe, b, t, c)?;
-    let tokens: Vec<u32> = inp.iter().map(|&x| x as u32).collect();
-    let mut out = vec![0.0; b * t * c];
-    cpu::encoder_forward(&mut out, &tokens, &wte, &wpe, t, c);
-    h.compare("encoder_forward/out", &d_out, &out, 1)?;
-
-    let dout = h.rand_x(b * t * c, 1.0);
-    let (mut dwte, mut dwpe) = (h.rand_f32(v * c, 1.0), h.rand_f32(t * c, 1.0));
-    let (d_dwte, d_dwpe, d_dout) = (h.put_f32(&dwte)?, h.put_f32(&dwpe)?, h.put_x(&dout)?);
-    h.gpu
-        .encoder_backward(&d_dwte, &d_dwpe, &d_dout, &d_inp, b, t, c)?;
-    cpu::encoder_backward(&mut dwte, &mut dwpe, &dout, &tokens, t, c);
-    h.compare("encoder_backward/dwte", &d_dwte, &dwte, 1)?;
-    h.compare("encoder_backward/dwpe", &d_dwpe, &dwpe, 1)
-}
-
-fn check_layernorm(h: &mut Harness<'_>, n: usize, c: usize) -> Result<()> {
-    let (inp, w, bias) = (h.rand_x(n * c, 2.0), h.rand_x(c, 1.0), h.rand_x(c, 1.0));
-    let (d_inp, d_w, d_b) = (h.put_x(&inp)?, h.put_x(&w)?, h.put_x(&bias)?);
-    let d_out = h.poisoned(h.gpu.x(), n * c)?;
-    let (d_mean, d_rstd) = (h.poisoned(DType::F32, n)?, h.poisoned(DType::F32, n)?);
-    h.gpu
-        .layernorm_forward(&d_out, &d_mean, &d_rstd, &d_inp, &d_w, &d_b, n, c)?;
-    let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-    cpu::layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &bias, c);
-    h.compare("layernorm_forward/out", &d_out, &out, 1)?;
-    h.compare("layernorm_forward/mean", &d_mean, &mean, 1)?;
-    h.compare("layernorm_forward/rstd", &d_rstd, &rstd, 1)?;
-
-    let dout = h.rand_x(n * c, 1.0);
-    let mut dinp = h.rand_x(n * c, 1.0);
-    let (mut dw, mut db) = (h.rand_f32(c, 1.0), h.rand_f32(c, 1.0));
-    let (d_dinp, d_dw, d_db, d_dout) = (
-        h.put_x(&dinp)?,
-        h.put_f32(&dw)?,
-        h.put_f32(&db)?,
-        h.put_x(&dout)?,
-    );
-    h.gpu.layernorm_backward(
-        &d_dinp, &d_dw, &d_db, &d_dout, &d_inp, &d_w, &d_mean, &d_rstd, n, c,
-    )?;
-    cpu::layernorm_backward(
-        &mut dinp, &mut dw, &mut db, &dout, &inp, &w, &mean, &rstd, c,
-    );
-    h.compare("layernorm_backward/dinp", &d_dinp, &dinp, 2)?;
-    h.compare("layernorm_backward/dweight", &d_dw, &dw, 1)?;
-    h.compare("layernorm_backward/dbias", &d_db, &db, 1)
-}
-
-fn check_gelu_residual(h: &mut Harness<'_>, n: usize) -> Result<()> {
-    let (inp, dout) = (h.rand_x(n, 3.0), h.rand_x(n, 1.0));
-    let (d_inp, d_dout) = (h.put_x(&inp)?, h.put_x(&dout)?);
-    let mut dinp = h.rand_x(n, 1.0);
-    let (d_out, d_dinp) = (h.poisoned(h.gpu.x(), n)?, h.put_x(&dinp)?);
-    h.gpu.gelu_forward(&d_out, &d_inp)?;
-    h.gpu
-        .gelu_backward(&d_dinp, GradMode::Accumulate, &d_inp, &d_dout)?;
-    let d_dinp_new = h.poisoned(h.gpu.x(), n)?;
-    h.gpu
-        .gelu_backward(&d_dinp_new, GradMode::Overwrite, &d_inp, &d_dout)?;
-    let mut out = vec![0.0; n];
-    cpu::gelu_forward(&mut out, &inp);
-    cpu::gelu_backward(&mut dinp, &inp, &dout, true);
-    let mut dinp_new = vec![f32::NAN; n];
-    cpu::gelu_backward(&mut dinp_new, &inp, &dout, false);
-    h.compare("gelu_forward/out", &d_out, &out, 1)?;
-    h.compare("gelu_backward/dinp", &d_dinp, &dinp, 1)?;
-    h.compare("gelu_backward/dinp (overwrite)", &d_dinp_new, &dinp_new, 1)?;
-
-    let d_sum = h.poisoned(h.gpu.x(), n)?;
-    h.gpu.residual_forward(&d_sum, &d_inp, &d_dout)?;
-    let mut sum = vec![0.0; n];
-    cpu::residual_forward(&mut sum, &inp, &dout);
-    h.compare("residual_forward/out", &d_sum, &sum, 1)?;
-    h.gpu.accumulate(&d_inp, &d_dout)?;
-    h.compare("accumulate/dst", &d_inp, &sum, 1)
-}
-
-fn check_matmul(h: &mut Harness<'_>, n: usize, c: usize, oc: usize) -> Result<()> {
-    let (inp, w, bias) = (
-        h.rand_x(n * c, 1.0),
-        h.rand_x(oc * c, 0.1),
-        h.rand_x(oc, 0.1),
-    );
-    let (d_inp, d_w, d_bias) = (h.put_x(&inp)?, h.put_x(&w)?, h.put_x(&bias)?);
-    let d_out = h.poisoned(h.gpu.x(), n * oc)?;
-    h.gpu
-        .matmul_forward(&d_out, &d_inp, &d_w, Some(&d_bias), n, c, oc)?;
-    let mut out = vec![0.0; n * oc];
-    cpu::matmul_forward(&mut out, &inp, &w, Some(&bias), n, c, oc);
-    h.compare("matmul_forward/out", &d_out, &out, 1)?;
-
-    let dout = h.rand_x(n * oc, 1.0);
-    let (mut dw, mut db) = (h.rand_f32(oc * c, 1.0), h.rand_f32(oc, 1.0));
-    let (d_dout, d_dw, d_db) = (h.put_x(&dout)?, h.put_f32(&dw)?, h.put_f32(&db)?);
-    let mut dinp = h.rand_x(n * c, 1.0);
-    let d_dinp = h.put_x(&dinp)?;
-    h.gpu.matmul_backward(
-        &d_dinp,
-        GradMode::Accumulate,
-        &d_dw,
-        Some(&d_db),
-        &d_dout,
-        &d_inp,
-        &d_w,
-        n,
-        c,
-        oc,
-    )?;
-    // Overwrite mode: dinp alone (a fresh dweight/dbias pair takes the other products).
-    let d_dinp_new = h.poisoned(h.gpu.x(), n * c)?;
-    let (d_dw2, d_db2) = (h.put_f32(&vec![0.0; oc * c])?, h.put_f32(&vec![0.0; oc])?);
-    h.gpu.matmul_backward(
-        &d_dinp_new,
-        GradMode::Overwrite,
-        &d_dw2,
-        Some(&d_db2),
-        &d_dout,
-        &d_inp,
-        &d_w,
-        n,
-        c,
-        oc,
-    )?;
-    let mut dinp_new = vec![f32::NAN; n * c];
-    let (mut dw2, mut db2) = (vec![0.0; oc * c], vec![0.0; oc]);
-    cpu::matmul_backward(
-        Some(&mut dinp_new),
-        false,
-        &mut dw2,
-        Some(&mut db2),
-        &dout,
-        &inp,
-        &w,
-        n,
-        c,
-        oc,
-    );
-    h.compare(
-        "matmul_backward/dinp (overwrite)",
-        &d_dinp_new,
-        &dinp_new,
-        1,
-    )?;
-    cpu::matmul_backward(
-        Some(&mut dinp),
-        true,
-        &mut dw,
-        Some(&mut db),
-        &dout,
-        &inp,
-        &w,
-        n,
-        c,
-        oc,
-    );
-    h.compare("matmul_backward/dinp", &d_dinp, &dinp, 1)?;
-    h.compare("matmul_backward/dweight", &d_dw, &dw, 1)?;
-    h.compare("matmul_backward/dbias", &d_db, &db, 1)
-}
-
-fn check_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
-    let x = h.gpu.x();
-    let (b, t, c) = (s.b, s.t, s.c);
-    let qkv = h.rand_x(b * t * 3 * c, 1.0);
-    let d_qkv = h.put_x(&qkv)?;
-    let d_att = h.poisoned(x, s.scores_len())?;
-    let acts = AttentionActs::Materialized {
-        qkvr: h.poisoned(x, s.qkvr_len())?,
-        att: d_att.clone(),
-        vaccum: h.poisoned(x, b * t * c)?,
-    };
-    let d_out = h.poisoned(x, b * t * c)?;
-    h.gpu.attention_forward(&d_out, &acts, &d_qkv, s)?;
-    let (mut out, mut att) = (vec![0.0; b * t * c], vec![0.0; s.scores_len()]);
-    let (mut qkvr, mut vaccum) = (vec![0.0; s.qkvr_len()], vec![0.0; b * t * c]);
-    cpu::attention_forward(&mut out, &mut qkvr, &mut att, &mut vaccum, &qkv, s);
-    h.compare("attention_forward/out", &d_out, &out, 2)?;
-    h.compare("attention_forward/att", &d_att, &att, 1)?;
-
-    let dout = h.rand_x(b * t * c, 1.0);
-    let d_dout = h.put_x(&dout)?;
-    let scratch = AttentionScratch::Materialized {
-        dqkvr: h.poisoned(x, s.qkvr_len())?,
-        datt: h.poisoned(x, s.scores_len())?,
-        dvaccum: h.poisoned(x, b * t * c)?,
-    };
-    let mut dqkv = h.rand_x(b * t * 3 * c, 1.0);
-    let d_dqkv = h.put_x(&dqkv)?;
-    h.gpu
-        .attention_backward(&d_dqkv, &d_dout, &d_qkv, &d_out, &acts, &scratch, s)?;
-    // The reference uses the GPU's (rounded) att so only the backward's own error is measured.
-    let att_x = h.get(&d_att)?;
-
-    let (mut datt, mut dqkvr) = (vec![0.0; s.scores_len()], vec![0.0; s.qkvr_len()]);
-    let mut dvaccum = vec![0.0; b * t * c];
-    cpu::attention_backward(
-        &mut dqkv,
-        &dout,
-        &qkvr,
-        &att_x,
-        &mut dqkvr,
-        &mut datt,
-        &mut dvaccum,
-        s,
-    );
-    h.compare("attention_backward/dqkv", &d_dqkv, &dqkv, 3)
-}
-
-/// The fused kernels, each set that can run `s` on this device (tensor cores and scalar),
-/// against the CPU's materialized attention: out, and dqkv accumulated onto small random values
-/// (q, k and v parts each against its own scale); lse against the CPU's fused forward.
-fn check_flash_attention(h: &mut Harness<'_>, s: AttentionShape) -> Result<()> {
-    let x = h.gpu.x();
-    let (btc, rows) = (s.b * s.t * s.c, s.rows_len());
-    let qkv = h.rand_x(3 * btc, 1.0);
-    let dout = h.rand_x(btc, 1.0);
-    let base = h.rand_x(3 * btc, 0.1);
-    let (mut out, mut dqkv) = (vec![0.0; btc], base.clone());
-    {
-        let (mut att, mut datt) = (vec![0.0; s.scores_len()], vec![0.0; s.scores_len()]);
-        let (mut qkvr, mut dqkvr) = (vec![0.0; s.qkvr_len()], vec![0.0; s.qkvr_len()]);
-        let (mut vaccum, mut dvaccum) = (vec![0.0; btc], vec![0.0; btc]);
-        cpu::attention_forward(&mut out, &mut qkvr, &mut att, &mut vaccum, &qkv, s);
-        cpu::attention_backward(
-            &mut dqkv,
-            &dout,
-            &qkvr,
-            &att,
-            &mut dqkvr,
-            &mut datt,
-            &mut dvaccum,
-            s,
-        );
-    }
-    let (mut fused_out, mut lse) = (vec![0.0; btc], vec![0.0; rows]);
-    cpu::flash_forward(&mut fused_out, &mut lse, &qkv, s);
-    // Released at the end (T = 4096 takes tens of MiB per kernel set).
-    let mark = h.gpu.arena().mark();
-    let (d_qkv, d_dout) = (h.put_x(&qkv)?, h.put_x(&dout)?);
-    for kernels in FlashKernels::candidates(h.precision, s.head_size(), h.gpu.sm()) {
-        let name = format!(
-            "flash_attention[{}] B={} T={} HS={}",
-            kernels.name(),
-            s.b,
-            s.t,
-            s.head_size()
-        );
-        let d_out = h.poisoned(x, btc)?;
-        let d_lse = h.poisoned(DType::F32, rows)?;
-        h.gpu
-            .flash_forward_with(kernels, &d_out, &d_lse, &d_qkv, s)?;
-        h.compare(&format!("{name}/out"), &d_out, &out, 2)?;
-        h.compare(&format!("{name}/lse"), &d_lse, &lse, 1)?;
-        let d_dqkv = h.put_x(&base)?;
-        let d_delta = h.poisoned(DType::F32, rows)?;
-        h.gpu.flash_backward_with(
-            kernels, &d_dqkv, &d_delta, &d_dout, &d_qkv, &d_out, &d_lse, s,
-        )?;
-        let got = h.get(&d_dqkv)?;
-        for (part, label) in ["dq", "dk", "dv"].into_iter().enumerate() {
-            // The gradient alone (what was added to `base`), of one part.
-            let pick = |v: &[f32]| -> Vec<f32> {
-                v.chunks_exact(s.c)
-                    .zip(base.chunks_exact(s.c))
-                    .skip(part)
-                    .step_by(3)
-                    .flat_map(|(v, b)| v.iter().zip(b).map(|(v, b)| v - b))
-                    .collect()
-            };
-            h.compare_host(&format!("{name}/{label}"), &pick(&got), &pick(&dqkv), 3);
-        }
-    }
-    h.gpu.synchronize(Stream::Compute)?;
-    h.gpu.arena().reset_to(mark)?;
-    Ok(())
-}
-
-fn check_crossentropy(h: &mut Harness<'_>, r: usize, v: usize, vp: usize) -> Result<()> {
-    let logits = h.rand_x(r * vp, 4.0);
-    let targets = h.rand_tokens(r, v);
-    let (d_logits, d_targets) = (h.put_x(&logits)?, h.put_i32(&targets)?);
-    let d_losses = h.poisoned(DType::F32, r)?;
-    let dloss = 1.0 / r as f32;
-    h.gpu
-        .crossentropy_forward_backward(&d_logits, &d_losses, &d_targets, r, v, vp, Some(dloss))?;
-    let tokens: Vec<u32> = targets.iter().map(|&x| x as u32).collect();
-    let mut losses = vec![0.0; r];
-    let mut dlogits = logits.clone();
-    cpu::softmax_crossentropy(&mut dlogits, &tokens, &mut losses, Some(dloss), v, vp);
-    h.compare("crossentropy/losses", &d_losses, &losses, 1)?;
-    h.compare("crossentropy/dlogits", &d_logits, &dlogits, 1)
 }
 
 fn check_casts_norm_adamw(h: &mut Harness<'_>, n: usize) -> Result<()> {
