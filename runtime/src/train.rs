@@ -362,23 +362,32 @@ impl Validation {
         }))
     }
 
-    /// The mean loss over the `eval_batches` micro-batches of every rank together.
+    /// The mean loss over the counted targets of the `eval_batches` micro-batches of every rank
+    /// together (with a loss mask, the targets it keeps; NaN when it keeps none).
     fn loss(&mut self, engine: &mut Engine) -> Result<f32, TrainError> {
         self.loader.seek(self.rank);
-        let mut sum = 0.0f64;
+        let (mut sum, mut counted) = (0.0f64, 0usize);
         for _ in 0..self.local_batches {
             self.loader.fill(&mut self.batch)?;
-            sum += f64::from(engine.eval_loss(&self.batch)?);
+            let (s, n) = engine.eval_loss_sum(&self.batch)?;
+            sum += s;
+            counted += n;
         }
-        // [sum of losses, micro-batches], summed over ranks: ranks may hold one micro-batch more than others.
-        let mut totals = [sum as f32, self.local_batches as f32];
+        // [sum of losses, counted targets in two parts summed exactly], summed over ranks: ranks
+        // may hold one micro-batch more than others.
+        let mut totals = [
+            sum as f32,
+            (counted >> 16) as f32,
+            (counted & 0xffff) as f32,
+        ];
         if engine.world_size() > 1 {
             engine
                 .communicator()
                 .all_reduce(&mut totals)
                 .map_err(|e| TrainError::Engine(e.into()))?;
         }
-        Ok(totals[0] / totals[1].max(1.0))
+        let counted = ((totals[1] as usize) << 16) + totals[2] as usize;
+        Ok((f64::from(totals[0]) / counted as f64) as f32)
     }
 }
 

@@ -293,10 +293,13 @@ mod tests {
             "{e}"
         );
         // A quoted key is the key it quotes; a misspelt section is the --set's, not the default's.
-        assert_eq!(
-            load_err(None, &["\"model\".n_layr=2"]),
-            "--set \"model\".n_layr=2: key `model.n_layr`: unknown field `n_layr`, expected one of \
-             `arch`, `n_layer`, `n_head`, `n_embd`, `vocab_size`, `seq_len`, `init_from`"
+        let e = load_err(None, &["\"model\".n_layr=2"]);
+        assert!(
+            e.starts_with(
+                "--set \"model\".n_layr=2: key `model.n_layr`: unknown field `n_layr`, expected one of \
+                 `arch`, `n_layer`, `n_head`,"
+            ),
+            "{e}"
         );
         let e = load_err(None, &["mdoel.n_layer=2"]);
         assert!(e.starts_with("--set mdoel.n_layer=2: "), "{e}");

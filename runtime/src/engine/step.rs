@@ -9,7 +9,7 @@ use super::memory::{Optimizer, Sizes};
 use super::walk::HeadMode;
 use super::{BatchError, Engine, EngineError, StepStats};
 use crate::backend::{AdamWHyper, Backend, Buf, Event, Precision, Queue, StepProfile};
-use crate::model::Batch;
+use crate::model::{Batch, IGNORE_TARGET};
 use crate::optim::{clip_scale, lr_at, StepDecision};
 
 /// The host side of the step's tokens: every micro-batch's inputs, then every micro-batch's
@@ -31,7 +31,7 @@ impl TokenStaging {
 
 impl Engine {
     /// Checks that there are 1 to `data.grad_accum_steps` micro-batches, each `B × T` with
-    /// tokens below the vocabulary.
+    /// tokens below the vocabulary (a target may also be [`IGNORE_TARGET`]).
     fn check_batches(&self, batches: &[Batch]) -> Result<(), BatchError> {
         let (b, t) = (self.laid.sizes.b, self.laid.sizes.t);
         let vocab = self.model.vocab_size();
@@ -57,10 +57,11 @@ impl Engine {
                 });
             }
             // Kernels index embeddings by token: an out-of-range token would read out of bounds.
+            let scored = mb.targets.iter().filter(|&&x| x != IGNORE_TARGET);
             if let Some(&token) = mb
                 .inputs
                 .iter()
-                .chain(&mb.targets)
+                .chain(scored)
                 .find(|&&x| x as usize >= vocab)
             {
                 return Err(BatchError::Token {
@@ -105,34 +106,81 @@ impl Engine {
         Ok(())
     }
 
-    /// Mean of the first `micro` micro-batches' token losses (waits for the compute queue).
-    fn mean_loss(&self, micro: usize) -> Result<f32, EngineError> {
+    /// Sum of the first `micro` micro-batches' token losses, an ignored target's being 0 (waits
+    /// for the compute queue).
+    fn loss_sum(&self, micro: usize) -> Result<f64, EngineError> {
         let losses = self.bufs.losses.slice(0, micro * self.laid.sizes.bt())?;
         let values = self.device().read_f32(&losses)?;
-        let sum: f64 = values.iter().map(|&l| f64::from(l)).sum();
-        Ok((sum / values.len().max(1) as f64) as f32)
+        Ok(values.iter().map(|&l| f64::from(l)).sum())
+    }
+
+    /// Mean of the first `micro` micro-batches' token losses over all their B·T targets.
+    fn mean_loss(&self, micro: usize) -> Result<f32, EngineError> {
+        let n = micro * self.laid.sizes.bt();
+        Ok((self.loss_sum(micro)? / n.max(1) as f64) as f32)
+    }
+
+    /// Targets of `batches` that the loss ignores, summed over the ranks (each passes its own).
+    fn ignored_targets(&self, batches: &[Batch]) -> Result<usize, EngineError> {
+        let local: usize = batches
+            .iter()
+            .map(|b| b.targets.iter().filter(|&&x| x == IGNORE_TARGET).count())
+            .sum();
+        if self.comm.world_size() == 1 {
+            return Ok(local);
+        }
+        // A count in two f32 parts, each summed exactly: the high part below 2^16 per rank
+        // (targets of a step fit 32 bits), the low part below 2^16.
+        let mut count = [(local >> 16) as f32, (local & 0xffff) as f32];
+        // No collective of the comm queue may be in flight during the host's own.
+        self.dev.synchronize(Queue::Comm)?;
+        self.comm.all_reduce(&mut count)?;
+        Ok(((count[0] as usize) << 16) + count[1] as usize)
     }
 
     /// Zeroes the gradients, then accumulates ∂(mean loss over `batches`)/∂params, averaged over
-    /// the data-parallel ranks (each passes its own micro-batches). Returns the mean loss over
-    /// all of them. The gradients stay on the device ([`Engine::grads`] reads them).
+    /// the data-parallel ranks (each passes its own micro-batches, as many as the others). Returns
+    /// the mean loss over all of them. The mean is over the targets the loss counts in the global
+    /// batch (every micro-batch of every rank): a target that is [`IGNORE_TARGET`] counts for
+    /// nothing, so the loss and gradients are the same at any world size and micro-batch split
+    /// (transformers' Trainer with `num_items_in_batch`). The gradients stay on the device
+    /// ([`Engine::grads`] reads them).
     pub fn forward_backward(&mut self, batches: &[Batch]) -> Result<f32, EngineError> {
         self.check_batches(batches)?;
         self.upload_tokens(batches)?;
         let world = self.comm.world_size();
-        let dloss = self.scaler.scale() / (batches.len() * world) as f32;
+        let bt = self.laid.sizes.bt();
+        let ignored = self.ignored_targets(batches)?;
+        let counted = (batches.len() * bt * world).saturating_sub(ignored);
+        let dloss = if ignored == 0 {
+            self.scaler.scale() / (batches.len() * world) as f32
+        } else if counted == 0 {
+            tracing::warn!(
+                "step {}: every target of the global batch is masked: no gradient, loss reported as 0",
+                self.step
+            );
+            0.0
+        } else {
+            (f64::from(self.scaler.scale()) * bt as f64 / counted as f64) as f32
+        };
         for grads in self.states.iter().filter_map(|s| s.grads.on_device()) {
             self.dev.memset(Queue::Compute, grads, 0)?;
         }
         let plan = self.plan(batches.len(), true)?;
         self.walk(&plan, HeadMode::Train { dloss })?;
-        let local = self.mean_loss(batches.len())?;
+        let local = if ignored == 0 {
+            self.mean_loss(batches.len())?
+        } else {
+            // This rank's share of the mean over the global batch's counted targets.
+            (self.loss_sum(batches.len())? / counted.max(1) as f64) as f32
+        };
         if world == 1 {
             return Ok(local);
         }
         // No collective of the comm queue may be in flight during the host's own.
         self.dev.synchronize(Queue::Comm)?;
-        let mut loss = [local / world as f32];
+        let share = if ignored == 0 { world as f32 } else { 1.0 };
+        let mut loss = [local / share];
         self.comm.all_reduce(&mut loss)?;
         Ok(loss[0])
     }
@@ -315,13 +363,26 @@ impl Engine {
         Ok((stats?, ops))
     }
 
-    /// Mean loss of one micro-batch without touching gradients or weights.
+    /// Mean loss of one micro-batch over the targets the loss counts (NaN when it counts none, as
+    /// PyTorch's mean over no targets), without touching gradients or weights.
     pub fn eval_loss(&mut self, batch: &Batch) -> Result<f32, EngineError> {
+        let (sum, counted) = self.eval_loss_sum(batch)?;
+        Ok((sum / counted as f64) as f32)
+    }
+
+    /// The summed loss of one micro-batch's counted targets, and how many the loss counts (those
+    /// not [`IGNORE_TARGET`]): what a mean over several micro-batches or ranks adds up.
+    pub fn eval_loss_sum(&mut self, batch: &Batch) -> Result<(f64, usize), EngineError> {
         self.check_batches(std::slice::from_ref(batch))?;
         self.upload_tokens(std::slice::from_ref(batch))?;
         let plan = self.plan(1, false)?;
         self.walk(&plan, HeadMode::Eval)?;
-        self.mean_loss(1)
+        let counted = batch
+            .targets
+            .iter()
+            .filter(|&&x| x != IGNORE_TARGET)
+            .count();
+        Ok((self.loss_sum(1)?, counted))
     }
 
     /// The logits (B·T, vocabulary) of one micro-batch, for evaluation and tests.

@@ -137,12 +137,11 @@ pub struct StageSpec {
     pub units: Vec<usize>,
 }
 
-// ---- Added for masked fine-tuning data (runtime/src/data): the one constant the loader and the loss share.
 /// A target the loss ignores (PyTorch's `-100` label): the loader writes it where the token file's loss mask
-/// is 0 (a prompt, a separator). The loss is meant to be the mean over the other targets of the global batch;
-/// until the engine does that arithmetic it refuses such a batch (the target is not below the vocabulary).
+/// is 0 (a prompt, a separator). The loss of a step is the mean over the other targets of the global batch
+/// (every micro-batch of every rank). On the device the target is -1 (the targets are i32): the seam's
+/// cross-entropy gives it loss 0 and gradient 0, and a model with a head of its own must do the same.
 pub const IGNORE_TARGET: u32 = u32::MAX;
-// ---- End of the addition.
 
 /// One micro-batch on the host: `inputs` and `targets` are (B, T) token ids; a target may be
 /// [`IGNORE_TARGET`].
@@ -189,7 +188,9 @@ pub struct HeadGrads<'a> {
     pub grads: &'a [Buf],
     /// ∂L/∂input of the stage (X), overwritten.
     pub dres: &'a Buf,
-    /// ∂L/∂(mean token loss of this micro-batch): 1/(micro-batches · ranks) times any loss scale.
+    /// ∂L/∂(mean token loss of this micro-batch over its B·T targets, an ignored target counting 0),
+    /// times any loss scale: 1/(micro-batches · ranks) when every target of the step counts, else
+    /// B·T/(targets counted in the step's global batch), so that L is the mean over those.
     pub dloss: f32,
 }
 
