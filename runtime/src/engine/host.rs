@@ -17,27 +17,40 @@ impl Engine {
     /// this rank's master weights; zero gradients and moments; the compute copies from them.
     pub(super) fn init_params(&mut self) -> Result<(), EngineError> {
         let seed = self.config.data.seed;
-        let units = &self.laid.units;
-        // A weights file is read whole; the model's own init goes one unit at a time, so the
-        // host never holds more than the largest unit.
-        let mut loaded = match &self.config.model.init_from {
-            Some(path) => {
-                let mut params: Vec<Vec<f32>> =
-                    units.iter().map(|u| vec![0.0; u.numel()]).collect();
-                weights::load(path, units, &self.model.tied_names(), &mut params)?;
-                Some(params)
-            }
+        // Weights from `model.init_from` are checked whole (headers only) and then read one
+        // unit at a time, each rank only its own part; the model's own init goes one unit at a
+        // time too. The host never holds more than one unit.
+        let source = match &self.config.model.init_from {
+            Some(path) => Some(weights::WeightSource::open(
+                path,
+                &self.laid.units,
+                &self.model.tied_names(),
+            )?),
             None => None,
         };
+        let mut failed = None;
         for u in 0..self.states.len() {
-            let mut host = match loaded.as_mut() {
-                Some(params) => std::mem::take(&mut params[u]),
-                None => self.laid.units[u].init_params(seed, u),
+            let range = self.states[u].optimizer_range();
+            let host = match &source {
+                Some(source) => {
+                    let mut part = vec![0.0; range.len()];
+                    if let Err(e) = source.read(u, range, &mut part) {
+                        // Every rank stops, not only the one whose part is bad (below).
+                        failed = Some(e);
+                        break;
+                    }
+                    part
+                }
+                None => {
+                    let mut whole = self.laid.units[u].init_params(seed, u);
+                    whole.resize(self.states[u].shard.padded, 0.0);
+                    whole[range].to_vec()
+                }
             };
-            let state = &self.states[u];
-            host.resize(state.shard.padded, 0.0);
-            let range = state.optimizer_range();
-            self.write_unit_states(u, &host[range], None)?;
+            self.write_unit_states(u, &host, None)?;
+        }
+        if source.is_some() {
+            self.agree_weights_read(failed)?;
         }
         for grads in self.states.iter().filter_map(|s| s.grads.on_device()) {
             self.dev.memset(Queue::Compute, grads, 0)?;
@@ -209,6 +222,28 @@ impl Engine {
         let units = self.laid.units.iter().zip(params.iter().map(Vec::as_slice));
         weights::save(path, units, meta)?;
         Ok(())
+    }
+}
+
+impl Engine {
+    /// Ranks agree that each read its part of the initial weights before any collective: a rank
+    /// that could not returns its error, the others name it.
+    fn agree_weights_read(&self, failed: Option<weights::WeightsError>) -> Result<(), EngineError> {
+        // No collective of the communication queue may run beside the host's own.
+        self.dev.synchronize(Queue::Comm)?;
+        let mut flags = vec![0.0f32; self.comm.world_size()];
+        flags[self.comm.rank()] = f32::from(u8::from(failed.is_some()));
+        self.comm.all_reduce(&mut flags)?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        match flags.iter().position(|&f| f != 0.0) {
+            Some(rank) => Err(EngineError::Setting {
+                key: "model.init_from",
+                message: format!("rank {rank} could not read its part of the initial weights (its error says why)"),
+            }),
+            None => Ok(()),
+        }
     }
 }
 

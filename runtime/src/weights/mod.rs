@@ -6,9 +6,12 @@
 //! files' `*.rotary_emb.inv_freq`) are ignored; a second copy of a tied tensor (`lm_head.weight` for a tied LM
 //! head, see `Model::tied_names`) is accepted only when it equals the tensor.
 
+mod source;
+
+pub use source::WeightSource;
+
 use crate::model::UnitSpec;
-use half::{bf16, f16};
-use safetensors::{tensor::TensorView, Dtype, SafeTensorError, SafeTensors};
+use safetensors::{tensor::TensorView, Dtype, SafeTensorError};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -22,6 +25,9 @@ pub enum WeightsError {
     },
     #[error("{path}: not a safetensors file: {message}")]
     Format { path: PathBuf, message: String },
+    /// A model directory's files do not fit together (the index, its shards).
+    #[error("{path}: {message}")]
+    Directory { path: PathBuf, message: String },
     #[error("{path}: tensor `{name}` is not a parameter of this model")]
     Unknown { path: PathBuf, name: String },
     #[error("{path}: tensor `{name}` is missing")]
@@ -149,53 +155,14 @@ fn invalid_tensor(bytes: &[u8]) -> Option<String> {
     })
 }
 
-/// The first non-finite value of a tensor, as an error naming it.
-fn check_finite(path: &Path, name: &str, data: &[f32]) -> Result<(), WeightsError> {
-    match data.iter().position(|x| !x.is_finite()) {
-        None => Ok(()),
-        Some(index) => Err(WeightsError::NonFinite {
-            path: path.into(),
-            name: name.into(),
-            index,
-            value: data[index],
-        }),
-    }
-}
-
-fn canonical(name: &str) -> &str {
+pub(crate) fn canonical(name: &str) -> &str {
     name.strip_prefix("transformer.").unwrap_or(name)
 }
 
-fn is_buffer(name: &str) -> bool {
+pub(crate) fn is_buffer(name: &str) -> bool {
     name.ends_with(".attn.bias") && !name.contains("c_attn")
         || name.ends_with(".attn.masked_bias")
         || name.ends_with(".rotary_emb.inv_freq")
-}
-
-/// Reads tensor data as f32 whatever its stored float type.
-fn to_f32(view: &TensorView, path: &Path, name: &str) -> Result<Vec<f32>, WeightsError> {
-    let bytes = view.data();
-    Ok(match view.dtype() {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(WeightsError::Dtype {
-                path: path.into(),
-                name: name.into(),
-                dtype: format!("{other:?}"),
-            })
-        }
-    })
 }
 
 pub(crate) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -208,114 +175,7 @@ pub(crate) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Fills each unit's flat parameter buffer from the file at `path`; `tied` are the (name in a
-/// file, model tensor) pairs of `Model::tied_names`.
-pub fn load(
-    path: &Path,
-    units: &[UnitSpec],
-    tied: &[(String, String)],
-    params: &mut [Vec<f32>],
-) -> Result<(), WeightsError> {
-    let io = |error| WeightsError::Io {
-        path: path.into(),
-        error,
-    };
-    let (file, _) = crate::inputs::open_regular(path)?;
-    // SAFETY: a read-only map of a regular file that strata never writes (outputs may not alias inputs). A
-    // file truncated by another program during these few seconds of loading would raise SIGBUS; token
-    // files, read throughout a run, are read with pread instead (data::tokens).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-    let st = SafeTensors::deserialize(&map).map_err(|e| header_error(path, &map, e))?;
-    let mut wanted: HashMap<&str, (usize, usize)> = HashMap::new();
-    for (u, unit) in units.iter().enumerate() {
-        for (i, t) in unit.tensors.iter().enumerate() {
-            wanted.insert(canonical(&t.name), (u, i));
-        }
-    }
-    // The file's name of each parameter found. In name order, so an error is the same every run.
-    let mut seen: HashMap<&str, String> = HashMap::new();
-    // Copies of tied tensors: (name in the file, the model tensor it must equal, its values).
-    let mut copies = Vec::new();
-    let mut tensors = st.tensors();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, view) in tensors {
-        if is_buffer(&name) {
-            continue;
-        }
-        if let Some((_, tied_to)) = tied.iter().find(|(copy, _)| *copy == name) {
-            if !wanted.contains_key(canonical(&name)) {
-                let data = to_f32(&view, path, &name)?;
-                check_finite(path, &name, &data)?;
-                copies.push((name.clone(), tied_to.clone(), data));
-                continue;
-            }
-        }
-        let (&key, &(u, i)) =
-            wanted
-                .get_key_value(canonical(&name))
-                .ok_or_else(|| WeightsError::Unknown {
-                    path: path.into(),
-                    name: name.clone(),
-                })?;
-        if let Some(first) = seen.get(key) {
-            return Err(WeightsError::Duplicate {
-                path: path.into(),
-                first: first.clone(),
-                second: name,
-            });
-        }
-        let spec = &units[u].tensors[i];
-        let expected: Vec<usize> = if spec.stored_transposed {
-            spec.shape.iter().rev().copied().collect()
-        } else {
-            spec.shape.clone()
-        };
-        if view.shape() != expected.as_slice() {
-            return Err(WeightsError::Shape {
-                path: path.into(),
-                name,
-                expected,
-                found: view.shape().to_vec(),
-            });
-        }
-        let mut data = to_f32(&view, path, &name)?;
-        check_finite(path, &name, &data)?;
-        if spec.stored_transposed {
-            data = transpose(&data, expected[0], expected[1]);
-        }
-        // The tensor's rows come first in its range; padding rows after them stay zero.
-        let start = units[u].ranges()[i].start;
-        params[u][start..start + data.len()].copy_from_slice(&data);
-        seen.insert(key, name);
-    }
-    // The first missing tensor in the model's order, by its own name.
-    if let Some(spec) = units
-        .iter()
-        .flat_map(|u| &u.tensors)
-        .find(|t| !seen.contains_key(canonical(&t.name)))
-    {
-        return Err(WeightsError::Missing {
-            path: path.into(),
-            name: spec.name.clone(),
-        });
-    }
-    for (name, tied_to, data) in copies {
-        let found = wanted.get(canonical(&tied_to)).and_then(|&(u, i)| {
-            let start = units[u].ranges()[i].start;
-            params[u].get(start..start + data.len())
-        });
-        if found != Some(data.as_slice()) {
-            return Err(WeightsError::UntiedHead {
-                path: path.into(),
-                name,
-                tied_to,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Writes every tensor (f32, names and layouts as [`load`] reads them) with `metadata`: to a unique temporary
+/// Writes every tensor (f32, names and layouts as [`WeightSource`] reads them) with `metadata`: to a unique temporary
 /// file beside `path`, renamed over it when whole (and only over a regular file); on failure `path` is as it
 /// was and the temporary file is gone.
 pub fn save<'a>(
