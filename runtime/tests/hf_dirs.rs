@@ -21,13 +21,26 @@ fn reference() -> serde_json::Value {
 
 /// `strata train` for one step on the fixture tokens from `dir`, with `sets` after the run's.
 fn train(dir: &Path, tmp: &Path, world: usize, sets: &[String]) -> Output {
+    train_steps(dir, tmp, world, 1, sets, &[])
+}
+
+/// [`train`] for `steps` steps, with `extra` arguments.
+fn train_steps(
+    dir: &Path,
+    tmp: &Path,
+    world: usize,
+    steps: usize,
+    sets: &[String],
+    extra: &[&str],
+) -> Output {
     let r = reference();
     let (b, accum) = (
         r["batch"]["micro_batch_size"].as_u64().expect("batch"),
         r["batch"]["grad_accum_steps"].as_u64().expect("accum") as usize,
     );
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.args(["train", "--steps", "1"]);
+    cmd.args(["train", "--steps", &steps.to_string()]);
+    cmd.args(extra);
     let nvme = tmp.join("nvme");
     std::fs::create_dir_all(&nvme).expect("nvme dir");
     for set in [
@@ -66,11 +79,22 @@ fn train(dir: &Path, tmp: &Path, world: usize, sets: &[String]) -> Output {
     cmd.output().expect("run strata")
 }
 
-fn first_loss(tmp: &Path) -> f64 {
+/// Each step's (loss, grad norm) of the run in `tmp`.
+fn steps(tmp: &Path) -> Vec<(f64, f64)> {
     let text = std::fs::read_to_string(tmp.join("metrics.jsonl")).expect("metrics");
-    let line: serde_json::Value =
-        serde_json::from_str(text.lines().next().expect("a step")).expect("json");
-    line["loss"].as_f64().expect("loss")
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            (
+                v["loss"].as_f64().expect("loss"),
+                v["grad_norm"].as_f64().expect("grad norm"),
+            )
+        })
+        .collect()
+}
+
+fn first_loss(tmp: &Path) -> f64 {
+    steps(tmp)[0].0
 }
 
 #[test]
@@ -289,4 +313,161 @@ fn a_broken_model_directory_is_refused_in_one_line_naming_file_and_tensor_or_key
         // Nothing trained.
         assert!(!run.join("metrics.jsonl").exists(), "{stderr}");
     }
+}
+
+/// Every tensor of a model directory (each shard), by name, as f32, with the shard that holds it.
+fn tensors_of(dir: &Path) -> std::collections::BTreeMap<String, (String, Vec<f32>)> {
+    let mut all = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir).expect("export dir") {
+        let e = e.expect("entry");
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(e.path()).expect("shard");
+        let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+        for (tensor, view) in st.tensors() {
+            assert_eq!(view.dtype(), Dtype::F32, "{tensor}");
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let before = all.insert(tensor.clone(), (name.clone(), values));
+            assert!(before.is_none(), "{tensor} is in two shards");
+        }
+    }
+    all
+}
+
+#[test]
+fn an_exported_directory_reads_back_and_trains_on_bitwise_as_the_checkpoint_resumed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let t = tmp.path();
+    let source = fixtures().join("llama");
+    let seq = "model.seq_len=16".to_string();
+    // 4 steps are the token file's 8 micro-batches: step 5 reads micro-batches 0 and 1 again,
+    // as step 1 of a run from the export does.
+    let ckpt = t.join("ckpt");
+    let trained = t.join("trained");
+    let final_dir = t.join("final");
+    let out = train_steps(
+        &source,
+        &trained,
+        1,
+        4,
+        &[
+            seq.clone(),
+            format!("train.checkpoint_dir={:?}", ckpt.display().to_string()),
+            format!("train.export_to={:?}", final_dir.display().to_string()),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // strata export into a directory of small shards.
+    let limit = 20_000u64;
+    let exported = t.join("exported");
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["export", &ckpt.display().to_string(), "-o"])
+        .arg(&exported)
+        .args(["--max-shard-size", "20KB", "--tokenizer-from"])
+        .arg(&source)
+        .output()
+        .expect("export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(exported.join("model.safetensors.index.json")).expect("index"),
+    )
+    .expect("json");
+    let weight_map = index["weight_map"].as_object().expect("weight_map");
+    let tensors = tensors_of(&exported);
+    // The index lists every tensor once, in the shard that holds it.
+    assert_eq!(weight_map.len(), tensors.len());
+    for (name, (shard, _)) in &tensors {
+        assert_eq!(weight_map[name].as_str(), Some(shard.as_str()), "{name}");
+    }
+    let shards: std::collections::BTreeSet<&String> = tensors.values().map(|(s, _)| s).collect();
+    assert!(shards.len() >= 3, "{shards:?}");
+    for shard in &shards {
+        let len = std::fs::metadata(exported.join(shard))
+            .expect("shard")
+            .len();
+        let held = tensors.values().filter(|(s, _)| s == *shard).count();
+        assert!(
+            len <= limit || held == 1,
+            "{shard}: {len} bytes, {held} tensors"
+        );
+    }
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(exported.join("config.json")).expect("config"),
+    )
+    .expect("json");
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(config["torch_dtype"], "float32");
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert_eq!(
+            std::fs::read(exported.join(name)).expect(name),
+            std::fs::read(source.join(name)).expect(name),
+            "{name}"
+        );
+    }
+    // train.export_to = DIR holds the same weights, in one file (under 5GB), and the
+    // init_from directory's tokenizer files.
+    let from_train = tensors_of(&final_dir);
+    assert!(final_dir.join("model.safetensors").is_file());
+    assert!(!final_dir.join("model.safetensors.index.json").exists());
+    assert!(final_dir.join("tokenizer.json").is_file());
+    assert_eq!(from_train.len(), tensors.len());
+    for (name, (_, values)) in &tensors {
+        assert_eq!(&from_train[name].1, values, "{name}");
+    }
+
+    // The checkpoint resumed for step 5, and the export read back for step 1: the same weights
+    // on the same rows give the same loss and gradient norm, bit for bit.
+    let resumed = t.join("resumed");
+    let out = train_steps(
+        &source,
+        &resumed,
+        1,
+        5,
+        &[
+            seq.clone(),
+            format!("train.checkpoint_dir={:?}", ckpt.display().to_string()),
+        ],
+        &["--resume", "latest"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = t.join("back");
+    let out = train_steps(&exported, &back, 1, 1, &[seq], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resumed_steps = steps(&resumed);
+    let back_steps = steps(&back);
+    assert_eq!(
+        resumed_steps.last(),
+        back_steps.first(),
+        "{resumed_steps:?}"
+    );
+    // And not the first step's: the export holds the trained weights.
+    assert_ne!(steps(&trained)[0], back_steps[0]);
 }

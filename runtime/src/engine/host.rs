@@ -209,19 +209,50 @@ impl Engine {
             .collect()
     }
 
-    /// Writes the parameters as safetensors with the model's tensor names. Collective: every
-    /// rank calls it (shards are gathered); rank 0 writes the file.
+    /// Writes the parameters as one safetensors file with the model's tensor names (fp32).
+    /// Collective: every rank calls it (shards are gathered); rank 0 writes the file.
     pub fn save_weights(&self, path: &std::path::Path) -> Result<(), EngineError> {
-        let params = self.params()?;
-        if self.comm.rank() != 0 {
-            return Ok(());
+        let export = weights::Export::file(
+            path,
+            &self.laid.units,
+            weights::ExportDtype::Fp32,
+            &self.export_metadata(),
+        )?;
+        self.save_export(&export, &[path.to_path_buf()])
+    }
+
+    /// Writes `export` (its files at `targets`, as `crate::outputs` resolved them) streamed unit by
+    /// unit: every rank gathers each unit in turn, rank 0 writes it, so no rank holds more
+    /// than one unit. Collective: every rank calls it.
+    pub fn save_export(
+        &self,
+        export: &weights::Export,
+        targets: &[std::path::PathBuf],
+    ) -> Result<(), EngineError> {
+        let mut writer = match self.comm.rank() {
+            0 => Some(export.writer(targets)?),
+            _ => None,
+        };
+        for u in 0..self.states.len() {
+            let (_, states) = self.read_unit_states(u, false)?;
+            let whole =
+                self.gather_to_host(u, states.master, self.states[u].placement.optimizer)?;
+            if let Some(w) = writer.as_mut() {
+                w.unit(&whole)?;
+            }
         }
+        if let Some(w) = writer {
+            w.finish()?;
+        }
+        Ok(())
+    }
+
+    /// The header metadata of exported weights.
+    pub fn export_metadata(&self) -> std::collections::BTreeMap<String, String> {
         let mut meta = std::collections::BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         meta.insert("strata_step".to_string(), self.step.to_string());
-        let units = self.laid.units.iter().zip(params.iter().map(Vec::as_slice));
-        weights::save(path, units, meta)?;
-        Ok(())
+        meta
     }
 }
 

@@ -6,13 +6,17 @@
 //! files' `*.rotary_emb.inv_freq`) are ignored; a second copy of a tied tensor (`lm_head.weight` for a tied LM
 //! head, see `Model::tied_names`) is accepted only when it equals the tensor.
 
+mod out;
 mod source;
 
-pub use source::WeightSource;
+pub use out::{
+    config_json, parse_shard_size, Export, ExportDtype, ExportWriter, PlannedFile,
+    MAX_SHARD_BYTES_DEFAULT, TOKENIZER_FILES,
+};
+pub use source::{WeightSource, INDEX_FILE, SINGLE_FILE};
 
-use crate::model::UnitSpec;
-use safetensors::{tensor::TensorView, Dtype, SafeTensorError};
-use std::collections::{BTreeMap, HashMap};
+use safetensors::SafeTensorError;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -173,58 +177,4 @@ pub(crate) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
-}
-
-/// Writes every tensor (f32, names and layouts as [`WeightSource`] reads them) with `metadata`: to a unique temporary
-/// file beside `path`, renamed over it when whole (and only over a regular file); on failure `path` is as it
-/// was and the temporary file is gone.
-pub fn save<'a>(
-    path: &Path,
-    units: impl IntoIterator<Item = (&'a UnitSpec, &'a [f32])>,
-    metadata: BTreeMap<String, String>,
-) -> Result<(), WeightsError> {
-    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (unit, data) in units {
-        for (spec, range) in unit.tensors.iter().zip(unit.ranges()) {
-            // Padding rows (after the tensor's own rows) are not part of the file.
-            let values = &data[range.start..range.start + spec.numel()];
-            let (shape, values) = if spec.stored_transposed {
-                (
-                    vec![spec.shape[1], spec.shape[0]],
-                    transpose(values, spec.shape[0], spec.shape[1]),
-                )
-            } else {
-                (spec.shape.clone(), values.to_vec())
-            };
-            buffers.push((
-                spec.name.clone(),
-                shape,
-                bytemuck::cast_slice(&values).to_vec(),
-            ));
-        }
-    }
-    let views = buffers
-        .iter()
-        .map(|(name, shape, bytes)| {
-            TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| WeightsError::Format {
-                    path: path.into(),
-                    message: e.to_string(),
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let metadata: HashMap<String, String> = metadata.into_iter().collect();
-    let atomic = crate::outputs::AtomicFile::create(path)?;
-    safetensors::serialize_to_file(views, &Some(metadata), atomic.temp()).map_err(|e| match e {
-        SafeTensorError::IoError(source) => {
-            WeightsError::from(atomic.error("writing the weights", source))
-        }
-        other => WeightsError::Format {
-            path: path.into(),
-            message: format!("{other:?}"),
-        },
-    })?;
-    atomic.commit()?;
-    Ok(())
 }
