@@ -155,10 +155,10 @@ pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
     writer.finish()?;
     let files = export.files();
     Ok(format!(
-        "wrote {} ({} tensors, {:?}, step {}: {})",
+        "wrote {} ({} tensors, {}, step {}: {})",
         args.output.display(),
         units.iter().map(|u| u.tensors.len()).sum::<usize>(),
-        args.dtype,
+        args.dtype.name(),
         manifest.step,
         files
             .iter()
@@ -173,9 +173,12 @@ pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
     ))
 }
 
-/// Whether an export's output is one safetensors file (else a model directory).
+/// Whether an export's output is one safetensors file: a name ending in `.safetensors`, or
+/// something that exists and is not a directory (refused by the output checks unless it is a
+/// regular file); else a model directory.
 pub fn is_single_file(output: &Path) -> bool {
     output.extension().is_some_and(|e| e == "safetensors")
+        || std::fs::metadata(output).is_ok_and(|m| !m.is_dir())
 }
 
 /// The key that names the export's output in errors.

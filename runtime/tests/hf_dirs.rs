@@ -296,6 +296,16 @@ fn a_broken_model_directory_is_refused_in_one_line_naming_file_and_tensor_or_key
                 vec![file, "scale_attn_by_inverse_layer_idx".into()],
             )
         },
+        {
+            // An export into the model directory read is refused: inputs are never written.
+            let d = broken(&t.join("g"), "llama", |_| {});
+            let out = d.join("exported").display().to_string();
+            (
+                d.clone(),
+                vec![format!("train.export_to={out:?}")],
+                vec!["train.export_to".into(), "model.init_from".into(), out],
+            )
+        },
     ];
     for (dir, sets, names) in cases {
         let run = t.join("run");

@@ -455,3 +455,77 @@ fn effective(m: &ModelConfig) -> toml::Table {
 pub fn model_dir(m: &ModelConfig) -> Option<PathBuf> {
     m.init_from.clone().filter(|p| p.is_dir())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RopeKind;
+
+    fn read(json: Value) -> Result<ModelConfig, String> {
+        model_of(Path::new("m/config.json"), json.as_object().unwrap(), 128)
+            .map_err(|e| e.to_string())
+    }
+
+    /// A transformers 4 config.json of Llama 3.2 1B (hub fields, shapes kept).
+    fn llama32() -> Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+            "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+            "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+            "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama",
+            "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+            "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+            "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "rope_theta": 500000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+            "transformers_version": "4.45.0.dev0", "use_cache": true, "vocab_size": 128256
+        })
+    }
+
+    #[test]
+    fn a_transformers_4_llama_config_fills_every_shape_and_rope_key() {
+        let m = read(llama32()).unwrap();
+        assert_eq!(
+            (m.arch, m.n_layer, m.n_head, m.n_embd),
+            (Arch::Llama, 16, 32, 2048)
+        );
+        assert_eq!(
+            (m.kv_heads(), m.head_size(), m.intermediate()),
+            (8, 64, 8192)
+        );
+        assert_eq!((m.vocab_size, m.seq_len, m.tied()), (128256, 128, true));
+        assert_eq!(m.theta(), 500000.0);
+        assert_eq!(
+            m.rope_kind(),
+            RopeKind::Llama3 {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192
+            }
+        );
+        assert_eq!(m.num_params(), 1_235_814_400);
+    }
+
+    #[test]
+    fn fields_strata_does_not_compute_are_refused_by_name() {
+        for (field, value) in [
+            ("hidden_act", serde_json::json!("gelu")),
+            ("partial_rotary_factor", serde_json::json!(0.5)),
+            ("attn_logit_softcapping", serde_json::json!(50.0)),
+            ("layer_types", serde_json::json!(["sliding_attention"])),
+        ] {
+            let mut json = llama32();
+            json[field] = value;
+            let e = read(json).unwrap_err();
+            assert!(e.contains("m/config.json") && e.contains(field), "{e}");
+        }
+        let mut json = llama32();
+        json["architectures"] = serde_json::json!(["GemmaForCausalLM"]);
+        let e = read(json).unwrap_err();
+        assert!(
+            e.contains("architectures") && e.contains("GemmaForCausalLM"),
+            "{e}"
+        );
+    }
+}

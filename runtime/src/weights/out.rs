@@ -37,6 +37,15 @@ impl ExportDtype {
         }
     }
 
+    /// As `--dtype` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExportDtype::Fp32 => "fp32",
+            ExportDtype::Bf16 => "bf16",
+            ExportDtype::Fp16 => "fp16",
+        }
+    }
+
     fn size(self) -> usize {
         match self {
             ExportDtype::Fp32 => 4,
@@ -270,7 +279,11 @@ impl Export {
             export.files.push(PlannedFile {
                 path: PathBuf::new(),
                 bytes: (bytes.len() + at) as u64,
-                what: format!("{} tensors in {}", w[1] - w[0], dtype.safetensors()),
+                what: format!(
+                    "{} {} parameters and the safetensors header",
+                    specs[w[0]..w[1]].iter().map(|s| s.numel()).sum::<usize>(),
+                    dtype.name()
+                ),
                 content: Content::Shard(k),
             });
             export.shards.push(Shard {
@@ -340,6 +353,16 @@ impl Export {
     /// one per [`Export::files`], as resolved by `crate::outputs`), the small files and each
     /// shard's header written now.
     pub fn writer(&self, targets: &[PathBuf]) -> Result<ExportWriter<'_>, WeightsError> {
+        if targets.len() != self.files.len() {
+            return Err(WeightsError::Format {
+                path: self.files[0].path.clone(),
+                message: format!(
+                    "the export has {} files, but {} places were checked for them",
+                    self.files.len(),
+                    targets.len()
+                ),
+            });
+        }
         let mut files = Vec::with_capacity(self.files.len());
         for (plan, target) in self.files.iter().zip(targets) {
             let mut atomic = AtomicFile::create(target)?;
@@ -489,4 +512,21 @@ pub fn parse_shard_size(text: &str) -> Result<u64, String> {
         return Err(format!("`{text}` must be at least one byte"));
     }
     Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_shard_size;
+
+    #[test]
+    fn shard_sizes_read_as_transformers_writes_them() {
+        assert_eq!(parse_shard_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_shard_size("20KB"), Ok(20_000));
+        assert_eq!(parse_shard_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_shard_size("1.5MB"), Ok(1_500_000));
+        assert_eq!(parse_shard_size("4096"), Ok(4096));
+        for bad in ["", "GB", "5 parsecs", "0", "-1GB"] {
+            assert!(parse_shard_size(bad).is_err(), "{bad}");
+        }
+    }
 }

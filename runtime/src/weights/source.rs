@@ -44,7 +44,7 @@ struct Located {
 }
 
 /// A tied tensor's second copy in the files: it must equal the model tensor (unit, tensor).
-struct Copy {
+struct TiedCopy {
     at: Located,
     unit: usize,
     tensor: usize,
@@ -56,7 +56,7 @@ pub struct WeightSource {
     shards: Vec<Shard>,
     /// `tensors[u][i]`: where unit u's tensor i is.
     tensors: Vec<Vec<Located>>,
-    copies: Vec<Copy>,
+    copies: Vec<TiedCopy>,
     units: Vec<UnitSpec>,
 }
 
@@ -172,7 +172,7 @@ impl WeightSource {
                 transposed: transposed.then(|| (spec.shape[0], spec.shape[1])),
             };
             if let Some((_, tied_to)) = copy_of {
-                copies.push(Copy {
+                copies.push(TiedCopy {
                     at,
                     unit: u,
                     tensor: i,
