@@ -414,6 +414,49 @@ pub fn resolve(model: &mut ModelConfig, user: &[SetKey]) -> Result<(), ConfigErr
     Ok(())
 }
 
+/// The `[model]` keys the user set, each with the input that set it: the file's (`file_set`:
+/// the table came from a file, not the embedded default) and the `--set`s'.
+pub(super) fn keys_set(
+    table: &toml::Table,
+    file_set: bool,
+    origin: &str,
+    sets: &[super::Override],
+) -> Vec<SetKey> {
+    let mut keys: Vec<SetKey> = Vec::new();
+    for set in sets.iter().rev() {
+        let named: Vec<String> = match set.path.as_slice() {
+            [section, key, ..] if section == "model" => vec![key.clone()],
+            [section] if section == "model" => set
+                .value
+                .as_table()
+                .map(|t| t.keys().cloned().collect())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        for key in named {
+            let key = format!("model.{key}");
+            if !keys.iter().any(|k| k.key == key) {
+                keys.push(SetKey {
+                    key,
+                    origin: format!("--set {}", set.arg),
+                });
+            }
+        }
+    }
+    if let (true, Some(model)) = (file_set, table.get("model").and_then(|m| m.as_table())) {
+        for key in model.keys() {
+            let key = format!("model.{key}");
+            if !keys.iter().any(|k| k.key == key) {
+                keys.push(SetKey {
+                    key,
+                    origin: origin.to_string(),
+                });
+            }
+        }
+    }
+    keys
+}
+
 /// config.json's name for `[model]` key `name`, in words.
 fn json_field(arch: Arch, name: &str) -> String {
     let from_table = FIELDS

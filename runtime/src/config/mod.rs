@@ -429,7 +429,7 @@ impl Config {
             set.apply(&mut table)?;
             Config::from_table(table.clone(), &origin).map_err(|e| set.blame(e))?;
         }
-        let user_keys = model_keys_set(&table, path.is_some(), &origin, &sets);
+        let user_keys = hf_dir::keys_set(&table, path.is_some(), &origin, &sets);
         let mut config = Config::from_table(table, &origin)?;
         hf_dir::resolve(&mut config.model, &user_keys)?;
         if let Err(err) = config.validate() {
@@ -485,7 +485,7 @@ impl Config {
             origin: "config".into(),
             message: format!("not valid TOML: {e}"),
         })?;
-        let user_keys = model_keys_set(&table, true, "config", &[]);
+        let user_keys = hf_dir::keys_set(&table, true, "config", &[]);
         let mut config = Config::from_table(table, "config")?;
         hf_dir::resolve(&mut config.model, &user_keys)?;
         config.validate()?;
@@ -624,49 +624,6 @@ impl Config {
         }
         bounds::check_memory(self, bounds::memory_total_bytes())
     }
-}
-
-/// The `[model]` keys the user set, each with the input that set it: the file's (`file_set`:
-/// the table came from a file, not the embedded default) and the `--set`s'.
-fn model_keys_set(
-    table: &toml::Table,
-    file_set: bool,
-    origin: &str,
-    sets: &[Override],
-) -> Vec<hf_dir::SetKey> {
-    let mut keys: Vec<hf_dir::SetKey> = Vec::new();
-    for set in sets.iter().rev() {
-        let named: Vec<String> = match set.path.as_slice() {
-            [section, key, ..] if section == "model" => vec![key.clone()],
-            [section] if section == "model" => set
-                .value
-                .as_table()
-                .map(|t| t.keys().cloned().collect())
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        };
-        for key in named {
-            let key = format!("model.{key}");
-            if !keys.iter().any(|k| k.key == key) {
-                keys.push(hf_dir::SetKey {
-                    key,
-                    origin: format!("--set {}", set.arg),
-                });
-            }
-        }
-    }
-    if let (true, Some(model)) = (file_set, table.get("model").and_then(|m| m.as_table())) {
-        for key in model.keys() {
-            let key = format!("model.{key}");
-            if !keys.iter().any(|k| k.key == key) {
-                keys.push(hf_dir::SetKey {
-                    key,
-                    origin: origin.to_string(),
-                });
-            }
-        }
-    }
-    keys
 }
 
 #[cfg(test)]
