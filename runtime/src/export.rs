@@ -1,45 +1,52 @@
-//! `strata export CHECKPOINT -o model.safetensors [--dtype bf16|fp32]`: a checkpoint's weights
-//! as one safetensors file with the model's Hugging Face tensor names, and a `config.json`
-//! beside it, so that the transformers class of the model (`GPT2LMHeadModel`,
-//! `LlamaForCausalLM`, …) loads it with `from_pretrained(DIR)` (and `model.init_from` reads it
-//! back). The file is written unit by unit: the header first (every tensor's shape is
-//! known from the model), then each unit's tensors as the checkpoint's rank files give them, so
-//! the host holds about one unit, not the model.
+//! `strata export CHECKPOINT -o OUT [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]`: a
+//! checkpoint's weights with the model's Hugging Face tensor names, so that the transformers class
+//! of the model (`GPT2LMHeadModel`, `LlamaForCausalLM`, …) loads them with `from_pretrained(DIR)`
+//! (and `model.init_from` reads them back). OUT ending in `.safetensors` is one file with a
+//! `config.json` beside it; any other OUT is a model directory ([`weights::Export::dir`]: config,
+//! generation config, shards and their index, the tokenizer files of `--tokenizer-from`). The
+//! weights are written unit by unit: each shard's header first (every tensor's shape is known from
+//! the model), then each unit's tensors as the checkpoint's rank files give them, so the host holds
+//! about one unit, not the model.
 //!
-//! Both files are outputs like `strata train`'s: checked before anything is written (not inside the
+//! Every file is an output like `strata train`'s: checked before anything is written (not inside the
 //! checkpoint read or a checkpoint beside it, regular files or absent, room for them, locked), written
-//! under temporary names and renamed into place only when both are whole.
+//! under temporary names and renamed into place only when all are whole.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::engine::checkpoint::{self, CheckpointReader};
 use crate::engine::EngineError;
-use crate::outputs::{InputFile, OutputFile};
+use crate::outputs::InputFile;
+use crate::weights::{self, Export};
 
-/// Element type of the exported tensors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportDtype {
-    Fp32,
-    Bf16,
-}
+pub use crate::weights::ExportDtype;
 
 /// The arguments of `strata export`.
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
     /// A checkpoint (`step-NNNNNNNN`), or a checkpoint directory (its newest checkpoint).
     pub checkpoint: PathBuf,
-    /// The safetensors file to write (config.json goes beside it).
+    /// A safetensors file (ending in `.safetensors`; config.json goes beside it), or the model
+    /// directory to write.
     #[arg(short, long)]
     pub output: PathBuf,
     #[arg(long, value_enum, default_value_t = ExportDtype::Fp32)]
     pub dtype: ExportDtype,
+    /// A model directory's largest shard (5GB, 500MB, 2GiB, bytes); a larger tensor has its own.
+    #[arg(long, default_value = "5GB", value_parser = weights::parse_shard_size)]
+    pub max_shard_size: u64,
+    /// Copy the tokenizer files (tokenizer.json, tokenizer_config.json, …) and
+    /// generation_config.json of this model directory into the exported one.
+    #[arg(long)]
+    pub tokenizer_from: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Weights(#[from] weights::WeightsError),
     #[error(transparent)]
     Output(Box<crate::outputs::OutputError>),
 }
@@ -90,7 +97,7 @@ pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
     let dir = checkpoint_of(&args.checkpoint)?;
     let manifest = checkpoint::read_manifest(&dir)?;
     // Before anything is written: a model no transformers class computes is refused.
-    let hf = crate::model::hf_config(&manifest.model)
+    crate::model::hf_config(&manifest.model)
         .map_err(|e| EngineError::Checkpoint(format!("{}: cannot export: {e}", dir.display())))?;
     let reader = CheckpointReader::open(&dir, &manifest)?;
     let model = crate::model::build(&manifest.model);
@@ -107,106 +114,71 @@ pub fn run(args: &ExportArgs) -> Result<String, ExportError> {
         ))
         .into());
     }
-    let (dtype, elem) = match args.dtype {
-        ExportDtype::Fp32 => ("F32", 4),
-        ExportDtype::Bf16 => ("BF16", 2),
+    let mut metadata = std::collections::BTreeMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    metadata.insert("strata_step".to_string(), manifest.step.to_string());
+    let single = is_single_file(&args.output);
+    let export = if single {
+        let mut export = Export::file(&args.output, units, args.dtype, &metadata)?;
+        let config = weights::config_json(&manifest.model, args.dtype)?;
+        let text = serde_json::to_string_pretty(&config)
+            .map_err(|e| EngineError::Checkpoint(e.to_string()))?;
+        export.text(hf_config_path(&args.output), text, "the model's config");
+        export
+    } else {
+        Export::dir(
+            &args.output,
+            units,
+            &manifest.model,
+            args.dtype,
+            args.max_shard_size,
+            args.tokenizer_from.as_deref(),
+            &metadata,
+        )?
     };
-    // The header: every tensor, in unit order, contiguous.
-    let mut header = serde_json::Map::new();
-    let mut at = 0usize;
-    for spec in units.iter().flat_map(|u| &u.tensors) {
-        let shape = if spec.stored_transposed {
-            vec![spec.shape[1], spec.shape[0]]
-        } else {
-            spec.shape.clone()
-        };
-        let bytes = spec.numel() * elem;
-        header.insert(
-            spec.name.clone(),
-            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [at, at + bytes]}),
-        );
-        at += bytes;
-    }
-    header.insert(
-        "__metadata__".into(),
-        serde_json::json!({"format": "pt", "strata_step": manifest.step.to_string()}),
-    );
-    let mut text =
-        serde_json::to_string(&header).map_err(|e| EngineError::Checkpoint(e.to_string()))?;
-    // Data starts 8-byte aligned.
-    while (8 + text.len()) % 8 != 0 {
-        text.push(' ');
-    }
-    let config_path = hf_config_path(&args.output);
-    let config_text = hf_config_text(hf, args.dtype)?;
     // The output's directory is made, as `strata prepare` makes its own (and removed again if the
     // export fails before writing into it).
     crate::outputs::cleanup::install();
-    let inputs = export_inputs(&dir);
-    let _made = crate::outputs::make_parent(OUTPUT_KEY, &args.output, &inputs)?;
-    let ready = crate::outputs::prepare(
-        &inputs,
-        &[
-            OutputFile {
-                key: OUTPUT_KEY.into(),
-                path: args.output.clone(),
-                size_bytes: (8 + text.len() + at) as u64,
-                size_detail: format!("{} tensors in {dtype}", header.len() - 1),
-            },
-            OutputFile {
-                key: format!("{OUTPUT_KEY}'s config.json"),
-                path: config_path.clone(),
-                size_bytes: config_text.len() as u64,
-                size_detail: "the model's config".into(),
-            },
-        ],
-    )?;
-    let mut file = crate::outputs::AtomicFile::create(&ready[0].target)?;
-    let target = args.output.clone();
-    let fail = |e: std::io::Error| EngineError::Checkpoint(format!("{}: {e}", target.display()));
-    {
-        let mut out = std::io::BufWriter::with_capacity(8 << 20, file.file());
-        out.write_all(&(text.len() as u64).to_le_bytes())
-            .map_err(fail)?;
-        out.write_all(text.as_bytes()).map_err(fail)?;
-        for (u, unit) in units.iter().enumerate() {
-            let master = reader.master(u)?;
-            for (spec, range) in unit.tensors.iter().zip(unit.ranges()) {
-                let values = &master[range.start..range.start + spec.numel()];
-                let values = if spec.stored_transposed {
-                    crate::weights::transpose(values, spec.shape[0], spec.shape[1])
-                } else {
-                    values.to_vec()
-                };
-                match args.dtype {
-                    ExportDtype::Fp32 => out.write_all(bytemuck::cast_slice(&values)),
-                    ExportDtype::Bf16 => {
-                        let b: Vec<half::bf16> =
-                            values.iter().map(|&v| half::bf16::from_f32(v)).collect();
-                        out.write_all(bytemuck::cast_slice(&b))
-                    }
-                }
-                .map_err(fail)?;
-            }
-        }
-        out.flush().map_err(fail)?;
+    let mut inputs = export_inputs(&dir);
+    inputs.extend(export.sources().map(|path| InputFile {
+        key: "--tokenizer-from".into(),
+        path: path.to_path_buf(),
+    }));
+    let outputs = export.outputs(OUTPUT_KEY);
+    let _made = crate::outputs::make_parent(OUTPUT_KEY, &outputs[0].path, &inputs)?;
+    let ready = crate::outputs::prepare(&inputs, &outputs)?;
+    let targets: Vec<PathBuf> = ready.iter().map(|r| r.target.clone()).collect();
+    let mut writer = export.writer(&targets)?;
+    for u in 0..units.len() {
+        writer.unit(&reader.master(u)?)?;
     }
-    let mut config = crate::outputs::AtomicFile::create(&ready[1].target)?;
-    config
-        .file()
-        .write_all(config_text.as_bytes())
-        .map_err(|e| config.error("writing", e))?;
-    // Both are whole: into place, the weights first.
-    file.commit()?;
-    config.commit()?;
+    writer.finish()?;
+    let files = export.files();
     Ok(format!(
-        "wrote {} ({} tensors, {}, step {}) and {}",
+        "wrote {} ({} tensors, {}, step {}: {})",
         args.output.display(),
         units.iter().map(|u| u.tensors.len()).sum::<usize>(),
-        dtype,
+        args.dtype.name(),
         manifest.step,
-        config_path.display()
+        files
+            .iter()
+            .map(|f| f
+                .path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned())
+            .collect::<Vec<_>>()
+            .join(", ")
     ))
+}
+
+/// Whether an export's output is one safetensors file: a name ending in `.safetensors`, or
+/// something that exists and is not a directory (refused by the output checks unless it is a
+/// regular file); else a model directory.
+pub fn is_single_file(output: &Path) -> bool {
+    output.extension().is_some_and(|e| e == "safetensors")
+        || std::fs::metadata(output).is_ok_and(|m| !m.is_dir())
 }
 
 /// The key that names the export's output in errors.
@@ -221,20 +193,31 @@ fn hf_config_path(output: &Path) -> PathBuf {
         .join("config.json")
 }
 
-/// The text of `config.json` for the model's transformers class: its fields and `torch_dtype`.
-fn hf_config_text(
-    mut config: serde_json::Value,
-    dtype: ExportDtype,
-) -> Result<String, ExportError> {
-    if let Some(fields) = config.as_object_mut() {
-        let torch_dtype = match dtype {
-            ExportDtype::Fp32 => "float32",
-            ExportDtype::Bf16 => "bfloat16",
-        };
-        fields.insert("torch_dtype".into(), torch_dtype.into());
-    }
-    Ok(
-        serde_json::to_string_pretty(&config)
-            .map_err(|e| EngineError::Checkpoint(e.to_string()))?,
-    )
+/// What `train.export_to` writes for a model of `units` (fp32): one safetensors file when it ends
+/// in `.safetensors` (the weights alone, as before), else a model directory of shards of at most
+/// 5GB with config.json, generation_config.json and the tokenizer files of the `model.init_from`
+/// directory.
+pub fn train_export(
+    config: &crate::config::Config,
+    units: &[crate::model::UnitSpec],
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<Option<Export>, weights::WeightsError> {
+    let Some(path) = &config.train.export_to else {
+        return Ok(None);
+    };
+    let export = if is_single_file(path) {
+        Export::file(path, units, ExportDtype::Fp32, metadata)?
+    } else {
+        let source = crate::config::hf_dir::model_dir(&config.model);
+        Export::dir(
+            path,
+            units,
+            &config.model,
+            ExportDtype::Fp32,
+            weights::MAX_SHARD_BYTES_DEFAULT,
+            source.as_deref(),
+            metadata,
+        )?
+    };
+    Ok(Some(export))
 }

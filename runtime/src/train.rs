@@ -429,8 +429,24 @@ pub fn run_traced(config: Config, mut trace: Option<Trace>) -> Result<Summary, T
         .map(|which| checkpoint::resolve(which, config.train.checkpoint_dir.as_deref()))
         .transpose()?;
     let params = u64::try_from(config.model.num_params()).unwrap_or(u64::MAX);
-    let mut outputs =
-        crate::outputs::TrainOutputs::prepare(&config, params, resume.as_deref(), trace.as_ref())?;
+    // The export's files, every size known from the model's shapes.
+    let planned = crate::export::train_export(
+        &config,
+        crate::model::build(&config.model).units(),
+        &Default::default(),
+    )
+    .map_err(EngineError::from)?;
+    let export_files = planned
+        .as_ref()
+        .map(|e| e.outputs(crate::outputs::EXPORT_KEY))
+        .unwrap_or_default();
+    let mut outputs = crate::outputs::TrainOutputs::prepare(
+        &config,
+        params,
+        resume.as_deref(),
+        trace.as_ref(),
+        &export_files,
+    )?;
     if let Some(trace) = trace.as_mut() {
         trace.open(outputs.take_trace())?;
     }
@@ -635,12 +651,20 @@ pub fn run_traced(config: Config, mut trace: Option<Trace>) -> Result<Summary, T
     }
     reporter.finish();
     // Every rank takes part in the export (shards are gathered); rank 0 checked its path and writes.
-    let export_path = outputs
-        .export_target()
-        .or(config.train.export_to.as_deref())
+    let export_path = config
+        .train
+        .export_to
+        .as_deref()
         .filter(|_| stopped.is_none());
     let export = export_path.map(|target| {
-        let result = tracing::trace_span!("export").in_scope(|| engine.save_weights(target));
+        let result = tracing::trace_span!("export").in_scope(|| {
+            let export =
+                crate::export::train_export(&config, engine.units(), &engine.export_metadata())?;
+            match export {
+                Some(export) => engine.save_export(&export, &outputs.export_targets()),
+                None => Ok(()),
+            }
+        });
         (target, result)
     });
     if let Some((step, error)) = metrics_failure {

@@ -380,6 +380,8 @@ fn each_class_exports_to_its_transformers_class_and_loads_back() {
             checkpoint,
             output: output.clone(),
             dtype: strata::export::ExportDtype::Fp32,
+            max_shard_size: strata::weights::MAX_SHARD_BYTES_DEFAULT,
+            tokenizer_from: None,
         })
         .expect("export");
         let hf: serde_json::Value = serde_json::from_str(

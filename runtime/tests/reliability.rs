@@ -78,12 +78,15 @@ fn an_export_path_that_is_a_device_directory_or_missing_directory_is_refused_bef
     // As root, a private device node: a strata that wrongly renamed over it must not replace /dev/null.
     let devices = tempfile::tempdir().expect("tempdir");
     let device = char_device(devices.path());
+    // A directory named like a weights file (any other directory is a model directory to export into).
+    let named_file = dir.path().join("d.safetensors");
+    std::fs::create_dir(&named_file).expect("mkdir");
     let cases = [
         (
             device.clone(),
             "is a character device; an output must be a regular file or absent",
         ),
-        (dir.path().to_path_buf(), "is a directory"),
+        (named_file, "is a directory"),
         (missing, "/no/such/dir does not exist"),
     ];
     for (path, needle) in cases {

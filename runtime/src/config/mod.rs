@@ -5,6 +5,7 @@
 
 pub mod bounds;
 pub mod deepspeed;
+pub mod hf_dir;
 mod model;
 mod offload;
 mod overrides;
@@ -428,7 +429,9 @@ impl Config {
             set.apply(&mut table)?;
             Config::from_table(table.clone(), &origin).map_err(|e| set.blame(e))?;
         }
+        let user_keys = hf_dir::keys_set(&table, path.is_some(), &origin, &sets);
         let mut config = Config::from_table(table, &origin)?;
+        hf_dir::resolve(&mut config.model, &user_keys)?;
         if let Err(err) = config.validate() {
             let err = match overrides::blame_override(err, &sets) {
                 Ok(named) => named,
@@ -482,7 +485,9 @@ impl Config {
             origin: "config".into(),
             message: format!("not valid TOML: {e}"),
         })?;
-        let config = Config::from_table(table, "config")?;
+        let user_keys = hf_dir::keys_set(&table, true, "config", &[]);
+        let mut config = Config::from_table(table, "config")?;
+        hf_dir::resolve(&mut config.model, &user_keys)?;
         config.validate()?;
         Ok(config)
     }
@@ -502,6 +507,23 @@ impl Config {
                 message,
             }
         })
+    }
+
+    /// `[model]` filled from `model.init_from` when it names a Hugging Face model directory (see
+    /// [`hf_dir`]), for a config built in code: each key that differs from the library's default
+    /// counts as set by the user. A config loaded from TOML is filled when loaded.
+    pub fn resolve_model_dir(&mut self) -> Result<(), ConfigError> {
+        let default = toml::Table::try_from(ModelConfig::default()).unwrap_or_default();
+        let ours = toml::Table::try_from(&self.model).unwrap_or_default();
+        let user: Vec<hf_dir::SetKey> = ours
+            .iter()
+            .filter(|(k, v)| default.get(k.as_str()) != Some(v))
+            .map(|(k, _)| hf_dir::SetKey {
+                key: format!("model.{k}"),
+                origin: "config".into(),
+            })
+            .collect();
+        hf_dir::resolve(&mut self.model, &user)
     }
 
     /// The effective configuration as TOML, for the start-of-run log.

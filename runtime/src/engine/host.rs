@@ -17,27 +17,40 @@ impl Engine {
     /// this rank's master weights; zero gradients and moments; the compute copies from them.
     pub(super) fn init_params(&mut self) -> Result<(), EngineError> {
         let seed = self.config.data.seed;
-        let units = &self.laid.units;
-        // A weights file is read whole; the model's own init goes one unit at a time, so the
-        // host never holds more than the largest unit.
-        let mut loaded = match &self.config.model.init_from {
-            Some(path) => {
-                let mut params: Vec<Vec<f32>> =
-                    units.iter().map(|u| vec![0.0; u.numel()]).collect();
-                weights::load(path, units, &self.model.tied_names(), &mut params)?;
-                Some(params)
-            }
+        // Weights from `model.init_from` are checked whole (headers only) and then read one
+        // unit at a time, each rank only its own part; the model's own init goes one unit at a
+        // time too. The host never holds more than one unit.
+        let source = match &self.config.model.init_from {
+            Some(path) => Some(weights::WeightSource::open(
+                path,
+                &self.laid.units,
+                &self.model.tied_names(),
+            )?),
             None => None,
         };
+        let mut failed = None;
         for u in 0..self.states.len() {
-            let mut host = match loaded.as_mut() {
-                Some(params) => std::mem::take(&mut params[u]),
-                None => self.laid.units[u].init_params(seed, u),
+            let range = self.states[u].optimizer_range();
+            let host = match &source {
+                Some(source) => {
+                    let mut part = vec![0.0; range.len()];
+                    if let Err(e) = source.read(u, range, &mut part) {
+                        // Every rank stops, not only the one whose part is bad (below).
+                        failed = Some(e);
+                        break;
+                    }
+                    part
+                }
+                None => {
+                    let mut whole = self.laid.units[u].init_params(seed, u);
+                    whole.resize(self.states[u].shard.padded, 0.0);
+                    whole[range].to_vec()
+                }
             };
-            let state = &self.states[u];
-            host.resize(state.shard.padded, 0.0);
-            let range = state.optimizer_range();
-            self.write_unit_states(u, &host[range], None)?;
+            self.write_unit_states(u, &host, None)?;
+        }
+        if source.is_some() {
+            self.agree_weights_read(failed)?;
         }
         for grads in self.states.iter().filter_map(|s| s.grads.on_device()) {
             self.dev.memset(Queue::Compute, grads, 0)?;
@@ -196,19 +209,72 @@ impl Engine {
             .collect()
     }
 
-    /// Writes the parameters as safetensors with the model's tensor names. Collective: every
-    /// rank calls it (shards are gathered); rank 0 writes the file.
+    /// Writes the parameters as one safetensors file with the model's tensor names (fp32).
+    /// Collective: every rank calls it (shards are gathered); rank 0 writes the file.
     pub fn save_weights(&self, path: &std::path::Path) -> Result<(), EngineError> {
-        let params = self.params()?;
-        if self.comm.rank() != 0 {
-            return Ok(());
+        let export = weights::Export::file(
+            path,
+            &self.laid.units,
+            weights::ExportDtype::Fp32,
+            &self.export_metadata(),
+        )?;
+        self.save_export(&export, &[path.to_path_buf()])
+    }
+
+    /// Writes `export` (its files at `targets`, as `crate::outputs` resolved them) streamed unit by
+    /// unit: every rank gathers each unit in turn, rank 0 writes it, so no rank holds more
+    /// than one unit. Collective: every rank calls it.
+    pub fn save_export(
+        &self,
+        export: &weights::Export,
+        targets: &[std::path::PathBuf],
+    ) -> Result<(), EngineError> {
+        let mut writer = match self.comm.rank() {
+            0 => Some(export.writer(targets)?),
+            _ => None,
+        };
+        for u in 0..self.states.len() {
+            let (_, states) = self.read_unit_states(u, false)?;
+            let whole =
+                self.gather_to_host(u, states.master, self.states[u].placement.optimizer)?;
+            if let Some(w) = writer.as_mut() {
+                w.unit(&whole)?;
+            }
         }
+        if let Some(w) = writer {
+            w.finish()?;
+        }
+        Ok(())
+    }
+
+    /// The header metadata of exported weights.
+    pub fn export_metadata(&self) -> std::collections::BTreeMap<String, String> {
         let mut meta = std::collections::BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         meta.insert("strata_step".to_string(), self.step.to_string());
-        let units = self.laid.units.iter().zip(params.iter().map(Vec::as_slice));
-        weights::save(path, units, meta)?;
-        Ok(())
+        meta
+    }
+}
+
+impl Engine {
+    /// Ranks agree that each read its part of the initial weights before any collective: a rank
+    /// that could not returns its error, the others name it.
+    fn agree_weights_read(&self, failed: Option<weights::WeightsError>) -> Result<(), EngineError> {
+        // No collective of the communication queue may run beside the host's own.
+        self.dev.synchronize(Queue::Comm)?;
+        let mut flags = vec![0.0f32; self.comm.world_size()];
+        flags[self.comm.rank()] = f32::from(u8::from(failed.is_some()));
+        self.comm.all_reduce(&mut flags)?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        match flags.iter().position(|&f| f != 0.0) {
+            Some(rank) => Err(EngineError::Setting {
+                key: "model.init_from",
+                message: format!("rank {rank} could not read its part of the initial weights (its error says why)"),
+            }),
+            None => Ok(()),
+        }
     }
 }
 

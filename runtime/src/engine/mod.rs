@@ -150,7 +150,13 @@ pub struct Engine {
 impl Engine {
     /// The model `config.model` describes (`model.arch`), initialised from `model.init_from`
     /// or from `data.seed`, on the device `train.device` resolves to.
-    pub fn from_config(config: Config) -> Result<Engine, EngineError> {
+    pub fn from_config(mut config: Config) -> Result<Engine, EngineError> {
+        config
+            .resolve_model_dir()
+            .map_err(|e| EngineError::Setting {
+                key: "model.init_from",
+                message: e.to_string(),
+            })?;
         check_attention(&config, resolve_backend(config.train.device))?;
         let model = crate::model::build(&config.model);
         Engine::new(config, model)

@@ -92,3 +92,67 @@ fn llama_config(m: &ModelConfig) -> Result<Value, String> {
     }
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::hf_config;
+    use crate::config::hf_dir::model_of;
+    use crate::config::{Arch, ModelConfig, RopeScaling};
+    use std::path::Path;
+
+    /// config.json written for a model reads back as the same model (`model.init_from = DIR`).
+    #[test]
+    fn config_json_reads_back_as_the_model_it_describes() {
+        let llama = ModelConfig {
+            arch: Arch::Llama,
+            n_kv_head: Some(2),
+            intermediate_size: Some(256),
+            rms_norm_eps: Some(1e-5),
+            rope_theta: Some(500000.0),
+            rope_scaling: Some(RopeScaling {
+                rope_type: "llama3".into(),
+                factor: Some(8.0),
+                low_freq_factor: Some(1.0),
+                high_freq_factor: Some(4.0),
+                original_max_position_embeddings: Some(64),
+                other: Default::default(),
+            }),
+            tie_word_embeddings: Some(true),
+            ..ModelConfig::default()
+        };
+        let models = [
+            ModelConfig::default(),
+            llama.clone(),
+            ModelConfig {
+                qkv_bias: Some(true),
+                rope_scaling: None,
+                ..llama.clone()
+            },
+            ModelConfig {
+                qk_norm: Some(true),
+                head_dim: Some(16),
+                attention_bias: Some(true),
+                rope_scaling: None,
+                ..llama.clone()
+            },
+            ModelConfig {
+                sliding_window: Some(4096),
+                rope_scaling: None,
+                tie_word_embeddings: Some(false),
+                ..llama
+            },
+        ];
+        for m in models {
+            let json = hf_config(&m).unwrap();
+            let back = model_of(
+                Path::new("m/config.json"),
+                json.as_object().unwrap(),
+                m.seq_len,
+            )
+            .unwrap_or_else(|e| panic!("{json}: {e}"));
+            assert_eq!(hf_config(&back).unwrap(), json);
+            assert_eq!(back.shape_keys(), m.shape_keys(), "{json}");
+            assert_eq!((back.rope_kind(), back.theta()), (m.rope_kind(), m.theta()));
+        }
+    }
+}

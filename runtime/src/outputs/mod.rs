@@ -32,7 +32,7 @@ pub use dir::{make_parent, MadeDirs, ReadyDir};
 pub use lines::LineFile;
 pub use lock::{OutputLock, LOCK_SUFFIX};
 pub use space::free_bytes;
-pub use train::{input_files, TraceFiles, TrainOutputs};
+pub use train::{input_files, TraceFiles, TrainOutputs, EXPORT_KEY};
 
 use crate::inputs::kind_of;
 use std::os::unix::fs::MetadataExt;

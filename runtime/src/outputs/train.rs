@@ -10,8 +10,6 @@ use std::path::Path;
 
 /// Bytes a metrics line takes at most in practice (a JSON object of eight numbers is about 200).
 pub const METRICS_LINE_BYTES: u64 = 256;
-/// Header bytes of an exported safetensors file per tensor (name, dtype, shape, offsets), generously.
-const EXPORT_HEADER_BYTES_PER_TENSOR: u64 = 256;
 
 /// Bytes per parameter of a checkpoint: fp32 master weights, Adam m and v.
 const CHECKPOINT_BYTES_PER_PARAM: u64 = 12;
@@ -19,14 +17,19 @@ const CHECKPOINT_BYTES_PER_PARAM: u64 = 12;
 const CHECKPOINT_INDEX_BYTES: u64 = 1 << 20;
 
 const METRICS_KEY: &str = "train.metrics_file";
-const EXPORT_KEY: &str = "train.export_to";
+/// The key that names the export's files (the first is `train.export_to` itself, the others
+/// `train.export_to's NAME`).
+pub const EXPORT_KEY: &str = "train.export_to";
 const CHECKPOINTS_KEY: &str = "train.checkpoint_dir";
 
 /// The checked, locked outputs of one run. Ranks other than 0 write only their own trace file.
 #[derive(Debug, Default)]
 pub struct TrainOutputs {
     metrics: Option<ReadyOutput>,
-    export: Option<ReadyOutput>,
+    /// The export's files, in the order the export plan lists them.
+    export: Vec<ReadyOutput>,
+    /// The directories made for a model-directory export.
+    _export_made: Option<MadeDirs>,
     checkpoints: Option<ReadyDir>,
     /// This rank's trace files and the directories made for them, until [`TrainOutputs::take_trace`].
     trace: TraceFiles,
@@ -76,14 +79,6 @@ pub fn input_files(config: &Config) -> Vec<InputFile> {
     inputs
 }
 
-/// Bytes of the exported weights of a model of `params` parameters: fp32 parameters and the header.
-pub fn export_bytes(config: &Config, params: u64) -> u64 {
-    let tensors = config.model.num_tensors() as u64;
-    params
-        .saturating_mul(4)
-        .saturating_add(8 + tensors * EXPORT_HEADER_BYTES_PER_TENSOR)
-}
-
 /// Bytes of one checkpoint of the model: its states, the manifest and the indexes.
 pub fn checkpoint_bytes(params: u64) -> u64 {
     params
@@ -104,9 +99,9 @@ fn checkpoint_dir(config: &Config, params: u64) -> Option<OutputFile> {
     })
 }
 
-/// The files a run's rank 0 writes for a model of `params` parameters, with their sizes (the
-/// trace's aside).
-pub fn output_files(config: &Config, params: u64) -> Vec<OutputFile> {
+/// The files a run's rank 0 writes, with their sizes (the trace's aside): the metrics, and the
+/// `export`'s files (`weights::Export::outputs`).
+pub fn output_files(config: &Config, export: &[OutputFile]) -> Vec<OutputFile> {
     let mut outputs = Vec::new();
     if let Some(path) = &config.train.metrics_file {
         let steps = config.train.steps as u64;
@@ -117,27 +112,21 @@ pub fn output_files(config: &Config, params: u64) -> Vec<OutputFile> {
             size_detail: format!("{steps} steps × {METRICS_LINE_BYTES} bytes per line"),
         });
     }
-    if let Some(path) = &config.train.export_to {
-        outputs.push(OutputFile {
-            key: EXPORT_KEY.into(),
-            path: path.clone(),
-            size_bytes: export_bytes(config, params),
-            size_detail: format!("{params} fp32 parameters and the safetensors header"),
-        });
-    }
+    outputs.extend_from_slice(export);
     outputs
 }
 
 impl TrainOutputs {
     /// Resolves and checks every output of this rank against the inputs (with `resume`, the checkpoint
     /// resumed from), each other and the other ranks' trace files, checks the free space (for a model of `params` parameters), makes the
-    /// directory of checkpoints and takes the locks. Rank 0 writes the metrics, the export and the
+    /// directory of checkpoints (and of a model-directory `export`) and takes the locks. Rank 0 writes the metrics, the export and the
     /// checkpoints' manifests; every rank its own trace file.
     pub fn prepare(
         config: &Config,
         params: u64,
         resume: Option<&Path>,
         trace: Option<&crate::trace::Trace>,
+        export: &[OutputFile],
     ) -> Result<TrainOutputs, OutputError> {
         super::cleanup::install();
         let mut files = RunFiles {
@@ -149,9 +138,15 @@ impl TrainOutputs {
             path: path.into(),
         }));
         if writes_outputs() {
-            files.outputs = output_files(config, params);
+            files.outputs = output_files(config, export);
             files.checkpoints = checkpoint_dir(config, params);
         }
+        let export_made = match export.first() {
+            Some(first) if files.outputs.iter().any(|f| f.key == first.key) && export.len() > 1 => {
+                Some(super::make_parent(EXPORT_KEY, &first.path, &files.inputs)?)
+            }
+            _ => None,
+        };
         let mut made = Vec::new();
         if let Some(trace) = trace {
             let (here, elsewhere) = trace.files();
@@ -164,6 +159,7 @@ impl TrainOutputs {
         let ready = super::prepare_run(&files)?;
         let mut outputs = TrainOutputs {
             checkpoints: ready.checkpoints,
+            _export_made: export_made,
             trace: TraceFiles {
                 files: Vec::new(),
                 made,
@@ -173,7 +169,7 @@ impl TrainOutputs {
         for file in ready.files {
             match file.key.as_str() {
                 METRICS_KEY => outputs.metrics = Some(file),
-                EXPORT_KEY => outputs.export = Some(file),
+                key if key.starts_with(EXPORT_KEY) => outputs.export.push(file),
                 _ => outputs.trace.files.push(file),
             }
         }
@@ -204,9 +200,9 @@ impl TrainOutputs {
         Ok(Some(lines))
     }
 
-    /// Where the final weights go, when `train.export_to` is set on this rank.
-    pub fn export_target(&self) -> Option<&Path> {
-        self.export.as_ref().map(|e| e.target.as_path())
+    /// Where the export's files go (resolved), when `train.export_to` is set on this rank.
+    pub fn export_targets(&self) -> Vec<std::path::PathBuf> {
+        self.export.iter().map(|e| e.target.clone()).collect()
     }
 
     /// The directory of checkpoints, made and locked, when `train.checkpoint_dir` is set on this rank.
