@@ -75,17 +75,24 @@ fn greedy_continuations_equal_transformers_generate() {
 
 #[test]
 fn text_in_and_out_through_a_tokenizer() {
-    // GPT-2's tokenizer: ids below 94 are the printable ASCII characters from '!'; the fixture's
-    // vocabulary is 101.
+    // GPT-2's tokenizer on the GPT-2 fixture (a vocabulary of 101: ids below 94 are the printable
+    // ASCII characters from '!'): the text prompt continues as its ids do, and the text printed
+    // is the tokenizer's decoding of the ids.
     let tokenizer = fixtures().join("tokenizers/gpt2");
+    let tok = strata::data::prepare::Tokenizer::load(&tokenizer.display().to_string())
+        .expect("tokenizer");
+    let prompt = "#$%";
+    let mut prompt_ids = Vec::new();
+    tok.encode(prompt, &mut prompt_ids, None).expect("encode");
+    assert!(prompt_ids.iter().all(|&i| i < 101), "{prompt_ids:?}");
     let model = fixtures().join("generate/gpt2/model.safetensors");
     let by_ids = ids(&ok(
-        &generate(&model, "2 3 4", &["--max-new-tokens", "12"]),
+        &generate(&model, &text(&prompt_ids), &["--max-new-tokens", "12"]),
         "ids",
     ));
     let out = generate(
         &model,
-        "#$%",
+        prompt,
         &[
             "--max-new-tokens",
             "12",
@@ -93,8 +100,6 @@ fn text_in_and_out_through_a_tokenizer() {
             &tokenizer.display().to_string(),
         ],
     );
-    let tok = strata::data::prepare::Tokenizer::load(&tokenizer.display().to_string())
-        .expect("tokenizer");
     let want = tok.decode(&by_ids).expect("decode");
     assert_eq!(ok(&out, "text").trim_end_matches('\n'), want);
 }
@@ -144,7 +149,10 @@ fn a_checkpoint_and_its_export_generate_the_same_tokens() {
         let root = dir.path().join("ckpt");
         let out = strata()
             .args(["train", "--steps", "3", "--set", "model.n_layer=2"])
-            .args(["--set", &format!("train.checkpoint_dir=\"{}\"", root.display())])
+            .args([
+                "--set",
+                &format!("train.checkpoint_dir=\"{}\"", root.display()),
+            ])
             .args(["--set", "train.checkpoint_every=0"])
             .args(arch)
             .output()

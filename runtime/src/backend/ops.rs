@@ -566,9 +566,16 @@ impl Rotary<'_> {
 /// Checks a cache's span: T new tokens at `pos` fit in `capacity` rows; the cache's length.
 fn cache_len(op: &'static str, s: &AttentionShape, pos: usize, capacity: usize) -> Result<usize> {
     s.check(op)?;
-    ensure(pos.checked_add(s.t).is_some_and(|end| end <= capacity), op, || {
-        format!("{} new tokens at position {pos} exceed the cache's {capacity} rows", s.t)
-    })?;
+    ensure(
+        pos.checked_add(s.t).is_some_and(|end| end <= capacity),
+        op,
+        || {
+            format!(
+                "{} new tokens at position {pos} exceed the cache's {capacity} rows",
+                s.t
+            )
+        },
+    )?;
     Ok(s.b * s.nkv * capacity * s.hs)
 }
 

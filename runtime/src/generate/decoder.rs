@@ -49,7 +49,12 @@ fn alloc_model(
 }
 
 /// Prepares `model` for steps of `t` tokens and allocates the step's buffers.
-fn alloc_step(arena: &Arena, model: &mut dyn Model, t: usize, x: DType) -> Result<Step, DeviceError> {
+fn alloc_step(
+    arena: &Arena,
+    model: &mut dyn Model,
+    t: usize,
+    x: DType,
+) -> Result<Step, DeviceError> {
     model.prepare(
         arena,
         Prepare {
@@ -193,7 +198,11 @@ impl Decoder {
             return Err(DeviceError::op("generate", "a model without stages"));
         };
         for (s, stage) in body.iter().enumerate() {
-            let params: Vec<Buf> = stage.units.iter().map(|&u| self.params[u].clone()).collect();
+            let params: Vec<Buf> = stage
+                .units
+                .iter()
+                .map(|&u| self.params[u].clone())
+                .collect();
             self.model
                 .forward_cached(dev, s, &params, &tokens, &input, &output, &self.cache)?;
             std::mem::swap(&mut input, &mut output);
@@ -249,8 +258,14 @@ mod tests {
         }
         let step = alloc_step(arena, model.as_mut(), t, DType::F32).expect("step");
         let host_ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-        unsafe { dev.copy_h2d(Queue::Compute, &step.tokens.inputs, bytemuck::cast_slice(&host_ids)) }
-            .expect("copy");
+        unsafe {
+            dev.copy_h2d(
+                Queue::Compute,
+                &step.tokens.inputs,
+                bytemuck::cast_slice(&host_ids),
+            )
+        }
+        .expect("copy");
         let stages = model.stages().to_vec();
         let [mut output, mut input] = step.acts.clone();
         for (s, stage) in stages[..stages.len() - 1].iter().enumerate() {
@@ -268,7 +283,7 @@ mod tests {
         let mut out = vec![0.0f32; model.vocab_size()];
         let row = logits.slice(0, out.len()).expect("row");
         unsafe { dev.copy_d2h(Queue::Compute, bytemuck::cast_slice_mut(&mut out), &row) }
-        .expect("copy");
+            .expect("copy");
         dev.synchronize(Queue::Compute).expect("sync");
         out
     }
@@ -279,17 +294,37 @@ mod tests {
     #[test]
     fn cached_decoding_gives_the_logits_of_a_full_forward_of_each_prefix() {
         let variants: [&[&str]; 3] = [
-            &["model.n_layer=2", "model.n_embd=32", "model.n_head=4", "model.vocab_size=50", "model.seq_len=16"],
             &[
-                "model.arch=\"llama\"", "model.n_layer=2", "model.n_embd=32", "model.n_head=4",
-                "model.n_kv_head=2", "model.intermediate_size=48", "model.vocab_size=50",
-                "model.seq_len=16", "model.rope_scaling={rope_type=\"linear\", factor=2.0}",
+                "model.n_layer=2",
+                "model.n_embd=32",
+                "model.n_head=4",
+                "model.vocab_size=50",
+                "model.seq_len=16",
             ],
             &[
-                "model.arch=\"llama\"", "model.n_layer=2", "model.n_embd=32", "model.n_head=4",
-                "model.n_kv_head=1", "model.intermediate_size=48", "model.vocab_size=50",
-                "model.seq_len=16", "model.qk_norm=true", "model.head_dim=16",
-                "model.tie_word_embeddings=true", "model.qkv_bias=true",
+                "model.arch=\"llama\"",
+                "model.n_layer=2",
+                "model.n_embd=32",
+                "model.n_head=4",
+                "model.n_kv_head=2",
+                "model.intermediate_size=48",
+                "model.vocab_size=50",
+                "model.seq_len=16",
+                "model.rope_scaling={rope_type=\"linear\", factor=2.0}",
+            ],
+            &[
+                "model.arch=\"llama\"",
+                "model.n_layer=2",
+                "model.n_embd=32",
+                "model.n_head=4",
+                "model.n_kv_head=1",
+                "model.intermediate_size=48",
+                "model.vocab_size=50",
+                "model.seq_len=16",
+                "model.qk_norm=true",
+                "model.head_dim=16",
+                "model.tie_word_embeddings=true",
+                "model.qkv_bias=true",
             ],
         ];
         for sets in variants {
@@ -305,8 +340,8 @@ mod tests {
                 .collect();
             let ids: Vec<u32> = vec![3, 17, 42, 5, 0, 49, 21, 8, 13, 34];
             let prompt = 4;
-            let bytes = Decoder::arena_bytes(model.as_mut(), ids.len(), prompt, DType::F32)
-                .expect("size");
+            let bytes =
+                Decoder::arena_bytes(model.as_mut(), ids.len(), prompt, DType::F32).expect("size");
             let mut decoder = Decoder::new(cpu(bytes), model, &host, ids.len()).expect("decoder");
             let mut got = vec![decoder.step(&ids[..prompt]).expect("prompt")];
             for &id in &ids[prompt..] {
@@ -328,13 +363,19 @@ mod tests {
                 );
             }
             // Prefixes differ, so equality above is not trivially true.
-            assert!(got[0].iter().zip(&got[1]).any(|(a, b)| (a - b).abs() > 1e-3));
+            assert!(got[0]
+                .iter()
+                .zip(&got[1])
+                .any(|(a, b)| (a - b).abs() > 1e-3));
         }
     }
 
     #[test]
     fn a_token_outside_the_vocabulary_or_beyond_the_cache_is_refused() {
-        let sets = vec!["model.n_layer=1".to_string(), "model.vocab_size=10".to_string()];
+        let sets = vec![
+            "model.n_layer=1".to_string(),
+            "model.vocab_size=10".to_string(),
+        ];
         let m = Config::load(None, &sets).expect("config").model;
         let mut model = crate::model::build(&m);
         let host: Vec<Vec<f32>> = model.units().iter().map(|u| vec![0.0; u.numel()]).collect();

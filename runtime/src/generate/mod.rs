@@ -84,10 +84,7 @@ pub enum GenerateError {
 const STALL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The tokenizer `--tokenizer` names, or the first `tokenizer.json` of `dirs`.
-fn tokenizer(
-    flag: Option<&str>,
-    dirs: &[PathBuf],
-) -> Result<Option<Tokenizer>, GenerateError> {
+fn tokenizer(flag: Option<&str>, dirs: &[PathBuf]) -> Result<Option<Tokenizer>, GenerateError> {
     if let Some(spec) = flag {
         return Ok(Some(Tokenizer::load(spec)?));
     }
@@ -139,9 +136,9 @@ impl Printer<'_> {
         match self.tokenizer {
             None => write!(out, "{}{id}", if self.ids.len() > 1 { " " } else { "" })?,
             Some(t) => {
-                let text = t.decode(&self.ids).map_err(|e| {
-                    GenerateError::Input(format!("decoding token {id}: {e}"))
-                })?;
+                let text = t
+                    .decode(&self.ids)
+                    .map_err(|e| GenerateError::Input(format!("decoding token {id}: {e}")))?;
                 // A character split over tokens waits for its last byte.
                 if !text.ends_with('\u{FFFD}') && text.len() >= self.printed {
                     if let Some(new) = text.get(self.printed..) {

@@ -139,7 +139,10 @@ mod tests {
             counts[s.next(&logits) as usize] += 1;
         }
         for (c, w) in counts.iter().zip(&want) {
-            assert!((*c as f64 / n as f64 - w).abs() < 0.015, "{counts:?} vs {want:?}");
+            assert!(
+                (*c as f64 / n as f64 - w).abs() < 0.015,
+                "{counts:?} vs {want:?}"
+            );
         }
         // p = (0.79, 0.19, ...) for ids (2, 0, ...) at T = 0.7: top-p 0.9 keeps ids 2 and 0.
         let mut s = sampler(t as f32, 0, 0.9);

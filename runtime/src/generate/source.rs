@@ -101,19 +101,19 @@ fn from_safetensors(file: &Path) -> Result<Source, GenerateError> {
         )));
     }
     let json = read_json(&config_path)?;
-    let config = model_config(&json).map_err(|e| {
-        GenerateError::Input(format!("{}: {e}", config_path.display()))
-    })?;
-    config.validate().map_err(|e| {
-        GenerateError::Input(format!("{}: {e}", config_path.display()))
-    })?;
+    let config = model_config(&json)
+        .map_err(|e| GenerateError::Input(format!("{}: {e}", config_path.display())))?;
+    config
+        .validate()
+        .map_err(|e| GenerateError::Input(format!("{}: {e}", config_path.display())))?;
     let model = crate::model::build(&config);
     let mut params: Vec<Vec<f32>> = model.units().iter().map(|u| vec![0.0; u.numel()]).collect();
     crate::weights::load(file, model.units(), &model.tied_names(), &mut params)?;
     let generation = dir.join("generation_config.json");
-    let eos = match generation.is_file() {
-        true => eos_ids(&read_json(&generation)?),
-        false => Vec::new(),
+    let eos = if generation.is_file() {
+        eos_ids(&read_json(&generation)?)
+    } else {
+        Vec::new()
     };
     let eos = if eos.is_empty() { eos_ids(&json) } else { eos };
     Ok(Source {
@@ -128,7 +128,9 @@ fn read_json(path: &Path) -> Result<Value, GenerateError> {
     let bad = |e: String| GenerateError::Input(format!("{}: {e}", path.display()));
     let (file, len) = crate::inputs::open_regular(path).map_err(|e| bad(e.to_string()))?;
     if len > CONFIG_BYTES_MAX {
-        return Err(bad(format!("{len} bytes; at most {CONFIG_BYTES_MAX} are read")));
+        return Err(bad(format!(
+            "{len} bytes; at most {CONFIG_BYTES_MAX} are read"
+        )));
     }
     serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| bad(e.to_string()))
 }
@@ -219,7 +221,11 @@ mod tests {
     fn the_config_json_of_an_export_reads_back_as_its_model() {
         let variants: [&[&str]; 4] = [
             &[],
-            &["model.arch=\"llama\"", "model.intermediate_size=200", "model.n_kv_head=2"],
+            &[
+                "model.arch=\"llama\"",
+                "model.intermediate_size=200",
+                "model.n_kv_head=2",
+            ],
             &[
                 "model.arch=\"llama\"",
                 "model.intermediate_size=64",
@@ -243,7 +249,10 @@ mod tests {
             assert_eq!(a.units(), b.units(), "{sets:?}");
             assert_eq!(a.describe(), b.describe(), "{sets:?}");
             assert_eq!(m.rope_kind(), back.rope_kind(), "{sets:?}");
-            assert_eq!((m.seq_len, m.theta(), m.rms_eps()), (back.seq_len, back.theta(), back.rms_eps()));
+            assert_eq!(
+                (m.seq_len, m.theta(), m.rms_eps()),
+                (back.seq_len, back.theta(), back.rms_eps())
+            );
         }
     }
 

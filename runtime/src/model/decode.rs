@@ -27,7 +27,6 @@ pub struct CacheHeads {
 pub struct KvCache {
     layers: Vec<(Buf, Buf)>,
     heads: CacheHeads,
-    b: usize,
     capacity: usize,
     len: usize,
 }
@@ -57,7 +56,6 @@ impl KvCache {
         Ok(KvCache {
             layers,
             heads,
-            b,
             capacity,
             len: 0,
         })
@@ -74,11 +72,6 @@ impl KvCache {
 
     pub fn capacity(&self) -> usize {
         self.capacity
-    }
-
-    /// Sequences per batch.
-    pub fn batch(&self) -> usize {
-        self.b
     }
 
     /// The cache of attention layer `layer` for new tokens at the cache's length.

@@ -64,7 +64,10 @@ pub fn cached_attention(
             let q = &qkv[bt * width + h * hs..][..hs];
             let at = (b * s.nkv + h / s.group()) * head;
             let visible = pos + i + 1;
-            let (keys, values) = (&k_cache[at..][..visible * hs], &v_cache[at..][..visible * hs]);
+            let (keys, values) = (
+                &k_cache[at..][..visible * hs],
+                &v_cache[at..][..visible * hs],
+            );
             scores.clear();
             scores.extend(keys.chunks_exact(hs).map(|k| fastmath::dot(q, k) * scale));
             softmax_in_place(scores);
@@ -165,7 +168,10 @@ mod tests {
         let (mut k, mut v) = (vec![1.0, 0.0, 0.0, 0.0], vec![2.0, 4.0, 0.0, 0.0]);
         let qkv = [0.0, 1.0, 1.0, 0.0, 6.0, 8.0];
         kv_cache_write(&mut k, &mut v, &qkv, s, 1, 2);
-        assert_eq!((k.as_slice(), v.as_slice()), (&[1.0, 0.0, 1.0, 0.0][..], &[2.0, 4.0, 6.0, 8.0][..]));
+        assert_eq!(
+            (k.as_slice(), v.as_slice()),
+            (&[1.0, 0.0, 1.0, 0.0][..], &[2.0, 4.0, 6.0, 8.0][..])
+        );
         let mut out = [0.0; 2];
         cached_attention(&mut out, &qkv, &k, &v, s, 1, 2);
         assert_close(&out, &[4.0, 6.0], 1e-6);

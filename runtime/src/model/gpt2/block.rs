@@ -3,9 +3,9 @@
 
 use super::Gpt2Shape;
 use crate::backend::{
-    Arena, AttentionActs, AttentionBackward, AttentionScratch, AttentionShape,
-    Buf, DType, Device, DeviceError, GeluBackward, GeluForward, GradMode, LayerNormBackward,
-    LayerNormForward, MatmulBackward, MatmulForward, Queue, ResidualForward,
+    Arena, AttentionActs, AttentionBackward, AttentionScratch, AttentionShape, Buf, DType, Device,
+    DeviceError, GeluBackward, GeluForward, GradMode, LayerNormBackward, LayerNormForward,
+    MatmulBackward, MatmulForward, Queue, ResidualForward,
 };
 use crate::model::decode::{attend, LayerCache};
 use crate::model::Prepare;
@@ -138,7 +138,14 @@ impl Block {
             c,
             oc: 3 * c,
         })?;
-        attend(dev, &self.atty, &self.attention, &self.qkv, self.shape, cache)?;
+        attend(
+            dev,
+            &self.atty,
+            &self.attention,
+            &self.qkv,
+            self.shape,
+            cache,
+        )?;
         dev.run(MatmulForward {
             out: &sc.proj_out,
             inp: &self.atty,

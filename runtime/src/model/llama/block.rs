@@ -4,9 +4,9 @@
 
 use super::{LayerLayout, LlamaShape};
 use crate::backend::{
-    Arena, AttentionActs, AttentionBackward, AttentionScratch, AttentionShape,
-    Buf, DType, Device, DeviceError, GradMode, MatmulBackward, MatmulForward, Queue,
-    ResidualForward, RmsNormBackward, RmsNormForward, Rotary, Rows, SwigluBackward, SwigluForward,
+    Arena, AttentionActs, AttentionBackward, AttentionScratch, AttentionShape, Buf, DType, Device,
+    DeviceError, GradMode, MatmulBackward, MatmulForward, Queue, ResidualForward, RmsNormBackward,
+    RmsNormForward, Rotary, Rows, SwigluBackward, SwigluForward,
 };
 use crate::model::decode::{attend, LayerCache};
 use crate::model::Prepare;
