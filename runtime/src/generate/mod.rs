@@ -151,6 +151,19 @@ impl Printer<'_> {
         out.flush()?;
         Ok(())
     }
+
+    /// Prints what a character split over tokens held back at the end (as U+FFFD).
+    fn finish(&mut self, out: &mut impl Write) -> Result<(), GenerateError> {
+        if let Some(t) = self.tokenizer {
+            let text = t
+                .decode(&self.ids)
+                .map_err(|e| GenerateError::Input(format!("decoding the continuation: {e}")))?;
+            write!(out, "{}", text.get(self.printed..).unwrap_or(""))?;
+        }
+        writeln!(out)?;
+        out.flush()?;
+        Ok(())
+    }
 }
 
 /// Runs `strata generate`; the continuation goes to stdout, a summary line to stderr.
@@ -226,8 +239,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), GenerateError> {
         }
         logits = decoder.step(&[id])?;
     }
-    writeln!(out)?;
-    out.flush()?;
+    printer.finish(&mut out)?;
     let total = start.elapsed();
     let decode = total.saturating_sub(prefill).as_secs_f64();
     eprintln!(
