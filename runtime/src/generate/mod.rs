@@ -174,10 +174,15 @@ pub fn run(args: &GenerateArgs) -> Result<(), GenerateError> {
         top_p: args.top_p,
     };
     sampling.check().map_err(GenerateError::Input)?;
-    let src = source::load(&args.model)?;
-    let tokenizer = tokenizer(args.tokenizer.as_deref(), &src.tokenizer_dirs)?;
+    let source::Source {
+        config,
+        params,
+        eos,
+        tokenizer_dirs,
+    } = source::load(&args.model)?;
+    let tokenizer = tokenizer(args.tokenizer.as_deref(), &tokenizer_dirs)?;
     let ids = prompt_ids(&args.prompt, tokenizer.as_ref())?;
-    let mut model = crate::model::build(&src.config);
+    let mut model = crate::model::build(&config);
     let (vocab, seq_len) = (model.vocab_size(), model.seq_len());
     if ids.len() > seq_len {
         return Err(GenerateError::Input(format!(
@@ -214,7 +219,9 @@ pub fn run(args: &GenerateArgs) -> Result<(), GenerateError> {
         stall_timeout: STALL_TIMEOUT,
     })?;
     let device_name = dev.name();
-    let mut decoder = Decoder::new(Arc::clone(&dev), model, &src.params, capacity)?;
+    let mut decoder = Decoder::new(Arc::clone(&dev), model, &params, capacity)?;
+    // The device holds the weights now.
+    drop(params);
     let mut sampler = Sampler::new(sampling, args.seed);
     let mut printer = Printer {
         tokenizer: tokenizer.as_ref(),
@@ -230,7 +237,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), GenerateError> {
     while generated < capacity - ids.len() {
         let id = sampler.next(&logits);
         generated += 1;
-        let eos = src.eos.contains(&id);
+        let eos = eos.contains(&id);
         if !(eos && tokenizer.is_some()) {
             printer.push(id, &mut out)?;
         }
