@@ -58,7 +58,7 @@ impl From<crate::outputs::OutputError> for ExportError {
 }
 
 /// The checkpoint `CHECKPOINT` names: itself, or the newest save in a directory of checkpoints.
-fn checkpoint_of(arg: &Path) -> Result<PathBuf, EngineError> {
+pub(crate) fn checkpoint_of(arg: &Path) -> Result<PathBuf, EngineError> {
     let name = arg.file_name().map(|n| n.to_string_lossy().into_owned());
     if arg.join("manifest.json").is_file() || name.is_some_and(|n| n.ends_with(".tmp")) {
         return Ok(arg.to_path_buf());

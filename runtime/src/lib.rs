@@ -12,6 +12,7 @@ pub mod data;
 pub mod doctor;
 pub mod engine;
 pub mod export;
+pub mod generate;
 pub mod inputs;
 pub mod model;
 pub mod optim;

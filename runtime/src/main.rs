@@ -59,6 +59,9 @@ enum Command {
     /// Write a checkpoint's weights as one safetensors file with Hugging Face GPT-2 names (and a
     /// config.json beside it), unit by unit.
     Export(strata::export::ExportArgs),
+    /// Continue a prompt with a checkpoint or an exported model, on the CPU or a GPU, with a key/value
+    /// cache: greedy at temperature 0, else sampled (top-k / top-p, seeded); tokens printed as they come.
+    Generate(strata::generate::GenerateArgs),
     /// Tokenize text, JSON lines or chat JSON lines into a token file (llm.c's format, uint32 tokens and a
     /// loss mask where needed), in parallel over the cores.
     Prepare(strata::data::prepare::PrepareArgs),
@@ -228,6 +231,10 @@ fn run(mut cli: Cli, trace: Option<Trace>) -> anyhow::Result<ExitCode> {
         Command::Export(args) => {
             let report = strata::export::run(&args)?;
             println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate(args) => {
+            strata::generate::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan(args) => {

@@ -204,6 +204,34 @@ pub struct Rotary<'a> {
     pub inverse: bool,
 }
 
+/// Decoding's key/value cache write: rows `pos..pos+T` of each (sequence, key/value head) of
+/// k_cache and v_cache (B,NKV,CAP,HS) X become the key and value heads of the T new tokens of
+/// qkv (B,T,(NH+2·NKV)·HS) X (`shape.t` = T); the other rows are left as they are.
+#[derive(Clone, Copy, Debug)]
+pub struct KvCacheWrite<'a> {
+    pub k_cache: &'a Buf,
+    pub v_cache: &'a Buf,
+    pub qkv: &'a Buf,
+    pub shape: AttentionShape,
+    pub pos: usize,
+    pub capacity: usize,
+}
+
+/// Decoding's attention: out (B,T,NH·HS) X = for the query heads of the T new tokens of qkv
+/// (positions `pos..pos+T`), softmax(q·kᵀ/√HS)·v over the cache rows `0..=pos+i` of k_cache and
+/// v_cache (B,NKV,CAP,HS) X (causal within the new tokens; query head h reads key/value head
+/// h / (NH/NKV)). The cache holds the new tokens' keys and values already ([`KvCacheWrite`]).
+#[derive(Clone, Copy, Debug)]
+pub struct CachedAttention<'a> {
+    pub out: &'a Buf,
+    pub qkv: &'a Buf,
+    pub k_cache: &'a Buf,
+    pub v_cache: &'a Buf,
+    pub shape: AttentionShape,
+    pub pos: usize,
+    pub capacity: usize,
+}
+
 /// out (N) X = gelu(inp (N) X), tanh form; out may be inp.
 #[derive(Clone, Copy, Debug)]
 pub struct GeluForward<'a> {
@@ -535,6 +563,43 @@ impl Rotary<'_> {
     }
 }
 
+/// Checks a cache's span: T new tokens at `pos` fit in `capacity` rows; the cache's length.
+fn cache_len(op: &'static str, s: &AttentionShape, pos: usize, capacity: usize) -> Result<usize> {
+    s.check(op)?;
+    ensure(
+        pos.checked_add(s.t).is_some_and(|end| end <= capacity),
+        op,
+        || {
+            format!(
+                "{} new tokens at position {pos} exceed the cache's {capacity} rows",
+                s.t
+            )
+        },
+    )?;
+    Ok(s.b * s.nkv * capacity * s.hs)
+}
+
+impl KvCacheWrite<'_> {
+    fn operands<'o>(&'o self, o: &mut Operands<'o>) -> Result<()> {
+        let s = &self.shape;
+        let len = cache_len(o.op, s, self.pos, self.capacity)?;
+        o.output("k_cache", self.k_cache, Ty::X, len)?;
+        o.output("v_cache", self.v_cache, Ty::X, len)?;
+        o.input("qkv", self.qkv, Ty::X, s.qkv_len())
+    }
+}
+
+impl CachedAttention<'_> {
+    fn operands<'o>(&'o self, o: &mut Operands<'o>) -> Result<()> {
+        let s = &self.shape;
+        let len = cache_len(o.op, s, self.pos, self.capacity)?;
+        o.output("out", self.out, Ty::X, s.out_len())?;
+        o.input("qkv", self.qkv, Ty::X, s.qkv_len())?;
+        o.input("k_cache", self.k_cache, Ty::X, len)?;
+        o.input("v_cache", self.v_cache, Ty::X, len)
+    }
+}
+
 impl GeluForward<'_> {
     fn operands<'o>(&'o self, o: &mut Operands<'o>) -> Result<()> {
         let n = self.inp.len();
@@ -653,6 +718,8 @@ operations! {
     AttentionForward => "attention_forward",
     AttentionBackward => "attention_backward",
     Rotary => "rotary",
+    KvCacheWrite => "kv_cache_write",
+    CachedAttention => "cached_attention",
     GeluForward => "gelu_forward",
     GeluBackward => "gelu_backward",
     SwigluForward => "swiglu_forward",

@@ -571,4 +571,46 @@ mod tests {
             "{e}"
         );
     }
+
+    /// What `strata export` writes for a model (`model::hf_config`) reads back as that model.
+    #[test]
+    fn the_config_json_of_an_export_reads_back_as_its_model() {
+        let variants: [&[&str]; 4] = [
+            &[],
+            &[
+                "model.arch=\"llama\"",
+                "model.intermediate_size=200",
+                "model.n_kv_head=2",
+            ],
+            &[
+                "model.arch=\"llama\"",
+                "model.intermediate_size=64",
+                "model.qkv_bias=true",
+                "model.tie_word_embeddings=true",
+                "model.rope_scaling={rope_type=\"linear\", factor=2.0}",
+            ],
+            &[
+                "model.arch=\"llama\"",
+                "model.intermediate_size=64",
+                "model.qk_norm=true",
+                "model.head_dim=64",
+            ],
+        ];
+        for sets in variants {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            let m = crate::config::Config::load(None, &sets)
+                .expect("config")
+                .model;
+            let json = crate::model::hf_config(&m).expect("a transformers class");
+            let back = read(json).expect("reads back");
+            let (a, b) = (crate::model::build(&m), crate::model::build(&back));
+            assert_eq!(a.units(), b.units(), "{sets:?}");
+            assert_eq!(a.describe(), b.describe(), "{sets:?}");
+            assert_eq!(m.rope_kind(), back.rope_kind(), "{sets:?}");
+            assert_eq!(
+                (m.seq_len, m.theta(), m.rms_eps()),
+                (back.seq_len, back.theta(), back.rms_eps())
+            );
+        }
+    }
 }

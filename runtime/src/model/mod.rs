@@ -10,6 +10,7 @@
 //! model knowing. Activations and workspaces come from the engine's arena ([`Model::prepare`]),
 //! so the engine's dry run counts them.
 
+pub mod decode;
 pub mod gpt2;
 mod hf;
 pub mod llama;
@@ -21,6 +22,7 @@ pub use hf::hf_config;
 use rayon::prelude::*;
 
 use crate::backend::{Arena, AttentionMode, Buf, DType, Device, DeviceError};
+use decode::{CacheHeads, KvCache};
 
 /// How a tensor is initialised.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -312,6 +314,30 @@ pub trait Model: Send {
     }
     /// Training FLOPs per token (forward + backward, without recompute), for TFLOP/s and MFU.
     fn flops_per_token(&self, t: usize) -> f64;
+    /// The attention layers a decoding cache holds ([`decode`]); None: the model does not decode.
+    fn cache_heads(&self) -> Option<CacheHeads> {
+        None
+    }
+    /// Forward of a stage other than the last for decoding: as [`Model::forward`], for the
+    /// `tokens.t` new tokens of positions `cache.len()..`, each attention layer appending their
+    /// keys and values to its cache and attending over every cached position. The caller
+    /// advances the cache once every stage has run.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_cached(
+        &mut self,
+        _dev: &dyn Device,
+        _stage: usize,
+        _params: &[Buf],
+        _tokens: &Tokens,
+        _input: &Buf,
+        _output: &Buf,
+        _cache: &KvCache,
+    ) -> Result<(), DeviceError> {
+        Err(DeviceError::op(
+            "forward_cached",
+            "this model does not decode with a cache",
+        ))
+    }
 }
 
 /// The model `[model]` describes (`model.arch`), before `prepare`. The section must have passed

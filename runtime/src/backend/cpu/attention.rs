@@ -330,7 +330,7 @@ fn head_backward(
 
 multiversion! {
     /// x ← softmax(x).
-    fn softmax_in_place(x: &mut [f32]) {
+    pub(super) fn softmax_in_place(x: &mut [f32]) {
         let max = fastmath::max(x);
         for v in x.iter_mut() {
             *v = fastmath::exp(*v - max);

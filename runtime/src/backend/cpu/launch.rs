@@ -8,7 +8,7 @@
 //! and the queues order this job against every other user of these bytes.
 
 use super::device::{view, view_mut, CpuDevice};
-use super::{attention, crossentropy, elementwise, encoder, flash, layernorm, matmul};
+use super::{attention, crossentropy, decode, elementwise, encoder, flash, layernorm, matmul};
 use super::{rmsnorm, rotary};
 use crate::backend::{AttentionActs, AttentionScratch, Buf, Checked, GradMode, Op, Result};
 
@@ -258,6 +258,34 @@ impl CpuDevice {
                 self.compute(name, move || {
                     // SAFETY: see the module's documentation.
                     unsafe { rotary::rotary(view_mut(&qkv), view(&cos), view(&sin), s, inverse) };
+                })
+            }
+            Op::KvCacheWrite(d) => {
+                let [k, v, qkv] = owned([d.k_cache, d.v_cache, d.qkv]);
+                let (s, pos, capacity) = (d.shape, d.pos, d.capacity);
+                self.compute(name, move || {
+                    // SAFETY: see the module's documentation.
+                    let (k, v, qkv) = unsafe { (view_mut(&k), view_mut(&v), view(&qkv)) };
+                    decode::kv_cache_write(k, v, qkv, s, pos, capacity);
+                })
+            }
+            Op::CachedAttention(d) => {
+                let bufs = owned([d.out, d.qkv, d.k_cache, d.v_cache]);
+                let (s, pos, capacity) = (d.shape, d.pos, d.capacity);
+                self.compute(name, move || {
+                    let [out, qkv, k, v] = &bufs;
+                    // SAFETY: see the module's documentation.
+                    unsafe {
+                        decode::cached_attention(
+                            view_mut(out),
+                            view(qkv),
+                            view(k),
+                            view(v),
+                            s,
+                            pos,
+                            capacity,
+                        )
+                    };
                 })
             }
             Op::GeluForward(d) => {

@@ -5,6 +5,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod crossentropy;
+pub mod decode;
 mod device;
 mod disjoint;
 pub mod elementwise;

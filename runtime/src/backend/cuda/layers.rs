@@ -15,6 +15,7 @@ use crate::backend::{
     GradMode, LayerNormBackward, LayerNormForward, MatmulBackward, MatmulForward, Op,
     RmsNormBackward, RmsNormForward, Rotary, Rows,
 };
+use crate::backend::{CachedAttention, KvCacheWrite};
 
 /// Rows per block in bias_backward's row split.
 const BIAS_ROWS_PER_CHUNK: usize = 256;
@@ -24,6 +25,9 @@ pub(super) const SHARED_DEFAULT_MAX_BYTES: usize = 48 * 1024;
 const NORM_BACKWARD_BLOCK: u32 = 512;
 /// Blocks of the norm backward kernels at most (each strides over rows).
 const NORM_BACKWARD_BLOCKS_MAX: usize = 264;
+
+/// Must match DECODE_HS_MAX in decode.cu.
+const CACHED_ATTENTION_HS_MAX: usize = 256;
 
 /// A null device pointer (an absent optional operand).
 const NULL: Arg = Arg::Ptr(0);
@@ -72,6 +76,8 @@ impl GpuContext {
                 }
             },
             Op::Rotary(d) => self.rotary(&d),
+            Op::KvCacheWrite(d) => self.kv_cache_write(&d),
+            Op::CachedAttention(d) => self.cached_attention(&d),
             Op::GeluForward(d) => self.launch_elementwise(
                 "gelu_forward",
                 "gelu_forward_vec",
@@ -274,6 +280,49 @@ impl GpuContext {
         ];
         let pairs = s.b * s.t * (s.nh + s.nkv) * (s.hs / 2);
         self.launch(op, elementwise_config(pairs), &args)
+    }
+
+    fn kv_cache_write(&self, d: &KvCacheWrite<'_>) -> Result<()> {
+        let op = "kv_cache_write";
+        let s = d.shape;
+        let args = [
+            Arg::Ptr(d.k_cache.ptr()),
+            Arg::Ptr(d.v_cache.ptr()),
+            Arg::Ptr(d.qkv.ptr()),
+            int(s.b, op)?,
+            int(s.t, op)?,
+            int(s.nh, op)?,
+            int(s.nkv, op)?,
+            int(s.hs, op)?,
+            int(d.pos, op)?,
+            int(d.capacity, op)?,
+        ];
+        self.launch(op, elementwise_config(s.b * s.t * s.nkv * s.hs), &args)
+    }
+
+    fn cached_attention(&self, d: &CachedAttention<'_>) -> Result<()> {
+        let op = "cached_attention";
+        let s = d.shape;
+        ensure(s.hs <= CACHED_ATTENTION_HS_MAX, op, || {
+            format!(
+                "head size {} exceeds the kernel's {CACHED_ATTENTION_HS_MAX}",
+                s.hs
+            )
+        })?;
+        let args = [
+            Arg::Ptr(d.out.ptr()),
+            Arg::Ptr(d.qkv.ptr()),
+            Arg::Ptr(d.k_cache.ptr()),
+            Arg::Ptr(d.v_cache.ptr()),
+            int(s.b, op)?,
+            int(s.t, op)?,
+            int(s.nh, op)?,
+            int(s.nkv, op)?,
+            int(s.hs, op)?,
+            int(d.pos, op)?,
+            int(d.capacity, op)?,
+        ];
+        self.launch(op, rows_config(s.b * s.t * s.nh)?, &args)
     }
 
     fn matmul_forward(&self, d: &MatmulForward<'_>) -> Result<()> {

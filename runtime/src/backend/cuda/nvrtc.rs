@@ -69,6 +69,11 @@ pub const KERNEL_FILES: &[(&str, &str, &[&str])] = &[
         &["rmsnorm_forward", "rmsnorm_backward"],
     ),
     (
+        "decode.cu",
+        include_str!("../../../kernels/decode.cu"),
+        &["kv_cache_write", "cached_attention"],
+    ),
+    (
         "rotary.cu",
         include_str!("../../../kernels/rotary.cu"),
         &["rotary"],

@@ -161,6 +161,21 @@ impl Tokenizer {
         }
         Ok(())
     }
+
+    /// The text of `ids` (special tokens written out; bytes that are not UTF-8 as U+FFFD).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        match &self.engine {
+            Engine::Bytes => {
+                let bytes: Vec<u8> = ids.iter().map(|&id| id as u8).collect();
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            Engine::Gpt2(bpe) => bpe
+                .decode_bytes(ids)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .map_err(|e| e.to_string()),
+            Engine::Hf(t) => t.decode(ids, false).map_err(|e| e.to_string()),
+        }
+    }
 }
 
 fn config_error(path: &Path, message: impl std::fmt::Display) -> DataError {

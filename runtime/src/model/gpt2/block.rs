@@ -3,10 +3,11 @@
 
 use super::Gpt2Shape;
 use crate::backend::{
-    Arena, AttentionActs, AttentionBackward, AttentionForward, AttentionScratch, AttentionShape,
-    Buf, DType, Device, DeviceError, GeluBackward, GeluForward, GradMode, LayerNormBackward,
-    LayerNormForward, MatmulBackward, MatmulForward, Queue, ResidualForward,
+    Arena, AttentionActs, AttentionBackward, AttentionScratch, AttentionShape, Buf, DType, Device,
+    DeviceError, GeluBackward, GeluForward, GradMode, LayerNormBackward, LayerNormForward,
+    MatmulBackward, MatmulForward, Queue, ResidualForward,
 };
+use crate::model::decode::{attend, LayerCache};
 use crate::model::Prepare;
 
 /// Index of each tensor in a block unit (the order of `build_units`).
@@ -106,7 +107,8 @@ impl Block {
         })
     }
 
-    /// output = input + attn(ln_1(input)) + mlp(ln_2(…)).
+    /// output = input + attn(ln_1(input)) + mlp(ln_2(…)); with a cache, the attention of the
+    /// new tokens over the cached positions.
     pub(super) fn forward(
         &self,
         dev: &dyn Device,
@@ -114,6 +116,7 @@ impl Block {
         w: &[Buf; BLOCK_TENSORS],
         input: &Buf,
         output: &Buf,
+        cache: Option<LayerCache<'_>>,
     ) -> Result<(), DeviceError> {
         let (n, c) = (self.shape.b * self.shape.t, self.shape.q_width());
         dev.run(LayerNormForward {
@@ -135,12 +138,14 @@ impl Block {
             c,
             oc: 3 * c,
         })?;
-        dev.run(AttentionForward {
-            out: &self.atty,
-            acts: &self.attention,
-            qkv: &self.qkv,
-            shape: self.shape,
-        })?;
+        attend(
+            dev,
+            &self.atty,
+            &self.attention,
+            &self.qkv,
+            self.shape,
+            cache,
+        )?;
         dev.run(MatmulForward {
             out: &sc.proj_out,
             inp: &self.atty,

@@ -11,6 +11,7 @@
 mod block;
 mod head;
 
+use super::decode::{CacheHeads, KvCache};
 use super::{HeadGrads, Init, Model, Prepare, StageSpec, TensorSpec, Tokens, UnitSpec};
 use crate::backend::{Arena, Buf, Device, DeviceError, EncoderBackward, EncoderForward};
 use block::{Block, BlockScratch};
@@ -195,6 +196,51 @@ impl Gpt2 {
         }
         Ok(ws)
     }
+
+    /// Forward of a stage other than the head, over the whole sequence (training) or, with a
+    /// cache, over new tokens at positions `cache.len()..` (their rows of the position table).
+    #[allow(clippy::too_many_arguments)]
+    fn stage_forward(
+        &mut self,
+        dev: &dyn Device,
+        stage: usize,
+        params: &[Buf],
+        tokens: &Tokens,
+        input: &Buf,
+        output: &Buf,
+        cache: Option<&KvCache>,
+    ) -> Result<(), DeviceError> {
+        let shape = self.shape;
+        let (b, t, c) = (tokens.b, tokens.t, shape.n_embd);
+        if stage == 0 {
+            let embed = self.units[0].views(&params[0])?;
+            self.workspaces(Some(tokens))?;
+            let pos = cache.map_or(0, KvCache::len);
+            let wpe = embed[1].slice(pos * c, t * c).map_err(|_| {
+                DeviceError::op(
+                    "gpt2",
+                    format!(
+                        "{t} positions from {pos} exceed the model's {}",
+                        shape.max_seq_len
+                    ),
+                )
+            })?;
+            return dev.run(EncoderForward {
+                out: output,
+                tokens: &tokens.inputs,
+                wte: &embed[0],
+                wpe: Some(&wpe),
+                b,
+                t,
+                c,
+            });
+        }
+        let layer = cache.map(|c| c.layer(stage - 1)).transpose()?;
+        let ws = self.workspaces(Some(tokens))?;
+        let i = if ws.shape.checkpointing { 0 } else { stage - 1 };
+        let weights = block::weights(&params[0], &shape)?;
+        ws.blocks[i].forward(dev, &ws.scratch, &weights, input, output, layer)
+    }
 }
 
 impl Model for Gpt2 {
@@ -266,25 +312,7 @@ impl Model for Gpt2 {
         input: &Buf,
         output: &Buf,
     ) -> Result<(), DeviceError> {
-        let shape = self.shape;
-        let (b, t, c) = (tokens.b, tokens.t, shape.n_embd);
-        if stage == 0 {
-            let embed = self.units[0].views(&params[0])?;
-            self.workspaces(Some(tokens))?;
-            return dev.run(EncoderForward {
-                out: output,
-                tokens: &tokens.inputs,
-                wte: &embed[0],
-                wpe: Some(&embed[1]),
-                b,
-                t,
-                c,
-            });
-        }
-        let ws = self.workspaces(Some(tokens))?;
-        let i = if ws.shape.checkpointing { 0 } else { stage - 1 };
-        let weights = block::weights(&params[0], &shape)?;
-        ws.blocks[i].forward(dev, &ws.scratch, &weights, input, output)
+        self.stage_forward(dev, stage, params, tokens, input, output, None)
     }
 
     fn head(
@@ -373,6 +401,27 @@ impl Model for Gpt2 {
             wte: &wte,
         };
         ws.head.logits(dev, &shape, &p, input, row0)
+    }
+
+    fn cache_heads(&self) -> Option<CacheHeads> {
+        Some(CacheHeads {
+            layers: self.shape.n_layer,
+            nkv: self.shape.n_head,
+            hs: self.shape.n_embd / self.shape.n_head,
+        })
+    }
+
+    fn forward_cached(
+        &mut self,
+        dev: &dyn Device,
+        stage: usize,
+        params: &[Buf],
+        tokens: &Tokens,
+        input: &Buf,
+        output: &Buf,
+        cache: &KvCache,
+    ) -> Result<(), DeviceError> {
+        self.stage_forward(dev, stage, params, tokens, input, output, Some(cache))
     }
 
     fn flops_per_token(&self, t: usize) -> f64 {

@@ -4,10 +4,11 @@
 
 use super::{LayerLayout, LlamaShape};
 use crate::backend::{
-    Arena, AttentionActs, AttentionBackward, AttentionForward, AttentionScratch, AttentionShape,
-    Buf, DType, Device, DeviceError, GradMode, MatmulBackward, MatmulForward, Queue,
-    ResidualForward, RmsNormBackward, RmsNormForward, Rotary, Rows, SwigluBackward, SwigluForward,
+    Arena, AttentionActs, AttentionBackward, AttentionScratch, AttentionShape, Buf, DType, Device,
+    DeviceError, GradMode, MatmulBackward, MatmulForward, Queue, ResidualForward, RmsNormBackward,
+    RmsNormForward, Rotary, Rows, SwigluBackward, SwigluForward,
 };
+use crate::model::decode::{attend, LayerCache};
 use crate::model::Prepare;
 use std::ops::Range;
 
@@ -154,7 +155,10 @@ impl Block {
         self.shape.b * self.shape.t
     }
 
-    /// output = h + mlp(rmsnorm(h)), h = input + attention(rmsnorm(input)).
+    /// output = h + mlp(rmsnorm(h)), h = input + attention(rmsnorm(input)); with a cache, the
+    /// attention of the new tokens over the cached positions (`cos`, `sin` are the new
+    /// tokens' rows).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn forward(
         &self,
         dev: &dyn Device,
@@ -163,6 +167,7 @@ impl Block {
         (cos, sin): (&Buf, &Buf),
         input: &Buf,
         output: &Buf,
+        cache: Option<LayerCache<'_>>,
     ) -> Result<(), DeviceError> {
         let (n, c, s) = (self.n(), self.c, self.shape);
         dev.run(RmsNormForward {
@@ -206,12 +211,7 @@ impl Block {
             shape: s,
             inverse: false,
         })?;
-        dev.run(AttentionForward {
-            out: &self.atty,
-            acts: &self.attention,
-            qkv: &self.qkv,
-            shape: s,
-        })?;
+        attend(dev, &self.atty, &self.attention, &self.qkv, s, cache)?;
         dev.run(MatmulForward {
             out: &sc.proj_out,
             inp: &self.atty,

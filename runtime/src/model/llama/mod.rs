@@ -20,6 +20,7 @@ mod tests;
 
 use std::ops::Range;
 
+use super::decode::{CacheHeads, KvCache};
 use super::{HeadGrads, Init, Model, Prepare, StageSpec, TensorSpec, Tokens, UnitSpec};
 use crate::backend::{
     Arena, Buf, DType, Device, DeviceError, EncoderBackward, EncoderForward, Queue,
@@ -255,10 +256,10 @@ struct Workspaces {
     blocks: Vec<Block>,
     scratch: BlockScratch,
     head: Head,
-    /// The rotary tables (T, HD/2) f32, and whether they have been copied to the device.
+    /// The rotary tables (T, HD/2) f32 of positions `tables_at..`, once copied to the device.
     cos: Buf,
     sin: Buf,
-    tables_copied: bool,
+    tables_at: Option<usize>,
 }
 
 pub struct Llama {
@@ -306,13 +307,14 @@ impl Llama {
         &self.shape
     }
 
-    /// The workspaces, checked against the micro-batch; the rotary tables copied to the
-    /// device on first use (on the compute queue, from this model's host tables, which live as
-    /// long as it does).
+    /// The workspaces, checked against the micro-batch; with `dev`, the rotary tables of the
+    /// positions `pos..pos + T` on the device (copied on the compute queue when they hold other
+    /// positions, from this model's host tables, which live as long as it does).
     fn workspaces(
         &mut self,
         dev: Option<&dyn Device>,
         tokens: Option<&Tokens>,
+        pos: usize,
     ) -> Result<&mut Workspaces, DeviceError> {
         let ws = self
             .ws
@@ -328,20 +330,65 @@ impl Llama {
                 ),
             ));
         }
-        if let (Some(dev), false) = (dev, ws.tables_copied) {
+        if let Some(dev) = dev.filter(|_| ws.tables_at != Some(pos)) {
             let n = ws.cos.len();
+            let rows = pos * self.shape.head_dim / 2..pos * self.shape.head_dim / 2 + n;
             for (dst, src) in [(&ws.cos, &self.cos), (&ws.sin, &self.sin)] {
+                let src = src.get(rows.clone()).ok_or_else(|| {
+                    DeviceError::op(
+                        "llama",
+                        format!(
+                            "{t} positions from {pos} exceed the model's {}",
+                            self.shape.max_seq_len
+                        ),
+                    )
+                })?;
                 // SAFETY: the source is this model's host table, never written after `new` and
                 // dropped only with the model, after the engine has drained the device's queues.
-                unsafe { dev.copy_h2d(Queue::Compute, dst, bytemuck::cast_slice(&src[..n]))? };
+                unsafe { dev.copy_h2d(Queue::Compute, dst, bytemuck::cast_slice(src))? };
             }
-            ws.tables_copied = true;
+            ws.tables_at = Some(pos);
         }
         Ok(ws)
     }
 
     fn layer_views(&self, unit: &Buf) -> Result<LayerViews, DeviceError> {
         LayerViews::new(unit, &self.layout)
+    }
+
+    /// Forward of a stage other than the head, over the whole sequence (training) or, with a
+    /// cache, over new tokens at positions `cache.len()..`.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_forward(
+        &mut self,
+        dev: &dyn Device,
+        stage: usize,
+        params: &[Buf],
+        tokens: &Tokens,
+        input: &Buf,
+        output: &Buf,
+        cache: Option<&KvCache>,
+    ) -> Result<(), DeviceError> {
+        let pos = cache.map_or(0, KvCache::len);
+        if stage == 0 {
+            let wte = params[0].slice(0, self.units[0].numel())?;
+            self.workspaces(None, Some(tokens), pos)?;
+            return dev.run(EncoderForward {
+                out: output,
+                tokens: &tokens.inputs,
+                wte: &wte,
+                wpe: None,
+                b: tokens.b,
+                t: tokens.t,
+                c: self.shape.n_embd,
+            });
+        }
+        let layer = cache.map(|c| c.layer(stage - 1)).transpose()?;
+        let weights = self.layer_views(&params[0])?;
+        let ws = self.workspaces(Some(dev), Some(tokens), pos)?;
+        let i = if ws.shape.checkpointing { 0 } else { stage - 1 };
+        let rope = (&ws.cos, &ws.sin);
+        ws.blocks[i].forward(dev, &ws.scratch, &weights, rope, input, output, layer)
     }
 }
 
@@ -412,7 +459,7 @@ impl Model for Llama {
             head: Head::new(arena, &s, &p)?,
             cos: arena.alloc("rotary tables", DType::F32, half)?,
             sin: arena.alloc("rotary tables", DType::F32, half)?,
-            tables_copied: false,
+            tables_at: None,
         });
         Ok(())
     }
@@ -426,24 +473,7 @@ impl Model for Llama {
         input: &Buf,
         output: &Buf,
     ) -> Result<(), DeviceError> {
-        if stage == 0 {
-            let wte = params[0].slice(0, self.units[0].numel())?;
-            self.workspaces(None, Some(tokens))?;
-            return dev.run(EncoderForward {
-                out: output,
-                tokens: &tokens.inputs,
-                wte: &wte,
-                wpe: None,
-                b: tokens.b,
-                t: tokens.t,
-                c: self.shape.n_embd,
-            });
-        }
-        let weights = self.layer_views(&params[0])?;
-        let ws = self.workspaces(Some(dev), Some(tokens))?;
-        let i = if ws.shape.checkpointing { 0 } else { stage - 1 };
-        let rope = (&ws.cos, &ws.sin);
-        ws.blocks[i].forward(dev, &ws.scratch, &weights, rope, input, output)
+        self.stage_forward(dev, stage, params, tokens, input, output, None)
     }
 
     fn head(
@@ -456,7 +486,7 @@ impl Model for Llama {
         grads: Option<HeadGrads<'_>>,
     ) -> Result<(), DeviceError> {
         let shape = self.shape;
-        let ws = self.workspaces(None, Some(tokens))?;
+        let ws = self.workspaces(None, Some(tokens), 0)?;
         ws.head.run(
             dev,
             &shape,
@@ -481,7 +511,7 @@ impl Model for Llama {
     ) -> Result<(), DeviceError> {
         if stage == 0 {
             let dwte = grads[0].slice(0, self.units[0].numel())?;
-            self.workspaces(None, Some(tokens))?;
+            self.workspaces(None, Some(tokens), 0)?;
             return dev.run(EncoderBackward {
                 dwte: &dwte,
                 dwpe: None,
@@ -494,7 +524,7 @@ impl Model for Llama {
         }
         let weights = self.layer_views(&params[0])?;
         let dweights = self.layer_views(&grads[0])?;
-        let ws = self.workspaces(Some(dev), Some(tokens))?;
+        let ws = self.workspaces(Some(dev), Some(tokens), 0)?;
         let block = &ws.blocks[if ws.shape.checkpointing { 0 } else { stage - 1 }];
         let rope = (&ws.cos, &ws.sin);
         block.backward(dev, &ws.scratch, &weights, &dweights, rope, input, dres)
@@ -508,8 +538,29 @@ impl Model for Llama {
         row0: usize,
     ) -> Result<(Buf, usize, usize), DeviceError> {
         let shape = self.shape;
-        let ws = self.workspaces(None, None)?;
+        let ws = self.workspaces(None, None, 0)?;
         ws.head.logits(dev, &shape, params, input, row0)
+    }
+
+    fn cache_heads(&self) -> Option<CacheHeads> {
+        Some(CacheHeads {
+            layers: self.shape.n_layer,
+            nkv: self.shape.n_kv_head,
+            hs: self.shape.head_dim,
+        })
+    }
+
+    fn forward_cached(
+        &mut self,
+        dev: &dyn Device,
+        stage: usize,
+        params: &[Buf],
+        tokens: &Tokens,
+        input: &Buf,
+        output: &Buf,
+        cache: &KvCache,
+    ) -> Result<(), DeviceError> {
+        self.stage_forward(dev, stage, params, tokens, input, output, Some(cache))
     }
 
     fn flops_per_token(&self, t: usize) -> f64 {

@@ -5,6 +5,7 @@
 //! skipped shows up as a failure. `strata selftest --gpu` adds the 20-step training run
 //! (engine) and the one-rank NCCL all_reduce (collectives) around these.
 
+mod decode;
 mod layers;
 
 use std::time::Instant;
@@ -15,6 +16,7 @@ use super::pinned::CudaRegistrar;
 use super::{DType, Precision};
 use crate::backend::cpu::adamw::{adamw_update, sum_of_squares};
 use crate::backend::{AdamWHyper, AttentionShape, Buf, Rows, NORM_PARTIALS_MAX};
+use decode::check_decode;
 use layers::*;
 
 /// One compared tensor.
@@ -264,7 +266,7 @@ fn run_all(h: &mut Harness<'_>) -> Result<()> {
         mha(1, 4096, 768, 12),
         mha(1, 4096, 256, 2),
     ];
-    let groups: [CheckGroup<'_>; 21] = [
+    let groups: [CheckGroup<'_>; 23] = [
         ("encoder", "", &|h| check_encoder(h, b, t, c, v)),
         ("layernorm", "", &|h| check_layernorm(h, n, c)),
         ("rmsnorm", "", &|h| check_rmsnorm(h, Rows::dense(n, c))),
@@ -276,6 +278,13 @@ fn run_all(h: &mut Harness<'_>) -> Result<()> {
         ("attention", "", &|h| check_attention(h, mha(b, t, c, nh))),
         ("attention", "", &|h| check_attention(h, gqa_shapes[0])),
         ("crossentropy", "", &|h| check_crossentropy(h, n, v, vp)),
+        // Decoding: one token after 37 cached, a prompt into an empty cache, HS = 256 (the
+        // kernel's largest head).
+        ("decode", "", &|h| {
+            check_decode(h, gqa(2, 1, 8, 2, 64), 37, 64)?;
+            check_decode(h, gqa(1, 13, 16, 8, 128), 0, 20)?;
+            check_decode(h, gqa(1, 1, 4, 1, 256), 100, 128)
+        }),
         ("casts_norm_adamw", "", &|h| {
             check_casts_norm_adamw(h, 100_003)
         }),
@@ -286,6 +295,9 @@ fn run_all(h: &mut Harness<'_>) -> Result<()> {
         ("swiglu", ODD, &|h| check_swiglu(h, 37, 100)),
         ("matmul", ODD, &|h| check_matmul(h, 37, 72, 100)),
         ("attention", ODD, &|h| check_attention(h, odd_attention)),
+        ("decode", ODD, &|h| {
+            check_decode(h, gqa(1, 5, 6, 2, 18), 9, 15)
+        }),
         ("flash_attention", "", &|h| {
             for s in flash_shapes.iter().chain(&gqa_shapes) {
                 check_flash_attention(h, *s)?;
