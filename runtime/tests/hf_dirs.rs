@@ -481,3 +481,45 @@ fn an_exported_directory_reads_back_and_trains_on_bitwise_as_the_checkpoint_resu
     // And not the first step's: the export holds the trained weights.
     assert_ne!(steps(&trained)[0], back_steps[0]);
 }
+
+#[test]
+fn a_bad_value_in_one_ranks_part_stops_every_rank_naming_file_and_tensor() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut shard = PathBuf::new();
+    // The last value of the LM head lies in rank 1's part of its unit (its shard's end).
+    let dir = broken(tmp.path(), "llama", |d| {
+        let index: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(d.join("model.safetensors.index.json")).expect("index"),
+        )
+        .expect("json");
+        shard = d.join(
+            index["weight_map"]["lm_head.weight"]
+                .as_str()
+                .expect("listed"),
+        );
+        let mut bytes = std::fs::read(&shard).expect("shard");
+        let end = {
+            let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+            let view = st.tensor("lm_head.weight").expect("lm_head");
+            view.data().as_ptr() as usize - bytes.as_ptr() as usize + view.data().len()
+        };
+        bytes[end - 4..end].copy_from_slice(&f32::NAN.to_le_bytes());
+        std::fs::write(&shard, bytes).expect("write shard");
+    });
+    let run = tmp.path().join("run");
+    let out = train(&dir, &run, 2, &["model.seq_len=16".to_string()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&shard.display().to_string())
+            && stderr.contains("lm_head.weight")
+            && stderr.contains("NaN"),
+        "{stderr}"
+    );
+    // The rank whose part was fine names the one that was not, instead of waiting for it.
+    assert!(
+        stderr.contains("rank 1 could not read its part"),
+        "{stderr}"
+    );
+    assert!(!run.join("metrics.jsonl").exists(), "{stderr}");
+}
