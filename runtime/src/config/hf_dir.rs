@@ -5,7 +5,7 @@
 //! shape field to its `[model]` key, and the fields that change the math strata computes are
 //! checked to hold the values it computes (`hidden_act = "silu"`, GPT-2's `gelu_new`, …). A field
 //! strata does not know is refused by name, since it may change the math; the fields listed in
-//! [`IGNORED`] do not (dropout, token ids, dtype, caching). A `[model]` key the user also set must
+//! `IGNORED` do not (dropout, token ids, dtype, caching). A `[model]` key the user also set must
 //! agree with config.json; the error names both.
 //!
 //! Both spellings of the rotary settings are read: transformers 4's `rope_theta` and
