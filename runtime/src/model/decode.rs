@@ -3,7 +3,7 @@
 //!
 //! A model that decodes says the shape of its cache ([`Model::cache_heads`](super::Model::cache_heads)) and runs each
 //! stage with [`Model::forward_cached`](super::Model::forward_cached): the blocks are the training blocks, their attention
-//! step ([`attend`]) writing the new tokens' keys and values into the layer's cache and
+//! step (`attend`) writing the new tokens' keys and values into the layer's cache and
 //! attending over every cached position instead of over the sequence alone; the positions of
 //! the new tokens start at the cache's length (GPT-2's position table, Llama's rotary tables).
 
