@@ -11,11 +11,8 @@ use strata::data::Loader;
 use strata::model::IGNORE_TARGET;
 use strata::{Config, Engine};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+mod common;
+use common::{fixture, hf_layout, rel_diff};
 
 struct Reference {
     bytes: Vec<u8>,
@@ -71,24 +68,6 @@ impl Reference {
     }
 }
 
-/// max |a − b| / max |b|.
-fn rel_diff(name: &str, got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    let max_diff = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max);
-    let scale = want
-        .iter()
-        .map(|b| (*b as f64).abs())
-        .fold(0.0, f64::max)
-        .max(1e-30);
-    let rel = max_diff / scale;
-    println!("{name:<42} maxdiff {max_diff:.3e}  rel {rel:.3e}");
-    rel
-}
-
 /// The fixture's model keys as `--set` arguments.
 fn model_sets(reference: &Reference) -> Vec<String> {
     let c = reference.config();
@@ -101,29 +80,6 @@ fn model_sets(reference: &Reference) -> Vec<String> {
         fixture("gpt2_tiny_weights.safetensors").display()
     ));
     sets
-}
-
-/// The gradient of a tensor in Hugging Face's layout (Conv1D weights transposed back).
-fn hf_layout(engine: &Engine, units: &[Vec<f32>], name: &str) -> Vec<f32> {
-    for (unit, data) in engine.units().iter().zip(units) {
-        for (spec, range) in unit.tensors.iter().zip(unit.ranges()) {
-            if spec.name == name {
-                let data = &data[range.start..range.start + spec.numel()];
-                if !spec.stored_transposed {
-                    return data.to_vec();
-                }
-                let (rows, cols) = (spec.shape[0], spec.shape[1]);
-                let mut t = vec![0.0; data.len()];
-                for r in 0..rows {
-                    for c in 0..cols {
-                        t[c * rows + r] = data[r * cols + c];
-                    }
-                }
-                return t;
-            }
-        }
-    }
-    panic!("no tensor {name} in the engine")
 }
 
 #[test]

@@ -3,16 +3,12 @@
 //! clipping and gradient accumulation. The reference comes from tests/fixtures/make_parity.py.
 
 use safetensors::SafeTensors;
-use std::path::PathBuf;
 use strata::config::{ByteSize, SizeOrAuto};
 use strata::data::Loader;
 use strata::{Config, Engine, EngineError};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+mod common;
+use common::{fixture, hf_layout, rel_diff};
 
 struct Reference {
     bytes: Vec<u8>,
@@ -60,24 +56,6 @@ impl Reference {
             .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u16)
             .collect()
     }
-}
-
-/// max |a − b| / max |b|: the error relative to the tensor's scale.
-fn rel_diff(name: &str, got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    let max_diff = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max);
-    let scale = want
-        .iter()
-        .map(|b| (*b as f64).abs())
-        .fold(0.0, f64::max)
-        .max(1e-30);
-    let rel = max_diff / scale;
-    println!("{name:<42} maxdiff {max_diff:.3e}  rel {rel:.3e}");
-    rel
 }
 
 /// Both ways of computing attention (`train.attention`); the default first.
@@ -133,30 +111,6 @@ attention = "{attention}"
         steps = c["steps"],
     );
     Config::from_toml_str(&text).expect("parity config")
-}
-
-/// A tensor of per-unit flat buffers (`Engine::params` / `Engine::grads`) in the reference's
-/// (Hugging Face) layout: padding rows dropped, Conv1D weights transposed.
-fn hf_layout(engine: &Engine, units: &[Vec<f32>], name: &str) -> Vec<f32> {
-    for (unit, data) in engine.units().iter().zip(units) {
-        for (spec, range) in unit.tensors.iter().zip(unit.ranges()) {
-            if spec.name == name {
-                let data = &data[range.start..range.start + spec.numel()];
-                if !spec.stored_transposed {
-                    return data.to_vec();
-                }
-                let (rows, cols) = (spec.shape[0], spec.shape[1]);
-                let mut t = vec![0.0; data.len()];
-                for r in 0..rows {
-                    for c in 0..cols {
-                        t[c * rows + r] = data[r * cols + c];
-                    }
-                }
-                return t;
-            }
-        }
-    }
-    panic!("no tensor {name} in the engine")
 }
 
 fn param_names(engine: &Engine) -> Vec<String> {
