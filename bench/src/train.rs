@@ -253,7 +253,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             .iter()
             .map(|(what, bytes)| ((*what).to_string(), serde_json::json!(bytes)))
             .collect::<serde_json::Map<_, _>>(),
-        "peak_rss_bytes": strata::train::peak_rss_bytes(),
+        "peak_rss_bytes": strata::engine::peak_rss_bytes(),
         "precision": format!("{:?}", config.train.precision).to_lowercase(),
         "activation_checkpointing": config.train.activation_checkpointing,
         "attention": config.train.attention.name(),

@@ -56,8 +56,8 @@ enum Command {
     /// Print the placement plan of a config (state class × tier, bytes per rank, buffers) and check
     /// it against this machine or the capacities given; exits 1 when nothing fits.
     Plan(strata::plan::PlanArgs),
-    /// Write a checkpoint's weights as one safetensors file with Hugging Face GPT-2 names (and a
-    /// config.json beside it), unit by unit.
+    /// Write a checkpoint's weights with Hugging Face names as a model directory transformers loads
+    /// (config.json, safetensors shards and their index) or one safetensors file, unit by unit.
     Export(strata::export::ExportArgs),
     /// Continue a prompt with a checkpoint or an exported model, on the CPU or a GPU, with a key/value
     /// cache: greedy at temperature 0, else sampled (top-k / top-p, seeded); tokens printed as they come.

@@ -297,14 +297,6 @@ fn tiers_line(engine: &Engine, timed: &crate::engine::Traffic, wall_s: f64) -> S
     )
 }
 
-/// This process's peak resident memory (VmHWM), when /proc tells it.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// One line per rank: its peak resident memory and its device memory by purpose.
 fn memory_line(engine: &Engine) -> String {
     let device: usize = engine.memory_ledger().iter().map(|(_, b)| b).sum();
@@ -313,7 +305,7 @@ fn memory_line(engine: &Engine) -> String {
         .iter()
         .map(|(what, bytes)| format!("{what} {}", crate::engine::human_bytes(*bytes)))
         .collect();
-    let rss = peak_rss_bytes().map_or("unknown".into(), |b| {
+    let rss = crate::engine::peak_rss_bytes().map_or("unknown".into(), |b| {
         format!("{} ({b} bytes)", crate::engine::human_bytes(b as usize))
     });
     format!(

@@ -339,7 +339,9 @@ fn a_masked_token_file_trains_alike_at_one_and_two_ranks_and_with_zero_3_offload
 
 /// End to end: chats rendered by the Llama 3 tokenizer fixture's chat template (`strata prepare`, the loss on
 /// the assistant's tokens only) fine-tune a small Llama at 2 ranks with ZeRO-3 and everything on NVMe; the
-/// training loss and the held-out masked loss fall.
+/// training loss and the held-out masked loss fall; the model directory it exports, read back at one rank,
+/// has the held-out loss of the run's last evaluation. (That transformers computes the same loss on that
+/// directory is checked by hand: tests/fixtures/llama/check_chat_export.py.)
 #[test]
 fn a_llama_fine_tunes_on_chat_jsonl_at_two_ranks_with_zero_3_on_nvme() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -380,6 +382,7 @@ fn a_llama_fine_tunes_on_chat_jsonl_at_two_ranks_with_zero_3_on_nvme() {
     let nvme = dir.path().join("nvme");
     std::fs::create_dir(&nvme).expect("nvme dir");
     let metrics = dir.path().join("metrics.jsonl");
+    let export = dir.path().join("export");
     let mut cmd = Command::new(strata);
     cmd.args([
         "train",
@@ -409,6 +412,7 @@ fn a_llama_fine_tunes_on_chat_jsonl_at_two_ranks_with_zero_3_on_nvme() {
         format!("offload_optimizer.nvme_path={}", nvme.display()),
         "dist.timeout_s=60".into(),
         format!("train.metrics_file={}", metrics.display()),
+        format!("train.export_to={}", export.display()),
     ] {
         cmd.args(["--set", &set]);
     }
@@ -434,4 +438,33 @@ fn a_llama_fine_tunes_on_chat_jsonl_at_two_ranks_with_zero_3_on_nvme() {
     assert!(last < 0.6 * first, "train loss {first} → {last}");
     assert_eq!(val.len(), 2, "{val:?}");
     assert!(val[1] < val[0], "{val:?}");
+
+    // The export (fp32, a Hugging Face directory) read back by one rank without ZeRO: the same
+    // held-out micro-batches give the last evaluation's loss.
+    let sets = [
+        format!("model.init_from={}", export.display()),
+        "model.seq_len=64".into(),
+        format!("data.val={}", dir.path().join("chats_val.bin").display()),
+        "data.micro_batch_size=4".into(),
+        "train.device=\"cpu\"".into(),
+        "zero.stage=0".into(),
+        "offload_param.device=\"none\"".into(),
+        "offload_optimizer.device=\"none\"".into(),
+    ];
+    let config = Config::load(None, &sets).expect("config of the export");
+    assert_eq!(config.model.n_layer, 2, "config.json fills [model]");
+    let mut loader = Loader::val_from_config(&config)
+        .expect("val loader")
+        .expect("data.val");
+    let mut engine = Engine::from_config(config).expect("engine on the export");
+    let mut batch = engine.new_batch();
+    let (mut sum, mut counted) = (0.0f64, 0usize);
+    for _ in 0..4 {
+        loader.fill(&mut batch).expect("batch");
+        let (s, n) = engine.eval_loss_sum(&batch).expect("eval");
+        sum += s;
+        counted += n;
+    }
+    let reread = (sum / counted as f64) as f32;
+    assert!(rel_diff("held-out loss of the export", &[reread], &[val[1] as f32]) <= 1e-5);
 }

@@ -29,7 +29,7 @@ pub struct Field {
 }
 
 /// The shape fields, one table for reading and for naming fields in errors.
-pub const FIELDS: [Field; 11] = [
+pub const FIELDS: [Field; 12] = [
     field("n_layer", Some("n_layer"), Some("num_hidden_layers")),
     field("n_head", Some("n_head"), Some("num_attention_heads")),
     field("n_embd", Some("n_embd"), Some("hidden_size")),
@@ -41,6 +41,11 @@ pub const FIELDS: [Field; 11] = [
     field("rms_norm_eps", None, Some("rms_norm_eps")),
     field("tie_word_embeddings", None, Some("tie_word_embeddings")),
     field("mlp_bias", None, Some("mlp_bias")),
+    field(
+        "max_position_embeddings",
+        None,
+        Some("max_position_embeddings"),
+    ),
 ];
 
 const fn field(
@@ -52,7 +57,7 @@ const fn field(
 }
 
 /// Fields that do not change the model's math (read by nothing, or checked below by hand).
-const IGNORED: [&str; 28] = [
+const IGNORED: [&str; 27] = [
     "_name_or_path",
     "architectures",
     "model_type",
@@ -79,8 +84,6 @@ const IGNORED: [&str; 28] = [
     "embd_pdrop",
     "attn_pdrop",
     "summary_first_dropout",
-    // The Llama family computes positions from the index; the context length is model.seq_len.
-    "max_position_embeddings",
     // transformers 4's tensor-parallel split of the projections: the same math.
     "pretraining_tp",
     // GPT-2's context (n_positions is read); transformers computes attention in fp32 either way.
@@ -207,6 +210,7 @@ pub fn model_of(
             "rms_norm_eps" => m.rms_norm_eps = Some(float(name, v)?),
             "tie_word_embeddings" => m.tie_word_embeddings = Some(boolean(name, v)?),
             "mlp_bias" => m.mlp_bias = Some(boolean(name, v)?).filter(|&b| b),
+            "max_position_embeddings" => m.max_position_embeddings = Some(count(name, v)?),
             _ => {}
         }
     }

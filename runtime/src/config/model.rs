@@ -138,6 +138,12 @@ pub struct ModelConfig {
     /// seq_len is refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
+    /// `max_position_embeddings`: the context the model was made for. The math does not read it
+    /// (positions are the index, up to seq_len); an export writes it into config.json (at least
+    /// seq_len), so that a fine-tune keeps its base model's context. Unset: seq_len, or llama3
+    /// scaling's original context × factor when larger.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_position_embeddings: Option<usize>,
     /// `num_local_experts` (Mixtral) / `num_experts` (Qwen MoE): mixture-of-experts layers are
     /// not built; any value above 1 is refused.
     #[serde(skip_serializing_if = "Option::is_none", alias = "num_local_experts")]
@@ -166,6 +172,7 @@ impl Default for ModelConfig {
             mlp_bias: None,
             qk_norm: None,
             sliding_window: None,
+            max_position_embeddings: None,
             num_experts: None,
         }
     }
@@ -410,6 +417,10 @@ impl ModelConfig {
             ("model.mlp_bias", self.mlp_bias.is_some()),
             ("model.qk_norm", self.qk_norm.is_some()),
             ("model.sliding_window", self.sliding_window.is_some()),
+            (
+                "model.max_position_embeddings",
+                self.max_position_embeddings.is_some(),
+            ),
             ("model.num_experts", self.num_experts.is_some()),
         ] {
             if set {

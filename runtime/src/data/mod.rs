@@ -154,21 +154,8 @@ impl Tokens {
     }
 }
 
-fn memory(tokens: Vec<u16>) -> Tokens {
-    Tokens::Memory {
-        ids: tokens.into_iter().map(u32::from).collect(),
-        mask: None,
-    }
-}
-
-fn check_synthetic_vocab(vocab_size: usize) -> Result<(), DataError> {
-    if vocab_size > 1 << 16 {
-        return Err(DataError::Format {
-            path: PathBuf::from("synthetic"),
-            message: format!("model.vocab_size = {vocab_size} exceeds the uint16 token range"),
-        });
-    }
-    Ok(())
+fn memory(ids: Vec<u32>) -> Tokens {
+    Tokens::Memory { ids, mask: None }
 }
 
 /// Opens a token file; a file that is not there is [`DataError::NotFound`], which says how to make one.
@@ -228,7 +215,6 @@ impl Loader {
         shuffle: bool,
     ) -> Result<Loader, DataError> {
         let (tokens, origin) = if source == "synthetic" {
-            check_synthetic_vocab(vocab_size)?;
             (
                 memory(synthetic::synthetic_tokens(vocab_size, seed)),
                 "synthetic".to_string(),
@@ -278,7 +264,6 @@ impl Loader {
         };
         let (b, t) = (d.micro_batch_size, m.seq_len);
         let (tokens, origin) = if source == "synthetic" {
-            check_synthetic_vocab(m.vocab_size)?;
             (
                 memory(synthetic::synthetic_val_tokens(m.vocab_size, d.seed)),
                 "synthetic, held-out stream".to_string(),
@@ -299,7 +284,8 @@ impl Loader {
         seed: u64,
         shuffle: bool,
     ) -> Result<Loader, DataError> {
-        Loader::from_tokens(memory(tokens), "memory".into(), b, t, seed, shuffle)
+        let ids = tokens.into_iter().map(u32::from).collect();
+        Loader::from_tokens(memory(ids), "memory".into(), b, t, seed, shuffle)
     }
 
     /// A loader over tokens in memory with a loss mask (`mask[i]` = 0: token i is never a target).

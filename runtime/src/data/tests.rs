@@ -108,6 +108,10 @@ fn synthetic_set_is_deterministic_and_in_range() {
     assert_eq!(a, synthetic::synthetic_tokens(97, 5));
     assert!(a.iter().all(|&t| t < 97));
     assert_ne!(a[..100], synthetic::synthetic_tokens(97, 6)[..100]);
+    // Qwen's vocabulary needs ids past 65,535.
+    let wide = synthetic::synthetic_tokens(151_936, 5);
+    assert!(wide.iter().all(|&t| t < 151_936));
+    assert!(wide.iter().any(|&t| t > u16::MAX as u32));
 }
 
 #[test]

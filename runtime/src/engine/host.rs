@@ -19,7 +19,8 @@ impl Engine {
         let seed = self.config.data.seed;
         // Weights from `model.init_from` are checked whole (headers only) and then read one
         // unit at a time, each rank only its own part; the model's own init goes one unit at a
-        // time too. The host never holds more than one unit.
+        // time too. The host never holds more than one unit's part, or with host-tier optimizer
+        // states one sub-group's.
         let source = match &self.config.model.init_from {
             Some(path) => Some(weights::WeightSource::open(
                 path,
@@ -28,29 +29,56 @@ impl Engine {
             )?),
             None => None,
         };
+        let (started, rss_before) = (std::time::Instant::now(), super::rss_bytes());
         let mut failed = None;
         for u in 0..self.states.len() {
             let range = self.states[u].optimizer_range();
-            let host = match &source {
-                Some(source) => {
-                    let mut part = vec![0.0; range.len()];
-                    if let Err(e) = source.read(u, range, &mut part) {
-                        // Every rank stops, not only the one whose part is bad (below).
-                        failed = Some(e);
-                        break;
-                    }
-                    part
-                }
-                None => {
-                    let mut whole = self.laid.units[u].init_params(seed, u);
-                    whole.resize(self.states[u].shard.padded, 0.0);
-                    whole[range].to_vec()
-                }
+            let Some(source) = &source else {
+                let mut whole = self.laid.units[u].init_params(seed, u);
+                whole.resize(self.states[u].shard.padded, 0.0);
+                self.write_unit_states(u, &whole[range], None)?;
+                continue;
             };
-            self.write_unit_states(u, &host, None)?;
+            // Where the host tier holds the optimizer states, a sub-group at a time: a rank
+            // never holds more than one sub-group of the file's weights (a 150k-token
+            // embedding is a gigabyte in fp32).
+            let pieces = match (&self.states[u].optimizer, &self.host) {
+                (Optimizer::Host, Some(tier)) => tier
+                    .unit_parts(u)
+                    .into_iter()
+                    .map(|(k, r)| (Some(k), r))
+                    .collect(),
+                _ => vec![(None, 0..range.len())],
+            };
+            let mut part = Vec::new();
+            for (k, r) in pieces {
+                part.resize(r.len(), 0.0);
+                let elements = range.start + r.start..range.start + r.end;
+                if let Err(e) = source.read(u, elements, &mut part) {
+                    // Every rank stops, not only the one whose part is bad (below).
+                    failed = Some(e);
+                    break;
+                }
+                match (k, self.host.as_mut()) {
+                    (Some(k), Some(tier)) => tier.init_group(self.dev.as_ref(), k, &part, None)?,
+                    _ => self.write_unit_states(u, &part, None)?,
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
         }
-        if source.is_some() {
+        if let Some(source) = &source {
             self.agree_weights_read(failed)?;
+            let h = |b: Option<u64>| b.map_or("unknown".into(), |b| super::human_bytes(b as usize));
+            tracing::info!(
+                "rank {}: weights read from {} file(s) in {:.1} s; resident memory {} before, peak {} after",
+                self.rank(),
+                source.files().count(),
+                started.elapsed().as_secs_f64(),
+                h(rss_before),
+                h(super::peak_rss_bytes()),
+            );
         }
         for grads in self.states.iter().filter_map(|s| s.grads.on_device()) {
             self.dev.memset(Queue::Compute, grads, 0)?;

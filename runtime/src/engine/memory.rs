@@ -407,6 +407,24 @@ pub fn adam_segments(unit: &UnitSpec) -> Vec<AdamSegment> {
     segments
 }
 
+/// This process's peak resident memory (VmHWM), when /proc tells it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmHWM:")
+}
+
+/// This process's resident memory now (VmRSS), when /proc tells it.
+pub fn rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmRSS:")
+}
+
+/// A field of /proc/self/status given in kB.
+fn proc_status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// "1.2 GiB" style.
 pub fn human_bytes(bytes: usize) -> String {
     const UNITS: [(&str, f64); 4] = [

@@ -34,8 +34,8 @@ pub mod zero;
 
 pub use error::{BatchError, EngineError};
 pub use host_tier::OffloadTraffic;
-pub use memory::human_bytes;
 use memory::UnitState;
+pub use memory::{human_bytes, peak_rss_bytes, rss_bytes};
 pub use stats::{StepStats, Traffic};
 
 use std::sync::Arc;

@@ -53,14 +53,21 @@ fn llama_config(m: &ModelConfig) -> Result<Value, String> {
             ))
         }
     };
-    // transformers asks llama3 scaling's original context to lie within max_position_embeddings.
-    let max_positions = match m.rope_kind() {
-        RopeKind::Llama3 {
-            original_max_position_embeddings,
-            ..
-        } => m.seq_len.max(original_max_position_embeddings),
-        _ => m.seq_len,
-    };
+    // The base model's context, else the one llama3 scaling stretches to (transformers asks its
+    // original context to lie below max_position_embeddings); never less than what was trained.
+    let max_positions = match (m.max_position_embeddings, m.rope_kind()) {
+        (Some(n), _) => n,
+        (
+            None,
+            RopeKind::Llama3 {
+                factor,
+                original_max_position_embeddings,
+                ..
+            },
+        ) => (original_max_position_embeddings as f64 * factor) as usize,
+        (None, _) => m.seq_len,
+    }
+    .max(m.seq_len);
     let mut config = json!({
         "architectures": [class],
         "model_type": model_type,
@@ -154,5 +161,37 @@ mod tests {
             assert_eq!(back.shape_keys(), m.shape_keys(), "{json}");
             assert_eq!((back.rope_kind(), back.theta()), (m.rope_kind(), m.theta()));
         }
+    }
+
+    /// The context written is the base model's (a fine-tune at a shorter seq_len keeps Llama
+    /// 3.1's 131072), else llama3 scaling's stretched one, never below seq_len.
+    #[test]
+    fn max_position_embeddings_keeps_the_base_models_context() {
+        let scaled = ModelConfig {
+            arch: Arch::Llama,
+            seq_len: 64,
+            rope_scaling: Some(RopeScaling {
+                rope_type: "llama3".into(),
+                factor: Some(8.0),
+                low_freq_factor: Some(1.0),
+                high_freq_factor: Some(4.0),
+                original_max_position_embeddings: Some(64),
+                other: Default::default(),
+            }),
+            ..ModelConfig::default()
+        };
+        let context = |m: &ModelConfig| hf_config(m).unwrap()["max_position_embeddings"].clone();
+        assert_eq!(context(&scaled), 512);
+        let base = ModelConfig {
+            max_position_embeddings: Some(131072),
+            ..scaled.clone()
+        };
+        assert_eq!(context(&base), 131072);
+        let longer = ModelConfig {
+            max_position_embeddings: Some(32),
+            rope_scaling: None,
+            ..scaled
+        };
+        assert_eq!(context(&longer), 64);
     }
 }

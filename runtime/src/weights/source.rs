@@ -233,6 +233,7 @@ impl WeightSource {
             let at = &self.tensors[u][i];
             let dst = &mut out[lo - range.start..hi - range.start];
             self.elements(at, lo - r.start..hi - r.start, dst);
+            self.release(at, lo - r.start..hi - r.start);
             if let Some(index) = dst.iter().position(|x| !x.is_finite()) {
                 return Err(WeightsError::NonFinite {
                     path: self.shards[at.shard].path.clone(),
@@ -244,6 +245,7 @@ impl WeightSource {
             for copy in self.copies.iter().filter(|c| (c.unit, c.tensor) == (u, i)) {
                 let mut theirs = vec![0.0; hi - lo];
                 self.elements(&copy.at, lo - r.start..hi - r.start, &mut theirs);
+                self.release(&copy.at, lo - r.start..hi - r.start);
                 if theirs.as_slice() != &*dst {
                     return Err(WeightsError::UntiedHead {
                         path: self.shards[copy.at.shard].path.clone(),
@@ -254,6 +256,33 @@ impl WeightSource {
             }
         }
         Ok(())
+    }
+
+    /// Gives back the mapped pages that held elements `range` of a tensor (all of a transposed
+    /// one's, whose elements are strided across it), so that a rank's resident memory does not
+    /// grow with the bytes it has read: the kernel keeps them in its page cache, not in this
+    /// process. Only advice: a failure is ignored, it costs memory, never bytes.
+    fn release(&self, at: &Located, range: Range<usize>) {
+        let map = &self.shards[at.shard].map;
+        let size = at.dtype.size();
+        let bytes = match at.transposed {
+            None => at.start + range.start * size..at.start + range.end * size,
+            Some((rows, cols)) => at.start..at.start + rows * cols * size,
+        };
+        let end = bytes.end.min(map.len());
+        if bytes.start >= end {
+            return;
+        }
+        // SAFETY: the map is a read-only, shared mapping of a file this process never writes, and
+        // no reference into it outlives `elements`: after MADV_DONTNEED the next access faults the
+        // same bytes back in from the file.
+        let _ = unsafe {
+            map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                bytes.start,
+                end - bytes.start,
+            )
+        };
     }
 
     /// Elements `range` of a tensor in the model's layout, converted to f32.
@@ -339,4 +368,81 @@ fn files_of(path: &Path) -> Result<(Vec<PathBuf>, Listed), WeightsError> {
         listed.push((name.clone(), shard));
     }
     Ok((files.into_iter().collect(), listed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WeightSource;
+    use crate::model::{Init, TensorSpec, UnitSpec};
+    use half::bf16;
+    use std::path::Path;
+
+    /// Resident bytes of this process's mappings of `path` (`Rss:` in /proc/self/smaps).
+    fn resident(path: &Path) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("/proc/self/smaps");
+        let mut ours = false;
+        let mut kb = 0;
+        for line in smaps.lines() {
+            if let Some(rss) = line.strip_prefix("Rss:") {
+                if ours {
+                    kb += rss
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<usize>()
+                        .unwrap();
+                }
+            } else if !line
+                .split_whitespace()
+                .next()
+                .is_some_and(|w| w.ends_with(':'))
+            {
+                // A mapping's first line: its addresses, ..., its file.
+                ours = line.ends_with(path.to_str().unwrap());
+            }
+        }
+        kb << 10
+    }
+
+    #[test]
+    fn pages_read_are_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let (rows, cols) = (4096, 2048);
+        // bf16 values of a closed form, not zeros (whole zero pages may be shared).
+        let value = |e: usize| bf16::from_f32(((e * 7919) % 1999) as f32 / 1999.0 - 0.5);
+        let data: Vec<u8> = (0..rows * cols)
+            .flat_map(|e| value(e).to_le_bytes())
+            .collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![rows, cols], &data)
+                .unwrap();
+        safetensors::serialize_to_file([("w", view)], &None, &path).unwrap();
+        let unit = UnitSpec {
+            name: "u".into(),
+            tensors: vec![TensorSpec {
+                name: "w".into(),
+                shape: vec![rows, cols],
+                decay: true,
+                init: Init::Zeros,
+                stored_transposed: false,
+                pad_rows: 0,
+            }],
+        };
+        let source = WeightSource::open(&path, &[unit], &[]).unwrap();
+        let chunk = 256 << 10;
+        let mut out = vec![0.0; chunk];
+        let mut most = 0;
+        for start in (0..rows * cols).step_by(chunk) {
+            source.read(0, start..start + chunk, &mut out).unwrap();
+            for (i, &x) in out.iter().enumerate() {
+                assert_eq!(x, value(start + i).to_f32(), "element {}", start + i);
+            }
+            most = most.max(resident(&path));
+        }
+        // 16 MiB of the file read, no more than the kernel maps around the last read resident
+        // (the large folios of its page cache: at most 2 MiB each).
+        assert_eq!(data.len(), 16 << 20);
+        assert!(most <= 4 << 20, "{most} bytes of the map resident");
+    }
 }

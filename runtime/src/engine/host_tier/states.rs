@@ -16,8 +16,8 @@ pub struct OptimStates {
 
 impl HostTier {
     /// Writes the fp32 master weights of `unit` (this rank's shard, `part`), Adam's moments
-    /// (`moments`, or zeros), and its compute weights to their tiers. The queues must be idle;
-    /// waits for every write.
+    /// (`moments`, or zeros), and its compute weights to their tiers, one sub-group at a time
+    /// ([`HostTier::init_group`]). The queues must be idle; waits for every write.
     pub fn init_unit(
         &mut self,
         dev: &dyn Device,
@@ -25,62 +25,86 @@ impl HostTier {
         part: &[f32],
         moments: Option<(&[f32], &[f32])>,
     ) -> Result<(), EngineError> {
+        for (k, r) in self.unit_parts(unit) {
+            let moments = moments.map(|(m, v)| (&m[r.clone()], &v[r.clone()]));
+            self.init_group(dev, k, &part[r], moments)?;
+        }
+        Ok(())
+    }
+
+    /// The sub-groups of `unit`: each one's index and its elements in this rank's shard of the
+    /// unit, in order.
+    pub fn unit_parts(&self, unit: usize) -> Vec<(usize, std::ops::Range<usize>)> {
+        self.unit_groups[unit]
+            .clone()
+            .map(|k| {
+                let g = self.groups[k].group;
+                (k, g.start..g.start + g.len)
+            })
+            .collect()
+    }
+
+    /// Writes sub-group `k`'s fp32 master weights (`values`), Adam's moments (`moments`, or
+    /// zeros) and compute weights to their tiers. The queues must be idle; waits for every write.
+    pub fn init_group(
+        &mut self,
+        dev: &dyn Device,
+        k: usize,
+        values: &[f32],
+        moments: Option<(&[f32], &[f32])>,
+    ) -> Result<(), EngineError> {
         let (x, mb) = (self.x, self.moment_bytes());
-        for k in self.unit_groups[unit].clone() {
-            let g = self.groups[k].group;
-            let r = g.start..g.start + g.len;
-            let values = &part[r.clone()];
-            let set = self.states_of(k)?;
-            let (master, m, v) = (set.master.clone(), set.m.clone(), set.v.clone());
-            // SAFETY: nothing else uses these buffers during initialisation (the queues are
-            // idle: every write below is waited for).
-            unsafe {
-                master.f32s_mut(g.len).copy_from_slice(values);
-                match moments {
-                    Some((mv, vv)) => {
-                        m.write_moments(self.moments, &mv[r.clone()]);
-                        v.write_moments(self.moments, &vv[r]);
-                    }
-                    None => {
-                        m.bytes_mut()[..mb * g.len].fill(0);
-                        v.bytes_mut()[..mb * g.len].fill(0);
-                    }
+        let g = self.groups[k].group;
+        let set = self.states_of(k)?;
+        let (master, m, v) = (set.master.clone(), set.m.clone(), set.v.clone());
+        // SAFETY: nothing else uses these buffers during initialisation (the queues are
+        // idle: every write below is waited for).
+        unsafe {
+            master.f32s_mut(g.len).copy_from_slice(values);
+            match moments {
+                Some((mv, vv)) => {
+                    m.write_moments(self.moments, mv);
+                    v.write_moments(self.moments, vv);
+                }
+                None => {
+                    m.bytes_mut()[..mb * g.len].fill(0);
+                    v.bytes_mut()[..mb * g.len].fill(0);
                 }
             }
-            if let OptimHome::Nvme { .. } = self.groups[k].optim {
-                for (mem, what, bytes) in [(&master, "master", 4), (&m, "m", mb), (&v, "v", mb)] {
-                    self.shared
-                        .write(Class::Optimizer, &key(&g, what), mem, bytes * g.len)?;
-                }
+        }
+        if let OptimHome::Nvme { .. } = self.groups[k].optim {
+            for (mem, what, bytes) in [(&master, "master", 4), (&m, "m", mb), (&v, "v", mb)] {
+                self.shared
+                    .write(Class::Optimizer, &key(&g, what), mem, bytes * g.len)?;
             }
-            match &self.groups[k].params {
-                ParamHome::Host(mem) if !mem.same(&master) => {
-                    // SAFETY: as above.
-                    unsafe { mem.write_compute(x, values, 0..g.len) };
+        }
+        match &self.groups[k].params {
+            ParamHome::Host(mem) if !mem.same(&master) => {
+                // SAFETY: as above.
+                unsafe { mem.write_compute(x, values, 0..g.len) };
+            }
+            // fp32 compute weights in host memory are the master weights written above.
+            ParamHome::Host(_) => {}
+            ParamHome::Nvme => {
+                let fetch = self.fetch.as_ref().ok_or_else(|| missing("fetch ring"))?;
+                let mem = fetch.slot(0);
+                // SAFETY: as above.
+                unsafe { mem.write_compute(x, values, 0..g.len) };
+                self.shared.write(
+                    Class::Params,
+                    &key(&g, "param"),
+                    mem,
+                    x.size_bytes() * g.len,
+                )?;
+            }
+            ParamHome::Device(dst) => {
+                let mem = self.intake.slot(0);
+                // SAFETY: as above; the copy is waited for before the buffer is reused.
+                unsafe {
+                    mem.write_compute(x, values, 0..g.len);
+                    dev.copy_h2d(Queue::H2d, dst, &mem.bytes()[..x.size_bytes() * g.len])?;
                 }
-                // fp32 compute weights in host memory are the master weights written above.
-                ParamHome::Host(_) => {}
-                ParamHome::Nvme => {
-                    let fetch = self.fetch.as_ref().ok_or_else(|| missing("fetch ring"))?;
-                    let mem = fetch.slot(0);
-                    // SAFETY: as above.
-                    unsafe { mem.write_compute(x, values, 0..g.len) };
-                    self.shared.write(
-                        Class::Params,
-                        &key(&g, "param"),
-                        mem,
-                        x.size_bytes() * g.len,
-                    )?;
-                }
-                ParamHome::Device(dst) => {
-                    let mem = self.intake.slot(0);
-                    // SAFETY: as above; the copy is waited for before the buffer is reused.
-                    unsafe {
-                        mem.write_compute(x, values, 0..g.len);
-                        dev.copy_h2d(Queue::H2d, dst, &mem.bytes()[..x.size_bytes() * g.len])?;
-                    }
-                    dev.synchronize(Queue::H2d)?;
-                }
+                dev.synchronize(Queue::H2d)?;
             }
         }
         Ok(())
