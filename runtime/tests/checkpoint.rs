@@ -64,13 +64,22 @@ fn checkpoint_args(root: &Path, every: usize) -> Vec<String> {
     .concat()
 }
 
-fn resume_bitwise(world: usize) {
+/// The embedded default's optimizer states on NVMe in sub-groups of 16,384 elements: every
+/// unit's part is several sub-groups, saved and loaded one at a time.
+fn sub_groups() -> Vec<String> {
+    set("offload_optimizer.sub_group_size=16384".into()).to_vec()
+}
+
+fn resume_bitwise(world: usize, small_groups: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let nproc: Vec<String> = if world > 1 {
+    let mut nproc: Vec<String> = if world > 1 {
         vec!["--nproc".into(), world.to_string()]
     } else {
         Vec::new()
     };
+    if small_groups {
+        nproc.extend(sub_groups());
+    }
     let (out, straight) = train(dir.path(), "straight", 10, &refs(&nproc));
     ok(&out, "10 steps");
     let root = dir.path().join("ckpt");
@@ -102,12 +111,17 @@ fn resume_bitwise(world: usize) {
 
 #[test]
 fn ten_steps_equal_five_and_a_resume_to_ten_at_one_rank() {
-    resume_bitwise(1);
+    resume_bitwise(1, false);
 }
 
 #[test]
 fn ten_steps_equal_five_and_a_resume_to_ten_at_two_ranks() {
-    resume_bitwise(2);
+    resume_bitwise(2, false);
+}
+
+#[test]
+fn ten_steps_equal_five_and_a_resume_to_ten_in_small_sub_groups_at_two_ranks() {
+    resume_bitwise(2, true);
 }
 
 /// A larger model, so that a save takes long enough to be killed in the middle of it.
@@ -288,42 +302,32 @@ fn sigterm_saves_a_checkpoint_and_stops_then_the_run_resumes_bitwise() {
 
 /// One rank with 2 micro-batches per step reads the rows of 2 ranks with one each: a checkpoint
 /// of the first, resumed by the second, continues within 1e-5 (the shards are re-cut).
-#[test]
-fn a_checkpoint_resumes_at_another_world_size() {
+fn resume_at_another_world_size(small_groups: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (out, straight) = train(
-        dir.path(),
-        "straight",
-        8,
-        &["--set", "data.grad_accum_steps=2"],
-    );
-    ok(&out, "straight");
-    let root = dir.path().join("ckpt");
-    let first = [
-        vec!["--set".to_string(), "data.grad_accum_steps=2".into()],
-        checkpoint_args(&root, 0),
+    let tiers = if small_groups {
+        sub_groups()
+    } else {
+        Vec::new()
+    };
+    let accum = [
+        set("data.grad_accum_steps=2".into()).to_vec(),
+        tiers.clone(),
     ]
     .concat();
-    let (out, _) = train(
-        dir.path(),
-        "first",
-        4,
-        &first.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let (out, straight) = train(dir.path(), "straight", 8, &refs(&accum));
+    ok(&out, "straight");
+    let root = dir.path().join("ckpt");
+    let first = [accum, checkpoint_args(&root, 0)].concat();
+    let (out, _) = train(dir.path(), "first", 4, &refs(&first));
     ok(&out, "4 steps at 1 rank");
-    let (out, resumed) = train(
-        dir.path(),
-        "resumed",
-        8,
-        &[
-            "--nproc",
-            "2",
-            "--set",
-            &format!("train.checkpoint_dir=\"{}\"", root.display()),
-            "--resume",
-            "latest",
-        ],
-    );
+    let then = [
+        vec!["--nproc".to_string(), "2".into()],
+        tiers,
+        set(format!("train.checkpoint_dir=\"{}\"", root.display())).to_vec(),
+        vec!["--resume".into(), "latest".into()],
+    ]
+    .concat();
+    let (out, resumed) = train(dir.path(), "resumed", 8, &refs(&then));
     ok(&out, "resumed at 2 ranks");
     assert_eq!(resumed.len(), 4);
     for (i, (a, b)) in resumed.iter().zip(&straight[4..]).enumerate() {
@@ -333,6 +337,18 @@ fn a_checkpoint_resumes_at_another_world_size() {
             i + 5
         );
     }
+}
+
+#[test]
+fn a_checkpoint_resumes_at_another_world_size() {
+    resume_at_another_world_size(false);
+}
+
+/// The same in small sub-groups: each of a rank's sub-groups is read from the part of the one
+/// rank file that holds it.
+#[test]
+fn a_checkpoint_in_small_sub_groups_resumes_at_another_world_size() {
+    resume_at_another_world_size(true);
 }
 
 fn refused(args: &[&str], needles: &[&str]) {

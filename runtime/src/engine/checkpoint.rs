@@ -5,7 +5,8 @@
 //! position in rows and the global batch, the loss scale, and every rank's index). It is written
 //! into `step-NNNNNNNN.tmp`, fsynced, then renamed: a crash mid-save leaves the previous checkpoint
 //! whole. States stream unit by unit from whatever tier holds them (the device, host memory,
-//! NVMe), so the host never holds more than one unit's shard.
+//! NVMe), a piece at a time: where the host tier holds the optimizer states, one sub-group
+//! (`offload_optimizer.sub_group_size`) of master weights and moments, else one unit's shard.
 //!
 //! The manifest ties the checkpoint together: a rank file whose length or crc32c differs from the
 //! manifest's entry (another checkpoint's, or damaged), a rank index that is not the manifest's, a
@@ -14,8 +15,8 @@
 //! the highest in the directory when it was written), so after a resume from an earlier step the
 //! new saves are the latest, whatever their step; retention keeps the newest saves.
 //!
-//! Loading at the same world size and stage reads this rank's own file; at another, each unit is
-//! rebuilt from every rank file of the checkpoint (one unit at a time) and cut to the new shard.
+//! Loading reads each piece of this rank's shard from the rank files whose parts overlap it (at the
+//! same world size and stage, its own file), only the bytes it needs.
 //! Any world size, micro-batch size and accumulation whose global batch (rows per step) is the
 //! checkpoint's continues at its data position; another global batch is refused naming the keys.
 
@@ -26,7 +27,8 @@ pub use manifest::{
     UnitEntry, FORMAT, VERSION,
 };
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::zero::Home;
@@ -96,24 +98,41 @@ impl Engine {
         Ok(final_dir)
     }
 
+    /// This rank's file: for each unit, its part's master weights, then m, then v. Written a
+    /// piece ([`Engine::pieces`]) at a time, each of the three arrays at its place in the
+    /// file, so the host holds one sub-group's states, not the part's.
     fn write_rank_file(&self, dir: &Path) -> Result<(), EngineError> {
         self.dev.synchronize_all()?;
         let rank = self.comm.rank();
         let path = dir.join(format!("rank{rank}.bin"));
         let file = std::fs::File::create(&path).map_err(|e| error(&path, e))?;
-        let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
-        let (mut crc, mut bytes, mut parts) = (0u32, 0u64, Vec::with_capacity(self.states.len()));
+        let (mut crc, mut at, mut parts) = (0u32, 0u64, Vec::with_capacity(self.states.len()));
         for u in 0..self.states.len() {
-            let (offset, states) = self.read_unit_states(u, true)?;
-            for values in [&states.master, &states.m, &states.v] {
-                let b = le_bytes(values);
-                out.write_all(b).map_err(|e| error(&path, e))?;
-                crc = crc32c::crc32c_append(crc, b);
-                bytes += b.len() as u64;
+            let (offset, len) = {
+                let range = self.states[u].optimizer_range();
+                (range.start, range.len())
+            };
+            let array_bytes = 4 * len as u64;
+            // The crc32c of each array, in order: the pieces come in order.
+            let mut crcs = [0u32; 3];
+            for piece in self.pieces(u) {
+                let states = self.read_piece_states(u, &piece, true)?;
+                let arrays = [&states.master, &states.m, &states.v];
+                for (a, (values, crc)) in arrays.into_iter().zip(&mut crcs).enumerate() {
+                    let b = le_bytes(values);
+                    let place = at + a as u64 * array_bytes + 4 * piece.elements.start as u64;
+                    file.write_all_at(b, place)
+                        .map_err(|e| error(&path, format!("at byte {place}: {e}")))?;
+                    *crc = crc32c::crc32c_append(*crc, b);
+                }
             }
-            parts.push((offset, states.master.len()));
+            for c in crcs {
+                crc = crc32c::crc32c_combine(crc, c, array_bytes as usize);
+            }
+            at += 3 * array_bytes;
+            parts.push((offset, len));
         }
-        let file = out.into_inner().map_err(|e| error(&path, e.error()))?;
+        let bytes = at;
         file.sync_all().map_err(|e| error(&path, e))?;
         let index = RankIndex {
             rank,
@@ -209,16 +228,13 @@ impl Engine {
         self.check_batch(dir, &manifest)?;
         let reader = CheckpointReader::open(dir, &manifest)?;
         self.dev.synchronize_all()?;
-        let same_layout = manifest.world_size == self.comm.world_size();
         for u in 0..self.states.len() {
-            let range = self.states[u].optimizer_range();
-            let [master, m, v] = reader.part(
-                u,
-                range.start,
-                range.len(),
-                same_layout.then_some(self.comm.rank()),
-            )?;
-            self.write_unit_states(u, &master, Some((&m, &v)))?;
+            let start = self.states[u].optimizer_range().start;
+            for piece in self.pieces(u) {
+                let r = &piece.elements;
+                let [master, m, v] = reader.part(u, start + r.start, r.len())?;
+                self.write_piece_states(u, &piece, &master, Some((&m, &v)))?;
+            }
         }
         self.gather_whole_params()?;
         self.dev.synchronize_all()?;
@@ -348,81 +364,54 @@ impl CheckpointReader {
     }
 
     /// Master weights, m and v of unit `u`'s elements `[offset, offset + len)` of the padded
-    /// unit (beyond the saved unit's elements: zeros). `own`: this rank's file holds exactly
-    /// that part (same layout), else the unit is rebuilt from every rank's part.
-    pub fn part(
-        &self,
-        u: usize,
-        offset: usize,
-        len: usize,
-        own: Option<usize>,
-    ) -> Result<[Vec<f32>; 3], EngineError> {
-        let mut arrays = self.arrays(u, offset, len, own, 3)?.into_iter();
+    /// unit (beyond the saved unit's elements: zeros), read from the rank files that hold them.
+    pub fn part(&self, u: usize, offset: usize, len: usize) -> Result<[Vec<f32>; 3], EngineError> {
+        let mut arrays = self.arrays(u, offset, len, 3)?.into_iter();
         let mut next = || arrays.next().unwrap_or_default();
         Ok([next(), next(), next()])
     }
 
-    /// The first `count` of (master, m, v) of unit `u`'s elements `[offset, offset + len)`.
+    /// The first `count` of (master, m, v) of unit `u`'s elements `[offset, offset + len)`:
+    /// from each rank file whose part overlaps them, only the overlapping bytes.
     fn arrays(
         &self,
         u: usize,
         offset: usize,
         len: usize,
-        own: Option<usize>,
         count: usize,
     ) -> Result<Vec<Vec<f32>>, EngineError> {
-        if let Some(r) = own {
-            if self.indexes[r].parts[u] == (offset, len) {
-                return self.read_part(r, u, count);
-            }
-        }
         let entry = &self.units[u];
-        let mut whole = vec![vec![0.0f32; entry.padded]; count];
-        let ranks: Vec<usize> = if entry.sharded {
-            (0..self.indexes.len()).collect()
+        let mut out = vec![vec![0.0f32; len]; count];
+        let ranks = if entry.sharded {
+            0..self.indexes.len()
         } else {
-            vec![0]
+            0..1
         };
+        let end = (offset + len).min(entry.numel);
         for r in ranks {
             let (at, n) = self.indexes[r].parts[u];
-            for (dst, src) in whole.iter_mut().zip(self.read_part(r, u, count)?) {
-                dst[at..at + n].copy_from_slice(&src);
+            let (lo, hi) = (offset.max(at), end.min(at + n));
+            if lo >= hi {
+                continue;
+            }
+            let path = self.dir.join(format!("rank{r}.bin"));
+            let f = std::fs::File::open(&path).map_err(|e| error(&path, e))?;
+            for (a, dst) in out.iter_mut().enumerate() {
+                let place = self.offsets[r][u] + 4 * (a * n + lo - at) as u64;
+                f.read_exact_at(
+                    bytemuck::cast_slice_mut(&mut dst[lo - offset..hi - offset]),
+                    place,
+                )
+                .map_err(|e| error(&path, format!("unit {u}, at byte {place}: {e}")))?;
             }
         }
-        Ok(whole
-            .into_iter()
-            .map(|w| {
-                let mut out = vec![0.0f32; len];
-                let end = (offset + len).min(entry.numel);
-                if offset < end {
-                    out[..end - offset].copy_from_slice(&w[offset..end]);
-                }
-                out
-            })
-            .collect())
-    }
-
-    /// The first `count` arrays of rank `r`'s part of unit `u`.
-    fn read_part(&self, r: usize, u: usize, count: usize) -> Result<Vec<Vec<f32>>, EngineError> {
-        let path = self.dir.join(format!("rank{r}.bin"));
-        let (_, n) = self.indexes[r].parts[u];
-        let mut f = std::fs::File::open(&path).map_err(|e| error(&path, e))?;
-        f.seek(SeekFrom::Start(self.offsets[r][u]))
-            .map_err(|e| error(&path, e))?;
-        (0..count)
-            .map(|_| {
-                let mut v = vec![0.0f32; n];
-                f.read_exact(bytemuck::cast_slice_mut(&mut v))
-                    .map_err(|e| error(&path, format!("unit {u}: {e}")))?;
-                Ok(v)
-            })
-            .collect()
+        Ok(out)
     }
 
     /// The whole fp32 master weights of unit `u` (its `numel` elements).
     pub fn master(&self, u: usize) -> Result<Vec<f32>, EngineError> {
         let numel = self.units[u].numel;
-        Ok(self.arrays(u, 0, numel, None, 1)?.pop().unwrap_or_default())
+        Ok(self.arrays(u, 0, numel, 1)?.pop().unwrap_or_default())
     }
 
     /// The checkpoint's units.

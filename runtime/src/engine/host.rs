@@ -3,6 +3,7 @@
 //! refreshed from the master weights, and whole units gathered back to the host (weights export,
 //! tests). Gathering shards is a collective: every rank calls these together.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use super::host_tier::OptimStates;
@@ -11,6 +12,14 @@ use super::zero::Home;
 use super::{Engine, EngineError};
 use crate::backend::Queue;
 use crate::weights;
+
+/// A piece of a unit's optimizer states on this rank ([`Engine::pieces`]).
+pub(super) struct Piece {
+    /// The host tier's sub-group, or none: the whole part, on the device.
+    group: Option<usize>,
+    /// Its elements in this rank's part of the unit.
+    pub elements: Range<usize>,
+}
 
 impl Engine {
     /// Initial weights (the model's init, or `model.init_from`, the same on every rank) into
@@ -39,30 +48,16 @@ impl Engine {
                 self.write_unit_states(u, &whole[range], None)?;
                 continue;
             };
-            // Where the host tier holds the optimizer states, a sub-group at a time: a rank
-            // never holds more than one sub-group of the file's weights (a 150k-token
-            // embedding is a gigabyte in fp32).
-            let pieces = match (&self.states[u].optimizer, &self.host) {
-                (Optimizer::Host, Some(tier)) => tier
-                    .unit_parts(u)
-                    .into_iter()
-                    .map(|(k, r)| (Some(k), r))
-                    .collect(),
-                _ => vec![(None, 0..range.len())],
-            };
             let mut part = Vec::new();
-            for (k, r) in pieces {
-                part.resize(r.len(), 0.0);
-                let elements = range.start + r.start..range.start + r.end;
+            for piece in self.pieces(u) {
+                part.resize(piece.elements.len(), 0.0);
+                let elements = range.start + piece.elements.start..range.start + piece.elements.end;
                 if let Err(e) = source.read(u, elements, &mut part) {
                     // Every rank stops, not only the one whose part is bad (below).
                     failed = Some(e);
                     break;
                 }
-                match (k, self.host.as_mut()) {
-                    (Some(k), Some(tier)) => tier.init_group(self.dev.as_ref(), k, &part, None)?,
-                    _ => self.write_unit_states(u, &part, None)?,
-                }
+                self.write_piece_states(u, &piece, &part, None)?;
             }
             if failed.is_some() {
                 break;
@@ -125,6 +120,58 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// The pieces in which this rank's part of unit `u`'s optimizer states is read and written:
+    /// where the host tier holds them, its sub-groups, so that loading weights or a checkpoint
+    /// and saving one hold a sub-group at a time, not the part (a 150k-token embedding is a
+    /// gigabyte in fp32, three with Adam's moments); on the device, the whole part.
+    pub(super) fn pieces(&self, u: usize) -> Vec<Piece> {
+        let whole = || {
+            vec![Piece {
+                group: None,
+                elements: 0..self.states[u].optimizer_range().len(),
+            }]
+        };
+        match (&self.states[u].optimizer, &self.host) {
+            (Optimizer::Host, Some(tier)) => tier
+                .unit_parts(u)
+                .into_iter()
+                .map(|(k, elements)| Piece {
+                    group: Some(k),
+                    elements,
+                })
+                .collect(),
+            _ => whole(),
+        }
+    }
+
+    /// Writes one piece of unit `u`'s optimizer states ([`Engine::pieces`]): master weights and
+    /// moments (or zeros), and the compute weights made from them.
+    pub(super) fn write_piece_states(
+        &mut self,
+        u: usize,
+        piece: &Piece,
+        master: &[f32],
+        moments: Option<(&[f32], &[f32])>,
+    ) -> Result<(), EngineError> {
+        match (piece.group, self.host.as_mut()) {
+            (Some(k), Some(tier)) => tier.init_group(self.dev.as_ref(), k, master, moments),
+            _ => self.write_unit_states(u, master, moments),
+        }
+    }
+
+    /// Reads one piece of unit `u`'s optimizer states ([`Engine::pieces`]).
+    pub(super) fn read_piece_states(
+        &self,
+        u: usize,
+        piece: &Piece,
+        moments: bool,
+    ) -> Result<OptimStates, EngineError> {
+        match (piece.group, self.host.as_ref()) {
+            (Some(k), Some(tier)) => tier.read_group(self.device(), k, moments),
+            _ => Ok(self.read_unit_states(u, moments)?.1),
+        }
     }
 
     /// This rank's part of unit `u`'s optimizer states, read from their tier: its offset in the

@@ -110,9 +110,39 @@ impl HostTier {
         Ok(())
     }
 
-    /// This rank's fp32 master weights of `unit` (its shard of `shard_len` elements) and, with
-    /// `moments`, Adam's m and v (as f32), read from their tier one sub-group at a time. The
-    /// queues must be idle.
+    /// Sub-group `k`'s fp32 master weights and, with `moments`, Adam's m and v (else empty),
+    /// read from their tier; waits for the queues first.
+    pub fn read_group(
+        &self,
+        dev: &dyn Device,
+        k: usize,
+        moments: bool,
+    ) -> Result<OptimStates, EngineError> {
+        dev.synchronize(Queue::Host)?;
+        dev.synchronize(Queue::Io)?;
+        let g = self.groups[k].group;
+        let set = self.states_of(k)?;
+        if let OptimHome::Nvme { .. } = self.groups[k].optim {
+            let mut items = vec![(key(&g, "master"), &set.master, 0)];
+            if moments {
+                items.extend([(key(&g, "m"), &set.m, 0), (key(&g, "v"), &set.v, 0)]);
+            }
+            self.shared.read_all(Class::Optimizer, &items)?;
+        }
+        let n = if moments { g.len } else { 0 };
+        let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
+        // SAFETY: the queues are idle (synchronized above), so nothing writes the buffers.
+        let master = unsafe {
+            if moments {
+                set.m.read_moments(self.moments, &mut m);
+                set.v.read_moments(self.moments, &mut v);
+            }
+            set.master.f32s(g.len).to_vec()
+        };
+        Ok(OptimStates { master, m, v })
+    }
+
+    /// [`HostTier::read_group`] of every sub-group of `unit`, as one part of `shard_len`.
     pub fn read_states(
         &self,
         dev: &dyn Device,
@@ -120,31 +150,20 @@ impl HostTier {
         shard_len: usize,
         moments: bool,
     ) -> Result<OptimStates, EngineError> {
-        dev.synchronize(Queue::Host)?;
-        dev.synchronize(Queue::Io)?;
         let n = if moments { shard_len } else { 0 };
-        let (mut master, mut m, mut v) =
-            (vec![0.0f32; shard_len], vec![0.0f32; n], vec![0.0f32; n]);
-        for k in self.unit_groups[unit].clone() {
-            let g = self.groups[k].group;
-            let set = self.states_of(k)?;
-            if let OptimHome::Nvme { .. } = self.groups[k].optim {
-                let mut items = vec![(key(&g, "master"), &set.master, 0)];
-                if moments {
-                    items.extend([(key(&g, "m"), &set.m, 0), (key(&g, "v"), &set.v, 0)]);
-                }
-                self.shared.read_all(Class::Optimizer, &items)?;
-            }
-            let r = g.start..g.start + g.len;
-            // SAFETY: the queues are idle (synchronized above), so nothing writes the buffers.
-            unsafe {
-                master[r.clone()].copy_from_slice(set.master.f32s(g.len));
-                if moments {
-                    set.m.read_moments(self.moments, &mut m[r.clone()]);
-                    set.v.read_moments(self.moments, &mut v[r]);
-                }
+        let mut all = OptimStates {
+            master: vec![0.0f32; shard_len],
+            m: vec![0.0f32; n],
+            v: vec![0.0f32; n],
+        };
+        for (k, r) in self.unit_parts(unit) {
+            let group = self.read_group(dev, k, moments)?;
+            all.master[r.clone()].copy_from_slice(&group.master);
+            if moments {
+                all.m[r.clone()].copy_from_slice(&group.m);
+                all.v[r].copy_from_slice(&group.v);
             }
         }
-        Ok(OptimStates { master, m, v })
+        Ok(all)
     }
 }
