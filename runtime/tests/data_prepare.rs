@@ -1,6 +1,8 @@
 //! `strata prepare` against transformers: token ids of four tokenizer families, chat templates with their
-//! assistant masks, packing with EOS, held-out files, bad input, long lines, and the `--help` text.
-//! Fixtures: tests/fixtures/tokenizers/ (made by make_tokenizer_fixtures.py with tokenizers and transformers).
+//! assistant masks, packing with EOS, held-out files, bad input, long lines, and the `--help` text; parquet
+//! inputs against the same records as JSON lines.
+//! Fixtures: tests/fixtures/tokenizers/ (made by make_tokenizer_fixtures.py with tokenizers and transformers),
+//! tests/fixtures/parquet/ (made by make_parquet_fixtures.py with pyarrow).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -322,6 +324,7 @@ fn bad_input_is_one_error_naming_file_and_line_and_leaves_nothing() {
         if name == "template" {
             assert!(e.contains("no system messages here"), "{e}");
         }
+        assert_eq!(e.lines().count(), 1, "{name}: {e}");
         std::fs::remove_file(&input).expect("rm");
         // Neither a token file, nor a temporary one, nor the directories it created.
         assert_eq!(
@@ -364,6 +367,162 @@ fn several_inputs_and_a_pattern_are_read_in_order() {
     a.inputs = vec![dir.path().join("*.none").display().to_string()];
     let e = run(&a).expect_err("an error").to_string();
     assert!(e.contains("matches no file"), "{e}");
+}
+
+fn parquet_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parquet")
+}
+
+#[test]
+fn parquet_rows_make_the_tokens_of_the_same_records_as_json_lines() {
+    // Each parquet file (several row groups) and the JSON lines pyarrow reads back from it must make
+    // byte-identical token files (ids and mask): text, another column by --field, chats, prompt/completion.
+    let dir = tempfile::tempdir().expect("tempdir");
+    // (table, compressions, tokenizer, --field, --mask-prompt)
+    type Case<'a> = (&'a str, &'a [&'a str], &'a str, Option<&'a str>, bool);
+    let cases: [Case; 7] = [
+        ("text", &["snappy", "zstd", "gzip"], "gpt2", None, false),
+        ("text", &["snappy", "zstd"], "spm", Some("body"), false),
+        ("chat", &["snappy", "zstd"], "llama3", None, false),
+        ("chat", &["snappy", "zstd"], "qwen", None, false),
+        ("pc", &["snappy", "zstd"], "gpt2", None, true),
+        ("pc", &["zstd"], "gpt2", None, false),
+        ("pc", &["snappy"], "llama3", Some("completion"), false),
+    ];
+    for (table, compressions, tokenizer, field, mask_prompt) in cases {
+        let tok = fixtures().join(tokenizer);
+        let run_on = |input: &Path, out: &Path| {
+            let mut a = args(&[input], out, &tok);
+            a.field = field.map(str::to_string);
+            a.mask_prompt = mask_prompt;
+            let report = run(&a).unwrap_or_else(|e| panic!("{}: {e}", input.display()));
+            let bytes = std::fs::read(out).expect("the token file");
+            (report.train.documents, report.train.masked, bytes)
+        };
+        let case = format!("{table} {tokenizer} {field:?} mask_prompt={mask_prompt}");
+        let want = run_on(
+            &parquet_fixtures().join(format!("{table}.jsonl")),
+            &dir.path().join("jsonl.bin"),
+        );
+        assert!(want.0 > 2 && want.2.len() > 100, "{case}");
+        for compression in compressions {
+            let input = parquet_fixtures().join(format!("{table}.{compression}.parquet"));
+            let got = run_on(&input, &dir.path().join(format!("{compression}.bin")));
+            assert_eq!(got, want, "{case}: {compression}");
+        }
+    }
+}
+
+#[test]
+fn a_pattern_mixes_json_lines_and_parquet_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tok = fixtures().join("llama3");
+    let t = Tokenizer::load(tok.to_str().expect("utf-8")).expect("tokenizer");
+    let inputs = [
+        ("a.jsonl", "text.jsonl"),
+        ("b.parquet", "chat.zstd.parquet"),
+        ("c.parquet", "pc.snappy.parquet"),
+    ];
+    let (mut want_ids, mut want_mask) = (Vec::new(), Vec::new());
+    for (name, fixture) in inputs {
+        let input = dir.path().join(name);
+        std::fs::copy(parquet_fixtures().join(fixture), &input).expect("copy");
+        let out = dir.path().join(format!("{name}.bin"));
+        run(&args(&[&input], &out, &tok)).expect("prepare");
+        let (ids, mask) = read(&out, t.vocab_size());
+        want_ids.extend(ids);
+        want_mask.extend(mask);
+    }
+    let out = dir.path().join("all.bin");
+    let pattern = dir.path().join("*.*[lt]");
+    let report = run(&args(&[&pattern], &out, &tok)).expect("prepare");
+    assert_eq!(report.train.documents, 13 + 4 + 5);
+    assert_eq!(read(&out, t.vocab_size()), (want_ids, want_mask));
+}
+
+#[test]
+fn bad_parquet_is_one_error_naming_file_and_row_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tok = fixtures().join("gpt2");
+    let text = std::fs::read(parquet_fixtures().join("text.snappy.parquet")).expect("fixture");
+    // The first data page's bytes (after the magic and the page header) scrambled: its row group cannot be
+    // decoded. The footer still reads, so the error names the first row of that row group.
+    let mut scrambled = text.clone();
+    scrambled[40..120].iter_mut().for_each(|b| *b = !*b);
+    let cases: Vec<(&str, Vec<u8>, Option<&str>, &str)> = vec![
+        (
+            "truncated",
+            text[..text.len() / 2].to_vec(),
+            None,
+            ": not a parquet file, or a truncated one: ",
+        ),
+        (
+            "not-parquet",
+            b"{\"text\": \"a JSON line\"}\n".to_vec(),
+            None,
+            ": not a parquet file, or a truncated one: ",
+        ),
+        (
+            "scrambled",
+            scrambled,
+            None,
+            ": row 1: cannot read it (row group 0)",
+        ),
+        (
+            "no-column",
+            text.clone(),
+            Some("title"),
+            ": row 1: no field \"title\" (this record has the fields \"body\", \"id\", \"text\")",
+        ),
+        (
+            "not-a-string",
+            text.clone(),
+            Some("id"),
+            ": row 1: field \"id\" is not a string",
+        ),
+        // Row 5, the second row group's second row, has a null `text`; its JSON line says the same.
+        (
+            "null-text",
+            std::fs::read(parquet_fixtures().join("holes.snappy.parquet")).expect("fixture"),
+            None,
+            ": row 5: field \"text\" is null",
+        ),
+        (
+            "lz4",
+            std::fs::read(parquet_fixtures().join("pc.lz4.parquet")).expect("fixture"),
+            None,
+            ": column \"prompt\" is compressed with LZ4, which strata does not read",
+        ),
+        (
+            "brotli",
+            std::fs::read(parquet_fixtures().join("pc.brotli.parquet")).expect("fixture"),
+            None,
+            ": column \"prompt\" is compressed with Brotli, which strata does not read",
+        ),
+    ];
+    for (name, bytes, field, needle) in cases {
+        let input = dir.path().join(format!("{name}.parquet"));
+        std::fs::write(&input, bytes).expect("write");
+        let out = dir.path().join(format!("made/{name}/out.bin"));
+        let mut a = args(&[&input], &out, &tok);
+        a.field = field.map(str::to_string);
+        a.val_fraction = 0.5;
+        let e = run(&a).expect_err("an error").to_string();
+        assert!(
+            e.starts_with(&format!("{}{needle}", input.display())),
+            "{name}: {e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{name}: {e}");
+        std::fs::remove_file(&input).expect("rm");
+        // Neither a token file, nor a temporary one, nor the directories it created.
+        assert_eq!(leftovers(dir.path(), &[]), Vec::<PathBuf>::new(), "{name}");
+    }
+    // The JSON line of the null row says the same, by its line number.
+    let input = parquet_fixtures().join("holes.jsonl");
+    let e = run(&args(&[&input], &dir.path().join("out.bin"), &tok))
+        .expect_err("an error")
+        .to_string();
+    assert_eq!(e, format!("{}:5: field \"text\" is null", input.display()));
 }
 
 /// Runs `strata ARGS` and returns its peak resident memory in MiB (from `wait4`'s rusage of that child).

@@ -70,6 +70,13 @@ pub enum DataError {
         line: u64,
         message: String,
     },
+    /// A row of a parquet input that cannot be read or made into tokens.
+    #[error("{}: row {row}: {message}", path.display())]
+    Row {
+        path: PathBuf,
+        row: u64,
+        message: String,
+    },
     #[error(transparent)]
     Input(#[from] crate::inputs::InputError),
     #[error(transparent)]

@@ -1,7 +1,8 @@
 //! Reading the inputs as a stream of units, in bounded batches: a text file as pieces of at most
 //! [`TEXT_UNIT_BYTES`] bytes (cut as [`super::pieces`] says, so the tokens are those of the whole text), a
-//! JSON-lines file (`.jsonl`, `.ndjson`) as one unit per non-blank line. Only the batch being read and those
-//! queued are in memory, whatever the input size.
+//! JSON-lines file (`.jsonl`, `.ndjson`) as one unit per non-blank line, a parquet file (`.parquet`) as one unit
+//! per row, read row group by row group and written as the JSON object its JSONL line would be. Only the batch
+//! being read and those queued are in memory, whatever the input size.
 
 use super::pieces::cut;
 use crate::data::DataError;
@@ -21,12 +22,14 @@ const READ_BYTES: usize = 1 << 20;
 pub enum Kind {
     Text,
     Jsonl,
+    Parquet,
 }
 
 impl Kind {
     pub fn of(path: &Path) -> Kind {
         match path.extension().and_then(|e| e.to_str()) {
             Some("jsonl" | "ndjson") => Kind::Jsonl,
+            Some("parquet") => Kind::Parquet,
             _ => Kind::Text,
         }
     }
@@ -36,7 +39,7 @@ impl Kind {
 pub struct Unit {
     /// Index of the input file.
     pub file: usize,
-    /// Line (from 1) where the unit starts.
+    /// Line (from 1) where the unit starts; of a parquet file, its row (from 1).
     pub line: u64,
     pub body: Body,
 }
@@ -50,13 +53,25 @@ pub enum Body {
     },
     /// One line of a JSON-lines file.
     Record(String),
+    /// One row of a parquet file as a JSON object; `input_bytes` is its share of the file's bytes.
+    Row { json: String, input_bytes: u64 },
 }
 
 impl Unit {
+    /// The bytes it holds.
     pub fn bytes(&self) -> usize {
         match &self.body {
             Body::Text { text, .. } => text.len(),
             Body::Record(r) => r.len() + 1,
+            Body::Row { json, .. } => json.len(),
+        }
+    }
+
+    /// The bytes of the input file it stands for.
+    pub fn input_bytes(&self) -> u64 {
+        match &self.body {
+            Body::Row { input_bytes, .. } => *input_bytes,
+            _ => self.bytes() as u64,
         }
     }
 }
@@ -104,10 +119,11 @@ pub fn read_all(
         open: true,
     };
     for (index, path) in paths.iter().enumerate() {
-        let (file, _) = crate::inputs::open_regular(path)?;
+        let (file, size_bytes) = crate::inputs::open_regular(path)?;
         match Kind::of(path) {
             Kind::Text => read_text(index, path, file, &mut batch)?,
             Kind::Jsonl => read_jsonl(index, path, file, &mut batch)?,
+            Kind::Parquet => read_parquet(index, path, file, size_bytes, &mut batch)?,
         }
         if !batch.open {
             return Ok(());
@@ -261,4 +277,76 @@ fn read_jsonl<F: FnMut(Vec<Unit>) -> bool>(
             return Ok(());
         }
     }
+}
+
+/// Reads a parquet file row group by row group (the record API decodes a row group's columns in batches), each
+/// row as the JSON object of its columns: strings as strings, lists as arrays, structs as objects.
+fn read_parquet<F: FnMut(Vec<Unit>) -> bool>(
+    index: usize,
+    path: &Path,
+    file: std::fs::File,
+    size_bytes: u64,
+    batch: &mut Batcher<'_, F>,
+) -> Result<(), DataError> {
+    use parquet::basic::Compression;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader = SerializedFileReader::new(file).map_err(|e| DataError::Format {
+        path: path.to_path_buf(),
+        message: format!("not a parquet file, or a truncated one: {e}"),
+    })?;
+    // Only these codecs are built in: a file with another is refused whole, before any row is read.
+    for group in reader.metadata().row_groups() {
+        for column in group.columns() {
+            let codec = match column.compression() {
+                Compression::UNCOMPRESSED
+                | Compression::SNAPPY
+                | Compression::GZIP(_)
+                | Compression::ZSTD(_) => continue,
+                Compression::LZ4 | Compression::LZ4_RAW => "LZ4",
+                Compression::BROTLI(_) => "Brotli",
+                Compression::LZO => "LZO",
+            };
+            return Err(DataError::Format {
+                path: path.to_path_buf(),
+                message: format!(
+                    "column {:?} is compressed with {codec}, which strata does not read (snappy, zstd, \
+                     gzip or none; rewrite it, e.g. pyarrow's write_table(..., compression=\"zstd\"))",
+                    column.column_path().string()
+                ),
+            });
+        }
+    }
+    let rows_total = reader.metadata().file_metadata().num_rows().max(1) as u128;
+    // The bytes of the first `rows` rows, for the progress: the file spread evenly over its rows.
+    let share = |rows: u64| (size_bytes as u128 * rows as u128 / rows_total) as u64;
+    let mut row = 0u64;
+    for group in 0..reader.num_row_groups() {
+        let row_error = |row: u64, e: parquet::errors::ParquetError| DataError::Row {
+            path: path.to_path_buf(),
+            row,
+            message: format!("cannot read it (row group {group}): {e}"),
+        };
+        let group_reader = reader
+            .get_row_group(group)
+            .map_err(|e| row_error(row + 1, e))?;
+        let rows = group_reader
+            .get_row_iter(None)
+            .map_err(|e| row_error(row + 1, e))?;
+        for record in rows {
+            let record = record.map_err(|e| row_error(row + 1, e))?;
+            row += 1;
+            batch.push(Unit {
+                file: index,
+                line: row,
+                body: Body::Row {
+                    json: record.to_json_value().to_string(),
+                    input_bytes: share(row) - share(row - 1),
+                },
+            });
+            if !batch.open {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }

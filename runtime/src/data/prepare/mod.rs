@@ -1,16 +1,17 @@
-//! `strata prepare`: text, JSON lines and chat JSON lines to a token file, with GPT-2's BPE, bytes, or a
-//! Hugging Face tokenizer.
+//! `strata prepare`: text, JSON lines, parquet and chat records to a token file, with GPT-2's BPE, bytes, or
+//! a Hugging Face tokenizer.
 //!
-//! A reader thread streams the inputs as units ([`inputs`]: pieces of text files, lines of JSON-lines files)
-//! in bounded batches; each batch is tokenized in parallel over the cores, then written in input order, so
-//! memory stays bounded whatever the input size and the output does not depend on the thread count.
+//! A reader thread streams the inputs as units ([`inputs`]: pieces of text files, lines of JSON-lines files,
+//! rows of parquet files as JSON objects) in bounded batches; each batch is tokenized in parallel over the
+//! cores, then written in input order, so memory stays bounded whatever the input size and the output does not
+//! depend on the thread count.
 //!
-//! Documents: a text file is one document, a JSONL record another. Each is `prefix + tokens + suffix`
-//! ([`tokenizer`]) followed by the EOS token when it does not already end with it, so documents are packed
-//! one after another with EOS between them. Records are, by their fields: `messages` (a chat, rendered with
-//! the chat template; the loss mask keeps the assistant's tokens only, and the EOS after it is masked),
-//! `prompt` + `completion` (the text is their concatenation; with `--mask-prompt` the prompt's tokens are
-//! masked, the completion and the EOS after it are not), else the `--field` (default `text`).
+//! Documents: a text file is one document, a JSONL record (or parquet row) another. Each is
+//! `prefix + tokens + suffix` ([`tokenizer`]) followed by the EOS token when it does not already end with it,
+//! so documents are packed one after another with EOS between them. Records are, by their fields: `messages`
+//! (a chat, rendered with the chat template; the loss mask keeps the assistant's tokens only, and the EOS after
+//! it is masked), `prompt` + `completion` (the text is their concatenation; with `--mask-prompt` the prompt's
+//! tokens are masked, the completion and the EOS after it are not), else the `--field` (default `text`).
 
 pub mod chat;
 pub mod inputs;
@@ -38,7 +39,8 @@ const TEMPLATE_BYTES_MAX: u64 = 16 << 20;
 #[derive(clap::Args, Clone, Debug)]
 pub struct PrepareArgs {
     /// Input files, read in order: text files (any name; each is one document), JSON lines (`.jsonl`,
-    /// `.ndjson`; one document per line), or a quoted shell pattern such as "data/*.jsonl" (sorted).
+    /// `.ndjson`; one document per line), parquet (`.parquet`; one document per row, its columns as a JSON
+    /// line's fields), or a quoted shell pattern such as "data/*.jsonl" (sorted).
     #[arg(required = true, value_name = "INPUT")]
     pub inputs: Vec<String>,
     /// The token file to write (created with its directory; replaced only when whole). uint16 tokens, or
@@ -50,8 +52,8 @@ pub struct PrepareArgs {
     /// tokenizer.json.
     #[arg(long, default_value = "gpt2", value_name = "gpt2|bytes|DIR|FILE")]
     pub tokenizer: String,
-    /// JSON lines: the field with each record's text [default: text]. Without it, records with `messages`
-    /// are chats and records with `prompt` and `completion` are pairs.
+    /// JSON lines and parquet: the field (column) with each record's text [default: text]. Without it, records
+    /// with `messages` are chats and records with `prompt` and `completion` are pairs.
     #[arg(long, value_name = "NAME")]
     pub field: Option<String>,
     /// A Jinja chat template for chat records, instead of the tokenizer's (`chat_template`).
@@ -180,10 +182,20 @@ impl Doc {
 
 impl Context<'_> {
     fn process(&self, unit: &Unit) -> Result<Doc, DataError> {
-        let error = |message: String| DataError::Record {
-            path: self.paths[unit.file].clone(),
-            line: unit.line,
-            message,
+        let error = |message: String| {
+            let path = self.paths[unit.file].clone();
+            match unit.body {
+                Body::Row { .. } => DataError::Row {
+                    path,
+                    row: unit.line,
+                    message,
+                },
+                _ => DataError::Record {
+                    path,
+                    line: unit.line,
+                    message,
+                },
+            }
         };
         match &unit.body {
             Body::Text { text, first, last } => {
@@ -201,7 +213,7 @@ impl Context<'_> {
                 }
                 Ok(doc)
             }
-            Body::Record(line) => self.record(line).map_err(error),
+            Body::Record(json) | Body::Row { json, .. } => self.record(json).map_err(error),
         }
     }
 
@@ -212,9 +224,11 @@ impl Context<'_> {
             .as_object()
             .ok_or("not a JSON object (a record is {\"text\": …}, {\"messages\": […]} or {\"prompt\": …, \"completion\": …})")?;
         let string = |key: &str| -> Result<&str, String> {
-            obj.get(key)
-                .and_then(|v| v.as_str())
-                .ok_or_else(|| format!("field {key:?} is not a string"))
+            match obj.get(key) {
+                Some(serde_json::Value::String(s)) => Ok(s),
+                Some(serde_json::Value::Null) => Err(format!("field {key:?} is null")),
+                _ => Err(format!("field {key:?} is not a string")),
+            }
         };
         if let Some(field) = self.field {
             if !obj.contains_key(field) {
@@ -555,11 +569,11 @@ pub fn run(args: &PrepareArgs) -> Result<Report, DataError> {
                 // A text file split between the files counts as a document in each.
                 let new_document = match &unit.body {
                     Body::Text { .. } => to.last_text_file.replace(unit.file) != Some(unit.file),
-                    Body::Record(_) => !doc.ids.is_empty(),
+                    Body::Record(_) | Body::Row { .. } => !doc.ids.is_empty(),
                 };
                 to.documents += usize::from(new_document);
                 unit_index += 1;
-                done_bytes += unit.bytes() as u64;
+                done_bytes += unit.input_bytes();
             }
             if let Some(bar) = &bar {
                 let tokens = train.writer.count() + val.as_ref().map_or(0, |v| v.writer.count());
