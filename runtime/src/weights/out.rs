@@ -8,7 +8,8 @@
 //! An [`Export`] is the plan: every file with its exact size, known from the model's shapes before
 //! anything is written, so the caller checks and locks them as outputs (`crate::outputs`). Its
 //! [`ExportWriter`] then writes each shard's header at once and the tensors as each unit arrives;
-//! every file is written under a temporary name and renamed into place only when all are whole.
+//! every file is written under a temporary name and renamed into place only when all are whole;
+//! then a directory's weight files of an earlier export that this one did not write are removed.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -121,6 +122,9 @@ pub struct Export {
     shards: Vec<Shard>,
     dtype: ExportDtype,
     units: Vec<UnitSpec>,
+    /// A model directory's path: weight files of an earlier export there that this one does not
+    /// write are removed once it is in place.
+    dir: Option<PathBuf>,
 }
 
 /// A tensor's shape in the files (Conv1D's `[in, out]` for tensors stored transposed).
@@ -158,6 +162,7 @@ impl Export {
         metadata: &BTreeMap<String, String>,
     ) -> Result<Export, WeightsError> {
         let mut export = Export::shards(units, dtype, max_shard_bytes, metadata, dir)?;
+        export.dir = Some(dir.to_path_buf());
         let n = export.shards.len();
         if n > 1 {
             let mut weight_map = serde_json::Map::new();
@@ -254,6 +259,7 @@ impl Export {
             shards: Vec::new(),
             dtype,
             units: units.to_vec(),
+            dir: None,
         };
         for (k, w) in cuts.windows(2).enumerate() {
             let mut header = serde_json::Map::new();
@@ -440,8 +446,53 @@ impl ExportWriter<'_> {
         for atomic in self.files {
             atomic.commit()?;
         }
+        match &self.export.dir {
+            Some(dir) => self.export.remove_stale(dir),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Export {
+    /// Removes the weight files of an earlier export in `dir` that this one did not write — its
+    /// shards of another count, its index when this export is one file, its single file when
+    /// this one is sharded — as transformers' `save_pretrained` cleans the folder: a reader that
+    /// prefers the index (strata does) would otherwise load the old weights.
+    fn remove_stale(&self, dir: &Path) -> Result<(), WeightsError> {
+        let written: Vec<&std::ffi::OsStr> = self
+            .files
+            .iter()
+            .filter_map(|f| f.path.file_name())
+            .collect();
+        let entries = std::fs::read_dir(dir).map_err(|error| WeightsError::Io {
+            path: dir.to_path_buf(),
+            error,
+        })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if written.contains(&name.as_os_str()) || !is_weight_file(&name.to_string_lossy()) {
+                continue;
+            }
+            let path = entry.path();
+            tracing::info!("removed {} of an earlier export", path.display());
+            std::fs::remove_file(&path).map_err(|error| WeightsError::Io { path, error })?;
+        }
         Ok(())
     }
+}
+
+/// Whether `name` is a weight file of a model directory as exports write them.
+fn is_weight_file(name: &str) -> bool {
+    let shard = name
+        .strip_prefix("model-")
+        .and_then(|rest| rest.strip_suffix(".safetensors"))
+        .and_then(|rest| rest.split_once("-of-"))
+        .is_some_and(|(k, n)| {
+            [k, n]
+                .iter()
+                .all(|d| d.len() == 5 && d.bytes().all(|b| b.is_ascii_digit()))
+        });
+    shard || name == source::SINGLE_FILE || name == source::INDEX_FILE
 }
 
 fn shard_name(k: usize, n: usize) -> String {
@@ -516,7 +567,55 @@ pub fn parse_shard_size(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_shard_size;
+    use super::{parse_shard_size, Export, ExportDtype};
+    use crate::config::ModelConfig;
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    /// Exporting into a directory that holds an earlier export of another shard count leaves the
+    /// new export's weight files only (other files stay): with a stale index beside a new single
+    /// file, a reader would take the old weights.
+    #[test]
+    fn an_export_removes_the_weight_files_of_an_earlier_one_it_does_not_write() {
+        let config = ModelConfig::default();
+        let model = crate::model::build(&config);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("adapter_model.safetensors"), b"theirs").unwrap();
+        let export = |max_shard_bytes: u64| {
+            let export = Export::dir(
+                dir.path(),
+                model.units(),
+                &config,
+                ExportDtype::Bf16,
+                max_shard_bytes,
+                None,
+                &BTreeMap::new(),
+            )
+            .unwrap();
+            let targets: Vec<PathBuf> = export.files().iter().map(|f| f.path.clone()).collect();
+            let mut writer = export.writer(&targets).unwrap();
+            for unit in model.units() {
+                writer.unit(&vec![0.5; unit.numel()]).unwrap();
+            }
+            writer.finish().unwrap();
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains("safetensors"))
+                .collect();
+            names.sort();
+            names
+        };
+        let sharded = export(200_000);
+        assert!(sharded.len() > 4, "{sharded:?}");
+        assert!(sharded.contains(&"model.safetensors.index.json".to_string()));
+        assert!(!sharded.contains(&"model.safetensors".to_string()));
+        assert_eq!(
+            export(u64::MAX),
+            ["adapter_model.safetensors", "model.safetensors"]
+        );
+        assert_eq!(export(200_000), sharded);
+    }
 
     #[test]
     fn shard_sizes_read_as_transformers_writes_them() {
