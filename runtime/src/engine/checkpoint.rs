@@ -108,11 +108,8 @@ impl Engine {
         let file = std::fs::File::create(&path).map_err(|e| error(&path, e))?;
         let (mut crc, mut at, mut parts) = (0u32, 0u64, Vec::with_capacity(self.states.len()));
         for u in 0..self.states.len() {
-            let (offset, len) = {
-                let range = self.states[u].optimizer_range();
-                (range.start, range.len())
-            };
-            let array_bytes = 4 * len as u64;
+            let range = self.states[u].optimizer_range();
+            let array_bytes = 4 * range.len() as u64;
             // The crc32c of each array, in order: the pieces come in order.
             let mut crcs = [0u32; 3];
             for piece in self.pieces(u) {
@@ -130,7 +127,7 @@ impl Engine {
                 crc = crc32c::crc32c_combine(crc, c, array_bytes as usize);
             }
             at += 3 * array_bytes;
-            parts.push((offset, len));
+            parts.push((range.start, range.len()));
         }
         let bytes = at;
         file.sync_all().map_err(|e| error(&path, e))?;

@@ -45,7 +45,10 @@ impl Engine {
             let Some(source) = &source else {
                 let mut whole = self.laid.units[u].init_params(seed, u);
                 whole.resize(self.states[u].shard.padded, 0.0);
-                self.write_unit_states(u, &whole[range], None)?;
+                let part = &whole[range];
+                for piece in self.pieces(u) {
+                    self.write_piece_states(u, &piece, &part[piece.elements.clone()], None)?;
+                }
                 continue;
             };
             let mut part = Vec::new();
@@ -84,44 +87,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes unit `u`'s optimizer states on this rank — its fp32 master weights `master` (this
-    /// rank's part: [`UnitState::optimizer_range`](super::UnitState::optimizer_range)), Adam's
-    /// `moments` (or zeros) — to their tier, with the compute weights rounded from them where
-    /// they live apart. Whole compute weights of sharded optimizer states are gathered after
-    /// (`gather_whole_params`). The queues must be idle.
-    pub(super) fn write_unit_states(
-        &mut self,
-        u: usize,
-        master: &[f32],
-        moments: Option<(&[f32], &[f32])>,
-    ) -> Result<(), EngineError> {
-        let dev = Arc::clone(&self.dev);
-        match &self.states[u].optimizer {
-            Optimizer::Device(o) => {
-                dev.upload(&o.master, master)?;
-                match moments {
-                    Some((m, v)) => {
-                        dev.upload(&o.adam_m, m)?;
-                        dev.upload(&o.adam_v, v)?;
-                    }
-                    None => {
-                        for buf in [&o.adam_m, &o.adam_v] {
-                            dev.memset(Queue::Compute, buf, 0)?;
-                        }
-                    }
-                }
-                if let Some(compute) = &o.compute {
-                    dev.cast_f32_to_x(compute, &o.master)?;
-                }
-            }
-            Optimizer::Host => {
-                let tier = self.host.as_mut().ok_or_else(|| no_optimizer(u))?;
-                tier.init_unit(dev.as_ref(), u, master, moments)?;
-            }
-        }
-        Ok(())
-    }
-
     /// The pieces in which this rank's part of unit `u`'s optimizer states is read and written:
     /// where the host tier holds them, its sub-groups, so that loading weights or a checkpoint
     /// and saving one hold a sub-group at a time, not the part (a 150k-token embedding is a
@@ -147,7 +112,9 @@ impl Engine {
     }
 
     /// Writes one piece of unit `u`'s optimizer states ([`Engine::pieces`]): master weights and
-    /// moments (or zeros), and the compute weights made from them.
+    /// moments (or zeros), and the compute weights made from them, on the tier that holds them.
+    /// Whole compute weights of sharded optimizer states are gathered after
+    /// (`gather_whole_params`). The queues must be idle.
     pub(super) fn write_piece_states(
         &mut self,
         u: usize,
@@ -155,10 +122,32 @@ impl Engine {
         master: &[f32],
         moments: Option<(&[f32], &[f32])>,
     ) -> Result<(), EngineError> {
-        match (piece.group, self.host.as_mut()) {
-            (Some(k), Some(tier)) => tier.init_group(self.dev.as_ref(), k, master, moments),
-            _ => self.write_unit_states(u, master, moments),
+        let dev = Arc::clone(&self.dev);
+        match (piece.group, &self.states[u].optimizer) {
+            (Some(k), _) => {
+                let tier = self.host.as_mut().ok_or_else(|| no_optimizer(u))?;
+                tier.init_group(dev.as_ref(), k, master, moments)?;
+            }
+            (None, Optimizer::Device(o)) => {
+                dev.upload(&o.master, master)?;
+                match moments {
+                    Some((m, v)) => {
+                        dev.upload(&o.adam_m, m)?;
+                        dev.upload(&o.adam_v, v)?;
+                    }
+                    None => {
+                        for buf in [&o.adam_m, &o.adam_v] {
+                            dev.memset(Queue::Compute, buf, 0)?;
+                        }
+                    }
+                }
+                if let Some(compute) = &o.compute {
+                    dev.cast_f32_to_x(compute, &o.master)?;
+                }
+            }
+            (None, Optimizer::Host) => return Err(no_optimizer(u)),
         }
+        Ok(())
     }
 
     /// Reads one piece of unit `u`'s optimizer states ([`Engine::pieces`]).

@@ -107,6 +107,18 @@ mod tests {
     use crate::config::{Arch, ModelConfig, RopeScaling};
     use std::path::Path;
 
+    /// Llama 3's rope scaling over an original context of 64.
+    fn llama3_scaling() -> RopeScaling {
+        RopeScaling {
+            rope_type: "llama3".into(),
+            factor: Some(8.0),
+            low_freq_factor: Some(1.0),
+            high_freq_factor: Some(4.0),
+            original_max_position_embeddings: Some(64),
+            other: Default::default(),
+        }
+    }
+
     /// config.json written for a model reads back as the same model (`model.init_from = DIR`).
     #[test]
     fn config_json_reads_back_as_the_model_it_describes() {
@@ -116,14 +128,7 @@ mod tests {
             intermediate_size: Some(256),
             rms_norm_eps: Some(1e-5),
             rope_theta: Some(500000.0),
-            rope_scaling: Some(RopeScaling {
-                rope_type: "llama3".into(),
-                factor: Some(8.0),
-                low_freq_factor: Some(1.0),
-                high_freq_factor: Some(4.0),
-                original_max_position_embeddings: Some(64),
-                other: Default::default(),
-            }),
+            rope_scaling: Some(llama3_scaling()),
             tie_word_embeddings: Some(true),
             ..ModelConfig::default()
         };
@@ -170,14 +175,7 @@ mod tests {
         let scaled = ModelConfig {
             arch: Arch::Llama,
             seq_len: 64,
-            rope_scaling: Some(RopeScaling {
-                rope_type: "llama3".into(),
-                factor: Some(8.0),
-                low_freq_factor: Some(1.0),
-                high_freq_factor: Some(4.0),
-                original_max_position_embeddings: Some(64),
-                other: Default::default(),
-            }),
+            rope_scaling: Some(llama3_scaling()),
             ..ModelConfig::default()
         };
         let context = |m: &ModelConfig| hf_config(m).unwrap()["max_position_embeddings"].clone();

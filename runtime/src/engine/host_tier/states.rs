@@ -15,23 +15,6 @@ pub struct OptimStates {
 }
 
 impl HostTier {
-    /// Writes the fp32 master weights of `unit` (this rank's shard, `part`), Adam's moments
-    /// (`moments`, or zeros), and its compute weights to their tiers, one sub-group at a time
-    /// ([`HostTier::init_group`]). The queues must be idle; waits for every write.
-    pub fn init_unit(
-        &mut self,
-        dev: &dyn Device,
-        unit: usize,
-        part: &[f32],
-        moments: Option<(&[f32], &[f32])>,
-    ) -> Result<(), EngineError> {
-        for (k, r) in self.unit_parts(unit) {
-            let moments = moments.map(|(m, v)| (&m[r.clone()], &v[r.clone()]));
-            self.init_group(dev, k, &part[r], moments)?;
-        }
-        Ok(())
-    }
-
     /// The sub-groups of `unit`: each one's index and its elements in this rank's shard of the
     /// unit, in order.
     pub fn unit_parts(&self, unit: usize) -> Vec<(usize, std::ops::Range<usize>)> {
